@@ -1,0 +1,27 @@
+"""Errors meant for people: each says what was wrong, where, and what to do.
+
+The CLI maps them to exit codes: InputError -> 2 (invalid spec, manifest, arguments, data),
+RunError -> 1 (a failure while running).
+"""
+
+
+class DictsweepError(Exception):
+    """Base of the errors the CLI reports without a traceback."""
+
+    exit_code = 1
+
+
+class InputError(DictsweepError):
+    """Invalid input: a spec field, a CLI argument, a manifest or a shard."""
+
+    exit_code = 2
+
+
+class DatasetError(InputError):
+    """An activation dataset that cannot be read as it claims to be (names the file or shard)."""
+
+
+class RunError(DictsweepError):
+    """A failure while running (a trainer died, a sweep point failed, ...)."""
+
+    exit_code = 1

@@ -1,0 +1,103 @@
+"""Metrics of a dictionary: reconstruction, sparsity, latent health and feature recovery.
+
+One module computes every number the product reports, in training, evaluation and selection.
+Functions take a leading member dimension where noted and return one value per member.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def mse(x: Tensor, x_hat: Tensor) -> Tensor:
+    """Mean squared error per element, averaged over rows and dimensions: `[..., B, d] -> [...]`."""
+    return (x_hat - x).pow(2).mean(dim=(-2, -1))
+
+
+def fvu(x: Tensor, x_hat: Tensor) -> Tensor:
+    """Fraction of variance unexplained: residual sum of squares over total (about the batch mean)."""
+    residual = (x_hat - x).pow(2).sum(dim=(-2, -1))
+    total = (x - x.mean(dim=-2, keepdim=True)).pow(2).sum(dim=(-2, -1))
+    return residual / total
+
+
+def l0(latent_acts: Tensor) -> Tensor:
+    """Mean number of non-zero latents per row: `[..., B, n] -> [...]`."""
+    return (latent_acts != 0).float().sum(-1).mean(-1)
+
+
+class FiringTracker:
+    """Per-latent firing over a sliding window of tokens, for dead and dense fractions.
+
+    A latent is dead when it has not fired in the last `window_tokens` tokens; dense when it fired
+    on more than `dense_threshold` of the tokens of the last completed window.
+    """
+
+    def __init__(self, n_members: int, n_latents: int, window_tokens: int,
+                 dense_threshold: float = 0.1, device: torch.device | str = "cpu"):
+        self.window_tokens, self.dense_threshold = window_tokens, dense_threshold
+        self.tokens_seen = 0
+        self.last_fired = torch.zeros(n_members, n_latents, dtype=torch.long, device=device)  # token index
+        self.window_counts = torch.zeros(n_members, n_latents, device=device)  # fires this window
+        self.window_start = 0
+        self.frequency = torch.zeros(n_members, n_latents, device=device)  # of the last full window
+        self.total_counts = torch.zeros(n_members, n_latents, dtype=torch.float64, device=device)
+
+    def update(self, fire_counts: Tensor, tokens: int) -> None:
+        """Record one batch: `fire_counts [K, n]` rows on which each latent fired, out of `tokens`."""
+        self.tokens_seen += tokens
+        self.last_fired[fire_counts > 0] = self.tokens_seen
+        self.window_counts += fire_counts
+        self.total_counts += fire_counts
+        if self.tokens_seen - self.window_start >= self.window_tokens:
+            self.frequency = self.window_counts / (self.tokens_seen - self.window_start)
+            self.window_counts = torch.zeros_like(self.window_counts)
+            self.window_start = self.tokens_seen
+
+    def dead_mask(self) -> Tensor:
+        """`[K, n]` True where a latent has not fired within the window (none before a window has passed)."""
+        if self.tokens_seen < self.window_tokens:
+            return torch.zeros_like(self.last_fired, dtype=torch.bool)
+        return self.tokens_seen - self.last_fired >= self.window_tokens
+
+    def dead_fraction(self) -> Tensor:
+        """Fraction of latents dead, per member `[K]`."""
+        return self.dead_mask().float().mean(-1)
+
+    def dense_fraction(self) -> Tensor:
+        """Fraction of latents firing on more than `dense_threshold` of tokens, per member `[K]`."""
+        return (self.frequency > self.dense_threshold).float().mean(-1)
+
+    def log10_frequency(self) -> Tensor:
+        """Log10 firing frequency of every latent over all tokens seen, `[K, n]` (-10 for never)."""
+        frequency = self.total_counts / max(self.tokens_seen, 1)
+        return torch.log10(frequency.clamp_min(1e-10)).float()
+
+    def state_dict(self) -> dict:
+        return {key: value for key, value in vars(self).items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        vars(self).update(state)
+
+
+def max_cosine(a: Tensor, b: Tensor, chunk: int = 4096) -> Tensor:
+    """For each row of `a [n_a, d]`, its largest cosine similarity with any row of `b [n_b, d]`."""
+    a = torch.nn.functional.normalize(a.detach().float(), dim=-1)
+    b = torch.nn.functional.normalize(b.detach().float(), dim=-1)
+    return torch.cat([(part @ b.t()).max(-1).values for part in a.split(chunk)])
+
+
+def mmcs(a: Tensor, b: Tensor) -> tuple[float, float]:
+    """Mean max cosine similarity both ways: (averaged over rows of a, averaged over rows of b)."""
+    return float(max_cosine(a, b).mean()), float(max_cosine(b, a).mean())
+
+
+def mmcs_ground_truth(decoder: Tensor, features: Tensor) -> dict[str, float]:
+    """Recovery of ground-truth features by a decoder `[n_latents, d]`.
+
+    `mmcs_ground_truth`: mean over true features of the best cosine with a learned atom (recovery);
+    `mmcs_learned`: mean over learned atoms of the best cosine with a true feature (precision).
+    """
+    over_learned, over_truth = mmcs(decoder, features)
+    return {"mmcs_ground_truth": over_truth, "mmcs_learned": over_learned}

@@ -1,0 +1,265 @@
+"""Read (ActivationDataset) and write (DatasetWriter) activation datasets at any fsspec URI."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Literal
+
+import numpy as np
+import safetensors.torch
+import torch
+
+from dictsweep.errors import DatasetError
+from dictsweep.store import fs
+from dictsweep.store.manifest import FORMAT, MANIFEST_NAME, TORCH_DTYPES, Manifest, ShardInfo
+from dictsweep.store.shards import decode_shard, encode_shard
+
+Split = Literal["train", "eval"]
+GROUND_TRUTH_NAME = "ground_truth.safetensors"
+NORM_SHARDS = 4  # shards read to estimate mean_sq_norm when the manifest has no stats
+
+
+class ActivationDataset:
+    """A dataset prefix: its manifest and verified, zero-copy shard reads."""
+
+    def __init__(self, uri: str, manifest: Manifest):
+        self.uri = uri.rstrip("/")
+        self.manifest = manifest
+        self._mean_sq_norm: float | None = None
+
+    @classmethod
+    def open(cls, uri: str) -> ActivationDataset:
+        """The dataset at `uri` (its manifest is read and checked now, its shards when read)."""
+        return cls(uri, Manifest.load(uri))
+
+    @property
+    def d_model(self) -> int:
+        return self.manifest.d_model
+
+    @property
+    def dtype(self) -> str:
+        return self.manifest.dtype
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return TORCH_DTYPES[self.manifest.dtype]
+
+    @property
+    def n_rows(self) -> int:
+        return self.manifest.n_rows
+
+    @property
+    def n_eval_rows(self) -> int:
+        return sum(shard.rows for shard in self.manifest.eval_shards)
+
+    def shards(self, split: Split = "train") -> list[ShardInfo]:
+        """The shards of one split, in manifest order."""
+        if split not in ("train", "eval"):
+            raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+        return self.manifest.shards if split == "train" else self.manifest.eval_shards
+
+    def shard_uri(self, info: ShardInfo) -> str:
+        """Where a shard lives."""
+        return fs.join(self.uri, info.path)
+
+    def read_shard_bytes(self, index: int, split: Split = "train") -> bytearray:
+        """The bytes of one shard, checked against the manifest's size and sha256."""
+        info = self.shards(split)[index]
+        where = f"shard {info.path} of {self.uri}"
+        try:
+            data = fs.read_bytearray(self.shard_uri(info), info.bytes)
+        except FileNotFoundError:
+            raise DatasetError(f"{where} is missing: the dataset is incomplete; "
+                               "copy or write it again") from None
+        except OSError as error:
+            raise DatasetError(f"cannot read {where}: {error} "
+                               "(check the path and your storage credentials)") from None
+        if len(data) != info.bytes:
+            raise DatasetError(f"{where}: {len(data)} bytes, the manifest says {info.bytes}: the "
+                               "object is truncated or was rewritten after the manifest")
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != info.sha256:
+            raise DatasetError(f"{where}: sha256 mismatch (expected {info.sha256[:12]}.., got "
+                               f"{digest[:12]}..): the object is corrupt or was rewritten after "
+                               "the manifest")
+        return data
+
+    def decode(self, data: bytearray, index: int, split: Split = "train",
+               columns: bool = False) -> torch.Tensor | tuple[torch.Tensor, dict[str, np.ndarray]]:
+        """Decode bytes from read_shard_bytes: [rows, d_model] (and the integer columns)."""
+        info = self.shards(split)[index]
+        acts, extra = decode_shard(data, self.d_model, self.dtype, name=f"{info.path} of {self.uri}")
+        if len(acts) != info.rows:
+            raise DatasetError(f"shard {info.path} of {self.uri}: {len(acts)} rows, the manifest "
+                               f"says {info.rows}: the manifest does not describe this shard")
+        return (acts, extra) if columns else acts
+
+    def read_shard(self, index: int, split: Split = "train",
+                   columns: bool = False) -> torch.Tensor | tuple[torch.Tensor, dict[str, np.ndarray]]:
+        """One verified shard as [rows, d_model] of the stored dtype (and its integer columns)."""
+        return self.decode(self.read_shard_bytes(index, split), index, split, columns)
+
+    def mean_sq_norm(self) -> float:
+        """Mean squared L2 norm of the train rows (manifest stats, else the first few shards)."""
+        stats = self.manifest.stats or {}
+        if isinstance(stats.get("mean_sq_norm"), (int, float)):
+            return float(stats["mean_sq_norm"])
+        if self._mean_sq_norm is None:
+            total, rows = 0.0, 0
+            for index in range(min(NORM_SHARDS, len(self.manifest.shards))):
+                acts = self.read_shard(index)
+                total += sum_sq_norms(acts)
+                rows += len(acts)
+            self._mean_sq_norm = total / max(rows, 1)
+        return self._mean_sq_norm
+
+    def ground_truth(self) -> torch.Tensor | None:
+        """The true features [n_features, d_model] (float32) of a synthetic dataset, else None."""
+        if self.manifest.ground_truth is None:
+            return None
+        uri = fs.join(self.uri, self.manifest.ground_truth)
+        try:
+            tensors = safetensors.torch.load(fs.read_bytes(uri))
+        except FileNotFoundError:
+            raise DatasetError(f"{uri} is missing (named by manifest.json field 'ground_truth')") from None
+        except Exception as error:  # safetensors raises its own error types for bad files
+            raise DatasetError(f"{uri}: not a readable safetensors file ({error})") from None
+        features = tensors.get("features")
+        if features is None or features.ndim != 2 or features.shape[1] != self.d_model:
+            found = "no such tensor" if features is None else f"shape {list(features.shape)}"
+            raise DatasetError(f"{uri}: expected tensor 'features' [n_features, {self.d_model}], "
+                               f"found {found}")
+        return features.float()
+
+
+class DatasetWriter:
+    """Writes shards as rows arrive and `manifest.json` last, so an unfinished write is no dataset."""
+
+    def __init__(self, uri: str, d_model: int, dtype: str = "float32", shard_rows: int = 65536,
+                 source: dict | None = None, overwrite: bool = False):
+        if dtype not in TORCH_DTYPES:
+            raise DatasetError(f"dtype {dtype!r} is not one of {', '.join(TORCH_DTYPES)}")
+        if d_model <= 0 or shard_rows <= 0:
+            raise DatasetError(f"d_model and shard_rows must be > 0, got {d_model} and {shard_rows}")
+        self.uri = uri.rstrip("/")
+        self.d_model, self.dtype, self.shard_rows, self.source = d_model, dtype, shard_rows, source
+        manifest_uri = fs.join(self.uri, MANIFEST_NAME)
+        if fs.exists(manifest_uri):
+            if not overwrite:
+                raise DatasetError(f"{self.uri} already holds a dataset ({MANIFEST_NAME}); choose "
+                                   "another location or pass overwrite")
+            fs.remove(manifest_uri)  # the old dataset stops being one before its shards change
+        # rows waiting for a full shard, per split: [(acts [n, d_model], columns [n])]
+        self._pending: dict[str, list] = {"train": [], "eval": []}
+        self._pending_rows = {"train": 0, "eval": 0}
+        self._written: dict[str, list[ShardInfo]] = {"train": [], "eval": []}
+        self._sum_sq_norms = 0.0  # float64 sum over written train rows
+        self._closed = False
+
+    def add(self, acts: torch.Tensor, split: Split = "train",
+            columns: dict[str, np.ndarray] | None = None) -> None:
+        """Buffer rows [n, d_model] (and integer columns [n]); write every shard that fills."""
+        self._check_open()
+        if split not in self._pending:
+            raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+        if not isinstance(acts, torch.Tensor) or acts.ndim != 2 or acts.shape[1] != self.d_model \
+                or not acts.is_floating_point():
+            found = (f"{list(acts.shape)} {acts.dtype}" if isinstance(acts, torch.Tensor)
+                     else type(acts).__name__)
+            raise DatasetError(f"DatasetWriter.add: expected a float tensor of shape [n, {self.d_model}], "
+                               f"got {found}")
+        columns = {name: np.array(values) for name, values in (columns or {}).items()}  # copies
+        for name, values in columns.items():
+            if values.shape != (len(acts),) or values.dtype.kind not in "iu":
+                raise DatasetError(f"DatasetWriter.add: column {name!r} must be integers of shape "
+                                   f"[{len(acts)}], got {values.dtype} {list(values.shape)}")
+        pending = self._pending[split]
+        if pending and set(pending[0][1]) != set(columns):
+            raise DatasetError(f"DatasetWriter.add: columns {sorted(columns)} differ from the earlier "
+                               f"rows' {sorted(pending[0][1])}; every add to a split needs the same columns")
+        if len(acts):
+            # a copy, so that the caller may reuse its tensor
+            pending.append((acts.detach().to("cpu", TORCH_DTYPES[self.dtype], copy=True), columns))
+            self._pending_rows[split] += len(acts)
+        if self._pending_rows[split] >= self.shard_rows:
+            self._flush(split, final=False)
+
+    def write_file(self, rel_path: str, data: bytes) -> None:
+        """Write an extra file (ground truth, contexts) under the dataset prefix."""
+        self._check_open()
+        fs.write_bytes(fs.join(self.uri, rel_path), data)
+
+    def close(self, ground_truth: torch.Tensor | None = None, extra_stats: dict | None = None) -> Manifest:
+        """Write the last partial shards, the ground truth if given, then manifest.json."""
+        self._check_open()
+        for split in ("train", "eval"):
+            self._flush(split, final=True)
+        n_rows = sum(shard.rows for shard in self._written["train"])
+        if n_rows == 0:
+            raise DatasetError(f"DatasetWriter for {self.uri}: no train rows were added")
+        ground_truth_name = None
+        if ground_truth is not None:
+            if ground_truth.ndim != 2 or ground_truth.shape[1] != self.d_model:
+                raise DatasetError(f"ground truth must be [n_features, {self.d_model}], "
+                                   f"got {list(ground_truth.shape)}")
+            features = ground_truth.detach().to("cpu", torch.float32).contiguous()
+            self.write_file(GROUND_TRUTH_NAME, safetensors.torch.save({"features": features}))
+            ground_truth_name = GROUND_TRUTH_NAME
+        manifest = Manifest(format=FORMAT, d_model=self.d_model, dtype=self.dtype, n_rows=n_rows,
+                            shards=self._written["train"], eval_shards=self._written["eval"],
+                            source=self.source, ground_truth=ground_truth_name,
+                            stats={"mean_sq_norm": self._sum_sq_norms / n_rows, **(extra_stats or {})})
+        fs.write_text(fs.join(self.uri, MANIFEST_NAME), manifest.to_json())
+        self._closed = True
+        return manifest
+
+    def __enter__(self) -> DatasetWriter:
+        return self
+
+    def __exit__(self, error_type, error, traceback) -> None:
+        if error_type is None and not self._closed:
+            self.close()
+        self._closed = True  # after an error no manifest is written: the prefix is no dataset
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError(f"DatasetWriter for {self.uri} is closed")
+
+    def _flush(self, split: str, final: bool) -> None:
+        """Write the buffered rows of `split` as full shards (and, when final, the partial rest)."""
+        pending = self._pending[split]
+        if not pending:
+            return
+        if len(pending) == 1:
+            acts, columns = pending[0]
+        else:
+            acts = torch.cat([chunk for chunk, _ in pending])  # [pending rows, d_model]
+            columns = {name: np.concatenate([cols[name] for _, cols in pending]) for name in pending[0][1]}
+        start = 0
+        while len(acts) - start >= self.shard_rows or (final and start < len(acts)):
+            stop = min(start + self.shard_rows, len(acts))
+            shard_columns = {name: values[start:stop] for name, values in columns.items()}
+            self._write_shard(split, acts[start:stop], shard_columns)
+            start = stop
+        rest = {name: values[start:].copy() for name, values in columns.items()}
+        pending[:] = [(acts[start:].clone(), rest)] if start < len(acts) else []
+        self._pending_rows[split] = len(acts) - start
+
+    def _write_shard(self, split: str, acts: torch.Tensor, columns: dict[str, np.ndarray]) -> None:
+        """Write `acts` [rows, d_model] (stored dtype) and `columns` as the split's next shard."""
+        data = encode_shard(acts, self.dtype, columns)
+        path = f"{split}/{len(self._written[split]):05d}.arrow"
+        fs.write_bytes(fs.join(self.uri, path), data)
+        self._written[split].append(ShardInfo(path=path, rows=len(acts), bytes=len(data),
+                                              sha256=hashlib.sha256(data).hexdigest()))
+        if split == "train":
+            self._sum_sq_norms += sum_sq_norms(acts)
+
+
+def sum_sq_norms(acts: torch.Tensor, chunk_rows: int = 65536) -> float:
+    """Sum over rows of the squared L2 norm, accumulated in float64 ([rows, d_model] in)."""
+    total = 0.0
+    for chunk in acts.split(chunk_rows):
+        rows = chunk.float().numpy()  # [chunk_rows, d_model]; einsum makes no squared copy
+        total += float(np.einsum("ij,ij->", rows, rows, dtype=np.float64))
+    return total

@@ -1,0 +1,119 @@
+"""URIs to fsspec filesystems: plain paths and file:// (local), s3:// (s3fs), anything fsspec knows.
+
+The helpers are thin: they raise the filesystem's own errors (FileNotFoundError, PermissionError);
+callers that know what the file means turn those into DatasetError.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+_S3_FILESYSTEMS: dict[tuple, fsspec.AbstractFileSystem] = {}
+
+
+def _s3_filesystem() -> fsspec.AbstractFileSystem:
+    """An S3FileSystem configured only from the standard AWS environment (cached per endpoint)."""
+    import s3fs
+
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    key = (endpoint, os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_PROFILE"),
+           os.environ.get("AWS_DEFAULT_REGION"))
+    if key not in _S3_FILESYSTEMS:
+        # credentials, region and profile come from botocore's default chain; listings are not
+        # cached so that a manifest written by another process is seen at once
+        _S3_FILESYSTEMS[key] = s3fs.S3FileSystem(endpoint_url=endpoint, use_listings_cache=False,
+                                                 skip_instance_cache=True)
+    return _S3_FILESYSTEMS[key]
+
+
+def resolve(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem holding `uri` and the path to pass to it."""
+    if "://" not in uri or uri.startswith("file://"):
+        path = uri.removeprefix("file://")
+        return LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
+    if uri.startswith(("s3://", "s3a://")):
+        fs = _s3_filesystem()
+        return fs, fs._strip_protocol(uri)
+    return fsspec.core.url_to_fs(uri)
+
+
+def join(uri: str, *parts: str) -> str:
+    """`uri` with `parts` appended by '/', keeping its scheme: join('s3://b/p', 'x/y') = 's3://b/p/x/y'."""
+    out = uri if uri.endswith("://") else uri.rstrip("/") or "/"
+    for part in parts:
+        part = part.strip("/")
+        if part:
+            out = out + part if out.endswith("/") else f"{out}/{part}"
+    return out
+
+
+def exists(uri: str) -> bool:
+    """Whether a file (object) exists at `uri`."""
+    fs, path = resolve(uri)
+    return fs.exists(path)
+
+
+def read_bytes(uri: str) -> bytes:
+    """The whole file at `uri`."""
+    fs, path = resolve(uri)
+    return fs.cat_file(path)
+
+
+def read_bytearray(uri: str, size: int) -> bytearray:
+    """The whole file at `uri` in a writable buffer, read in place when it is `size` bytes long."""
+    fs, path = resolve(uri)
+    buffer = bytearray(size)
+    view = memoryview(buffer)
+    filled = 0
+    with fs.open(path, "rb") as file:
+        while filled < size:
+            count = file.readinto(view[filled:])
+            if not count:
+                break
+            filled += count
+        rest = file.read() if filled == size else b""
+    view.release()
+    if filled < size:
+        del buffer[filled:]
+    elif rest:
+        buffer += rest
+    return buffer
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write `data` to `uri`; a local file appears under its final name only once complete."""
+    fs, path = resolve(uri)
+    if isinstance(fs, LocalFileSystem):
+        folder = os.path.dirname(path)
+        os.makedirs(folder, exist_ok=True)
+        temp = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex[:12]}.tmp")
+        try:
+            with open(temp, "wb") as file:
+                file.write(data)
+            os.replace(temp, path)
+        finally:
+            if os.path.exists(temp):
+                os.remove(temp)
+    else:
+        fs.pipe_file(path, bytes(data))  # an object-store PUT is atomic
+
+
+def read_text(uri: str) -> str:
+    """The file at `uri` decoded as UTF-8."""
+    return read_bytes(uri).decode("utf-8")
+
+
+def write_text(uri: str, text: str) -> None:
+    """Write `text` to `uri` as UTF-8 (atomically for local files)."""
+    write_bytes(uri, text.encode("utf-8"))
+
+
+def remove(uri: str) -> None:
+    """Delete the file at `uri` if it exists."""
+    fs, path = resolve(uri)
+    if fs.exists(path):
+        fs.rm_file(path)
