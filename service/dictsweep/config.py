@@ -8,7 +8,11 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from dictsweep.errors import InputError
+from dictsweep.store.synth import SynthConfig
 
 
 class Section(BaseModel):
@@ -33,3 +37,157 @@ class TrainConfig(Section):
     dense_threshold: float = Field(0.1, gt=0, le=1, description="A latent firing on more than this fraction of tokens counts as dense.")
     kernel: Literal["auto", "bmm", "loop", "compile"] = Field("auto", description="Ensemble matmul kernel: batched (bmm), one matmul per member (loop), torch.compile'd, or auto (chosen by measurement on the device).")
     log_every_tokens: int = Field(100_000, gt=0, description="Tokens between training metrics logged per SAE.")
+    eval_tokens: int = Field(262_144, gt=0, description="Held-out tokens (from the eval shards) used for the final metrics of every SAE.")
+    checkpoint_every_tokens: int = Field(0, ge=0, description="Tokens between checkpoints of every trainer to the sweep's storage (0: only at the end).")
+
+
+class DataConfig(Section):
+    """The activation dataset every SAE of the sweep trains on."""
+
+    uri: str = Field(description="Dataset prefix: a folder, file:// or s3:// URI holding manifest.json.")
+    synth: SynthConfig | None = Field(None, description="If set and no dataset is at `uri`, write a synthetic one with these settings first.")
+
+
+class GridConfig(Section):
+    """The grid: for each architecture, the product of the keys that apply to it."""
+
+    architecture: list[str] = Field(["relu"], min_length=1, description="Architectures: relu, topk, batchtopk, jumprelu.")
+    n_latents: list[int] = Field(min_length=1, description="Dictionary sizes (number of latents).")
+    l1_coef: list[float] = Field([1.0], min_length=1, description="Sparsity coefficients (relu: L1; jumprelu: L0).")
+    k: list[int] = Field([32], min_length=1, description="Active latents per row (topk, batchtopk).")
+    lr: list[float] = Field([3e-4], min_length=1, description="Learning rates.")
+    seed: list[int] = Field([0], min_length=1, description="Initialisation seeds.")
+
+    @field_validator("architecture")
+    @classmethod
+    def _known_architectures(cls, names: list[str]) -> list[str]:
+        from dictsweep.sae import ARCHITECTURES
+
+        unknown = [name for name in names if name not in ARCHITECTURES]
+        if unknown:
+            raise ValueError(f"unknown architecture(s) {unknown}; known: {sorted(ARCHITECTURES)}")
+        return names
+
+    @field_validator("n_latents", "k")
+    @classmethod
+    def _positive(cls, values: list[int]) -> list[int]:
+        if any(value <= 0 for value in values):
+            raise ValueError(f"every value must be > 0, got {values}")
+        return values
+
+    @field_validator("l1_coef", "lr")
+    @classmethod
+    def _non_negative(cls, values: list[float]) -> list[float]:
+        if any(value < 0 for value in values):
+            raise ValueError(f"every value must be >= 0, got {values}")
+        return values
+
+
+class StreamConfig(Section):
+    """How shards are read, shuffled and broadcast to the trainers."""
+
+    seed: int = Field(0, ge=0, description="Seed of the shard and row order: every SAE sees the same rows in the same order.")
+    shuffle_shards: int = Field(4, gt=0, description="Shards whose rows are mixed together in the shuffle buffer.")
+    readers_per_node: int = Field(2, gt=0, description="Reader actors per node fetching shards concurrently.")
+    batches_in_flight: int = Field(8, gt=0, description="Batches produced ahead of the slowest trainer (backpressure bound).")
+
+
+class ResourcesConfig(Section):
+    """Where the trainers run."""
+
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Train on GPUs (cuda), CPU, or GPUs where the cluster has them (auto).")
+    trainers: int = Field(0, ge=0, description="Trainer actors (one per device); 0 = one per GPU, or one CPU trainer.")
+    cpus_per_trainer: float = Field(1.0, gt=0, description="Ray CPUs reserved per trainer actor.")
+    torch_threads: int = Field(0, ge=0, description="Torch threads in a CPU trainer (0 = the cores of its node / trainers).")
+    max_members: int = Field(16, gt=0, description="Most SAEs stacked in one ensemble.")
+    memory_headroom: float = Field(0.2, ge=0, lt=1, description="Fraction of device memory the plan leaves free.")
+    device_memory_gb: float = Field(0, ge=0, description="Memory per device for planning (0 = measured; CPU: a quarter of RAM).")
+
+
+class TrackingConfig(Section):
+    """Where runs are recorded."""
+
+    uri: str | None = Field(None, description="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory).")
+    experiment: str | None = Field(None, description="MLflow experiment (default: the sweep's name).")
+
+
+class ExportConfig(Section):
+    """Which dictionaries are exported, and where."""
+
+    dir: str | None = Field(None, description="Folder or URI for the selected dictionaries and index.json (default ./dictionaries/<name>).")
+    registry: bool = Field(True, description="Register the selected dictionaries in the MLflow model registry.")
+
+
+class StorageConfig(Section):
+    """The sweep's own working storage: checkpoints and every finished SAE."""
+
+    dir: str | None = Field(None, description="Folder or URI for checkpoints and finished SAEs (default ./sweeps/<name>).")
+
+
+class SweepSpec(Section):
+    """A sweep: a grid of SAEs over one dataset."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Sweep name: the MLflow experiment, the registered model, the export folder.")
+    data: DataConfig = Field(description="The activation dataset.")
+    grid: GridConfig = Field(description="The grid of SAEs.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Training settings shared by every SAE.")
+    stream: StreamConfig = Field(default_factory=StreamConfig, description="Data streaming.")
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig, description="Placement.")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow.")
+    export: ExportConfig = Field(default_factory=ExportConfig, description="Export.")
+    storage: StorageConfig = Field(default_factory=StorageConfig, description="Working storage.")
+
+    @property
+    def export_dir(self) -> str:
+        return self.export.dir or f"./dictionaries/{self.name}"
+
+    @property
+    def storage_dir(self) -> str:
+        return self.storage.dir or f"./sweeps/{self.name}"
+
+    @property
+    def experiment(self) -> str:
+        return self.tracking.experiment or self.name
+
+
+def apply_override(raw: dict, assignment: str) -> None:
+    """Apply one `--set key.path=value` to a raw spec dict (value parsed as YAML)."""
+    if "=" not in assignment:
+        raise InputError(f"--set {assignment!r}: expected key=value, e.g. train.tokens=20000")
+    path, _, text = assignment.partition("=")
+    keys = path.strip().split(".")
+    node = raw
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise InputError(f"--set {assignment!r}: '{key}' is not a section")
+        node = child
+    node[keys[-1]] = yaml.safe_load(text)
+
+
+def describe_errors(error: ValidationError, where: str) -> str:
+    """One line per failing field: `spec.yaml: field 'grid.n_latents': ...`."""
+    lines = []
+    for item in error.errors():
+        field = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        lines.append(f"{where}: field '{field}': {item['msg'].removeprefix('Value error, ')}")
+    return "\n".join(lines)
+
+
+def load_spec(path: str, overrides: list[str] | tuple[str, ...] = ()) -> SweepSpec:
+    """Read and validate a sweep spec; InputError names the file and every failing field."""
+    try:
+        with open(path) as file:
+            raw = yaml.safe_load(file) or {}
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such spec file") from None
+    except yaml.YAMLError as error:
+        raise InputError(f"{path}: not valid YAML: {error}") from None
+    if not isinstance(raw, dict):
+        raise InputError(f"{path}: a spec is a mapping of sections (name, data, grid, ...)")
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    try:
+        return SweepSpec.model_validate(raw)
+    except ValidationError as error:
+        raise InputError(describe_errors(error, path)) from None

@@ -12,7 +12,7 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Literal, NamedTuple
 
 import numpy as np
-from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from dictsweep.errors import InputError
 
@@ -29,6 +29,8 @@ CORRELATION_RANK = 8  # rank of the random correlation between features (when co
 
 class SynthConfig(BaseModel):
     """What `dictsweep synth` generates."""
+
+    model_config = ConfigDict(extra="forbid")
 
     d_model: int = Field(64, gt=0, description="Width of each activation vector.")
     n_features: int = Field(512, gt=0, description="Number of ground-truth feature directions.")
