@@ -56,6 +56,177 @@ def synth(
                f"{manifest.dtype}) to {out}")
 
 
+@app.command()
+def run(
+    spec_path: str = typer.Argument(..., metavar="SPEC.yaml", help="Sweep spec (YAML)."),
+    overrides: list[str] = typer.Option([], "--set", help="Override a spec key: --set train.tokens=20000 (repeatable)."),
+    address: str = typer.Option(None, help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)."),
+    plan_only: bool = typer.Option(False, "--plan-only", help="Print the placement plan and stop."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the sweep's latest unfinished run from its checkpoints."),
+) -> None:
+    """Run a sweep here: train every SAE of the grid, select, export, record in MLflow."""
+    from dictsweep.config import load_spec
+    from dictsweep.errors import RunError
+    from dictsweep.sweep.controller import run_sweep
+
+    spec = load_spec(spec_path, overrides)
+    try:
+        outcome = run_sweep(spec, address, plan_only, resume)
+    except RunError as error:
+        if error.result is not None:
+            print_sweep(error.result)
+        raise
+    if plan_only:
+        print_plan(outcome)
+    else:
+        print_sweep(outcome)
+
+
+@app.command()
+def pull(
+    sweep: str = typer.Argument(..., help="Sweep name (its MLflow experiment)."),
+    out: str = typer.Option(..., help="Folder to download into."),
+    include_all: bool = typer.Option(False, "--all", help="Every finished dictionary, not only the selected."),
+    tracking_uri: str = typer.Option(None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else ./mlflow.db)."),
+) -> None:
+    """Download a sweep's selected (or all) dictionaries with index.json."""
+    from dictsweep.sweep.pull import pull as pull_sweep
+
+    entries = pull_sweep(sweep, out, include_all, tracking_uri)
+    typer.echo(f"pulled {len(entries)} dictionaries of {sweep} into {out} (index.json lists them)")
+
+
+@app.command()
+def submit(
+    spec_path: str = typer.Argument(..., metavar="SPEC.yaml", help="Sweep spec (YAML)."),
+    address: str = typer.Option(..., help="Ray Jobs API of the cluster, e.g. http://HEAD:8265."),
+    overrides: list[str] = typer.Option([], "--set", help="Override a spec key (repeatable)."),
+) -> None:
+    """Submit a sweep to a Ray cluster as a job; prints the job id."""
+    from dictsweep.sweep.jobs import submit as submit_job
+
+    typer.echo(submit_job(spec_path, address, overrides))
+
+
+@app.command()
+def status(job_id: str = typer.Argument(..., help="Job id printed by submit."),
+           address: str = typer.Option(..., help="Ray Jobs API of the cluster.")) -> None:
+    """A submitted sweep's status."""
+    from dictsweep.sweep.jobs import status as job_status
+
+    info = job_status(job_id, address)
+    typer.echo(f"{info['job_id']}: {info['status']}" + (f" ({info['message']})" if info["message"] else ""))
+
+
+@app.command()
+def logs(job_id: str = typer.Argument(..., help="Job id printed by submit."),
+         address: str = typer.Option(..., help="Ray Jobs API of the cluster.")) -> None:
+    """What a submitted sweep's driver printed so far."""
+    from dictsweep.sweep.jobs import logs as job_logs
+
+    typer.echo(job_logs(job_id, address), nl=False)
+
+
+@app.command()
+def stop(job_id: str = typer.Argument(..., help="Job id printed by submit."),
+         address: str = typer.Option(..., help="Ray Jobs API of the cluster.")) -> None:
+    """Stop a submitted sweep (finished SAEs stay recorded; `run --resume` can continue it)."""
+    from dictsweep.sweep.jobs import stop as stop_job
+
+    typer.echo(f"{job_id}: {'stopping' if stop_job(job_id, address) else 'was not running'}")
+
+
+def print_plan(plan) -> None:
+    """The placement plan as a table."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"plan: d_model={plan.d_model}, batch_rows={plan.batch_rows}, {len(plan.points)} SAEs")
+    for column in ("wave", "device", "ensemble", "SAEs", "memory GiB", "device share"):
+        table.add_column(column, justify="right")
+    for row in plan.rows():
+        table.add_row(*map(str, row))
+    Console().print(table)
+
+
+def print_sweep(result) -> None:
+    """The results table, then where the dictionaries and the MLflow UI are."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="sweep results (eval shards)")
+    for column in ("architecture", "n_latents", "l1_coef / k", "l0", "fvu", "dead_fraction",
+                   "mmcs_ground_truth", "selected"):
+        table.add_column(column, justify="right")
+    rows = sorted(result.finished.values(), key=lambda r: (r["point"].architecture, r["point"].n_latents,
+                                                           r["point"].l1_coef or 0, r["point"].k or 0))
+    for r in rows:
+        point, metrics = r["point"], r["metrics"]
+        gt = metrics.get("mmcs_ground_truth")
+        table.add_row(point.architecture, str(point.n_latents), f"{point.l1_coef:g}" if point.k is None else str(point.k),
+                      f"{metrics['l0']:.2f}", f"{metrics['fvu']:.4f}", f"{metrics['dead_fraction']:.3f}",
+                      "-" if gt is None else f"{gt:.3f}", "*" if point.name in result.selected else "")
+    console = Console()
+    console.print(table)
+    for name, why in sorted(result.failed.items()):
+        console.print(f"[red]failed[/red] {name}: {why.splitlines()[0][:300]}")
+    console.print(f"dictionaries: {result.export_dir} (index.json; * = selected, Pareto-best per size)")
+    ui = result.tracking_uri
+    if ui.startswith("sqlite:"):
+        console.print(f"MLflow UI: mlflow ui --backend-store-uri {ui}  (then open http://127.0.0.1:5000)")
+    else:
+        console.print(f"MLflow: {ui}")
+
+
+from dictsweep.store.harvest import HarvestConfig  # noqa: E402  (light: torch is imported when run)
+
+_HARVEST = HarvestConfig.model_fields
+
+
+@app.command()
+def harvest(
+    model: str = typer.Option(..., help=_HARVEST["model"].description),
+    hook: list[str] = typer.Option(..., help=_HARVEST["hooks"].description + " Repeat for several."),
+    text: str = typer.Option(..., help=_HARVEST["text"].description),
+    out: str = typer.Option(..., help=_HARVEST["out"].description),
+    context: int = typer.Option(_HARVEST["context"].default, help=_HARVEST["context"].description),
+    max_tokens: int = typer.Option(None, help=_HARVEST["max_tokens"].description),
+    dtype: str = typer.Option(_HARVEST["dtype"].default, help=_HARVEST["dtype"].description),
+    seed: int = typer.Option(_HARVEST["seed"].default, help=_HARVEST["seed"].description),
+    eval_fraction: float = typer.Option(_HARVEST["eval_fraction"].default,
+                                        help=_HARVEST["eval_fraction"].description),
+    shard_rows: int = typer.Option(_HARVEST["shard_rows"].default, help=_HARVEST["shard_rows"].description),
+    shuffle_rows: int = typer.Option(_HARVEST["shuffle_rows"].default,
+                                     help=_HARVEST["shuffle_rows"].description),
+    batch_size: int = typer.Option(_HARVEST["batch_size"].default, help=_HARVEST["batch_size"].description),
+    include_special: bool = typer.Option(False, help=_HARVEST["include_special"].description),
+    text_field: str = typer.Option(_HARVEST["text_field"].default, help=_HARVEST["text_field"].description),
+    text_split: str = typer.Option(_HARVEST["text_split"].default, help=_HARVEST["text_split"].description),
+    workers: int = typer.Option(_HARVEST["workers"].default, help=_HARVEST["workers"].description),
+    device: str = typer.Option(_HARVEST["device"].default, help=_HARVEST["device"].description),
+    address: str = typer.Option(None, help=_HARVEST["address"].description),
+    overwrite: bool = typer.Option(False, help="Replace the dataset(s) or unfinished harvest at --out."),
+    progress: bool = typer.Option(True, help="Show a progress bar (tokens/s) on stderr."),
+) -> None:
+    """Harvest a Hugging Face model's activations at --hook module(s) into activation datasets;
+    a rerun of an interrupted harvest resumes it."""
+    from dictsweep.store.harvest import harvest as run_harvest
+
+    config = HarvestConfig.from_cli(
+        model=model, hooks=hook, text=text, out=out, context=context, max_tokens=max_tokens, dtype=dtype,
+        seed=seed, eval_fraction=eval_fraction, shard_rows=shard_rows, shuffle_rows=shuffle_rows,
+        batch_size=batch_size, include_special=include_special, text_field=text_field,
+        text_split=text_split, workers=workers, device=device, address=address)
+    result = run_harvest(config, overwrite=overwrite, progress=progress)
+    for hook_name, manifest in result.manifests.items():
+        eval_rows = sum(shard.rows for shard in manifest.eval_shards)
+        typer.echo(f"{hook_name}: {manifest.n_rows} train + {eval_rows} eval rows ({len(manifest.shards)} + "
+                   f"{len(manifest.eval_shards)} shards, d_model={manifest.d_model}, {manifest.dtype}) "
+                   f"at {result.prefixes[hook_name]}")
+    typer.echo(f"{result.n_contexts} contexts of {config.context} tokens; this run fed {result.tokens} tokens "
+               f"to the model in {result.seconds:.1f} s ({result.tokens_per_s:,.0f} tokens/s after loading)")
+
+
 def print_result(result: dict, as_json: bool, title: str) -> None:
     """A benchmark's result: one JSON object, or a two-column table."""
     import json
@@ -96,6 +267,30 @@ def bench_train_command(
     result = bench_train(d_model, n_latents, batch_rows, members, steps, architecture,
                          tuple(kernel) or None, reference, device)
     print_result(result, as_json, f"bench train: {architecture} d_model={d_model} n_latents={n_latents}")
+
+
+@bench_app.command("ica")
+def bench_ica_command(
+    rows: int = typer.Option(200_000, help="Rows of the synthetic mixture."),
+    dim: int = typer.Option(256, help="Independent sources, and the width they are mixed into."),
+    tol: float = typer.Option(1e-4, help="Stop when the unmixing changes less than this (both fits)."),
+    max_iter: int = typer.Option(200, help="Most fixed-point iterations (both fits)."),
+    batch_rows: int = typer.Option(65_536, help="Rows per batch of the torch fit's passes."),
+    sklearn: bool = typer.Option(True, help="Also fit scikit-learn's FastICA (CPU) on the same data."),
+    device: str = typer.Option("cuda" if _cuda_available() else "cpu", help="Device of the torch fit."),
+    seed: int = typer.Option(0, help="Seed of the mixture and of the shared initial unmixing."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
+) -> None:
+    """Torch FastICA vs scikit-learn's on one mixture: seconds, iterations, source recovery."""
+    import importlib.util
+
+    from dictsweep.train.bench_baselines import bench_ica
+
+    if sklearn and importlib.util.find_spec("sklearn") is None:
+        raise InputError("--sklearn needs scikit-learn: pip install scikit-learn, or pass --no-sklearn")
+
+    result = bench_ica(rows, dim, tol, max_iter, device, sklearn, batch_rows, seed)
+    print_result(result, as_json, f"bench ica: {rows} x {dim}")
 
 
 def main() -> None:

@@ -35,7 +35,13 @@ class TrainConfig(Section):
     adam_eps: float = Field(1e-8, gt=0, description="Adam epsilon.")
     dead_window_tokens: int = Field(1_000_000, gt=0, description="A latent that has not fired for this many tokens counts as dead.")
     dense_threshold: float = Field(0.1, gt=0, le=1, description="A latent firing on more than this fraction of tokens counts as dense.")
-    kernel: Literal["auto", "bmm", "loop", "compile"] = Field("auto", description="Ensemble matmul kernel: batched (bmm), one matmul per member (loop), torch.compile'd, or auto (chosen by measurement on the device).")
+    kernel: Literal["auto", "bmm", "loop", "compile"] = Field("auto", description="Ensemble matmul kernel: batched (bmm), one matmul per member (loop), torch.compile'd, or auto (chosen by measurement on the device; compile only when the planned steps repay its build time).")
+    decode: Literal["auto", "dense", "sparse"] = Field("auto", description="Top-k family decoder: gather the k active decoder rows (sparse), a dense matmul, or auto (sparse when k <= n_latents / 16).")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="Forward precision: bf16 autocast with fp32 master weights, fp32, or auto (bf16 on GPUs, fp32 on CPU).")
+    auxk_coef: float = Field(1 / 32, ge=0, description="AuxK loss coefficient for dead latents of topk and batchtopk (Gao et al.: 1/32; 0 turns AuxK off).")
+    auxk_k: int = Field(0, ge=0, description="Dead latents per row that AuxK uses (0 = d_model // 2).")
+    resample_every_tokens: int = Field(500_000, ge=0, description="relu: tokens between resamplings of latents dead for a window (Anthropic 2023; 0 turns it off).")
+    resample_until_fraction: float = Field(0.5, ge=0, le=1, description="relu: resample only within this initial fraction of training.")
     log_every_tokens: int = Field(100_000, gt=0, description="Tokens between training metrics logged per SAE.")
     eval_tokens: int = Field(262_144, gt=0, description="Held-out tokens (from the eval shards) used for the final metrics of every SAE.")
     checkpoint_every_tokens: int = Field(0, ge=0, description="Tokens between checkpoints of every trainer to the sweep's storage (0: only at the end).")
@@ -100,8 +106,11 @@ class ResourcesConfig(Section):
     cpus_per_trainer: float = Field(1.0, gt=0, description="Ray CPUs reserved per trainer actor.")
     torch_threads: int = Field(0, ge=0, description="Torch threads in a CPU trainer (0 = the cores of its node / trainers).")
     max_members: int = Field(16, gt=0, description="Most SAEs stacked in one ensemble.")
+    max_restarts: int = Field(3, ge=0, description="Times Ray restarts a crashed trainer (it resumes from its checkpoint) before its SAEs count as failed.")
     memory_headroom: float = Field(0.2, ge=0, lt=1, description="Fraction of device memory the plan leaves free.")
     device_memory_gb: float = Field(0, ge=0, description="Memory per device for planning (0 = measured; CPU: a quarter of RAM).")
+    zero_stage: Literal[2, 3] = Field(2, description="DeepSpeed ZeRO stage for an SAE too large for one device, trained data-parallel over several (2: gradients and optimizer state partitioned; 3: weights too).")
+    zero_offload: bool = Field(False, description="With ZeRO, keep the optimizer state (Adam moments, fp32 master weights) in host memory instead of on the devices.")
 
 
 class TrackingConfig(Section):

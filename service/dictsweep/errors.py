@@ -25,3 +25,7 @@ class RunError(DictsweepError):
     """A failure while running (a trainer died, a sweep point failed, ...)."""
 
     exit_code = 1
+
+    def __init__(self, message: str, result=None):
+        super().__init__(message)
+        self.result = result  # what was produced before the failure, when there is something

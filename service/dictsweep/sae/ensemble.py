@@ -81,6 +81,7 @@ class Ensemble(nn.Module):
     saelens_architecture: ClassVar[str] = "standard"
     decoder_init_norm: ClassVar[float] = 0.1
     unit_norm_decoder: ClassVar[bool] = False
+    sparsity_key: ClassVar[str] = "l1_coef"  # the grid key that sets this architecture's sparsity
 
     def __init__(self, d_model: int, n_latents: int, members: list[Member], kernel: str = "bmm"):
         super().__init__()

@@ -18,6 +18,7 @@ class TopKEnsemble(Ensemble):
     saelens_architecture = "topk"
     decoder_init_norm = 1.0
     unit_norm_decoder = True
+    sparsity_key = "k"
 
     def activate(self, pre: Tensor) -> tuple[Tensor, Tensor]:
         k_max = int(self.k.max())

@@ -117,3 +117,27 @@ def remove(uri: str) -> None:
     fs, path = resolve(uri)
     if fs.exists(path):
         fs.rm_file(path)
+
+
+def write_files(uri: str, files: dict[str, bytes]) -> None:
+    """Write a folder's files in the mapping's order (put the file that marks it complete last)."""
+    for name, data in files.items():
+        write_bytes(join(uri, name), data)
+
+
+def download_folder(uri: str, local_dir: str) -> str:
+    """Copy the files under `uri` into `local_dir` (a no-op copy for local folders); returns it."""
+    fs, path = resolve(uri)
+    os.makedirs(local_dir, exist_ok=True)
+    fs.get(path.rstrip("/") + "/", local_dir.rstrip("/") + "/", recursive=True)
+    return local_dir
+
+
+def copy_folder(source: str, destination: str) -> None:
+    """Copy the files of one folder (URI) to another, possibly across filesystems."""
+    source_fs, source_path = resolve(source)
+    files = sorted(source_fs.find(source_path))
+    # a folder with a completion marker (cfg.json, manifest.json) gets it last
+    files.sort(key=lambda path: os.path.basename(path) in ("cfg.json", "manifest.json"))
+    for path in files:
+        write_bytes(join(destination, os.path.relpath(path, source_path)), source_fs.cat_file(path))

@@ -1,0 +1,170 @@
+"""The plan: grid points -> ensembles -> devices. Placement is data: print it, test it.
+
+Points of one architecture and width form ensembles (they share the batch), as large as
+`max_members` and the device's memory allow. Ensembles go to the device with the least work that
+has room (largest first). What does not fit at once runs in a later wave on the same devices.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+from dictsweep.config import SweepSpec
+from dictsweep.errors import InputError
+from dictsweep.sae import ARCHITECTURES, Member
+from dictsweep.train.actor import EnsembleSpec
+
+BYTES_PER_FLOAT = 4
+STATE_COPIES = 4  # fp32 weights, gradients, Adam's two moments
+ACTIVATION_COPIES = 4  # [B, n_latents] tensors alive in a step: pre-activations, latents, their gradients
+
+
+@dataclass(frozen=True)
+class GridPoint:
+    """One SAE of the sweep."""
+
+    architecture: str
+    n_latents: int
+    lr: float
+    seed: int
+    l1_coef: float | None = None
+    k: int | None = None
+
+    @property
+    def name(self) -> str:
+        sparsity = f"l1_{self.l1_coef:g}" if self.k is None else f"k{self.k}"
+        return f"{self.architecture}-n{self.n_latents}-{sparsity}-lr{self.lr:g}-s{self.seed}"
+
+    def member(self) -> Member:
+        return Member(lr=self.lr, seed=self.seed, l1_coef=self.l1_coef or 0.0, k=self.k or 0)
+
+    def params(self) -> dict:
+        return {"architecture": self.architecture, "n_latents": self.n_latents, "l1_coef": self.l1_coef,
+                "k": self.k, "lr": self.lr, "seed": self.seed}
+
+
+def grid_points(spec: SweepSpec) -> list[GridPoint]:
+    """Every point of the grid: per architecture, the product of the keys that apply to it."""
+    grid, points = spec.grid, []
+    for architecture in grid.architecture:
+        uses_k = ARCHITECTURES[architecture].sparsity_key == "k"
+        for n_latents in grid.n_latents:
+            for sparsity in (grid.k if uses_k else grid.l1_coef):
+                for lr in grid.lr:
+                    for seed in grid.seed:
+                        if uses_k and sparsity >= n_latents:
+                            raise InputError(f"grid.k: k={sparsity} is not below n_latents={n_latents}")
+                        points.append(GridPoint(architecture, n_latents, lr, seed,
+                                                l1_coef=None if uses_k else float(sparsity),
+                                                k=int(sparsity) if uses_k else None))
+    names = [point.name for point in points]
+    if len(set(names)) != len(names):
+        raise InputError("grid: the same point appears twice (repeated values in a grid list?)")
+    return points
+
+
+def member_bytes(d_model: int, n_latents: int, batch_rows: int) -> int:
+    """Memory one SAE needs while training: fp32 weights, gradients, Adam state, batch activations."""
+    params = 2 * d_model * n_latents + n_latents + d_model
+    return BYTES_PER_FLOAT * (STATE_COPIES * params + ACTIVATION_COPIES * batch_rows * n_latents)
+
+
+@dataclass
+class EnsemblePlan:
+    architecture: str
+    n_latents: int
+    points: list[GridPoint]
+    memory_bytes: int
+    flops_per_row: int  # forward + backward matmul FLOPs per row, all members
+
+    def spec(self) -> EnsembleSpec:
+        return EnsembleSpec(self.architecture, self.n_latents, tuple(p.member() for p in self.points),
+                            tuple(p.name for p in self.points))
+
+
+@dataclass
+class TrainerPlan:
+    device: str  # "cuda" or "cpu"
+    index: int
+    memory_bytes: int
+    ensembles: list[EnsemblePlan] = field(default_factory=list)
+
+    @property
+    def used_bytes(self) -> int:
+        return sum(e.memory_bytes for e in self.ensembles)
+
+    @property
+    def flops_per_row(self) -> int:
+        return sum(e.flops_per_row for e in self.ensembles)
+
+
+@dataclass
+class Plan:
+    d_model: int
+    batch_rows: int
+    waves: list[list[TrainerPlan]]
+
+    @property
+    def points(self) -> list[GridPoint]:
+        return [p for wave in self.waves for t in wave for e in t.ensembles for p in e.points]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def rows(self) -> list[tuple]:
+        """(wave, device, ensemble, SAEs, memory GB, share of device) per ensemble, for printing."""
+        rows = []
+        for wave_index, wave in enumerate(self.waves):
+            for trainer in wave:
+                for ensemble in trainer.ensembles:
+                    rows.append((wave_index, f"{trainer.device}:{trainer.index}",
+                                 f"{ensemble.architecture} n={ensemble.n_latents}", len(ensemble.points),
+                                 round(ensemble.memory_bytes / 2**30, 2),
+                                 round(ensemble.memory_bytes / trainer.memory_bytes, 3)))
+        return rows
+
+
+def make_plan(points: list[GridPoint], d_model: int, batch_rows: int, device: str, n_devices: int,
+              device_memory_bytes: int, max_members: int, headroom: float) -> Plan:
+    """Pack points into ensembles and ensembles onto `n_devices` devices, in as few waves as fit."""
+    budget = int(device_memory_bytes * (1 - headroom))
+    groups: dict[tuple, list[GridPoint]] = {}
+    for point in points:
+        groups.setdefault((point.architecture, point.n_latents), []).append(point)
+    ensembles = []
+    for (architecture, n_latents), members in groups.items():
+        per_member = member_bytes(d_model, n_latents, batch_rows)
+        if per_member > budget:
+            raise InputError(
+                f"grid: one {architecture} SAE with n_latents={n_latents} needs {per_member / 2**30:.1f} GiB, "
+                f"more than a {device} device's budget of {budget / 2**30:.1f} GiB; lower n_latents or "
+                f"train.batch_rows, or raise resources.device_memory_gb")
+        size = max(1, min(max_members, budget // per_member))
+        count = math.ceil(len(members) / size)
+        for chunk in range(count):  # near-equal ensembles rather than full ones and a remainder
+            part = members[chunk::count]
+            ensembles.append(EnsemblePlan(architecture, n_latents, part, per_member * len(part),
+                                          10 * d_model * n_latents * len(part)))
+    ensembles.sort(key=lambda e: (-e.flops_per_row, e.architecture, e.n_latents))
+    waves: list[list[TrainerPlan]] = []
+    for ensemble in ensembles:
+        for wave in waves:
+            roomy = [t for t in wave if t.used_bytes + ensemble.memory_bytes <= budget]
+            if roomy:
+                min(roomy, key=lambda t: (t.flops_per_row, t.index)).ensembles.append(ensemble)
+                break
+        else:
+            wave = [TrainerPlan(device, index, device_memory_bytes) for index in range(n_devices)]
+            wave[0].ensembles.append(ensemble)
+            waves.append(wave)
+    return Plan(d_model, batch_rows, [[t for t in wave if t.ensembles] for wave in waves])
+
+
+def plan_from_dict(data: dict) -> Plan:
+    """A plan saved with `Plan.to_dict` (plan.json in the sweep's storage), for resuming."""
+    waves = [[TrainerPlan(t["device"], t["index"], t["memory_bytes"],
+                          [EnsemblePlan(e["architecture"], e["n_latents"], [GridPoint(**p) for p in e["points"]],
+                                        e["memory_bytes"], e["flops_per_row"]) for e in t["ensembles"]])
+              for t in wave] for wave in data["waves"]]
+    return Plan(data["d_model"], data["batch_rows"], waves)

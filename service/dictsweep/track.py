@@ -1,0 +1,221 @@
+"""Everything the product says to MLflow (the only module that imports mlflow).
+
+Layout: experiment = sweep name; a parent run for the sweep; a child run per SAE with its params,
+training metrics over tokens and final `eval/...` metrics; the dictionary as the child's artifact
+`dictionary/`; selected dictionaries registered as versions of one registered model per sweep.
+
+Writes during a sweep are queued and sent in order by `flush`. While the server is unreachable
+they stay queued and go out when it answers again, so an outage loses nothing and never stops
+training; `flush(patience=...)` at the end waits for the server for a while before giving up.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from dictsweep.errors import InputError, RunError
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")  # we retry ourselves, without blocking
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+log = logging.getLogger(__name__)
+
+ROLE_TAG, SWEEP_ROLE, SAE_ROLE = "dictsweep.role", "sweep", "sae"
+SELECTED_TAG, POINT_TAG, STATUS_TAG = "dictsweep.selected", "dictsweep.point", "dictsweep.status"
+DICTIONARY_PATH = "dictionary"
+
+
+def tracking_uri(uri: str | None) -> str:
+    """The tracking URI to use: the spec's, else $MLFLOW_TRACKING_URI, else ./mlflow.db (sqlite)."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = "sqlite:///" + os.path.abspath(uri.removeprefix("sqlite:///"))  # pin to the working directory
+    return uri
+
+
+@dataclass
+class SaeRun:
+    """A finished SAE as recorded: its run, point name, params, final metrics and tags."""
+
+    run_id: str
+    name: str
+    params: dict
+    metrics: dict
+    tags: dict
+
+
+class Tracker:
+    """One sweep's MLflow runs."""
+
+    def __init__(self, uri: str | None, experiment: str, patience: float = 120.0):
+        from mlflow import MlflowClient
+
+        self.uri = tracking_uri(uri)
+        self.client = MlflowClient(self.uri)
+        self.patience = patience
+        found = self.now(self.client.get_experiment_by_name, experiment)
+        self.experiment_id = found.experiment_id if found else self.now(self.client.create_experiment, experiment)
+        self.queue: list[tuple[str, Callable[[], None]]] = []  # (what, operation) waiting to be sent
+        self.parent_id: str | None = None
+
+    def now(self, operation: Callable, *args, **kwargs):
+        """Call MLflow at once, retrying for up to `patience` seconds while it is unreachable."""
+        deadline = time.time() + self.patience
+        while True:
+            try:
+                return operation(*args, **kwargs)
+            except Exception as error:
+                if not unreachable(error) or time.time() > deadline:
+                    if unreachable(error):
+                        raise RunError(f"MLflow at {self.uri} is unreachable: {error}") from error
+                    raise
+                time.sleep(2)
+
+    def later(self, what: str, operation: Callable[[], None]) -> None:
+        """Queue a write; `flush` sends queued writes in order."""
+        self.queue.append((what, operation))
+
+    def flush(self, patience: float = 0.0) -> bool:
+        """Send queued writes in order; keep the rest on an outage. True when the queue is empty.
+
+        With `patience`, keep retrying for that many seconds; then raise RunError if still unsent.
+        """
+        deadline = time.time() + patience
+        while self.queue:
+            what, operation = self.queue[0]
+            try:
+                operation()
+            except Exception as error:
+                if not unreachable(error):
+                    raise
+                if time.time() < deadline:
+                    time.sleep(2)
+                    continue
+                if patience:
+                    raise RunError(f"MLflow at {self.uri} stayed unreachable; {len(self.queue)} writes "
+                                   f"(first: {what}) were not recorded: {error}") from error
+                log.warning("MLflow at %s is unreachable (%s); %d writes kept for later",
+                            self.uri, type(error).__name__, len(self.queue))
+                return False
+            self.queue.pop(0)
+        return True
+
+    # -- runs --------------------------------------------------------------------------------------
+    def start_sweep(self, name: str, params: dict, tags: dict | None = None) -> str:
+        run = self.now(self.client.create_run, self.experiment_id, run_name=name,
+                       tags={ROLE_TAG: SWEEP_ROLE, **(tags or {})})
+        self.parent_id = run.info.run_id
+        self.now(self.log_params, self.parent_id, params)
+        return self.parent_id
+
+    def start_sae(self, name: str, params: dict) -> str:
+        run = self.now(self.client.create_run, self.experiment_id, run_name=name,
+                       tags={"mlflow.parentRunId": self.parent_id, ROLE_TAG: SAE_ROLE, POINT_TAG: name})
+        self.now(self.log_params, run.info.run_id, params)
+        return run.info.run_id
+
+    def log_params(self, run_id: str, params: dict) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(key, str(value)) for key, value in params.items() if value is not None]
+        for start in range(0, len(items), 100):
+            self.client.log_batch(run_id, params=items[start:start + 100])
+
+    def set_tags(self, run_id: str, tags: dict) -> None:
+        from mlflow.entities import RunTag
+
+        items = [RunTag(key, str(value)) for key, value in tags.items()]
+        self.later(f"tags of {run_id}", lambda: self.client.log_batch(run_id, tags=items))
+
+    def end_run(self, run_id: str, failed: bool = False) -> None:
+        self.later(f"end of {run_id}", lambda: self.client.set_terminated(run_id, "FAILED" if failed else "FINISHED"))
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int) -> None:
+        """Queue metrics of one run at `step` (tokens)."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(key, float(value), now, step) for key, value in metrics.items()]
+        self.later(f"metrics of {run_id}", lambda: self.client.log_batch(run_id, metrics=items))
+
+    # -- artifacts and registry ----------------------------------------------------------------------
+    def log_folder(self, run_id: str, fetch: Callable[[str], str], artifact_path: str = DICTIONARY_PATH) -> None:
+        """Queue uploading a folder; `fetch(local_dir)` puts its files in a local folder when it is sent."""
+        def upload() -> None:
+            with tempfile.TemporaryDirectory() as local:
+                self.client.log_artifacts(run_id, fetch(local), artifact_path)
+
+        self.later(f"{artifact_path} of {run_id}", upload)
+
+    def log_bytes(self, run_id: str, data: bytes, name: str, artifact_path: str | None = None) -> None:
+        """Queue uploading one file made in memory (a plot, a JSON)."""
+        def upload() -> None:
+            with tempfile.TemporaryDirectory() as local:
+                path = os.path.join(local, name)
+                with open(path, "wb") as file:
+                    file.write(data)
+                self.client.log_artifact(run_id, path, artifact_path)
+
+        self.later(f"{name} of {run_id}", upload)
+
+    def register(self, model_name: str, run_id: str, tags: dict) -> None:
+        """Queue registering a run's dictionary as a new version of `model_name`."""
+        def create() -> None:
+            from mlflow.exceptions import MlflowException
+
+            try:
+                self.client.create_registered_model(model_name, description="dictsweep: a sweep's selected dictionaries")
+            except MlflowException as error:
+                if "RESOURCE_ALREADY_EXISTS" not in str(error) and "already exists" not in str(error):
+                    raise
+            self.client.create_model_version(model_name, source=f"runs:/{run_id}/{DICTIONARY_PATH}", run_id=run_id,
+                                             tags={key: str(value) for key, value in tags.items()})
+
+        self.later(f"registering {run_id}", create)
+
+
+def unreachable(error: Exception) -> bool:
+    """Whether an MLflow error means the server could not be reached (worth retrying later)."""
+    import requests
+
+    if isinstance(error, (requests.exceptions.ConnectionError, requests.exceptions.Timeout, ConnectionError)):
+        return True
+    text = str(error)
+    return (any(sign in text for sign in ("Max retries exceeded", "Connection refused", "ConnectionError",
+                                          "Read timed out", "RemoteDisconnected"))
+            or re.search(r"error code 50[234]\b", text) is not None)
+
+
+def find_sweep(uri: str | None, sweep: str) -> tuple["Tracker", list[SaeRun]]:
+    """The latest sweep run named `sweep` and its SAE runs; InputError if there is none."""
+    from mlflow import MlflowClient
+
+    resolved = tracking_uri(uri)
+    client = MlflowClient(resolved)
+    experiment = client.get_experiment_by_name(sweep)
+    if experiment is None:
+        raise InputError(f"no sweep named {sweep!r} at {resolved} (no MLflow experiment of that name)")
+    parents = client.search_runs([experiment.experiment_id], f"tags.`{ROLE_TAG}` = '{SWEEP_ROLE}'",
+                                 order_by=["attributes.start_time DESC"], max_results=1)
+    if not parents:
+        raise InputError(f"experiment {sweep!r} at {resolved} holds no dictsweep sweep run")
+    parent = parents[0].info.run_id
+    children = client.search_runs([experiment.experiment_id],
+                                  f"tags.`mlflow.parentRunId` = '{parent}' and tags.`{ROLE_TAG}` = '{SAE_ROLE}'",
+                                  max_results=50_000)
+    runs = [SaeRun(run.info.run_id, run.data.tags.get(POINT_TAG, run.info.run_name), dict(run.data.params),
+                   dict(run.data.metrics), dict(run.data.tags)) for run in children]
+    return client, sorted(runs, key=lambda run: run.name)
+
+
+def download_dictionary(client, run_id: str, local_dir: str) -> str:
+    """Fetch a run's dictionary folder into `local_dir`; returns the folder."""
+    os.makedirs(local_dir, exist_ok=True)
+    return client.download_artifacts(run_id, DICTIONARY_PATH, local_dir)

@@ -1,0 +1,158 @@
+"""Crashes lose nothing: a killed trainer or reader, a dead driver, a diverging SAE, an MLflow outage."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+import yaml
+
+from dictsweep import load_dictionary
+from dictsweep.config import load_spec
+from dictsweep.errors import RunError
+from dictsweep.sweep.controller import run_sweep
+
+SPEC = {
+    "data": {"uri": "data/toy", "synth": {"d_model": 16, "n_features": 32, "active": 3, "rows": 16_384,
+                                          "eval_rows": 1024, "shard_rows": 2048, "seed": 2}},
+    "grid": {"architecture": ["relu", "topk"], "n_latents": [32], "l1_coef": [1.0, 3.0], "k": [3],
+             "lr": [0.003], "seed": [0]},
+    "train": {"tokens": 65_536, "batch_rows": 256, "lr_warmup_steps": 5, "log_every_tokens": 8192,
+              "eval_tokens": 1024, "kernel": "bmm", "checkpoint_every_tokens": 4096},
+    "stream": {"shuffle_shards": 2, "batches_in_flight": 4},
+    "resources": {"torch_threads": 1},
+    "export": {"registry": False},
+}
+
+
+def spec_file(folder, name, **changes):
+    spec = json.loads(json.dumps(SPEC))
+    spec["name"] = name
+    for key, value in changes.items():
+        section, field = key.split("__")
+        spec[section][field] = value
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return str(path)
+
+
+def weights(result):
+    return {name: load_dictionary(done["uri"]) for name, done in result.finished.items()}
+
+
+def assert_same_dictionaries(first, second):
+    assert set(first) == set(second)
+    for name in first:
+        for weight in ("W_enc", "b_enc", "W_dec", "b_dec"):
+            assert torch.equal(getattr(first[name], weight), getattr(second[name], weight)), (name, weight)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, ray_local):
+    folder = tmp_path_factory.mktemp("straight")
+    os.chdir(folder)
+    result = run_sweep(load_spec(spec_file(folder, "straight")))
+    return weights(result)
+
+
+def kill_when(ray, find_pid, ready, seconds=180):
+    """In a thread: once `ready()` holds, SIGKILL the process `find_pid()` names."""
+    def run():
+        deadline = time.time() + seconds
+        while time.time() < deadline:
+            try:
+                if ready():
+                    os.kill(find_pid(), signal.SIGKILL)
+                    return
+            except (ValueError, ray.exceptions.RayError):
+                pass
+            time.sleep(0.2)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_killed_trainer_resumes_bit_for_bit(tmp_path, monkeypatch, ray_local, uninterrupted):
+    monkeypatch.chdir(tmp_path)
+    name = "killtrainer"
+
+    def trainer():
+        return ray_local.get_actor(f"{name}-w0-t0")
+
+    def checkpointed():
+        return ray_local.get(trainer().status.remote())["position"] >= 40  # past a few checkpoints
+
+    killer = kill_when(ray_local, lambda: ray_local.get(trainer().status.remote())["pid"], checkpointed)
+    result = run_sweep(load_spec(spec_file(tmp_path, name)))
+    killer.join()
+    status = ray_local.get  # the trainer is gone with the wave; the run says it was restored:
+    assert not result.failed
+    assert_same_dictionaries(weights(result), uninterrupted)
+    checkpoints = list((tmp_path / "sweeps" / name).glob("runs/*/checkpoints/w0-t0.pt"))
+    assert checkpoints and status  # the checkpoint the restart resumed from
+
+
+def test_killed_reader_skips_and_repeats_nothing(tmp_path, monkeypatch, ray_local, uninterrupted):
+    monkeypatch.chdir(tmp_path)
+    from ray.util.state import list_actors
+
+    def reader_pid():
+        readers = list_actors(filters=[("class_name", "=", "ShardReader"), ("state", "=", "ALIVE")])
+        return int(readers[0].pid)
+
+    def training():
+        trainer = ray_local.get_actor("killreader-w0-t0")
+        return ray_local.get(trainer.status.remote())["position"] >= 20
+
+    killer = kill_when(ray_local, reader_pid, training)
+    result = run_sweep(load_spec(spec_file(tmp_path, "killreader")))
+    killer.join()
+    assert not result.failed
+    assert_same_dictionaries(weights(result), uninterrupted)
+
+
+def test_diverging_sae_is_isolated(tmp_path, monkeypatch, ray_local, uninterrupted):
+    monkeypatch.chdir(tmp_path)
+    path = spec_file(tmp_path, "diverge", grid__architecture=["relu"], grid__lr=[0.003, 1e30])
+    with pytest.raises(RunError) as raised:
+        run_sweep(load_spec(path))
+    result = raised.value.result
+    assert set(result.failed) == {"relu-n32-l1_1-lr1e+30-s0", "relu-n32-l1_3-lr1e+30-s0"}
+    assert all(why.startswith("diverged") for why in result.failed.values())
+    # the healthy members shared the ensemble with the diverging ones and trained as if alone
+    healthy = weights(result)
+    assert set(healthy) == {"relu-n32-l1_1-lr0.003-s0", "relu-n32-l1_3-lr0.003-s0"}
+    for name, dictionary in healthy.items():
+        torch.testing.assert_close(dictionary.W_dec, uninterrupted[name].W_dec, rtol=1e-5, atol=1e-6)
+
+
+def test_dead_driver_resumes(tmp_path, ray_local, uninterrupted):
+    """The driver process is killed mid-sweep; `run --resume` finishes from the checkpoints."""
+    path = spec_file(tmp_path, "resumed", grid__architecture=["relu"])
+    command = [sys.executable, "-m", "dictsweep.cli", "run", path]
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+    driver = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    checkpoints = tmp_path / "sweeps" / "resumed"
+    while time.time() < deadline and not list(checkpoints.glob("runs/*/checkpoints/w0-t0.pt")):
+        assert driver.poll() is None, driver.stderr.read().decode()
+        time.sleep(0.2)
+    time.sleep(1.0)
+    driver.kill()
+    driver.wait()
+    assert not list(checkpoints.glob("runs/*/complete.json"))
+    resumed = subprocess.run(command + ["--resume"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    run_dir = json.loads((checkpoints / "latest.json").read_text())["run"]
+    assert len(list(checkpoints.glob("runs/*"))) == 1  # the same run, continued
+    index = json.loads((tmp_path / "dictionaries/resumed/index.json").read_text())
+    for entry in index:
+        resumed_dictionary = load_dictionary(os.path.join(run_dir, "dictionaries", entry["path"]))
+        for weight in ("W_enc", "W_dec", "b_dec"):
+            assert torch.equal(getattr(resumed_dictionary, weight), getattr(uninterrupted[entry["path"]], weight))
