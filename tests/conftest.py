@@ -35,10 +35,42 @@ def wait_for(url: str, seconds: float, process: subprocess.Popen | None = None) 
     raise RuntimeError(f"{url} did not answer within {seconds} s")
 
 
+S3_SECRET = "test-secret-key-value-7f3a9c"  # tests check that this never shows up in logs or MLflow
+
+
 @pytest.fixture(scope="session")
-def ray_local():
+def s3_server():
+    """A real S3 API server (moto's server mode) on 127.0.0.1, reached through s3fs as AWS S3 is:
+    the standard AWS environment variables point at it for this process and its children."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    endpoint = "http://127.0.0.1:%d" % server.get_host_and_port()[1]
+    os.environ.update({"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "test-key-id",
+                       "AWS_SECRET_ACCESS_KEY": S3_SECRET, "AWS_DEFAULT_REGION": "us-east-1",
+                       "MLFLOW_S3_ENDPOINT_URL": endpoint})
+    yield endpoint
+    server.stop()
+
+
+@pytest.fixture
+def bucket(s3_server, request):
+    """A fresh bucket for one test; its name is returned."""
+    from dictsweep.store import fs
+
+    name = "t-" + "".join(ch for ch in request.node.name.lower() if ch.isalnum())[:40]
+    s3, _ = fs.resolve(f"s3://{name}")
+    if not s3.exists(name):
+        s3.mkdir(name)
+    return name
+
+
+@pytest.fixture(scope="session")
+def ray_local(s3_server):
     """A local Ray cluster for this test session (logical CPUs above the 2 real cores, so that
-    trainers, readers and broadcasters all fit, as in `dictsweep run`)."""
+    trainers, readers and broadcasters all fit, as in `dictsweep run`). Started after the S3
+    server so that its workers see the same storage settings as the driver."""
     import ray
 
     ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="warning")
@@ -47,13 +79,19 @@ def ray_local():
 
 
 @pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory):
-    """A real `mlflow server` process on 127.0.0.1 with a sqlite store and served artifacts."""
+def mlflow_server(tmp_path_factory, s3_server):
+    """A real `mlflow server` process on 127.0.0.1 with a sqlite store, serving artifacts that it
+    keeps in the S3 server (as a production server keeps them in S3 or MinIO)."""
+    from dictsweep.store import fs
+
     root = tmp_path_factory.mktemp("mlflow-server")
+    s3, _ = fs.resolve("s3://mlflow-artifacts")
+    if not s3.exists("mlflow-artifacts"):
+        s3.mkdir("mlflow-artifacts")
     port = free_port()
     command = [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
                "--workers", "1", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
-               "--artifacts-destination", str(root / "artifacts")]
+               "--artifacts-destination", "s3://mlflow-artifacts/served"]
     with open(root / "server.log", "w") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
         try:

@@ -141,12 +141,16 @@ def print_plan(plan) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"plan: d_model={plan.d_model}, batch_rows={plan.batch_rows}, {len(plan.points)} SAEs")
+    table = Table(title=f"plan: d_model={plan.d_model}, batch_rows={plan.batch_rows}, "
+                        f"{len(plan.points) + len(plan.unplaced)} SAEs")
     for column in ("wave", "device", "ensemble", "SAEs", "memory GiB", "device share"):
         table.add_column(column, justify="right")
     for row in plan.rows():
         table.add_row(*map(str, row))
-    Console().print(table)
+    console = Console()
+    console.print(table)
+    for name, why in sorted(plan.unplaced.items()):
+        console.print(f"[red]fits nowhere[/red] {name}: {why}")
 
 
 def print_sweep(result) -> None:
@@ -155,17 +159,26 @@ def print_sweep(result) -> None:
     from rich.table import Table
 
     table = Table(title="sweep results (eval shards)")
-    for column in ("architecture", "n_latents", "l1_coef / k", "l0", "fvu", "dead_fraction",
-                   "mmcs_ground_truth", "selected"):
+    # short headers so that the table fits 80 columns: arch, n_latents, l1_coef or k, l0, fvu,
+    # dead_fraction, mmcs_ground_truth, loss_recovered (spliced into the model), selected
+    spliced = any("loss_recovered" in r["metrics"] for r in result.finished.values())
+    columns = ("arch", "n_latents", "l1/k", "l0", "fvu", "dead", "mmcs_gt") + (("loss_rec",) if spliced else ()) + ("sel",)
+    for column in columns:
         table.add_column(column, justify="right")
     rows = sorted(result.finished.values(), key=lambda r: (r["point"].architecture, r["point"].n_latents,
                                                            r["point"].l1_coef or 0, r["point"].k or 0))
+
+    def number(value, digits: int) -> str:
+        return "-" if value is None else f"{value:.{digits}f}"
+
     for r in rows:
         point, metrics = r["point"], r["metrics"]
-        gt = metrics.get("mmcs_ground_truth")
-        table.add_row(point.architecture, str(point.n_latents), f"{point.l1_coef:g}" if point.k is None else str(point.k),
-                      f"{metrics['l0']:.2f}", f"{metrics['fvu']:.4f}", f"{metrics['dead_fraction']:.3f}",
-                      "-" if gt is None else f"{gt:.3f}", "*" if point.name in result.selected else "")
+        cells = [point.architecture, str(point.n_latents), f"{point.l1_coef:g}" if point.k is None else str(point.k),
+                 number(metrics["l0"], 2), number(metrics["fvu"], 4), number(metrics["dead_fraction"], 3),
+                 number(metrics.get("mmcs_ground_truth"), 3)]
+        if spliced:
+            cells.append(number(metrics.get("loss_recovered"), 3))
+        table.add_row(*cells, "*" if point.name in result.selected else "")
     console = Console()
     console.print(table)
     for name, why in sorted(result.failed.items()):
@@ -251,9 +264,12 @@ def bench_train_command(
     n_latents: int = typer.Option(4096, help="Dictionary size."),
     batch_rows: int = typer.Option(1024, help="Rows per batch."),
     members: int = typer.Option(8, help="SAEs stacked in the ensemble (K)."),
-    steps: int = typer.Option(20, help="Timed steps (after 2 warm-up steps)."),
-    architecture: str = typer.Option("relu", help="Architecture of the ensemble."),
+    steps: int = typer.Option(20, help="Timed steps per round (after 2 warm-up steps)."),
+    rounds: int = typer.Option(3, help="Rounds: every candidate is timed once per round; medians are reported."),
+    architecture: str = typer.Option("relu", help="Architecture of the ensemble: relu, topk, batchtopk, jumprelu."),
+    k: int = typer.Option(0, help="Active latents per row for topk and batchtopk (0: min(32, n_latents / 16))."),
     kernel: list[str] = typer.Option([], help="Kernel(s) to time: bmm, loop, compile (default: those auto would try)."),
+    decode: list[str] = typer.Option(["auto"], help="Decoder(s) of the top-k family to time: dense, sparse, auto."),
     reference: bool = typer.Option(True, help="Also time the same SAEs trained one at a time."),
     device: str = typer.Option("cuda" if _cuda_available() else "cpu", help="Device to run on."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
@@ -261,11 +277,18 @@ def bench_train_command(
     """SAE-samples/s of a stacked ensemble vs one-at-a-time training, and peak memory."""
     from dictsweep.sae import ARCHITECTURES
     from dictsweep.train.bench import bench_train
+    from dictsweep.train.kernels import KERNELS
 
     if architecture not in ARCHITECTURES:
         raise InputError(f"--architecture: {architecture!r} is not one of {sorted(ARCHITECTURES)}")
-    result = bench_train(d_model, n_latents, batch_rows, members, steps, architecture,
-                         tuple(kernel) or None, reference, device)
+    for name in kernel:
+        if name not in KERNELS:
+            raise InputError(f"--kernel: {name!r} is not one of {list(KERNELS)}")
+    for name in decode:
+        if name not in ("auto", "dense", "sparse"):
+            raise InputError(f"--decode: {name!r} is not one of auto, dense, sparse")
+    result = bench_train(d_model, n_latents, batch_rows, members, steps, architecture, tuple(kernel) or None,
+                         reference, device, decodes=tuple(decode), rounds=rounds, k=k)
     print_result(result, as_json, f"bench train: {architecture} d_model={d_model} n_latents={n_latents}")
 
 
@@ -291,6 +314,20 @@ def bench_ica_command(
 
     result = bench_ica(rows, dim, tol, max_iter, device, sklearn, batch_rows, seed)
     print_result(result, as_json, f"bench ica: {rows} x {dim}")
+
+
+@bench_app.command("stream")
+def bench_stream_command(
+    uri: str = typer.Option(..., help="Dataset prefix (folder, file:// or s3://)."),
+    readers: int = typer.Option(4, help="Reader actors, and threads of the plain GET."),
+    batch_rows: int = typer.Option(4096, help="Rows per batch of the stream."),
+    shuffle_shards: int = typer.Option(4, help="Shards mixed in the shuffle buffer."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
+) -> None:
+    """MB/s and rows/s of the readers and of the stream, beside a plain concurrent GET."""
+    from dictsweep.stream.bench import bench_stream
+
+    print_result(bench_stream(uri, readers, batch_rows, shuffle_shards), as_json, f"bench stream: {uri}")
 
 
 def main() -> None:

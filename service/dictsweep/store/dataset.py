@@ -205,11 +205,9 @@ class DatasetWriter:
             features = ground_truth.detach().to("cpu", torch.float32).contiguous()
             self.write_file(GROUND_TRUTH_NAME, safetensors.torch.save({"features": features}))
             ground_truth_name = GROUND_TRUTH_NAME
-        manifest = Manifest(format=FORMAT, d_model=self.d_model, dtype=self.dtype, n_rows=n_rows,
-                            shards=self._written["train"], eval_shards=self._written["eval"],
-                            source=self.source, ground_truth=ground_truth_name,
-                            stats={"mean_sq_norm": self._sum_sq_norms / n_rows, **(extra_stats or {})})
-        fs.write_text(fs.join(self.uri, MANIFEST_NAME), manifest.to_json())
+        manifest = write_manifest(self.uri, self.d_model, self.dtype, self._written["train"],
+                                  self._written["eval"], source=self.source, ground_truth=ground_truth_name,
+                                  stats={"mean_sq_norm": self._sum_sq_norms / n_rows, **(extra_stats or {})})
         self._closed = True
         return manifest
 
@@ -247,13 +245,33 @@ class DatasetWriter:
 
     def _write_shard(self, split: str, acts: torch.Tensor, columns: dict[str, np.ndarray]) -> None:
         """Write `acts` [rows, d_model] (stored dtype) and `columns` as the split's next shard."""
-        data = encode_shard(acts, self.dtype, columns)
         path = f"{split}/{len(self._written[split]):05d}.arrow"
-        fs.write_bytes(fs.join(self.uri, path), data)
-        self._written[split].append(ShardInfo(path=path, rows=len(acts), bytes=len(data),
-                                              sha256=hashlib.sha256(data).hexdigest()))
+        self._written[split].append(write_shard(self.uri, path, acts, self.dtype, columns))
         if split == "train":
             self._sum_sq_norms += sum_sq_norms(acts)
+
+
+def write_shard(uri: str, path: str, acts: torch.Tensor, dtype: str,
+                columns: dict[str, np.ndarray] | None = None) -> ShardInfo:
+    """Write `acts` [rows, d_model] (cast to `dtype`) and `columns` as the shard `<uri>/<path>`.
+
+    For writers that place shards themselves (several workers, one dataset); the manifest entry
+    it returns goes to `write_manifest` once every shard is written.
+    """
+    data = encode_shard(acts, dtype, columns)
+    fs.write_bytes(fs.join(uri, path), data)
+    return ShardInfo(path=path, rows=len(acts), bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+
+
+def write_manifest(uri: str, d_model: int, dtype: str, shards: list[ShardInfo], eval_shards: list[ShardInfo],
+                   source: dict | None = None, stats: dict | None = None,
+                   ground_truth: str | None = None) -> Manifest:
+    """Write `<uri>/manifest.json` for shards already written: the last step of any writer."""
+    manifest = Manifest(format=FORMAT, d_model=d_model, dtype=dtype,
+                        n_rows=sum(shard.rows for shard in shards), shards=shards,
+                        eval_shards=eval_shards, source=source, stats=stats, ground_truth=ground_truth)
+    fs.write_text(fs.join(uri, MANIFEST_NAME), manifest.to_json())
+    return manifest
 
 
 def sum_sq_norms(acts: torch.Tensor, chunk_rows: int = 65536) -> float:

@@ -6,13 +6,50 @@ callers that know what the file means turn those into DatasetError.
 
 from __future__ import annotations
 
+import functools
 import os
 import uuid
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from dictsweep.errors import InputError
+
 _S3_FILESYSTEMS: dict[tuple, fsspec.AbstractFileSystem] = {}
+S3_RETRIES = 10  # attempts per request on transient errors
+
+
+class StorageError(InputError):
+    """Storage that cannot be used as given: a missing bucket, denied access (names the URI)."""
+
+
+def explain(uri: str, error: BaseException) -> StorageError | None:
+    """A missing bucket or denied access as an error naming the URI and what to do; None otherwise."""
+    text = str(error)
+    if isinstance(error, FileNotFoundError) and ("bucket does not exist" in text or "NoSuchBucket" in text):
+        bucket = uri.split("://", 1)[-1].split("/", 1)[0]
+        return StorageError(f"{uri}: the bucket {bucket!r} does not exist (create it, or correct the URI)")
+    if isinstance(error, PermissionError) or any(sign in text for sign in (
+            "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "Forbidden")):
+        return StorageError(f"{uri}: access denied ({text.splitlines()[0][:200] if text else type(error).__name__}); "
+                            "check the credentials in AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) "
+                            "and the bucket's policy")
+    return None
+
+
+def checked(function):
+    """Turn a missing bucket or denied access in `function(uri, ...)` into a StorageError."""
+    @functools.wraps(function)
+    def call(uri: str, *args, **kwargs):
+        try:
+            return function(uri, *args, **kwargs)
+        except OSError as error:
+            problem = explain(uri, error)
+            if problem is None:
+                raise
+            raise problem from None
+
+    return call
 
 
 def _s3_filesystem() -> fsspec.AbstractFileSystem:
@@ -20,13 +57,16 @@ def _s3_filesystem() -> fsspec.AbstractFileSystem:
     import s3fs
 
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    key = (endpoint, os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_PROFILE"),
-           os.environ.get("AWS_DEFAULT_REGION"))
+    key = (endpoint, os.environ.get("AWS_ACCESS_KEY_ID"), hash(os.environ.get("AWS_SECRET_ACCESS_KEY")),
+           os.environ.get("AWS_PROFILE"), os.environ.get("AWS_DEFAULT_REGION"))
     if key not in _S3_FILESYSTEMS:
         # credentials, region and profile come from botocore's default chain; listings are not
-        # cached so that a manifest written by another process is seen at once
-        _S3_FILESYSTEMS[key] = s3fs.S3FileSystem(endpoint_url=endpoint, use_listings_cache=False,
-                                                 skip_instance_cache=True)
+        # cached so that a manifest written by another process is seen at once; throttling,
+        # connection resets and 5xx answers are retried with exponential backoff (botocore standard mode)
+        s3 = s3fs.S3FileSystem(endpoint_url=endpoint, use_listings_cache=False, skip_instance_cache=True,
+                               config_kwargs={"retries": {"max_attempts": S3_RETRIES, "mode": "standard"}})
+        s3.retries = S3_RETRIES  # s3fs's own retry loop (read errors, dropped connections)
+        _S3_FILESYSTEMS[key] = s3
     return _S3_FILESYSTEMS[key]
 
 
@@ -51,18 +91,21 @@ def join(uri: str, *parts: str) -> str:
     return out
 
 
+@checked
 def exists(uri: str) -> bool:
     """Whether a file (object) exists at `uri`."""
     fs, path = resolve(uri)
     return fs.exists(path)
 
 
+@checked
 def read_bytes(uri: str) -> bytes:
     """The whole file at `uri`."""
     fs, path = resolve(uri)
     return fs.cat_file(path)
 
 
+@checked
 def read_bytearray(uri: str, size: int) -> bytearray:
     """The whole file at `uri` in a writable buffer, read in place when it is `size` bytes long."""
     fs, path = resolve(uri)
@@ -84,6 +127,7 @@ def read_bytearray(uri: str, size: int) -> bytearray:
     return buffer
 
 
+@checked
 def write_bytes(uri: str, data: bytes) -> None:
     """Write `data` to `uri`; a local file appears under its final name only once complete."""
     fs, path = resolve(uri)
@@ -112,6 +156,7 @@ def write_text(uri: str, text: str) -> None:
     write_bytes(uri, text.encode("utf-8"))
 
 
+@checked
 def remove(uri: str) -> None:
     """Delete the file at `uri` if it exists."""
     fs, path = resolve(uri)
@@ -125,6 +170,7 @@ def write_files(uri: str, files: dict[str, bytes]) -> None:
         write_bytes(join(uri, name), data)
 
 
+@checked
 def download_folder(uri: str, local_dir: str) -> str:
     """Copy the files under `uri` into `local_dir` (a no-op copy for local folders); returns it."""
     fs, path = resolve(uri)
@@ -133,6 +179,7 @@ def download_folder(uri: str, local_dir: str) -> str:
     return local_dir
 
 
+@checked
 def copy_folder(source: str, destination: str) -> None:
     """Copy the files of one folder (URI) to another, possibly across filesystems."""
     source_fs, source_path = resolve(source)
