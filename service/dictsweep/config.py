@@ -36,7 +36,7 @@ class TrainConfig(Section):
     dead_window_tokens: int = Field(1_000_000, gt=0, description="A latent that has not fired for this many tokens counts as dead.")
     dense_threshold: float = Field(0.1, gt=0, le=1, description="A latent firing on more than this fraction of tokens counts as dense.")
     kernel: Literal["auto", "bmm", "loop", "compile"] = Field("auto", description="Ensemble matmul kernel: batched (bmm), one matmul per member (loop), torch.compile'd, or auto (chosen by measurement on the device; compile only when the planned steps repay its build time).")
-    decode: Literal["auto", "dense", "sparse"] = Field("auto", description="Top-k family decoder: gather the k active decoder rows (sparse), a dense matmul, or auto (sparse when k <= n_latents / 16).")
+    decode: Literal["auto", "dense", "sparse"] = Field("auto", description="Top-k family decoder: gather the k active decoder rows (sparse), a dense matmul, or auto (sparse when k <= n_latents / 32).")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="Forward precision: bf16 autocast with fp32 master weights, fp32, or auto (bf16 on GPUs, fp32 on CPU).")
     auxk_coef: float = Field(1 / 32, ge=0, description="AuxK loss coefficient for dead latents of topk and batchtopk (Gao et al.: 1/32; 0 turns AuxK off).")
     auxk_k: int = Field(0, ge=0, description="Dead latents per row that AuxK uses (0 = d_model // 2).")
@@ -102,14 +102,17 @@ class ResourcesConfig(Section):
     """Where the trainers run."""
 
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Train on GPUs (cuda), CPU, or GPUs where the cluster has them (auto).")
-    trainers: int = Field(0, ge=0, description="Trainer actors (one per device); 0 = one per GPU, or one CPU trainer.")
+    trainers: int = Field(0, ge=0, description="Trainer actors; 0 = one per gpus_per_trainer GPUs, or one CPU trainer.")
+    gpus_per_trainer: float = Field(1.0, gt=0, le=1, description="GPUs per trainer actor: 1, or a fraction so that several trainers share a GPU (its memory split among them).")
     cpus_per_trainer: float = Field(1.0, gt=0, description="Ray CPUs reserved per trainer actor.")
     torch_threads: int = Field(0, ge=0, description="Torch threads in a CPU trainer (0 = the cores of its node / trainers).")
     max_members: int = Field(16, gt=0, description="Most SAEs stacked in one ensemble.")
     max_restarts: int = Field(3, ge=0, description="Times Ray restarts a crashed trainer (it resumes from its checkpoint) before its SAEs count as failed.")
     memory_headroom: float = Field(0.2, ge=0, lt=1, description="Fraction of device memory the plan leaves free.")
     device_memory_gb: float = Field(0, ge=0, description="Memory per device for planning (0 = measured; CPU: a quarter of RAM).")
-    zero_stage: Literal[2, 3] = Field(2, description="DeepSpeed ZeRO stage for an SAE too large for one device, trained data-parallel over several (2: gradients and optimizer state partitioned; 3: weights too).")
+    zero: Literal["auto", "always", "never"] = Field("auto", description="DeepSpeed ZeRO data parallelism for SAEs that fit no single device (auto), for every SAE (always), or never.")
+    zero_workers: int = Field(0, ge=0, description="Workers (devices) per ZeRO SAE; 0 = the fewest whose memory fits.")
+    zero_stage: Literal[2, 3] = Field(2, description="DeepSpeed ZeRO stage for an SAE too large for one device, trained data-parallel over several (2: gradients and Adam state partitioned; 3: the weights too between steps, gathered whole for each step).")
     zero_offload: bool = Field(False, description="With ZeRO, keep the optimizer state (Adam moments, fp32 master weights) in host memory instead of on the devices.")
 
 
@@ -125,6 +128,16 @@ class ExportConfig(Section):
 
     dir: str | None = Field(None, description="Folder or URI for the selected dictionaries and index.json (default ./dictionaries/<name>).")
     registry: bool = Field(True, description="Register the selected dictionaries in the MLflow model registry.")
+
+
+class EvaluationConfig(Section):
+    """What a finished sweep measures beyond the eval-shard metrics: the model with a dictionary spliced in, and baselines."""
+
+    splice: bool = Field(True, description="Splice each selected dictionary into the dataset's source model (manifest `source`) over held-out contexts and report loss recovered; skipped, with a note, when the dataset has no loadable source model (synthetic data).")
+    splice_tokens: int = Field(65_536, gt=0, description="Held-out tokens (whole eval contexts, from `contexts/`) the spliced evaluation runs over.")
+    splice_baselines: bool = Field(True, description="Splice the baseline dictionaries too, so they can be compared with the SAEs on loss recovered.")
+    baseline_rows: int = Field(1_048_576, gt=0, description="Most training rows the baselines are fitted on: whole train batches spread evenly over the stream (PCA covariance over all of them).")
+    ica_rows: int = Field(65_536, gt=0, description="Most of those rows kept in memory for FastICA (an equal share of each batch).")
 
 
 class StorageConfig(Section):
@@ -145,6 +158,16 @@ class SweepSpec(Section):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow.")
     export: ExportConfig = Field(default_factory=ExportConfig, description="Export.")
     storage: StorageConfig = Field(default_factory=StorageConfig, description="Working storage.")
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig, description="Spliced evaluation and baselines at the end of the sweep.")
+    baselines: list[Literal["pca", "ica", "random", "identity"]] = Field([], description="Baselines fitted on the same stream and evaluated and exported like the SAEs, as top-k dictionaries matched to the selected SAEs' L0: pca, ica, random, identity.")
+
+    @field_validator("baselines")
+    @classmethod
+    def _distinct_baselines(cls, kinds: list[str]) -> list[str]:
+        repeated = sorted({kind for kind in kinds if kinds.count(kind) > 1})
+        if repeated:
+            raise ValueError(f"baseline(s) given more than once: {', '.join(repeated)}")
+        return kinds
 
     @property
     def export_dir(self) -> str:

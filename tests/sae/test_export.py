@@ -14,8 +14,21 @@ from dictsweep.train.loop import EnsembleTrainer
 
 D_MODEL, N_LATENTS, SCALE = 12, 40, 3.5
 
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matmuls: a second thread only adds synchronisation (minutes on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 MEMBERS = {"relu": [Member(lr=3e-3, seed=4, l1_coef=0.5), Member(lr=3e-3, seed=5, l1_coef=2.0)],
-           "topk": [Member(lr=3e-3, seed=4, k=3), Member(lr=3e-3, seed=5, k=6)]}
+           "jumprelu": [Member(lr=3e-3, seed=4, l1_coef=0.05), Member(lr=3e-3, seed=5, l1_coef=0.2)],
+           "topk": [Member(lr=3e-3, seed=4, k=3), Member(lr=3e-3, seed=5, k=6)],
+           "batchtopk": [Member(lr=3e-3, seed=4, k=3), Member(lr=3e-3, seed=5, k=6)]}
+SAELENS_ARCHITECTURE = {"relu": "standard", "jumprelu": "jumprelu", "topk": "topk", "batchtopk": "jumprelu"}
 
 
 def trained(architecture):
@@ -32,17 +45,23 @@ def trained(architecture):
     return ensemble, trainer
 
 
+def dense_latents(ensemble, x):
+    """Inference latents `[K, B, n_latents]` of raw activations, in raw units."""
+    values, indices = ensemble.encode(x * SCALE)
+    return (values if indices is None else ensemble.densify(values, indices)) / SCALE
+
+
 def write(folder, files):
     folder.mkdir(parents=True)
     for name, data in files.items():
         (folder / name).write_bytes(data)
 
 
-@pytest.mark.parametrize("architecture", ["relu", "topk"])
+@pytest.mark.parametrize("architecture", sorted(MEMBERS))
 def test_export_reproduces_trained_module(tmp_path, architecture):
     ensemble, trainer = trained(architecture)
     x = torch.randn(100, D_MODEL, generator=torch.Generator().manual_seed(1)) + 2.0
-    with torch.no_grad():
+    with torch.no_grad():  # no gradients: batchtopk keeps what is above its learned threshold
         out = ensemble(x * SCALE)
     for index in range(ensemble.n_members):
         folder = tmp_path / f"member{index}"
@@ -54,10 +73,11 @@ def test_export_reproduces_trained_module(tmp_path, architecture):
         assert float((latents > 0).sum(-1).float().mean()) == pytest.approx(float(out.l0[index]))
         config = json.loads((folder / "cfg.json").read_text())
         assert config["normalize_activations"] == "none" and config["metadata"]["hook_name"] == "h"
+        assert config["architecture"] == SAELENS_ARCHITECTURE[architecture]
         assert loaded.sparsity.shape == (N_LATENTS,)
 
 
-@pytest.mark.parametrize("architecture", ["relu", "topk"])
+@pytest.mark.parametrize("architecture", sorted(MEMBERS))
 def test_saelens_loads_export(tmp_path, architecture):
     ensemble, trainer = trained(architecture)
     folder = tmp_path / "sae"
@@ -67,4 +87,5 @@ def test_saelens_loads_export(tmp_path, architecture):
     with torch.no_grad():
         expected = ensemble(x * SCALE).sae_out[1] / SCALE
         torch.testing.assert_close(sae(x), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(sae.encode(x), dense_latents(ensemble, x)[1], rtol=1e-5, atol=1e-5)
     assert sae.cfg.d_sae == N_LATENTS and sae.cfg.metadata.sae_lens_version >= "6.0.0"

@@ -13,6 +13,15 @@ from dictsweep.train.loop import EnsembleTrainer
 ROWS, BATCH = 150_000, 256
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matmuls: a second thread only adds synchronisation (minutes on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def toy():
     config = SynthConfig(d_model=32, n_features=64, active=3, decay=0.99, rows=ROWS, seed=0)
@@ -25,6 +34,8 @@ def toy():
     ("relu", 128, Member(lr=3e-3, seed=0, l1_coef=2.0)),
     ("topk", 64, Member(lr=3e-3, seed=0, k=4)),
     ("topk", 128, Member(lr=3e-3, seed=0, k=3)),
+    ("batchtopk", 128, Member(lr=3e-3, seed=0, k=3)),
+    ("jumprelu", 128, Member(lr=3e-3, seed=0, l1_coef=2.0)),
 ])
 def test_recovers_ground_truth(toy, architecture, n_latents, member):
     acts, features = toy

@@ -1,6 +1,8 @@
-"""The optimizer, clipping and schedules of the training step."""
+"""The optimizer, clipping, schedules, precision, compilation and checkpoints of the training step."""
 
+import functools
 import json
+import resource
 import subprocess
 import sys
 
@@ -8,8 +10,20 @@ import pytest
 import torch
 
 from dictsweep.config import TrainConfig
-from dictsweep.train.loop import lr_factor, sparsity_factor
-from dictsweep.train.optim import StackedAdam, clip_grad_norm_per_member
+from dictsweep.sae import Member, build_ensemble
+from dictsweep.train import kernels
+from dictsweep.train.bench import bench_train
+from dictsweep.train.loop import EnsembleTrainer, keep_freed_memory, lr_factor, sparsity_factor
+from dictsweep.train.optim import StackedAdam, clip_divisor, grad_norm_per_member
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matmuls: a second thread only adds synchronisation (minutes on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def test_stacked_adam_matches_torch_adam_per_member():
@@ -37,10 +51,26 @@ def test_clipping_is_per_member():
     b = torch.nn.Parameter(torch.zeros(2))
     a.grad = torch.tensor([[3.0, 0.0, 0.0], [0.3, 0.0, 0.0]])
     b.grad = torch.tensor([4.0, 0.4])
-    norms = clip_grad_norm_per_member([a, b], max_norm=1.0)
+    norms = grad_norm_per_member([a, b])
     assert norms.tolist() == pytest.approx([5.0, 0.5])
-    assert a.grad[0].tolist() == pytest.approx([0.6, 0, 0], rel=1e-5)  # clipped to norm 1
-    assert a.grad[1].tolist() == pytest.approx([0.3, 0, 0])  # under the limit: untouched
+    assert clip_divisor(norms, 1.0).tolist() == pytest.approx([5.0, 1.0])  # over the limit: to norm 1
+    assert clip_divisor(norms, 0.0) is None
+
+
+def test_clipping_inside_adam_matches_clipped_gradients():
+    torch.manual_seed(1)
+    stacked = torch.nn.Parameter(torch.randn(2, 6))
+    plain = torch.nn.Parameter(stacked.detach().clone())
+    clipped_adam = StackedAdam([stacked], torch.tensor([1e-2, 1e-2]))
+    plain_adam = StackedAdam([plain], torch.tensor([1e-2, 1e-2]))
+    for _ in range(3):
+        grad = torch.randn(2, 6) * torch.tensor([[10.0], [0.1]])
+        stacked.grad = grad.clone()
+        clipped_adam.step(grad_divisor=clip_divisor(grad_norm_per_member([stacked]), 1.0))
+        norms = grad.norm(dim=1, keepdim=True)
+        plain.grad = grad * (1.0 / (norms + 1e-6)).clamp(max=1.0)
+        plain_adam.step()
+    torch.testing.assert_close(stacked, plain)
 
 
 def test_schedules():
@@ -55,10 +85,120 @@ def test_schedules():
     assert sparsity_factor(4, 100, config) == 1.0
 
 
-def test_bench_train_json():
+def test_stopped_member_keeps_its_weights():
+    param = torch.nn.Parameter(torch.ones(2, 3))
+    lr = torch.tensor([1e-2, 1e-2])
+    optimizer = StackedAdam([param], lr)
+    param.grad = torch.ones(2, 3)
+    optimizer.step()
+    lr[1] = 0.0  # as the trainer actor does for a diverged member: read at every step
+    param.grad = torch.ones(2, 3)
+    optimizer.step()
+    assert param[0].tolist() == pytest.approx([0.98] * 3) and param[1].tolist() == pytest.approx([0.99] * 3)
+
+
+def test_cpu_training_reuses_freed_memory():
+    keep_freed_memory()  # what a CPU trainer does first
+    torch.empty(2**24).fill_(1.0)  # 64 MB, freed at once
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.empty(2**24).fill_(1.0)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before < 1000  # fresh pages: 16384 faults
+
+
+MEMBERS = [Member(lr=3e-3, seed=1, l1_coef=1.0, k=4), Member(lr=1e-3, seed=2, l1_coef=0.3, k=2)]
+
+
+def batches(count, d_model=16, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(64, d_model, generator=generator) for _ in range(count)]
+
+
+def trained(architecture, steps=6, kernel="bmm", **settings):
+    config = TrainConfig(tokens=64 * steps, batch_rows=64, lr_warmup_steps=2, dead_window_tokens=128,
+                         resample_every_tokens=128, **settings)
+    trainer = EnsembleTrainer(build_ensemble(architecture, 16, 64, MEMBERS, kernel=kernel), config, steps)
+    for batch in batches(steps):
+        trainer.step(batch)
+    return trainer
+
+
+@pytest.mark.parametrize("architecture", ["relu", "topk", "batchtopk", "jumprelu"])
+def test_bf16_autocast_keeps_fp32_master_weights(architecture):
+    full = trained(architecture)
+    mixed = trained(architecture, precision="bf16")  # the GPU default ("auto"), forced on CPU
+    assert all(p.dtype == torch.float32 for p in mixed.ensemble.parameters())
+    with torch.autocast("cpu", torch.bfloat16):
+        assert mixed.ensemble(batches(1)[0]).latent_acts.dtype == torch.bfloat16  # the matmuls ran in bf16
+    # the same training to bf16 precision: weights moved alike, losses agree to a few percent
+    moved_full = full.ensemble.W_dec.detach() - full.ensemble.init_member(1)[1]
+    moved_mixed = mixed.ensemble.W_dec.detach() - mixed.ensemble.init_member(1)[1]
+    assert float(torch.nn.functional.cosine_similarity(moved_full.flatten(), moved_mixed.flatten(), dim=0)) > 0.9
+    losses = full.log_metrics()["loss"], mixed.log_metrics()["loss"]
+    assert losses[1] == pytest.approx(losses[0], rel=0.05)
+
+
+@pytest.mark.parametrize("architecture", ["relu", "batchtopk"])
+def test_compiled_forward_trains_as_eager(monkeypatch, architecture):
+    # aot_eager traces exactly what inductor would compile, without its minutes of C++ builds
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    eager, compiled = trained(architecture), trained(architecture, kernel="compile")
+    for mine, theirs in zip(compiled.ensemble.parameters(), eager.ensemble.parameters()):
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("architecture", ["relu", "topk"])
+def test_resume_continues_exactly(architecture):
+    whole = trained(architecture, steps=8)  # resamples (relu) or AuxK (topk) after step 2
+    first = trained(architecture, steps=8)
+    state = first.state_dict()
+    resumed = EnsembleTrainer(build_ensemble(architecture, 16, 64, MEMBERS), first.config, 8)
+    resumed.load_state_dict(state)
+    rest = batches(12)[8:]
+    for trainer in (whole, resumed):
+        for batch in rest:
+            trainer.step(batch)
+    for mine, theirs in zip(resumed.ensemble.parameters(), whole.ensemble.parameters()):
+        torch.testing.assert_close(mine, theirs, rtol=0, atol=0)
+
+
+def test_compile_is_tried_only_when_the_planned_steps_repay_it():
+    eager = ("bmm", "loop")
+    assert kernels.default_candidates("cpu") == eager  # no plan: CPUs do not compile
+    assert kernels.default_candidates("cuda") == ("bmm", "loop", "compile")
+    # 30 s build at a 30% gain: worth it from 1000 steps of 0.1 s, not from 100
+    assert kernels.default_candidates("cpu", total_steps=100, eager_step_seconds=0.1) == eager
+    assert "compile" in kernels.default_candidates("cpu", total_steps=2000, eager_step_seconds=0.1)
+
+
+def test_choose_kernel_weighs_the_build_against_the_planned_steps(monkeypatch):
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    kernel, timings = kernels.choose_kernel("relu", 16, 64, MEMBERS, 64, total_steps=10)
+    assert set(timings) == {"bmm", "loop"} and kernel == min(timings, key=timings.get)  # not worth trying
+    kernel, timings = kernels.choose_kernel("relu", 16, 64, MEMBERS, 64, candidates=("bmm", "compile"),
+                                            total_steps=10)
+    assert timings["compile_seconds"] > 0 and timings["compile"] > 0
+    assert kernel == "bmm"  # ten steps never repay a build
+
+
+def bench(*options):
     out = subprocess.run([sys.executable, "-m", "dictsweep.cli", "bench", "train", "--d-model", "16",
-                          "--n-latents", "64", "--batch-rows", "128", "--members", "3", "--steps", "3",
-                          "--kernel", "bmm", "--json"], capture_output=True, text=True, check=True)
-    result = json.loads(out.stdout)
+                          "--n-latents", "64", "--batch-rows", "128", "--members", "3", "--steps", "2",
+                          "--rounds", "2", "--kernel", "bmm", "--json", *options],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)
+
+
+def test_bench_train_json():
+    result = bench()
     assert result["members"] == 3 and result["sae_samples_per_s"] > 0 and result["peak_rss_mb"] > 0
+    assert result["max_abs_weight_diff_vs_reference"] < 1e-5
+    assert 0 < result["fraction_of_matmul_rate"] and result["reference_sae_samples_per_s"] > 0
+
+
+@pytest.mark.parametrize("architecture", ["topk", "batchtopk", "jumprelu"])
+def test_bench_train_covers_architectures_and_decoders(architecture):
+    result = bench_train(16, 64, 128, 3, steps=2, architecture=architecture, kernels=("bmm",),
+                         decodes=("dense", "sparse"), rounds=2)
+    assert result["architecture"] == architecture
+    assert set(result["candidates"]) == {"bmm/dense", "bmm/sparse"}
     assert result["max_abs_weight_diff_vs_reference"] < 1e-5

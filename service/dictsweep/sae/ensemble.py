@@ -6,6 +6,10 @@ seed alone and every reduction is per member, so a member trains exactly as it w
 
 The ensemble works on inputs already scaled so that E[|x|^2] = d_model (`input_scale` holds that
 factor); `member_state` folds it back so exported weights take raw activations.
+
+Each architecture (one file each) defines `activate` (inference latents) and `forward` (the
+training pass); this base holds the parameters, the matmuls, the dense and sparse decoders, and
+the bookkeeping every forward ends with (`output`).
 """
 
 from __future__ import annotations
@@ -15,6 +19,9 @@ from typing import ClassVar, NamedTuple
 
 import torch
 from torch import Tensor, nn
+
+SPARSE_DECODE_MAX_DENSITY = 1 / 32  # decode="auto": gather when k <= this fraction of n_latents (CPU crossover)
+AUXK_COEF = 1 / 32  # Gao et al. 2024
 
 
 @dataclass(frozen=True)
@@ -75,20 +82,24 @@ def build_ensemble(architecture: str, d_model: int, n_latents: int, members: lis
 
 
 class Ensemble(nn.Module):
-    """Base of every architecture: parameters, encoder and decoder matmuls, losses and export."""
+    """Base of every architecture: parameters, encoder and decoder matmuls, outputs and export."""
 
     architecture: ClassVar[str] = ""
     saelens_architecture: ClassVar[str] = "standard"
     decoder_init_norm: ClassVar[float] = 0.1
     unit_norm_decoder: ClassVar[bool] = False
+    dead_latents: ClassVar[str] = "none"  # how training revives dead latents: none, auxk, resample
     sparsity_key: ClassVar[str] = "l1_coef"  # the grid key that sets this architecture's sparsity
 
-    def __init__(self, d_model: int, n_latents: int, members: list[Member], kernel: str = "bmm"):
+    def __init__(self, d_model: int, n_latents: int, members: list[Member], kernel: str = "bmm",
+                 decode: str = "auto"):
         super().__init__()
         if not members:
             raise ValueError("an ensemble needs at least one member")
+        if decode not in ("auto", "dense", "sparse"):
+            raise ValueError(f"decode must be auto, dense or sparse, got {decode!r}")
         self.d_model, self.n_latents, self.members = d_model, n_latents, list(members)
-        self.kernel = kernel
+        self.kernel, self.decoding = kernel, decode
         inits = [self.init_member(member.seed) for member in members]
         self.W_enc = nn.Parameter(torch.stack([w_enc for w_enc, _ in inits]))  # [K, d_model, n_latents]
         self.W_dec = nn.Parameter(torch.stack([w_dec for _, w_dec in inits]))  # [K, n_latents, d_model]
@@ -112,26 +123,53 @@ class Ensemble(nn.Module):
         return w_dec.t().clone(), w_dec
 
     # -- the matmuls (kernel chosen per device and size by measurement) --------------------------
-    def _matmul(self, bias: Tensor, inputs: Tensor, weight: Tensor) -> Tensor:
-        """`bias + inputs @ weight` for each member: `[K, 1, m] + [K, B, j] @ [K, j, m]`."""
+    def matmul(self, inputs: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+        """`bias + inputs @ weight` for each member: `[K, 1, m] + [K, B, j] @ [K, j, m] -> [K, B, m]`."""
         if self.kernel == "loop":
+            if bias is None:
+                return torch.stack([inputs[i] @ weight[i] for i in range(len(weight))])
             return torch.stack([torch.addmm(bias[i], inputs[i], weight[i]) for i in range(len(weight))])
-        return torch.baddbmm(bias, inputs, weight)
+        return torch.bmm(inputs, weight) if bias is None else torch.baddbmm(bias, inputs, weight)
 
     def pre_acts(self, x: Tensor) -> Tensor:
         """Encoder pre-activations `[K, B, n_latents]` of a batch `[B, d_model]` (decoder bias removed first).
 
         (x - b_dec) @ W_enc is computed as x @ W_enc + (b_enc - b_dec @ W_enc): the batch is shared by
         every member and the gradient of b_dec costs a vector product instead of a batch matmul.
+        (Folding the biases into the matmuls as an extra row of ones costs more than it saves: the
+        odd width d_model + 1 slows every matmul by 10-20%.)
         """
         bias = self.b_enc.unsqueeze(1) - torch.bmm(self.b_dec.unsqueeze(1), self.W_enc)  # [K, 1, n_latents]
-        return self._matmul(bias, x.expand(self.n_members, *x.shape), self.W_enc)
+        return self.matmul(x.expand(self.n_members, *x.shape), self.W_enc, bias)
 
-    def decode(self, latent_acts: Tensor, latent_indices: Tensor | None = None) -> Tensor:
-        """Reconstruction `[K, B, d_model]` from dense latents (or values and indices)."""
-        if latent_indices is not None:
-            latent_acts = self.densify(latent_acts, latent_indices)
-        return self._matmul(self.b_dec.unsqueeze(1), latent_acts, self.W_dec)
+    def sparse_decode(self, k: int) -> bool:
+        """Whether k active latents per row are decoded by gathering decoder rows instead of a matmul."""
+        if self.decoding == "auto":
+            return k <= SPARSE_DECODE_MAX_DENSITY * self.n_latents
+        return self.decoding == "sparse"
+
+    def decode(self, latent_acts: Tensor, latent_indices: Tensor | None = None, bias: bool = True) -> Tensor:
+        """Reconstruction `[K, B, d_model]` from dense latents, or from values and indices `[K, B, k]`."""
+        b_dec = self.b_dec.unsqueeze(1) if bias else None  # [K, 1, d_model]
+        if latent_indices is None:
+            return self.matmul(latent_acts, self.W_dec, b_dec)
+        if not self.sparse_decode(latent_indices.shape[-1]):
+            return self.matmul(self.densify(latent_acts, latent_indices), self.W_dec, b_dec)
+        out = self.gather_decode(latent_acts, latent_indices)
+        return out + b_dec if bias else out
+
+    def gather_decode(self, values: Tensor, indices: Tensor) -> Tensor:
+        """Sum of the selected decoder rows weighted by their values, `[K, B, d_model]`, never
+        materialising `[K, B, n_latents]` latents (forward or backward).
+
+        The stack is one table `[K * n_latents, d_model]`; member i's indices are offset by i * n.
+        """
+        n_members, rows, k = indices.shape
+        offsets = torch.arange(n_members, device=indices.device).view(-1, 1, 1) * self.n_latents
+        table = self.W_dec.reshape(-1, self.d_model).to(values.dtype)  # [K * n_latents, d_model]
+        out = nn.functional.embedding_bag((indices + offsets).view(-1, k), table, mode="sum",
+                                          per_sample_weights=values.reshape(-1, k))  # [K * B, d_model]
+        return out.view(n_members, rows, self.d_model)
 
     def densify(self, values: Tensor, indices: Tensor) -> Tensor:
         """Dense `[K, B, n_latents]` latents from `[K, B, k]` values and indices."""
@@ -140,27 +178,29 @@ class Ensemble(nn.Module):
 
     # -- what each architecture defines ---------------------------------------------------------
     def activate(self, pre: Tensor) -> tuple[Tensor, Tensor | None]:
-        """Latents from pre-activations: dense `[K, B, n]`, or values and indices `[K, B, k]`."""
+        """Inference latents from pre-activations: dense `[K, B, n]`, or values and indices `[K, B, k]`."""
         raise NotImplementedError
 
-    def sparsity_penalty(self, latent_acts: Tensor, latent_indices: Tensor | None) -> Tensor:
-        """Sparsity penalty per member `[K]` before its coefficient (zeros where none)."""
-        return latent_acts.new_zeros(self.n_members)
+    def forward(self, x: Tensor, sparsity_scale: Tensor | float = 1.0, dead_mask: Tensor | None = None,
+                auxk_coef: float = AUXK_COEF, auxk_k: int = 0) -> EnsembleOutput:
+        """Encode, decode and score a scaled batch `[B, d_model]` for every member.
+
+        `dead_mask [K, n_latents]` marks latents dead for a window (for AuxK; None: none dead);
+        `auxk_coef` and `auxk_k` (0: d_model // 2) set the AuxK loss where the architecture has one.
+        """
+        raise NotImplementedError
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
-        """Latents of a scaled batch `[B, d_model]` for every member."""
+        """Inference latents of a scaled batch `[B, d_model]` for every member."""
         return self.activate(self.pre_acts(x))
 
-    def forward(self, x: Tensor, sparsity_scale: Tensor | float = 1.0) -> EnsembleOutput:
-        """Encode, decode and score a scaled batch `[B, d_model]` for every member."""
-        latent_acts, latent_indices = self.encode(x)
-        sae_out = self.decode(latent_acts, latent_indices)
-        mse = (sae_out - x).pow(2).sum(-1).mean(-1)  # [K]
+    # -- what every forward ends with -----------------------------------------------------------
+    def output(self, x: Tensor, sae_out: Tensor, latent_acts: Tensor, latent_indices: Tensor | None,
+               fire_counts: Tensor, sparsity_loss: Tensor, aux_loss: Tensor | None = None) -> EnsembleOutput:
+        """Losses (float32, also under autocast) and metrics of one forward pass."""
+        mse = (sae_out.float() - x).pow(2).sum(-1).mean(-1)  # [K]
         total_variance = (x - x.mean(0)).pow(2).sum(-1).mean()
-        penalty = self.sparsity_penalty(latent_acts, latent_indices)
-        sparsity_loss = self.l1_coef * sparsity_scale * penalty
-        aux_loss = torch.zeros_like(mse)
-        fire_counts = self.fire_counts(latent_acts, latent_indices)
+        aux_loss = torch.zeros_like(mse) if aux_loss is None else aux_loss
         return EnsembleOutput(
             sae_out=sae_out, latent_acts=latent_acts, latent_indices=latent_indices,
             fire_counts=fire_counts, mse=mse, fvu=mse / total_variance,
@@ -168,21 +208,21 @@ class Ensemble(nn.Module):
             loss=mse + sparsity_loss + aux_loss)
 
     def fire_counts(self, latent_acts: Tensor, latent_indices: Tensor | None) -> Tensor:
-        """Rows of the batch on which each latent fired, `[K, n_latents]`."""
-        if latent_indices is None:  # latents are non-negative, so non-zero means fired
-            return torch.count_nonzero(latent_acts.detach(), dim=1).float()
-        fired = (latent_acts.detach() > 0).float()
-        counts = latent_acts.new_zeros(self.n_members, self.n_latents)
-        return counts.scatter_add(-1, latent_indices.flatten(1), fired.flatten(1))
+        """Rows of the batch on which each latent fired, `[K, n_latents]` (latents are >= 0)."""
+        if latent_indices is None:  # sign, not `> 0`: torch sums a bool tensor over rows 2-3x slower
+            return latent_acts.detach().sign().sum(1, dtype=torch.float32)
+        fired = latent_acts.detach() > 0
+        counts = torch.zeros(self.n_members, self.n_latents, device=fired.device)
+        return counts.scatter_add_(-1, latent_indices.flatten(1), fired.flatten(1).float())
 
     # -- constraints around the optimizer step --------------------------------------------------
     @torch.no_grad()
     def constrain_gradients(self) -> None:
-        """Before the optimizer step: for unit-norm decoders, drop the gradient along each row."""
+        """Before the optimizer step: for unit-norm decoders, drop the gradient along each row (the
+        rows are unit norm here: initialised so, renormalised after every step)."""
         if self.unit_norm_decoder and self.W_dec.grad is not None:
-            rows = self.W_dec / self.W_dec.norm(dim=-1, keepdim=True)
-            parallel = (self.W_dec.grad * rows).sum(-1, keepdim=True)
-            self.W_dec.grad -= parallel * rows
+            parallel = torch.linalg.vecdot(self.W_dec.grad, self.W_dec).unsqueeze(-1)  # [K, n_latents, 1]
+            self.W_dec.grad.addcmul_(parallel, self.W_dec, value=-1.0)
 
     @torch.no_grad()
     def constrain_weights(self) -> None:

@@ -47,7 +47,8 @@ class FiringTracker:
     def update(self, fire_counts: Tensor, tokens: int) -> None:
         """Record one batch: `fire_counts [K, n]` rows on which each latent fired, out of `tokens`."""
         self.tokens_seen += tokens
-        self.last_fired[fire_counts > 0] = self.tokens_seen
+        # where, not a masked assignment: no host-device sync
+        self.last_fired = torch.where(fire_counts > 0, self.tokens_seen, self.last_fired)
         self.window_counts += fire_counts
         self.total_counts += fire_counts
         if self.tokens_seen - self.window_start >= self.window_tokens:
@@ -60,6 +61,10 @@ class FiringTracker:
         if self.tokens_seen < self.window_tokens:
             return torch.zeros_like(self.last_fired, dtype=torch.bool)
         return self.tokens_seen - self.last_fired >= self.window_tokens
+
+    def revive(self, latents: Tensor) -> None:
+        """Count `latents [K, n]` (e.g. just resampled) as having fired now: a fresh window each."""
+        self.last_fired = torch.where(latents, self.tokens_seen, self.last_fired)
 
     def dead_fraction(self) -> Tensor:
         """Fraction of latents dead, per member `[K]`."""

@@ -1,20 +1,23 @@
 """The training step on one device: every ensemble it holds steps on each batch.
 
-Read top to bottom: scale the batch, forward, backward, per-member clipping, Adam with the
-scheduled learning rate, decoder constraints, firing statistics.
+Read top to bottom: scale the batch, forward (bf16 autocast on GPUs), backward, per-member
+clipping folded into Adam with the scheduled learning rate, decoder constraints, firing statistics,
+dead-latent resampling.
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from dictsweep.config import TrainConfig
-from dictsweep.sae.ensemble import Ensemble
+from dictsweep.sae.ensemble import Ensemble, EnsembleOutput
 from dictsweep.sae.metrics import FiringTracker
-from dictsweep.train.optim import StackedAdam, clip_grad_norm_per_member
+from dictsweep.train.optim import StackedAdam, clip_divisor, grad_norm_per_member
 
 STEP_METRICS = ("loss", "mse", "fvu", "l0", "sparsity_loss", "aux_loss")
 
@@ -32,6 +35,24 @@ def sparsity_factor(step: int, total_steps: int, config: TrainConfig) -> float:
     """The sparsity coefficient's warm-up: linear from 0 to 1 over the first `l1_warmup_fraction`."""
     warmup_steps = config.l1_warmup_fraction * total_steps
     return min(1.0, (step + 1) / warmup_steps) if warmup_steps >= 1 else 1.0
+
+
+def uses_bf16(config: TrainConfig, device: torch.device) -> bool:
+    """Whether the forward runs under bf16 autocast: `precision`, where auto means on GPUs only."""
+    return config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")
+
+
+@functools.cache
+def keep_freed_memory() -> None:
+    """On glibc, serve large tensors from the heap and keep freed memory in the process, instead of
+    mapping fresh pages for every `[K, B, n]` tensor a CPU step allocates: zeroing and faulting them
+    in costs more than a pass over the tensor (10x on a VM). Process-wide; RSS stays at its peak."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # another C library: leave its allocator alone
+        return
+    libc.mallopt(-4, 0)  # M_MMAP_MAX: no mmap'd allocations
+    libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD: never give the heap's top back
 
 
 @dataclass
@@ -53,19 +74,25 @@ class MetricSums:
 
 
 class EnsembleTrainer:
-    """One ensemble on one device: its optimizer, schedules and firing statistics."""
+    """One ensemble on one device: its optimizer, schedules, firing statistics and dead latents."""
 
     def __init__(self, ensemble: Ensemble, config: TrainConfig, total_steps: int,
                  device: torch.device | str = "cpu"):
         self.ensemble = ensemble.to(device)
         self.config, self.total_steps, self.device = config, total_steps, torch.device(device)
-        self.params = [ensemble.W_enc, ensemble.b_enc, ensemble.W_dec, ensemble.b_dec]
+        if self.device.type == "cpu":
+            keep_freed_memory()
+        self.params = list(ensemble.parameters())
         self.optimizer = StackedAdam(self.params, ensemble.lr, (config.adam_beta1, config.adam_beta2),
                                      config.adam_eps)
         self.firing = FiringTracker(ensemble.n_members, ensemble.n_latents, config.dead_window_tokens,
                                     config.dense_threshold, device)
         self.metrics = MetricSums()
         self.step_count = 0
+        self.bf16 = uses_bf16(config, self.device)
+        self.resampled = torch.zeros(ensemble.n_members, device=device)  # latents resampled so far, [K]
+        # resampling draws rows from each member's own stream, so a member's draws ignore its neighbours
+        self.generators = [torch.Generator().manual_seed(member.seed + 2**32) for member in ensemble.members]
         self.forward = torch.compile(ensemble.forward) if ensemble.kernel == "compile" else ensemble.forward
 
     def scale(self, batch: Tensor) -> Tensor:
@@ -77,33 +104,67 @@ class EnsembleTrainer:
         x = self.scale(batch)
         # a tensor, not a float, so a compiled forward is not specialised on every warm-up value
         warmup = torch.tensor(sparsity_factor(self.step_count, self.total_steps, self.config), device=self.device)
-        out = self.forward(x, warmup)
+        with torch.autocast(self.device.type, torch.bfloat16, enabled=self.bf16):
+            out = self.forward(x, warmup, self.auxk_dead_mask(), self.config.auxk_coef, self.config.auxk_k)
         out.loss.sum().backward()
         self.ensemble.constrain_gradients()
-        clip_grad_norm_per_member(self.params, self.config.grad_clip)
-        self.optimizer.step(lr_factor(self.step_count, self.total_steps, self.config))
+        divisor = clip_divisor(grad_norm_per_member(self.params), self.config.grad_clip)
+        self.optimizer.step(lr_factor(self.step_count, self.total_steps, self.config), divisor)
         self.optimizer.zero_grad()
         self.ensemble.constrain_weights()
         self.firing.update(out.fire_counts.detach(), x.shape[0])
         self.metrics.add({name: getattr(out, name) for name in STEP_METRICS})
         self.step_count += 1
+        self.resample_dead(x, out)
+
+    def auxk_dead_mask(self) -> Tensor | None:
+        """Latents dead for a window `[K, n]`, for architectures trained with AuxK; None when none is."""
+        if self.ensemble.dead_latents != "auxk" or self.config.auxk_coef == 0:
+            return None
+        if self.firing.tokens_seen < self.firing.window_tokens:
+            return None  # no window has passed: nothing can be dead yet (and no device sync)
+        dead = self.firing.dead_mask()
+        return dead if bool(dead.any()) else None
+
+    def resample_dead(self, x: Tensor, out: EnsembleOutput) -> None:
+        """Every `resample_every_tokens` in the first `resample_until_fraction` of training, give
+        latents dead for a window new weights and fresh Adam moments (architectures that resample)."""
+        every, tokens = self.config.resample_every_tokens, self.firing.tokens_seen
+        if self.ensemble.dead_latents != "resample" or every == 0 or tokens // every == (tokens - len(x)) // every:
+            return
+        if self.step_count > self.config.resample_until_fraction * self.total_steps:
+            return
+        dead = self.firing.dead_mask()
+        if not bool(dead.any()):
+            return
+        changed = self.ensemble.resample(dead, x, out.sae_out.detach(), self.generators)
+        for name, mask in changed.items():
+            self.optimizer.reset(getattr(self.ensemble, name), mask)
+        self.firing.revive(changed["b_enc"])
+        self.resampled += changed["b_enc"].sum(-1)
 
     def log_metrics(self) -> dict[str, list[float]]:
-        """Per-member means since the last call, with the current dead fraction: name -> [K] values."""
+        """Per-member means since the last call, with the current dead and dense fractions and the
+        latents resampled so far: name -> [K] values."""
         means = self.metrics.mean_and_reset()
         means["dead_fraction"] = self.firing.dead_fraction().tolist()
         means["dense_fraction"] = self.firing.dense_fraction().tolist()
+        means["resampled_latents"] = self.resampled.tolist()
         return means
 
     def state_dict(self) -> dict:
         return {"ensemble": self.ensemble.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "firing": self.firing.state_dict(), "step_count": self.step_count}
+                "firing": self.firing.state_dict(), "step_count": self.step_count, "resampled": self.resampled,
+                "generators": [generator.get_state() for generator in self.generators]}
 
     def load_state_dict(self, state: dict) -> None:
         self.ensemble.load_state_dict(state["ensemble"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.firing.load_state_dict(state["firing"])
         self.step_count = state["step_count"]
+        self.resampled = state.get("resampled", self.resampled)
+        for generator, saved in zip(self.generators, state.get("generators", [])):
+            generator.set_state(saved)
 
 
 class DeviceTrainer:

@@ -1,0 +1,69 @@
+"""`jumprelu`: a latent passes its pre-activation when it exceeds a learned per-latent threshold
+(Rajamanoharan et al. 2024), with an L0 penalty whose coefficient is the member's `l1_coef`.
+
+The step has no useful gradient, so the threshold learns through straight-through estimators with
+a rectangle kernel of width `BANDWIDTH`; the encoder gets the plain gradient of pre * H(pre - t).
+Initial threshold, bandwidth and decoder norm are SAELens' defaults for inputs of norm ~sqrt(d_model)
+(our training scale). The threshold is kept >= 0 after each step.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from dictsweep.sae.ensemble import AUXK_COEF, Ensemble, EnsembleOutput, register
+
+BANDWIDTH = 0.05
+INITIAL_THRESHOLD = 0.01
+
+
+class JumpReLU(torch.autograd.Function):
+    """`(pre * (pre > t), fire_counts)` from `pre [K, B, n]` and `t [K, n]` (t >= 0); the counts' sum
+    over latents is the L0. Straight-through gradients for t, with rect the band |pre - t| < eps / 2:
+    d(pre * H)/dt = -(t / eps) * rect and d(H)/dt = -(1 / eps) * rect."""
+
+    @staticmethod
+    def forward(ctx, pre: Tensor, threshold: Tensor, bandwidth: float) -> tuple[Tensor, Tensor]:
+        acts = pre * (pre > threshold.unsqueeze(1).to(pre.dtype))  # [K, B, n]
+        ctx.save_for_backward(pre, acts, threshold)
+        ctx.bandwidth = bandwidth
+        return acts, acts.sign().sum(1, dtype=torch.float32)  # fired where acts > 0, as t >= 0
+
+    @staticmethod
+    def backward(ctx, grad_acts: Tensor, grad_counts: Tensor) -> tuple[Tensor, Tensor, None]:
+        pre, acts, threshold = ctx.saved_tensors
+        grad_pre = torch.ops.aten.threshold_backward(grad_acts, acts, 0)  # passes where it fired
+        near = (pre.float() - threshold.unsqueeze(1)).abs_() < ctx.bandwidth / 2  # [K, B, n]
+        grad_near = threshold * (grad_acts * near).sum(1, dtype=torch.float32) + grad_counts * near.sum(1)
+        return grad_pre, -grad_near / ctx.bandwidth, None
+
+
+@register("jumprelu")
+class JumpReLUEnsemble(Ensemble):
+    saelens_architecture = "jumprelu"
+    decoder_init_norm = 0.1
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.threshold = nn.Parameter(torch.full((self.n_members, self.n_latents), INITIAL_THRESHOLD))  # [K, n]
+
+    def activate(self, pre: Tensor) -> tuple[Tensor, None]:
+        return pre * (pre > self.threshold.unsqueeze(1)), None
+
+    def forward(self, x: Tensor, sparsity_scale: Tensor | float = 1.0, dead_mask: Tensor | None = None,
+                auxk_coef: float = AUXK_COEF, auxk_k: int = 0) -> EnsembleOutput:
+        latent_acts, fire_counts = JumpReLU.apply(self.pre_acts(x), self.threshold, BANDWIDTH)  # [K, B, n], [K, n]
+        sae_out = self.decode(latent_acts)
+        l0 = fire_counts.sum(-1) / x.shape[0]  # [K], with straight-through gradients to the thresholds
+        return self.output(x, sae_out, latent_acts, None, fire_counts.detach(), self.l1_coef * sparsity_scale * l0)
+
+    @torch.no_grad()
+    def constrain_weights(self) -> None:
+        self.threshold.clamp_(min=0.0)
+
+    @torch.no_grad()
+    def member_state(self, index: int) -> dict[str, Tensor]:
+        state = super().member_state(index)
+        state["threshold"] = (self.threshold[index] / self.input_scale).float()
+        return state
