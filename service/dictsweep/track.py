@@ -23,8 +23,11 @@ from dictsweep.errors import InputError, RunError
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")  # we retry ourselves, without blocking
+# we retry ourselves without blocking the sweep, so MLflow's own retries stay short
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+RETRY_SECONDS = 10.0  # after MLflow failed to answer, queued writes wait this long before the next try
 log = logging.getLogger(__name__)
 
 ROLE_TAG, SWEEP_ROLE, SAE_ROLE = "dictsweep.role", "sweep", "sae"
@@ -63,6 +66,7 @@ class Tracker:
         found = self.now(self.client.get_experiment_by_name, experiment)
         self.experiment_id = found.experiment_id if found else self.now(self.client.create_experiment, experiment)
         self.queue: list[tuple[str, Callable[[], None]]] = []  # (what, operation) waiting to be sent
+        self.retry_at = 0.0  # during an outage: when to try the queue again
         self.parent_id: str | None = None
 
     def now(self, operation: Callable, *args, **kwargs):
@@ -87,6 +91,8 @@ class Tracker:
 
         With `patience`, keep retrying for that many seconds; then raise RunError if still unsent.
         """
+        if not patience and time.time() < self.retry_at:
+            return not self.queue  # the server was down a moment ago: don't stall the sweep on it
         deadline = time.time() + patience
         while self.queue:
             what, operation = self.queue[0]
@@ -103,6 +109,7 @@ class Tracker:
                                    f"(first: {what}) were not recorded: {error}") from error
                 log.warning("MLflow at %s is unreachable (%s); %d writes kept for later",
                             self.uri, type(error).__name__, len(self.queue))
+                self.retry_at = time.time() + RETRY_SECONDS
                 return False
             self.queue.pop(0)
         return True
@@ -115,9 +122,10 @@ class Tracker:
         self.now(self.log_params, self.parent_id, params)
         return self.parent_id
 
-    def start_sae(self, name: str, params: dict) -> str:
+    def start_sae(self, name: str, params: dict, role: str = SAE_ROLE) -> str:
+        """A child run of the sweep for one dictionary (an SAE, or a baseline with role="baseline")."""
         run = self.now(self.client.create_run, self.experiment_id, run_name=name,
-                       tags={"mlflow.parentRunId": self.parent_id, ROLE_TAG: SAE_ROLE, POINT_TAG: name})
+                       tags={"mlflow.parentRunId": self.parent_id, ROLE_TAG: role, POINT_TAG: name})
         self.now(self.log_params, run.info.run_id, params)
         return run.info.run_id
 

@@ -156,3 +156,63 @@ def test_dead_driver_resumes(tmp_path, ray_local, uninterrupted):
         resumed_dictionary = load_dictionary(os.path.join(run_dir, "dictionaries", entry["path"]))
         for weight in ("W_enc", "W_dec", "b_dec"):
             assert torch.equal(getattr(resumed_dictionary, weight), getattr(uninterrupted[entry["path"]], weight))
+
+
+def test_mlflow_outage_loses_no_metric(tmp_path, monkeypatch, ray_local):
+    """The tracking server goes away mid-sweep and comes back: training never stops, and every
+    metric and artifact reaches it in the end."""
+    from mlflow import MlflowClient
+
+    from tests.conftest import free_port, wait_for
+
+    monkeypatch.chdir(tmp_path)
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    command = [os.path.join(os.path.dirname(sys.executable), "mlflow"), "server", "--host", "127.0.0.1", "--port",
+               str(port), "--workers", "1", "--backend-store-uri", f"sqlite:///{tmp_path}/outage.db",
+               "--artifacts-destination", str(tmp_path / "artifacts")]
+
+    def start():
+        server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        wait_for(uri + "/health", 180, server)
+        return server
+
+    servers = [start()]
+
+    def outage():
+        client = MlflowClient(uri)
+        deadline = time.time() + 300
+        while time.time() < deadline:  # wait until training metrics are flowing
+            try:
+                experiment = client.get_experiment_by_name("outage")
+                runs = client.search_runs([experiment.experiment_id]) if experiment else []
+                if any("loss" in run.data.metrics for run in runs):
+                    break
+            except Exception:
+                pass
+            time.sleep(0.5)
+        os.killpg(servers[0].pid, signal.SIGKILL)
+        servers[0].wait()
+        time.sleep(15)  # the sweep goes on without MLflow
+        servers.append(start())
+
+    thread = threading.Thread(target=outage, daemon=True)
+    thread.start()
+    try:
+        result = run_sweep(load_spec(spec_file(tmp_path, "outage", grid__architecture=["relu"], train__tokens=262_144,
+                                               train__log_every_tokens=8192, train__checkpoint_every_tokens=0),
+                                     [f"tracking.uri={uri}"]))
+        thread.join()
+        assert len(servers) == 2  # there was an outage, and the sweep outlived it
+        client = MlflowClient(uri)
+        experiment = client.get_experiment_by_name("outage")
+        for name, done in result.finished.items():
+            history = client.get_metric_history(done["run_id"], "loss")
+            assert [m.step for m in history] == list(range(8192, 262_144 + 1, 8192)), name
+            assert [a.path for a in client.list_artifacts(done["run_id"])] == ["dictionary"]
+            assert client.get_run(done["run_id"]).info.status == "FINISHED"
+        assert experiment is not None
+    finally:
+        for server in servers:
+            if server.poll() is None:
+                os.killpg(server.pid, signal.SIGKILL)

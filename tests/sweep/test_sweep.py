@@ -60,7 +60,8 @@ def test_sweep_end_to_end(tmp_path, monkeypatch, ray_local):
     for entry in index:
         same_size = [r["metrics"] for r in result.finished.values() if r["point"].n_latents == entry["n_latents"]]
         assert not any(m["l0"] < entry["metrics"]["l0"] and m["fvu"] < entry["metrics"]["fvu"] for m in same_size)
-        assert set(entry["metrics"]) == {"fvu", "mse", "l0", "dead_fraction", "mmcs_ground_truth"}
+        assert {"fvu", "mse", "l0", "dead_fraction", "mmcs_ground_truth", "mmcs_learned", "decoder_norm_mean",
+                "decoder_norm_std", "decoder_norm_min", "decoder_norm_max"} == set(entry["metrics"])
         assert entry["k"] is None if entry["architecture"] == "relu" else entry["l1_coef"] is None
 
     # the export is the trained module: its FVU on the eval shards is the one the trainer measured
@@ -82,7 +83,9 @@ def test_sweep_end_to_end(tmp_path, monkeypatch, ray_local):
     history = client.get_metric_history(child.info.run_id, "fvu")
     assert [m.step for m in history] == [2560, 5120, 7680, 10240, 12800]
     assert {"eval/fvu", "eval/l0", "eval/mmcs_ground_truth", "dead_fraction", "loss"} <= set(child.data.metrics)
-    assert [a.path for a in client.list_artifacts(child.info.run_id)] == ["dictionary"]
+    assert [a.path for a in client.list_artifacts(child.info.run_id)] == ["dictionary", "plots"]
+    assert [a.path for a in client.list_artifacts(child.info.run_id, "plots")] == ["plots/density_and_norms.png"]
+    assert {"eval/decoder_norm_mean", "eval/decoder_norm_max"} <= set(child.data.metrics)
     parent = [r for r in runs if r.data.tags.get("dictsweep.role") == "sweep"][0]
     assert any(key.startswith("mmcs_sizes.relu.n32_in_n64") for key in parent.data.metrics)
     versions = client.search_model_versions("name = 'e2e'")
@@ -91,8 +94,11 @@ def test_sweep_end_to_end(tmp_path, monkeypatch, ray_local):
     # pull --all fetches every finished dictionary with the same metrics
     entries = pull("e2e", str(tmp_path / "pulled"), include_all=True)
     assert len(entries) == 6 and sum(e["selected"] for e in entries) == len(result.selected)
+    by_path = {entry["path"]: entry for entry in index}
     for entry in entries:
         assert (tmp_path / "pulled" / entry["path"] / "sae_weights.safetensors").exists()
+        if entry["path"] in by_path:  # pull's index.json says what the run's said
+            assert entry["metrics"] == pytest.approx(by_path[entry["path"]]["metrics"])
 
 
 def test_point_alone_equals_point_in_sweep(tmp_path, monkeypatch, ray_local):
@@ -102,6 +108,9 @@ def test_point_alone_equals_point_in_sweep(tmp_path, monkeypatch, ray_local):
                                            grid__l1_coef=[4.0])))
     name = "relu-n64-l1_4-lr0.003-s0"
     assert len(wide.finished) == 6 and list(alone.finished) == [name]
+    # one read of the data per node, however many SAEs train on it
+    assert wide.stream["bytes_read_per_node"] == alone.stream["bytes_read_per_node"]
+    assert wide.stream["bytes_read_per_node"][0] > 0
     together = load_dictionary(wide.finished[name]["uri"])
     single = load_dictionary(alone.finished[name]["uri"])
     for weight in ("W_enc", "b_enc", "W_dec", "b_dec"):

@@ -24,7 +24,7 @@ from dictsweep.config import SweepSpec
 from dictsweep.errors import InputError, RunError
 from dictsweep.store import fs
 from dictsweep.store.dataset import ActivationDataset
-from dictsweep.sweep.plan import GridPoint, Plan, TrainerPlan, grid_points, make_plan, plan_from_dict
+from dictsweep.sweep.plan import GridPoint, Plan, TrainerPlan, ZeroPlan, grid_points, make_plan, plan_from_dict
 from dictsweep.sweep.select import select
 from dictsweep.track import SELECTED_TAG, STATUS_TAG, Tracker
 
@@ -42,6 +42,7 @@ class SweepResult:
     export_dir: str = ""
     tracking_uri: str = ""
     stream: dict = field(default_factory=dict)
+    baselines: list[dict] = field(default_factory=list)  # {"name", "kind", "k", "n_atoms", "metrics", "uri", "run_id"}
 
 
 # -- data, cluster and plan ---------------------------------------------------------------------------
@@ -88,20 +89,23 @@ def cluster_devices(spec: SweepSpec) -> tuple[str, int, int]:
     """(device kind, device count, memory per device) from the Ray cluster and the spec."""
     import ray
 
+    start_ray(None)
+
     gpus = int(ray.cluster_resources().get("GPU", 0))
     device = spec.resources.device
     if device == "auto":
         device = "cuda" if gpus else "cpu"
     if device == "cuda" and not gpus:
         raise InputError("resources.device: 'cuda' asked for, but the Ray cluster has no GPUs")
-    count = spec.resources.trainers or (gpus if device == "cuda" else 1)
+    share = spec.resources.gpus_per_trainer if device == "cuda" else 1.0
+    count = spec.resources.trainers or (int(gpus / share) if device == "cuda" else 1)
     if spec.resources.device_memory_gb:
         memory = int(spec.resources.device_memory_gb * 2**30)
     elif device == "cuda":
         memory = ray.get(ray.remote(num_gpus=1)(_gpu_memory).remote())
     else:
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
-    return device, count, memory
+    return device, count, int(memory * share)  # a trainer plans with its share of the device
 
 
 def _gpu_memory() -> int:
@@ -110,9 +114,19 @@ def _gpu_memory() -> int:
     return torch.cuda.get_device_properties(0).total_memory
 
 
+def given_devices(spec: SweepSpec) -> tuple[str, int, int] | None:
+    """The devices the spec names outright (kind, count and memory), for planning without a cluster."""
+    resources = spec.resources
+    if resources.device != "auto" and resources.trainers and resources.device_memory_gb:
+        return resources.device, resources.trainers, int(resources.device_memory_gb * 2**30)
+    return None
+
+
 def plan_sweep(spec: SweepSpec, d_model: int, device: str, n_devices: int, memory: int) -> Plan:
+    resources = spec.resources
     return make_plan(grid_points(spec), d_model, spec.train.batch_rows, device, n_devices, memory,
-                     spec.resources.max_members, spec.resources.memory_headroom)
+                     resources.max_members, resources.memory_headroom, resources.zero, resources.zero_stage,
+                     resources.zero_offload, resources.zero_workers)
 
 
 # -- one trainer, seen from the driver ----------------------------------------------------------------
@@ -158,6 +172,7 @@ class SweepRun:
         self.result.tracking_uri = self.tracker.uri
         self.runs = self.start_runs(resume)
         self.logged_tokens: dict[str, int] = {}
+        self.baseline_feed = None  # sweep.baselines.BaselineFeed, from the first wave this driver runs
 
     # -- tracking ---------------------------------------------------------------------------------------
     def start_runs(self, resume: bool) -> dict[str, str]:
@@ -178,6 +193,16 @@ class SweepRun:
         fs.write_text(fs.join(self.storage, "plan.json"), json.dumps(self.plan.to_dict(), indent=1))
         return runs
 
+    def check_memory(self, slot: Slot, measured: int) -> None:
+        """Compare a trainer's measured first step with the plan's memory model; warn when it is off."""
+        planned, device = slot.plan.used_bytes, slot.plan.memory_bytes
+        if measured > planned * 1.25 or measured > device * (1 - self.spec.resources.memory_headroom / 2):
+            note = (f"trainer {slot.key}: a step took {measured / 2**30:.2f} GiB, the plan expected "
+                    f"{planned / 2**30:.2f} GiB of {device / 2**30:.1f} GiB; raise resources.memory_headroom "
+                    f"or lower resources.max_members if it runs out of memory")
+            print(note, flush=True)
+            self.tracker.set_tags(self.tracker.parent_id, {f"dictsweep.memory.{slot.key}": note})
+
     def log_records(self, records: list[dict]) -> None:
         """Training metrics from a trainer; records replayed after a restart are not logged twice."""
         for record in records:
@@ -197,6 +222,8 @@ class SweepRun:
             run = self.runs[name]
             tracker.log_metrics(run, {f"eval/{k}": v for k, v in done["metrics"].items()}, self.spec.train.tokens)
             tracker.log_folder(run, lambda local, uri=done["uri"]: fs.download_folder(uri, local))
+            if done.get("plot"):
+                tracker.log_bytes(run, fs.read_bytes(done["plot"]), "density_and_norms.png", "plots")
             tracker.set_tags(run, {STATUS_TAG: "finished"})
             tracker.end_run(run)
         self.record_failure(outcome["failed"])
@@ -227,7 +254,31 @@ class SweepRun:
             if slots:
                 self.run_wave(wave_index, [t for t in wave if f"w{wave_index}-t{t.index}" in slots],
                               f"wave {wave_index + 1}/{len(self.plan.waves)}")
+        for index, zero in enumerate(self.plan.zero):
+            key = f"zero-{index}"
+            saved = fs.join(self.storage, "results", f"{key}.json")
+            if fs.exists(saved):
+                self.absorb(json.loads(fs.read_text(saved)))
+            else:
+                self.run_zero(key, zero)
         return self.result
+
+    def run_zero(self, key: str, zero: ZeroPlan) -> None:
+        """One SAE too large for a device: DeepSpeed ZeRO over several, through Ray Train."""
+        from dictsweep.train.zero import train_zero
+
+        spec, name = self.spec, zero.point.name
+        print(f"{name}: ZeRO-{zero.stage} over {zero.workers} {zero.device} workers", flush=True)
+        try:
+            done = train_zero(spec.data.uri, zero.point.params(), spec.train, spec.stream.seed,
+                              spec.stream.shuffle_shards, zero.workers, storage_uri=self.storage, name=name,
+                              metadata=self.metadata(zero.point), stage=zero.stage, offload=zero.offload,
+                              use_gpu=zero.device == "cuda")
+        except (RunError, InputError) as error:
+            self.record_failure({name: f"ZeRO training failed: {error}"})
+            return
+        self.log_records([{"name": name, **entry} for entry in done["metric_history"]])
+        self.record(key, {"finished": {name: {"metrics": done["metrics"], "uri": done["uri"]}}, "failed": {}})
 
     def run_wave(self, wave_index: int, trainers: list[TrainerPlan], label: str) -> None:
         import ray
@@ -238,7 +289,8 @@ class SweepRun:
 
         spec = self.spec
         cuda = trainers[0].device == "cuda"
-        bundle = {"GPU": 1, "CPU": spec.resources.cpus_per_trainer} if cuda else {"CPU": spec.resources.cpus_per_trainer}
+        gpus = spec.resources.gpus_per_trainer
+        bundle = {"GPU": gpus, "CPU": spec.resources.cpus_per_trainer} if cuda else {"CPU": spec.resources.cpus_per_trainer}
         # PACK: trainers on as few nodes as fit, so a node's trainers share one read of the data
         group = placement_group([bundle] * len(trainers), strategy="PACK")
         ray.get(group.ready())
@@ -250,7 +302,7 @@ class SweepRun:
             retire(f"{spec.name}-{key}")
             actor = remote.options(
                 name=f"{spec.name}-{key}", max_restarts=spec.resources.max_restarts, max_task_retries=0,
-                num_gpus=1 if cuda else 0, num_cpus=spec.resources.cpus_per_trainer,
+                num_gpus=gpus if cuda else 0, num_cpus=spec.resources.cpus_per_trainer,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(group, bundle_index)).remote(
                 [e.spec() for e in plan.ensembles], self.dataset.d_model, spec.train, self.total_steps,
                 self.input_scale, self.dataset.dtype, plan.device, threads,
@@ -260,6 +312,7 @@ class SweepRun:
         try:
             for slot in slots:
                 self.locate(slot)
+            self.start_baseline_feed(slots[0].node)
             self.drive(slots, streams, label)
             self.result.stream = merge_stream_stats(self.result.stream, streams.stats(), [
                 ray.get(slot.actor.data_wait.remote()) for slot in slots if slot.alive])
@@ -312,6 +365,8 @@ class SweepRun:
                     ray.wait(heads, num_returns=1, timeout=5.0)
                 for slot in slots:
                     self.collect(slot)
+                if self.baseline_feed is not None:
+                    self.baseline_feed.pump()  # never waits: the trainers go on whatever it does
                 steps = min((min(s.cursor - len(s.in_flight), total) for s in slots if s.alive), default=total)
                 streams.forget(min((s.cursor - len(s.in_flight) for s in slots if s.alive), default=last))
                 seconds = max(time.perf_counter() - start, 1e-9)
@@ -321,7 +376,10 @@ class SweepRun:
     def send(self, slot: Slot, task: int, streams: "Streams"):
         """Submit task `task` of a trainer: a train step, an eval step, or the final export."""
         if task < self.total_steps:
-            return slot.actor.step.remote(task, streams.batch(slot.node, "train", task))
+            batch = streams.batch(slot.node, "train", task)
+            if self.baseline_feed is not None:
+                self.baseline_feed.offer(task, batch)  # the same reference: no extra read or copy
+            return slot.actor.step.remote(task, batch)
         if task < self.total_steps + self.eval_steps:
             index = task - self.total_steps
             return slot.actor.eval_step.remote(index, streams.batch(slot.node, "eval", index))
@@ -347,7 +405,9 @@ class SweepRun:
                 slot.alive, slot.error = False, f"trainer {slot.key} failed: {first_line(error)}"
                 return
             if task < self.total_steps:
-                self.log_records(value)
+                for record in [r for r in value if "peak_device_bytes" in r]:
+                    self.check_memory(slot, record["peak_device_bytes"])
+                self.log_records([r for r in value if "name" in r])
             elif task == self.total_steps + self.eval_steps:
                 self.record(slot.key, value)
                 slot.done = True
@@ -362,15 +422,20 @@ class SweepRun:
 
     # -- the end ----------------------------------------------------------------------------------------
     def finish(self) -> None:
-        """Select, export the selected dictionaries with index.json, register them, log sweep metrics."""
+        """Select; fit the baselines and splice the selected dictionaries into the source model (where
+        asked for); export the selected dictionaries with index.json, register them, log sweep
+        metrics and the Pareto plot."""
         spec, tracker, result = self.spec, self.tracker, self.result
         result.selected = select({name: {"n_latents": r["point"].n_latents, "metrics": r["metrics"]}
                                   for name, r in result.finished.items()})
+        result.baselines = self.fit_baselines()
+        spliced = self.splice(result.baselines)
         entries = []
         for name in sorted(result.selected):
             outcome = result.finished[name]
             fs.copy_folder(outcome["uri"], fs.join(spec.export_dir, name))
             entries.append(index_entry(name, outcome["point"], outcome["metrics"], selected=True))
+            entries[-1]["metrics"].update(spliced.get(name, {}))
             if spec.export.registry:
                 tracker.register(spec.name, outcome["run_id"], {**outcome["point"].params(), **outcome["metrics"]})
         for name, outcome in result.finished.items():
@@ -382,9 +447,155 @@ class SweepRun:
             summary["data_wait_fraction"] = result.stream["data_wait_fraction"]
             summary["bytes_read_per_node"] = float(np.mean(result.stream["bytes_read_per_node"]))
         tracker.log_metrics(tracker.parent_id, summary, 0)
+        self.plot()
+        for baseline in result.baselines:
+            tracker.end_run(baseline["run_id"])
         tracker.end_run(tracker.parent_id, failed=bool(result.failed))
         tracker.flush(patience=600)
         fs.write_text(fs.join(self.storage, "complete.json"), json.dumps({"failed": sorted(result.failed)}))
+
+    # -- baselines, spliced evaluation and the Pareto plot (`baselines`, `evaluation`) -------------------
+    def start_baseline_feed(self, node: str | None) -> None:
+        """Start the baseline sampler (fed from this wave on) unless there is none to fit or it runs already."""
+        from dictsweep.sweep.baselines import planned_batches, start_feed
+
+        spec = self.spec
+        if (not spec.baselines or self.baseline_feed is not None
+                or fs.exists(fs.join(self.storage, "baselines", "results.json"))):
+            return
+        planned = planned_batches(self.total_steps, spec.train.batch_rows, spec.evaluation.baseline_rows)
+        per_batch = min(spec.train.batch_rows, max(1, spec.evaluation.ica_rows // len(planned)))
+        per_batch = per_batch if "ica" in spec.baselines else 0  # the sample is for FastICA alone
+        retire(f"{spec.name}-baselines")
+        self.baseline_feed = start_feed(f"{spec.name}-baselines", node, self.dataset.d_model, self.dataset.dtype,
+                                        planned, per_batch, fs.join(self.storage, "baselines", "state.pt"),
+                                        spec.stream.batches_in_flight)
+
+    def fit_baselines(self) -> list[dict]:
+        """Baselines fitted on the sampled stream, matched to the selected SAEs' L0, evaluated,
+        exported and recorded in MLflow (read back from storage when a resumed sweep did it before)."""
+        import ray
+
+        from dictsweep.sweep.baselines import fit_baselines
+
+        spec, result, tracker = self.spec, self.result, self.tracker
+        saved = fs.join(self.storage, "baselines", "results.json")
+        if not spec.baselines:
+            return []
+        if fs.exists(saved):
+            return json.loads(fs.read_text(saved))
+        self.start_baseline_feed(None)  # every wave finished before this driver (a resume)
+        feed, streams = self.baseline_feed, Streams(spec, self.dataset)
+
+        def batch(index: int):  # a planned batch no trainer got; only the sampler holds on to it
+            ref = streams.batch(node, "train", index)
+            streams.forget(index + 2)
+            return ref
+
+        try:
+            node = ray.get(feed.actor.status.remote())["node"] if not feed.error else None
+            feed.drain(batch)
+            if not feed.error:  # what the sampler cost beside the trainers, and how far it lagged
+                tracker.log_metrics(tracker.parent_id, {
+                    "baselines.sampler_seconds": ray.get(feed.actor.status.remote())["busy_seconds"],
+                    "baselines.feed_most_waiting": feed.most_waiting}, 0)
+        except ray.exceptions.RayError as error:
+            feed.fail(error)
+        finally:
+            streams.close()
+            ray.kill(feed.actor, no_restart=True)
+        device, threads = self.finish_device()
+        try:
+            if feed.error:
+                raise RunError(feed.error)
+            task = ray.remote(fit_baselines).options(num_gpus=int(device == "cuda"),
+                                                     num_cpus=spec.resources.cpus_per_trainer, max_retries=0)
+            baselines = ray.get(task.remote(
+                fs.join(self.storage, "baselines", "state.pt"), spec.baselines,
+                [result.finished[name]["metrics"]["l0"] for name in sorted(result.selected)], spec.data.uri,
+                self.eval_steps * spec.train.batch_rows, spec.train.batch_rows,
+                self.baseline_metadata(), self.storage, self.ground_truth,
+                device, threads))
+        except (RunError, ray.exceptions.RayError) as error:  # the SAEs stand without their baselines
+            print(f"baselines failed, none recorded: {first_line(error)}", flush=True)
+            tracker.set_tags(tracker.parent_id, {"dictsweep.baselines": f"failed: {first_line(error)}"})
+            return []
+        for baseline in baselines:
+            run = tracker.start_sae(baseline["name"], {"kind": baseline["kind"], "k": baseline["k"],
+                                                       "n_atoms": baseline["n_atoms"], "dataset": spec.data.uri,
+                                                       **baseline["fit"]}, role="baseline")
+            tracker.log_metrics(run, {f"eval/{key}": value for key, value in baseline["metrics"].items()}, 0)
+            tracker.log_folder(run, lambda local, uri=baseline["uri"]: fs.download_folder(uri, local))
+            baseline["run_id"] = run
+        tracker.flush()
+        fs.write_text(saved, json.dumps(baselines, indent=1))
+        return baselines
+
+    def baseline_metadata(self) -> dict:
+        """Export metadata of a baseline: the SAEs' (`metadata`) without a grid point."""
+        source = self.dataset.manifest.source or {}
+        return {"model_name": source.get("model"), "hook_name": source.get("hook"),
+                "dataset_path": self.spec.data.uri, "context_size": source.get("context"),
+                "dictsweep": {"sweep": self.spec.name, "tokens": self.spec.train.tokens}}
+
+    def splice(self, baselines: list[dict]) -> dict[str, dict]:
+        """Loss recovered of every selected SAE (and baseline) spliced into the dataset's source model,
+        logged to their runs; {} with a printed note where it cannot run (synthetic data)."""
+        import ray
+
+        from dictsweep.sweep.splice import splice_eval, splice_source
+
+        spec, result, tracker = self.spec, self.result, self.tracker
+        runs = {name: result.finished[name]["run_id"] for name in sorted(result.selected)}
+        uris = {name: result.finished[name]["uri"] for name in runs}
+        if spec.evaluation.splice_baselines:
+            runs.update({baseline["name"]: baseline["run_id"] for baseline in baselines})
+            uris.update({baseline["name"]: baseline["uri"] for baseline in baselines})
+        source = splice_source(self.dataset)
+        if not spec.evaluation.splice or not uris or isinstance(source, str):
+            if spec.evaluation.splice and isinstance(source, str):
+                print(f"spliced evaluation skipped: {source}", flush=True)
+                tracker.set_tags(tracker.parent_id, {"dictsweep.splice": f"skipped: {source}"})
+            return {}
+        device, threads = self.finish_device()
+        print(f"splicing {len(uris)} dictionaries into {source.model} at {source.hook} ...", flush=True)
+        task = ray.remote(splice_eval).options(num_gpus=int(device == "cuda"),
+                                               num_cpus=spec.resources.cpus_per_trainer, max_retries=0)
+        try:
+            outcome = ray.get(task.remote(spec.data.uri, uris, spec.evaluation.splice_tokens, device, threads))
+        except ray.exceptions.RayError as error:  # e.g. the source model is not loadable here
+            print(f"spliced evaluation skipped: {first_line(error)}", flush=True)
+            tracker.set_tags(tracker.parent_id, {"dictsweep.splice": f"skipped: {first_line(error)}"})
+            return {}
+        tracker.set_tags(tracker.parent_id, {"dictsweep.splice": f"{outcome.kind} from the {outcome.head}, "
+                                             f"{outcome.tokens} tokens of {outcome.contexts} held-out contexts"})
+        for name, metrics in outcome.metrics.items():
+            tracker.log_metrics(runs[name], {f"eval/{key}": value for key, value in metrics.items()},
+                                spec.train.tokens if name in result.finished else 0)
+            if name in result.finished:
+                result.finished[name]["metrics"].update(metrics)
+        for baseline in baselines:
+            baseline["metrics"].update(outcome.metrics.get(baseline["name"], {}))
+        return outcome.metrics
+
+    def finish_device(self) -> tuple[str, int]:
+        """Where end-of-sweep work runs (the trainers' device kind, now free) and its torch threads
+        (0: every core of the node it lands on)."""
+        devices = {t.device for wave in self.plan.waves for t in wave} | {z.device for z in self.plan.zero}
+        return "cuda" if "cuda" in devices else "cpu", self.spec.resources.torch_threads
+
+    def plot(self) -> None:
+        """The Pareto plot: `pareto.png` in the export folder and on the sweep's run."""
+        from dictsweep.sweep.report import pareto_plot
+
+        result = self.result
+        saes = [{**r["point"].params(), "l0": r["metrics"]["l0"], "fvu": r["metrics"]["fvu"],
+                 "selected": name in result.selected} for name, r in result.finished.items()]
+        baselines = [{"kind": b["kind"], "k": b["k"], "l0": b["metrics"]["l0"], "fvu": b["metrics"]["fvu"]}
+                     for b in result.baselines]
+        png = pareto_plot(saes, baselines, title=f"{self.spec.name}: eval L0 against FVU")
+        fs.write_bytes(fs.join(self.spec.export_dir, "pareto.png"), png)
+        self.tracker.log_bytes(self.tracker.parent_id, png, "pareto.png")
 
 
 class Streams:
@@ -439,6 +650,8 @@ def run_sweep(spec: SweepSpec, address: str | None = None, plan_only: bool = Fal
     """
     spec = pin_paths(spec)
     dataset = open_dataset(spec)
+    if plan_only and given_devices(spec):  # planning for a cluster this machine is not part of
+        return plan_sweep(spec, dataset.d_model, *given_devices(spec))
     start_ray(address)
     latest_uri = fs.join(spec.storage_dir, "latest.json")
     latest = json.loads(fs.read_text(latest_uri))["run"] if fs.exists(latest_uri) else None
@@ -452,6 +665,9 @@ def run_sweep(spec: SweepSpec, address: str | None = None, plan_only: bool = Fal
         plan = plan_sweep(spec, dataset.d_model, *cluster_devices(spec))
     if plan_only:
         return plan
+    if plan.unplaced:
+        raise InputError("grid: these SAEs fit no device: " + "; ".join(
+            f"{name} {why}" for name, why in sorted(plan.unplaced.items())))
     sweep = SweepRun(spec, dataset, plan, run_dir, resume)
     fs.write_text(latest_uri, json.dumps({"run": run_dir}))
     try:
@@ -529,9 +745,10 @@ def mmcs_between_sizes(result: SweepResult) -> dict[str, float]:
 
 
 def index_entry(name: str, point: GridPoint, metrics: dict, selected: bool) -> dict:
-    """One entry of index.json (DESIGN.md): folder, grid point, selected, eval metrics."""
+    """One entry of index.json (DESIGN.md): folder, grid point, selected, eval metrics (the DESIGN's
+    keys always, null where not measured, then any others measured, such as loss_recovered)."""
     return {"path": name, **point.params(), "selected": selected,
-            "metrics": {key: metrics.get(key) for key in INDEX_METRICS}}
+            "metrics": {**{key: metrics.get(key) for key in INDEX_METRICS}, **metrics}}
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:

@@ -38,12 +38,18 @@ def submit(spec_path: str, address: str, overrides: list[str] | tuple[str, ...] 
     with tempfile.TemporaryDirectory() as folder:
         with open(os.path.join(folder, SPEC_NAME), "w") as file:
             yaml.safe_dump(spec.model_dump(mode="json", exclude_none=True), file, sort_keys=False)
-        submitted = client(address).submit_job(
-            entrypoint=f"python -m dictsweep.cli run {SPEC_NAME}", submission_id=job_id,
-            runtime_env={"working_dir": folder, "py_modules": [package],
-                         "env_vars": {"DICTSWEEP_JOB_ID": job_id}},
-            metadata={"dictsweep.sweep": spec.name})
-    return submitted
+        jobs, deadline = client(address), time.time() + 120
+        while True:
+            try:
+                return jobs.submit_job(
+                    entrypoint=f"python -m dictsweep.cli run {SPEC_NAME}", submission_id=job_id,
+                    runtime_env={"working_dir": folder, "py_modules": [package],
+                                 "env_vars": {"DICTSWEEP_JOB_ID": job_id}},
+                    metadata={"dictsweep.sweep": spec.name})
+            except RuntimeError as error:  # a cluster that just started has no job agent for a while
+                if "No available agent" not in str(error) or time.time() > deadline:
+                    raise RunError(f"{address} did not take the job: {error}") from None
+                time.sleep(2)
 
 
 def status(job_id: str, address: str) -> dict:

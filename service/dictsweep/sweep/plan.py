@@ -14,6 +14,7 @@ from dictsweep.config import SweepSpec
 from dictsweep.errors import InputError
 from dictsweep.sae import ARCHITECTURES, Member
 from dictsweep.train.actor import EnsembleSpec
+from dictsweep.train.zero import zero_bytes_per_worker
 
 BYTES_PER_FLOAT = 4
 STATE_COPIES = 4  # fp32 weights, gradients, Adam's two moments
@@ -100,14 +101,29 @@ class TrainerPlan:
 
 
 @dataclass
+class ZeroPlan:
+    """One SAE too large for a device, trained data-parallel with DeepSpeed ZeRO over `workers`."""
+
+    point: GridPoint
+    device: str
+    workers: int
+    stage: int
+    offload: bool
+    memory_bytes: int  # per worker
+
+
+@dataclass
 class Plan:
     d_model: int
     batch_rows: int
     waves: list[list[TrainerPlan]]
+    zero: list[ZeroPlan] = field(default_factory=list)
+    unplaced: dict[str, str] = field(default_factory=dict)  # point name -> why it fits nowhere
 
     @property
     def points(self) -> list[GridPoint]:
-        return [p for wave in self.waves for t in wave for e in t.ensembles for p in e.points]
+        return ([p for wave in self.waves for t in wave for e in t.ensembles for p in e.points]
+                + [z.point for z in self.zero])
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -122,24 +138,42 @@ class Plan:
                                  f"{ensemble.architecture} n={ensemble.n_latents}", len(ensemble.points),
                                  round(ensemble.memory_bytes / 2**30, 2),
                                  round(ensemble.memory_bytes / trainer.memory_bytes, 3)))
+        for name in self.unplaced:
+            rows.append(("-", "none", name, 1, "-", "fits nowhere"))
+        for zero in self.zero:
+            rows.append(("zero", f"{zero.device}:0-{zero.workers - 1}",
+                         f"{zero.point.architecture} n={zero.point.n_latents} ZeRO-{zero.stage}"
+                         + (" offload" if zero.offload else ""), 1, round(zero.memory_bytes / 2**30, 2), "per worker"))
         return rows
 
 
 def make_plan(points: list[GridPoint], d_model: int, batch_rows: int, device: str, n_devices: int,
-              device_memory_bytes: int, max_members: int, headroom: float) -> Plan:
-    """Pack points into ensembles and ensembles onto `n_devices` devices, in as few waves as fit."""
+              device_memory_bytes: int, max_members: int, headroom: float, zero: str = "auto",
+              zero_stage: int = 2, zero_offload: bool = False, zero_workers: int = 0) -> Plan:
+    """Pack points into ensembles and ensembles onto `n_devices` devices, in as few waves as fit;
+    points that fit no device alone (or all, with zero="always") go to DeepSpeed ZeRO."""
     budget = int(device_memory_bytes * (1 - headroom))
     groups: dict[tuple, list[GridPoint]] = {}
+    zero_plans, unplaced = [], {}
     for point in points:
-        groups.setdefault((point.architecture, point.n_latents), []).append(point)
+        per_member = member_bytes(d_model, point.n_latents, batch_rows)
+        try:
+            if zero == "always" or (per_member > budget and zero == "auto"):
+                zero_plans.append(plan_zero(point, d_model, batch_rows, device, n_devices, budget,
+                                            zero_stage, zero_offload, zero_workers))
+                continue
+            if per_member > budget:
+                raise InputError(
+                    f"needs {per_member / 2**30:.1f} GiB, more than a {device} device's budget of "
+                    f"{budget / 2**30:.1f} GiB; lower n_latents or train.batch_rows, or allow resources.zero")
+        except InputError as error:
+            unplaced[point.name] = str(error)
+            continue
+        else:
+            groups.setdefault((point.architecture, point.n_latents), []).append(point)
     ensembles = []
     for (architecture, n_latents), members in groups.items():
         per_member = member_bytes(d_model, n_latents, batch_rows)
-        if per_member > budget:
-            raise InputError(
-                f"grid: one {architecture} SAE with n_latents={n_latents} needs {per_member / 2**30:.1f} GiB, "
-                f"more than a {device} device's budget of {budget / 2**30:.1f} GiB; lower n_latents or "
-                f"train.batch_rows, or raise resources.device_memory_gb")
         size = max(1, min(max_members, budget // per_member))
         count = math.ceil(len(members) / size)
         for chunk in range(count):  # near-equal ensembles rather than full ones and a remainder
@@ -158,7 +192,21 @@ def make_plan(points: list[GridPoint], d_model: int, batch_rows: int, device: st
             wave = [TrainerPlan(device, index, device_memory_bytes) for index in range(n_devices)]
             wave[0].ensembles.append(ensemble)
             waves.append(wave)
-    return Plan(d_model, batch_rows, [[t for t in wave if t.ensembles] for wave in waves])
+    return Plan(d_model, batch_rows, [[t for t in wave if t.ensembles] for wave in waves], zero_plans, unplaced)
+
+
+def plan_zero(point: GridPoint, d_model: int, batch_rows: int, device: str, n_devices: int, budget: int,
+              stage: int, offload: bool, workers: int) -> ZeroPlan:
+    """The fewest ZeRO workers (up to the devices there are) whose per-worker memory fits."""
+    choices = [workers] if workers else [g for g in range(1, max(n_devices, 1) + 1) if batch_rows % g == 0]
+    for count in choices:
+        needed = zero_bytes_per_worker(d_model, point.n_latents, batch_rows, count, stage, offload)
+        if needed <= budget or workers:
+            return ZeroPlan(point, device, count, stage, offload, needed)
+    needed = zero_bytes_per_worker(d_model, point.n_latents, batch_rows, choices[-1], stage, offload)
+    raise InputError(f"needs {needed / 2**30:.1f} GiB per worker even with ZeRO-{stage} over {choices[-1]} "
+                     f"{device} devices (budget {budget / 2**30:.1f} GiB): ZeRO gathers an SAE's whole layer for "
+                     f"each step; try resources.zero_offload, a smaller train.batch_rows or n_latents")
 
 
 def plan_from_dict(data: dict) -> Plan:
@@ -167,4 +215,6 @@ def plan_from_dict(data: dict) -> Plan:
                           [EnsemblePlan(e["architecture"], e["n_latents"], [GridPoint(**p) for p in e["points"]],
                                         e["memory_bytes"], e["flops_per_row"]) for e in t["ensembles"]])
               for t in wave] for wave in data["waves"]]
-    return Plan(data["d_model"], data["batch_rows"], waves)
+    zero = [ZeroPlan(GridPoint(**z["point"]), z["device"], z["workers"], z["stage"], z["offload"], z["memory_bytes"])
+            for z in data.get("zero", [])]
+    return Plan(data["d_model"], data["batch_rows"], waves, zero)

@@ -39,7 +39,9 @@ def pull(sweep: str, out: str, include_all: bool = False, tracking_uri: str | No
         shutil.move(downloaded, target)
         entries.append({"path": run.name, **point_params(run.params),
                         "selected": run.tags.get(SELECTED_TAG) == "true",
-                        "metrics": {key: run.metrics.get(f"eval/{key}") for key in INDEX_METRICS}})
+                        "metrics": {**{key: None for key in INDEX_METRICS},
+                                    **{key.removeprefix("eval/"): value for key, value in run.metrics.items()
+                                       if key.startswith("eval/")}}})
     shutil.rmtree(os.path.join(out, ".download"), ignore_errors=True)
     with open(os.path.join(out, "index.json"), "w") as file:
         json.dump(entries, file, indent=2)

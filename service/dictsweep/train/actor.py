@@ -22,6 +22,7 @@ from dictsweep.config import TrainConfig
 from dictsweep.sae.ensemble import Member, build_ensemble
 from dictsweep.sae.export import member_files
 from dictsweep.sae.metrics import mmcs_ground_truth
+from dictsweep.sae.plots import decoder_norm_stats, member_plot
 from dictsweep.store import fs
 from dictsweep.train.evaluate import Evaluator
 from dictsweep.train.kernels import choose_kernel
@@ -63,7 +64,8 @@ class Trainer:
         kernels = self.kernels(d_model)
         self.trainers = []
         for spec, kernel in zip(ensembles, kernels):
-            ensemble = build_ensemble(spec.architecture, d_model, spec.n_latents, list(spec.members), kernel=kernel)
+            ensemble = build_ensemble(spec.architecture, d_model, spec.n_latents, list(spec.members), kernel=kernel,
+                                      decode=config.decode)
             ensemble.input_scale.fill_(input_scale)
             self.trainers.append(EnsembleTrainer(ensemble, config, total_steps, self.device))
         self.device_trainer = DeviceTrainer(self.trainers, self.device)
@@ -136,9 +138,11 @@ class Trainer:
         self.position += 1
         tokens, rows = self.position * self.config.batch_rows, self.config.batch_rows
         records = []
+        if self.position == 1 and self.device.type == "cuda":  # the measured step the plan is checked against
+            records.append({"peak_device_bytes": torch.cuda.max_memory_allocated(self.device)})
         if tokens // self.config.log_every_tokens != (tokens - rows) // self.config.log_every_tokens:
             self.stop_diverged(tokens)
-            records = self.log_records(tokens)
+            records += self.log_records(tokens)
         self.last_done = time.perf_counter()
         self.busy_seconds += self.last_done - start
         every = self.config.checkpoint_every_tokens
@@ -189,7 +193,8 @@ class Trainer:
 
     def finish(self, storage_uri: str, metadata: dict[str, dict], ground_truth: np.ndarray | None) -> dict:
         """Eval metrics of every healthy SAE, each exported to `<storage_uri>/dictionaries/<name>/`;
-        returns {"finished": {name: {"metrics", "uri"}}, "failed": {name: why}}."""
+        its feature-density and decoder-norm plot to `<storage_uri>/plots/<name>.png`;
+        returns {"finished": {name: {"metrics", "uri", "plot"}}, "failed": {name: why}}."""
         features = torch.from_numpy(ground_truth).to(self.device) if ground_truth is not None else None
         finished = {}
         for spec, trainer, evaluator in zip(self.specs, self.trainers, self.evaluators or [None] * len(self.specs)):
@@ -198,12 +203,16 @@ class Trainer:
             for member, name in enumerate(spec.names):
                 if name in self.failed:
                     continue
+                decoder = trainer.ensemble.W_dec[member]
+                metrics[member].update(decoder_norm_stats(decoder))
                 if features is not None:
-                    metrics[member].update(mmcs_ground_truth(trainer.ensemble.W_dec[member], features))
+                    metrics[member].update(mmcs_ground_truth(decoder, features))
+                plot = fs.join(storage_uri, "plots", f"{name}.png")
+                fs.write_bytes(plot, member_plot(frequencies[member], decoder, title=name))
                 folder = fs.join(storage_uri, "dictionaries", name)
                 info = dict(metadata[name])
                 info["dictsweep"] = {**info.get("dictsweep", {}), "metrics": metrics[member],
                                      "input_scale": float(trainer.ensemble.input_scale)}
                 fs.write_files(folder, member_files(trainer.ensemble, member, frequencies[member], info))
-                finished[name] = {"metrics": metrics[member], "uri": folder}
+                finished[name] = {"metrics": metrics[member], "uri": folder, "plot": plot}
         return {"finished": finished, "failed": dict(self.failed)}

@@ -1,0 +1,80 @@
+"""The sweep's picture: eval L0 against eval FVU for every finished SAE and baseline, as PNG bytes.
+
+Per (architecture, dictionary size), every SAE is a dot and a curve joins that group's own Pareto
+front (no other point of the group is at least as good on both L0 and FVU); selected SAEs are
+ringed; each baseline kind is a dotted row of markers at its k's. FVU is shown up to max(1, the
+worst SAE's); a baseline worse than that (random directions at small k can exceed 1) sits on the top
+edge as a triangle labelled with its value. Built on matplotlib's Agg canvas directly (no pyplot,
+no global state), like `sae.plots`.
+"""
+
+from __future__ import annotations
+
+import io
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from dictsweep.sweep.select import pareto_front
+
+BASELINE_STYLES = {"pca": ("s", "black"), "ica": ("D", "tab:brown"), "random": ("x", "tab:gray"),
+                   "identity": ("P", "tab:olive")}  # marker, colour
+
+
+def pareto_plot(saes: list[dict], baselines: list[dict], title: str = "") -> bytes:
+    """PNG bytes of `pareto_figure`."""
+    buffer = io.BytesIO()
+    pareto_figure(saes, baselines, title).savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def pareto_figure(saes: list[dict], baselines: list[dict], title: str = "") -> Figure:
+    """Eval FVU against eval L0.
+
+    `saes`: {"architecture", "n_latents", "l0", "fvu", "selected"} per finished SAE;
+    `baselines`: {"kind", "k", "l0", "fvu"} per baseline dictionary.
+    """
+    figure = Figure(figsize=(10, 5.5), dpi=100)
+    FigureCanvasAgg(figure)
+    axes = figure.subplots()
+    curves: dict[tuple[str, int], list[dict]] = {}
+    for sae in saes:
+        curves.setdefault((sae["architecture"], sae["n_latents"]), []).append(sae)
+    colors = [f"C{i % 10}" for i in range(len(curves))]
+    for color, ((architecture, n_latents), points) in zip(colors, sorted(curves.items())):
+        axes.plot([p["l0"] for p in points], [p["fvu"] for p in points], "o", color=color, markersize=4)
+        best = pareto_front({i: (p["l0"], p["fvu"]) for i, p in enumerate(points)})
+        front = sorted((points[i] for i in best), key=lambda point: (point["l0"], point["fvu"]))
+        axes.plot([p["l0"] for p in front], [p["fvu"] for p in front], "o-", color=color, markersize=4,
+                  label=f"{architecture} n={n_latents}")
+        chosen = [p for p in points if p["selected"]]
+        axes.scatter([p["l0"] for p in chosen], [p["fvu"] for p in chosen], s=110, facecolors="none",
+                     edgecolors=color, linewidths=1.5)
+    top = 1.05 * max([1.0] + [p["fvu"] for p in saes])
+    kinds: dict[str, list[dict]] = {}
+    for baseline in baselines:
+        kinds.setdefault(baseline["kind"], []).append(baseline)
+    for kind, points in sorted(kinds.items()):
+        points = sorted(points, key=lambda point: point["l0"])
+        marker, color = BASELINE_STYLES.get(kind, ("v", "0.3"))
+        shown = [min(p["fvu"], top) for p in points]
+        axes.plot([p["l0"] for p in points], shown, ":", color=color, marker=marker, markersize=7,
+                  label=f"baseline: {kind}")
+        for point in points:
+            if point["fvu"] > top:
+                axes.plot([point["l0"]], [top], "^", color=color, markersize=9, clip_on=False)
+                axes.annotate(f"{kind} {point['fvu']:.3g}", (point["l0"], top), textcoords="offset points",
+                              xytext=(6, -12), fontsize=7, color=color)
+    l0s = [p["l0"] for p in saes + baselines if p["l0"] > 0]
+    if l0s and max(l0s) / min(l0s) > 20:
+        axes.set_xscale("log")
+    if saes and any(p["selected"] for p in saes):
+        axes.scatter([], [], s=110, facecolors="none", edgecolors="black", label="selected (Pareto per size)")
+    axes.set_xlabel("L0 (mean active latents per token, eval)")
+    axes.set_ylabel("FVU (fraction of variance unexplained, eval)")
+    axes.set_ylim(0, top)
+    axes.grid(True, alpha=0.3)
+    axes.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the data, never on it
+    axes.set_title(title or "sparsity against reconstruction")
+    figure.tight_layout()
+    return figure

@@ -1,0 +1,295 @@
+"""Spliced evaluation: what replacing a hooked activation by a dictionary's reconstruction does to
+the model's own output, over held-out text.
+
+A dataset harvested from a model names it in its manifest (`source`: model, hook, context) and
+keeps every context's token ids in `contexts/`; the eval split's contexts were never trained on.
+For each batch of those contexts the model runs once clean, once with the hooked activation
+zero-ablated, and once per dictionary with the activation replaced by the dictionary's
+reconstruction (a forward hook on the module, found by `store.models.find_module`).
+
+- Spliced positions: the positions that are rows of the dataset (special tokens such as [CLS],
+  [SEP] and BOS are not, unless the harvest kept them): the dictionary only sees what it was
+  trained on. Zero ablation replaces the same positions with zeros.
+- Causal LMs (a `...ForCausalLM` / `...LMHeadModel` checkpoint): next-token cross-entropy in nats,
+  over every target inside each context: `ce_clean`, `ce_spliced`, `ce_zero`.
+- Other models (e.g. MiniLM, a BertModel without a head): KL(P_clean || P) in nats per token,
+  averaged over non-padding positions, where P is the softmax of the model's vocabulary logits:
+  the checkpoint's masked-LM head when the checkpoint holds its weights, otherwise the final
+  hidden states projected onto the input word-embedding matrix (BERT's MLM decoder is tied to that
+  matrix; the missing head's transform is left out): `kl_clean` (0), `kl_spliced`, `kl_zero`.
+- loss_recovered = (zero - spliced) / (zero - clean): 1 when the splice changes nothing, 0 when it
+  is as bad as erasing the activation.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from contextlib import contextmanager
+from typing import Callable, NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from dictsweep.errors import InputError
+from dictsweep.store import fs
+from dictsweep.store.dataset import ActivationDataset
+
+LOGIT_BUDGET = 1 << 25  # logits (floats) per forward pass: contexts per batch = this / (context x vocab)
+
+
+class SpliceSource(NamedTuple):
+    """Where a harvested dataset's activations come from."""
+
+    model: str
+    hook: str
+    context: int
+    include_special: bool
+
+
+def splice_source(dataset: ActivationDataset) -> SpliceSource | str:
+    """The dataset's source model and hook, or why a spliced evaluation cannot run on it."""
+    source = dataset.manifest.source or {}
+    if dataset.manifest.ground_truth is not None or source.get("model") == "synthetic":
+        return f"{dataset.uri} is synthetic: there is no model to splice a dictionary into"
+    if not source.get("model") or not source.get("hook"):
+        return f"{dataset.uri}/manifest.json names no source model and hook (`source.model`, `source.hook`)"
+    if not fs.exists(fs.join(dataset.uri, "contexts")):
+        return f"{dataset.uri} has no contexts/ (the token ids of its sequences)"
+    return SpliceSource(source["model"], source["hook"], int(source.get("context") or 0),
+                        bool(source.get("include_special", False)))
+
+
+# -- held-out text ---------------------------------------------------------------------------------
+def held_out_contexts(dataset: ActivationDataset, tokens: int) -> list[np.ndarray]:
+    """Token ids of whole eval contexts, about `tokens` in all (at least one), lowest `seq` first.
+
+    The eval split's contexts are the `seq` values of its rows; eval shards are read in order only
+    until they name enough contexts, and contexts/ files only until those are found.
+    """
+    seqs: set[int] = set()
+    context = int((dataset.manifest.source or {}).get("context") or 1)
+    for index in range(len(dataset.shards("eval"))):
+        _, columns = dataset.read_shard(index, "eval", columns=True)
+        if "seq" not in columns:
+            raise InputError(f"{dataset.uri}: eval shard {dataset.shards('eval')[index].path} has no `seq` "
+                             "column, so its rows cannot be traced to held-out text")
+        seqs.update(int(seq) for seq in np.unique(columns["seq"]))
+        if len(seqs) * context >= tokens:
+            break
+    if not seqs:
+        raise InputError(f"{dataset.uri}: the eval split is empty; a spliced evaluation needs held-out contexts")
+    wanted = sorted(seqs)[:max(1, math.ceil(tokens / context))]
+    found = read_seqs(dataset.uri, wanted)
+    contexts, total = [], 0
+    for seq in wanted:
+        if total >= tokens:
+            break
+        contexts.append(found[seq])
+        total += len(found[seq])
+    return contexts
+
+
+def read_seqs(prefix: str, wanted: list[int]) -> dict[int, np.ndarray]:
+    """Token ids of contexts `wanted` from `<prefix>/contexts/`, reading files in order until found."""
+    from dictsweep.store.harvest import read_context_file
+
+    filesystem, path = fs.resolve(fs.join(prefix, "contexts"))
+    missing, found = set(wanted), {}
+    for name in sorted(filesystem.glob(path.rstrip("/") + "/*.arrow")):
+        seqs, offsets, tokens = read_context_file(fs.join(prefix, "contexts", os.path.basename(name)))
+        for row in np.flatnonzero(np.isin(seqs, list(missing))):
+            found[int(seqs[row])] = tokens[offsets[row]:offsets[row + 1]]
+            missing.discard(int(seqs[row]))
+        if not missing:
+            return found
+    raise InputError(f"{prefix}/contexts/ lacks the eval contexts {sorted(missing)[:5]}: the dataset's "
+                     "contexts/ and shards do not belong together")
+
+
+# -- the model and its loss ------------------------------------------------------------------------
+class Readout:
+    """The source model with the head its loss is read from (see the module doc)."""
+
+    def __init__(self, name_or_path: str, device: str = "cpu"):
+        from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
+        from transformers.utils import logging as hf_logging
+
+        from dictsweep.store.models import from_pretrained, load_tokenizer
+
+        hf_logging.disable_progress_bar()
+        architectures = from_pretrained(AutoConfig, name_or_path, "config").architectures or []
+        self.causal = any(name.endswith(("ForCausalLM", "LMHeadModel")) for name in architectures)
+        self.kind = "ce" if self.causal else "kl"
+        model, self.embeddings = None, None
+        if self.causal:
+            model = from_pretrained(AutoModelForCausalLM, name_or_path, "model", dtype=torch.float32)
+            self.head = "causal LM head"
+        elif any(name.endswith("ForMaskedLM") for name in architectures):
+            model, info = from_pretrained(AutoModelForMaskedLM, name_or_path, "model", dtype=torch.float32,
+                                           output_loading_info=True)
+            model = None if info["missing_keys"] else model  # a head initialised at random reads out nothing
+            self.head = "masked-LM head"
+        tied = model is None
+        if tied:
+            model = from_pretrained(AutoModel, name_or_path, "model", dtype=torch.float32)
+        self.model, self.device = model.to(device).eval(), device
+        if tied:
+            self.embeddings = self.model.get_input_embeddings().weight  # [vocab, d_model]
+            self.head = "final hidden states x word embeddings (tied MLM-style logits)"
+        self.tokenizer = load_tokenizer(name_or_path)
+
+    def logits(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Vocabulary logits `[B, T, vocab]` (float32)."""
+        output = self.model(input_ids=input_ids, attention_mask=attention_mask)
+        if self.embeddings is not None:
+            return output.last_hidden_state.float() @ self.embeddings.float().t()
+        return output.logits.float()
+
+    def module(self, hook: str) -> torch.nn.Module:
+        """The hooked module: hook paths name modules of the base model (as harvested)."""
+        from dictsweep.store.models import find_module
+
+        return find_module(self.model.base_model, hook)
+
+
+@contextmanager
+def replaced(module: torch.nn.Module, positions: Tensor, replace: Callable[[Tensor], Tensor]):
+    """While open, the module's output at `positions [B, T]` (bool) is `replace(rows [n, d_model])`."""
+    def hook(_module, _args, output):
+        hidden = output[0] if isinstance(output, (tuple, list)) or hasattr(output, "to_tuple") else output
+        new = hidden.clone()
+        new[positions] = replace(hidden[positions].float()).to(hidden.dtype)
+        if isinstance(output, (tuple, list)):
+            return type(output)([new, *output[1:]])
+        if hasattr(output, "to_tuple"):
+            output[next(iter(output.keys()))] = new
+            return output
+        return new
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+class Sums(NamedTuple):
+    """A running loss: total (float64) and count."""
+
+    total: float
+    count: int
+
+    def add(self, values: Tensor) -> Sums:
+        return Sums(self.total + float(values.double().sum()), self.count + values.numel())
+
+    @property
+    def mean(self) -> float:
+        return self.total / self.count if self.count else float("nan")
+
+
+class Losses(NamedTuple):
+    """Mean losses over the scored positions (CE or KL as `Readout.kind` says)."""
+
+    spliced: dict[str, float]
+    """Per splice name."""
+    clean: float
+    zero: float
+    """With the spliced positions zero-ablated."""
+    tokens: int
+    """Positions scored."""
+
+
+ZERO = object()  # the zero ablation's key among the splices: no name can collide with it
+
+
+def splice_losses(readout: Readout, hook: str, contexts: list[np.ndarray], splices: dict[str, Callable],
+                  special_ids: list[int], pad_id: int, include_special: bool = False) -> Losses:
+    """Clean, zero-ablated and spliced losses over `contexts`, in batches; each value of `splices`
+    maps the hooked rows `[n, d_model]` (float32) to their replacement."""
+    module, device = readout.module(hook), readout.device
+    splices = {ZERO: torch.zeros_like, **splices}
+    vocab = readout.model.get_input_embeddings().weight.shape[0]
+    width = max(len(ids) for ids in contexts)
+    per_batch = max(1, LOGIT_BUDGET // (width * vocab))
+    sums = {name: Sums(0.0, 0) for name in splices}
+    clean_sum = Sums(0.0, 0)
+    special = np.asarray(special_ids, dtype=np.int64)
+    for start in range(0, len(contexts), per_batch):
+        batch = contexts[start:start + per_batch]
+        input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)  # [B, T]
+        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)  # [B, T]
+        spliced = torch.zeros((len(batch), width), dtype=torch.bool)  # [B, T]: positions that are rows
+        for i, ids in enumerate(batch):
+            input_ids[i, :len(ids)] = torch.from_numpy(ids.astype(np.int64))
+            attention_mask[i, :len(ids)] = 1
+            keep = np.ones(len(ids), bool) if include_special else ~np.isin(ids, special)
+            spliced[i, :len(ids)] = torch.from_numpy(keep)
+        input_ids, attention_mask, spliced = input_ids.to(device), attention_mask.to(device), spliced.to(device)
+        with torch.inference_mode():
+            clean = readout.logits(input_ids, attention_mask).log_softmax(-1)  # [B, T, vocab]
+            if readout.causal:
+                targets = input_ids[:, 1:].unsqueeze(-1)  # [B, T-1, 1]
+                scored = attention_mask[:, 1:].bool()  # a target inside its context
+                clean_sum = clean_sum.add(-clean[:, :-1].gather(-1, targets).squeeze(-1)[scored])
+            else:
+                scored = attention_mask.bool()
+                clean_sum = Sums(0.0, clean_sum.count + int(scored.sum()))  # KL of clean from itself
+                clean_probs = clean.exp()
+            for name, replace in splices.items():
+                with replaced(module, spliced, replace):
+                    other = readout.logits(input_ids, attention_mask).log_softmax(-1)
+                if readout.causal:
+                    losses = -other[:, :-1].gather(-1, targets).squeeze(-1)[scored]
+                else:  # KL(P_clean || P_spliced) per position
+                    losses = (clean_probs * (clean - other)).sum(-1)[scored]
+                sums[name] = sums[name].add(losses)
+    zero = sums.pop(ZERO)
+    return Losses({name: total.mean for name, total in sums.items()}, clean_sum.mean, zero.mean, clean_sum.count)
+
+
+def loss_recovered(clean: float, spliced: float, zero: float) -> float:
+    """(zero - spliced) / (zero - clean): 1 = no harm, 0 = as bad as zero ablation (nan if zero == clean)."""
+    return (zero - spliced) / (zero - clean) if zero != clean else float("nan")
+
+
+class SpliceResult(NamedTuple):
+    """A spliced evaluation: per dictionary its metrics, and how they were measured."""
+
+    metrics: dict[str, dict[str, float]]
+    """Per dictionary name: loss_recovered and {kind}_clean, {kind}_spliced, {kind}_zero."""
+    kind: str
+    """`ce` (causal LM) or `kl` (other models)."""
+    head: str
+    """Which logits the loss was read from."""
+    tokens: int
+    """Positions scored (CE targets or KL positions)."""
+    contexts: int
+    """Held-out contexts run."""
+
+
+def splice_eval(dataset_uri: str, dictionaries: dict[str, str], tokens: int, device: str = "cpu",
+                threads: int = 0) -> SpliceResult:
+    """Splice each dictionary (name -> folder or URI) into the dataset's source model over about
+    `tokens` held-out tokens, with `threads` torch threads (0: every core here); InputError when the
+    dataset or model does not allow it."""
+    from dictsweep import load_dictionary
+    from dictsweep.store.harvest import tokenizer_template
+
+    torch.set_num_threads(threads or os.cpu_count() or 1)  # a Ray task gets one thread by default
+    dataset = ActivationDataset.open(dataset_uri)
+    source = splice_source(dataset)
+    if isinstance(source, str):
+        raise InputError(source)
+    contexts = held_out_contexts(dataset, tokens)
+    readout = Readout(source.model, device)
+    template = tokenizer_template(readout.tokenizer)
+    modules = {name: load_dictionary(uri).to(device) for name, uri in dictionaries.items()}
+    losses = splice_losses(readout, source.hook, contexts, {name: module.forward for name, module in modules.items()},
+                           template.special_ids, template.pad_id, source.include_special)
+    kind, clean, zero = readout.kind, losses.clean, losses.zero
+    metrics = {name: {"loss_recovered": loss_recovered(clean, spliced, zero), f"{kind}_clean": clean,
+                      f"{kind}_spliced": spliced, f"{kind}_zero": zero}
+               for name, spliced in losses.spliced.items()}
+    return SpliceResult(metrics, kind, readout.head, losses.tokens, len(contexts))

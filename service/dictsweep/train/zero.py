@@ -1,0 +1,450 @@
+"""One SAE too large for one device, trained data-parallel with DeepSpeed ZeRO across Ray Train workers.
+
+Worker w of G trains on rows [w * B/G, (w + 1) * B/G) of every global batch j of the sweep's
+stream (`StreamOrder` over the train shards), so the G workers together see exactly the batches a
+single-device trainer sees. Each worker's loss is the mean over its B/G rows and DeepSpeed averages
+gradients over workers: the full-batch mean. The rest is the single-device step (`loop.py`) in
+DeepSpeed's terms:
+
+- Adam: DeepSpeed's optimizer config with `torch_adam` and `fused` (torch's fused kernel, as in
+  `StackedAdam`), also with optimizer offload (the moments live on the host, stepped by torch);
+  the scheduled lr (`lr_factor`) is written into the param groups before each step.
+- Clipping: DeepSpeed's `gradient_clipping` divides by (norm + 1e-6) / clip, as `clip_divisor`.
+- Unit-norm decoders (topk): a hook on W_dec drops each row's radial gradient component before
+  DeepSpeed reduces it (`constrain_gradients`: linear, so per worker then averaged is the same);
+  after the step each row is renormalised in the model weights and in ZeRO's fp32 master copy
+  (stage 2 from the full weight every worker holds; stage 3 from each worker's partition, with one
+  all-reduce of the row norms).
+- Firing statistics: fire counts are summed over workers every step, so dead masks (AuxK) and
+  resampling (relu) see the global batch; resampling gathers the batch and the reconstructions and
+  every worker draws the same rows from the member's own generator.
+- AuxK (topk) weighs its error by a ratio of batch variances, the one term that is no row mean:
+  each worker rescales its AuxK loss to the global batch's ratio (one small all-reduce).
+- Training metrics are the global batch's (one all-reduce per step with the fire counts).
+
+For one SAE (one layer) ZeRO-3 gathers the whole dictionary for each forward and backward, so its
+peak is stage 2's: what ZeRO saves is the gradients, the fp32 master copy and Adam's moments
+(`zero_bytes_per_worker`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import warnings
+from contextlib import nullcontext
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from dictsweep.config import TrainConfig
+from dictsweep.errors import InputError, RunError
+from dictsweep.sae import Member, build_ensemble
+from dictsweep.sae.ensemble import Ensemble, EnsembleOutput
+from dictsweep.sae.export import member_files
+from dictsweep.sae.metrics import FiringTracker, mmcs_ground_truth
+from dictsweep.store import fs
+from dictsweep.store.dataset import ActivationDataset
+from dictsweep.stream.order import StreamOrder
+from dictsweep.train.evaluate import Evaluator
+from dictsweep.train.loop import STEP_METRICS, MetricSums, lr_factor, sparsity_factor, uses_bf16
+
+TORCH_EXTENSIONS_DIR = "~/.cache/dictsweep/torch_extensions"  # DeepSpeed's JIT-built ops (~60 s to build once)
+CPU_WORKER_RESOURCES = {"CPU": 0.5}  # a placement token: CPU workers share the node's cores
+BYTES_PER_FLOAT = 4
+ACTIVATION_COPIES = 4  # [B/G, n_latents] tensors alive in a step: pre-activations, latents, their gradients
+TRANSIENT_WEIGHT_COPIES = 3  # [d, n] in a step: the forward's [W_enc; bias], [W_dec, norms], one full gradient
+PARTITIONED_COPIES = 4  # per parameter, split over workers: gradient, fp32 master, Adam's two moments
+# losses that are means over rows (topk's AuxK weight is corrected to the global batch); batchtopk
+# selects its latents over the whole batch, which no worker holds
+ARCHITECTURES = ("relu", "topk")
+
+
+def zero_bytes_per_worker(d_model: int, n_latents: int, batch_rows: int, workers: int, stage: int,
+                          offload: bool) -> int:
+    """Device memory of one worker training one fp32 SAE under ZeRO `stage` (2 or 3) on B/G rows.
+
+    Both stages hold the full weights while they compute (ZeRO-3 gathers the one layer an SAE is;
+    its resting partition comes on top), plus the forward's concatenated weight copies and one
+    unreduced gradient; the gradient partition, fp32 master and moments are split G ways and, with
+    `offload`, live on the host instead.
+    """
+    if stage not in (2, 3) or workers < 1:
+        raise ValueError(f"stage must be 2 or 3 and workers >= 1, got stage {stage}, workers {workers}")
+    params = 2 * d_model * n_latents + n_latents + d_model
+    partition = math.ceil(params / workers)
+    resting = partition if stage == 3 else 0
+    partitioned = 0 if offload else PARTITIONED_COPIES * partition
+    activations = ACTIVATION_COPIES * math.ceil(batch_rows / workers) * n_latents
+    return BYTES_PER_FLOAT * (params + resting + TRANSIENT_WEIGHT_COPIES * d_model * n_latents + partitioned
+                              + activations)
+
+
+def train_zero(dataset_uri: str, point: dict, train: TrainConfig, stream_seed: int, shuffle_shards: int,
+               workers: int, *, storage_uri: str, name: str, metadata: dict, stage: int = 2,
+               offload: bool = False, use_gpu: bool = False) -> dict:
+    """Train one grid point (architecture, n_latents, l1_coef, k, lr, seed) on `workers` Ray Train
+    workers with ZeRO `stage`, evaluate it on the eval shards and export it to
+    `<storage_uri>/dictionaries/<name>/`.
+
+    Returns {"metrics": eval metrics, "uri": the dictionary folder, "metric_history": [{"tokens",
+    "metrics"}, ...]} (training metrics every `train.log_every_tokens`, over the global batches).
+    """
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    if stage not in (2, 3):
+        raise InputError(f"ZeRO stage must be 2 or 3, got {stage}")
+    if point["architecture"] not in ARCHITECTURES:
+        raise InputError(f"{name}: ZeRO data-parallel training supports {', '.join(ARCHITECTURES)}, not "
+                         f"{point['architecture']!r}; train it on one device")
+    if workers < 1 or train.batch_rows % workers:
+        raise InputError(f"train.batch_rows ({train.batch_rows}) must split evenly over {workers} ZeRO workers")
+    total_steps = train.tokens // train.batch_rows
+    if total_steps == 0:
+        raise InputError(f"train.tokens ({train.tokens}) is less than one batch ({train.batch_rows} rows)")
+    dataset = ActivationDataset.open(dataset_uri)
+    if dataset.n_eval_rows < train.batch_rows:
+        raise InputError(f"{dataset_uri}: the eval split has {dataset.n_eval_rows} rows, fewer than one batch "
+                         f"of {train.batch_rows}; final metrics need held-out rows")
+    result_uri = fs.join(storage_uri, "zero", name, "result.json")
+    fs.remove(result_uri)
+    config = {"dataset_uri": dataset_uri, "point": dict(point), "train": train, "stream_seed": stream_seed,
+              "shuffle_shards": shuffle_shards, "total_steps": total_steps, "stage": stage, "offload": offload,
+              "use_gpu": use_gpu, "input_scale": math.sqrt(dataset.d_model / dataset.mean_sq_norm()),
+              "folder": fs.join(storage_uri, "dictionaries", name), "metadata": metadata,
+              "result_uri": result_uri}
+    scaling = ScalingConfig(num_workers=workers, use_gpu=use_gpu,
+                            resources_per_worker=None if use_gpu else CPU_WORKER_RESOURCES)
+    with tempfile.TemporaryDirectory(prefix="dictsweep-zero-") as ray_storage:  # results come back via result_uri
+        trainer = TorchTrainer(zero_worker, train_loop_config=config, scaling_config=scaling,
+                               torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+                               run_config=RunConfig(name=f"zero-{name}", storage_path=ray_storage))
+        try:
+            trainer.fit()
+        except Exception as error:  # Ray wraps the worker's exception; keep its text for people
+            raise RunError(f"ZeRO training of {name} ({workers} workers, stage {stage}) failed: {error}") from error
+    return json.loads(fs.read_text(result_uri))
+
+
+# -- on each worker -----------------------------------------------------------------------------------
+def zero_worker(config: dict) -> None:
+    """The per-worker function: train, evaluate, export (rank 0), write the result (rank 0)."""
+    use_gpu = config["use_gpu"]
+    if not use_gpu:
+        os.environ["DS_ACCELERATOR"] = "cpu"  # read when deepspeed first picks its accelerator
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser(TORCH_EXTENSIONS_DIR))
+    import deepspeed
+    import ray.train.torch
+
+    deepspeed.utils.logger.setLevel("WARNING")
+    # DeepSpeed calls torch.distributed's deprecated *_into_tensor names hundreds of times a run
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+    deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")  # joins Ray Train's process group
+    device = ray.train.torch.get_device() if use_gpu else torch.device("cpu")
+    train, point = config["train"], config["point"]
+    dataset = ActivationDataset.open(config["dataset_uri"])
+    member = Member(lr=point["lr"], seed=point["seed"], l1_coef=point.get("l1_coef") or 0.0, k=point.get("k") or 0)
+    kernel = train.kernel if train.kernel in ("bmm", "loop") else "bmm"  # one member: the kernels agree
+    ensemble = build_ensemble(point["architecture"], dataset.d_model, point["n_latents"], [member], kernel=kernel,
+                              decode=train.decode)
+    ensemble.input_scale.fill_(config["input_scale"])
+    trainer = ZeroTrainer(ensemble, train, config["total_steps"], config["stage"], config["offload"], device)
+
+    order = StreamOrder([s.rows for s in dataset.shards("train")], train.batch_rows, config["shuffle_shards"],
+                        config["stream_seed"])
+    batches = WorkerSlices(dataset, "train", order, trainer.rank, trainer.world)
+    history = []
+    for step in range(trainer.total_steps):
+        trainer.step(batches.batch(step))
+        tokens = (step + 1) * train.batch_rows
+        if tokens // train.log_every_tokens != step * train.batch_rows // train.log_every_tokens:
+            history.append({"tokens": tokens, "metrics": trainer.log_metrics()})
+
+    eval_order = StreamOrder([s.rows for s in dataset.shards("eval")], train.batch_rows, 1, config["stream_seed"],
+                             shuffle=False)
+    eval_steps = min(train.eval_tokens, dataset.n_eval_rows) // train.batch_rows
+    metrics = trainer.evaluate(WorkerSlices(dataset, "eval", eval_order, trainer.rank, trainer.world), eval_steps)
+    features = dataset.ground_truth() if trainer.rank == 0 else None
+    with trainer.full_weights():
+        if features is not None:
+            metrics.update(mmcs_ground_truth(ensemble.W_dec[0], features.to(device)))
+        if trainer.rank == 0:
+            info = dict(config["metadata"])
+            info["dictsweep"] = {**info.get("dictsweep", {}), "metrics": metrics,
+                                 "input_scale": float(ensemble.input_scale),
+                                 "zero": {"stage": config["stage"], "workers": trainer.world,
+                                          "offload": config["offload"]}}
+            fs.write_files(config["folder"], member_files(ensemble, 0, trainer.firing.log10_frequency()[0], info))
+    if trainer.rank == 0:
+        fs.write_text(config["result_uri"], json.dumps(
+            {"metrics": metrics, "uri": config["folder"], "metric_history": history}))
+    torch.distributed.barrier()  # nobody leaves (and tears down the group) before rank 0 has written
+
+
+class WorkerSlices:
+    """This worker's rows [w * B/G, (w + 1) * B/G) of batch j of one split's stream, read from the shards."""
+
+    def __init__(self, dataset: ActivationDataset, split: str, order: StreamOrder, rank: int, workers: int):
+        self.dataset, self.split, self.order = dataset, split, order
+        self.rows = order.batch_rows // workers
+        self.start = rank * self.rows  # within each batch
+        self.windows: dict[tuple[int, int], Tensor] = {}  # (epoch, index) -> the window's shuffled rows
+
+    def batch(self, index: int) -> Tensor:
+        """`[B/G, d_model]` rows in the stored dtype."""
+        parts, offset = [], 0  # offset: where the piece starts within the batch
+        stop = self.start + self.rows
+        for piece in self.order.pieces(index):
+            length = piece.stop - piece.start
+            begin, end = max(self.start, offset), min(stop, offset + length)
+            if begin < end:
+                rows = self.window_rows(piece.window)
+                parts.append(rows[piece.start + begin - offset:piece.start + end - offset])
+            offset += length
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def window_rows(self, window) -> Tensor:
+        key = (window.epoch, window.index)
+        if key not in self.windows:
+            rows = torch.cat([self.dataset.read_shard(shard, self.split) for shard in window.shards])
+            permutation = self.order.row_permutation(window)
+            self.windows = {key: rows if permutation is None else rows[torch.from_numpy(permutation)]}
+        return self.windows[key]
+
+
+class ZeroTrainer:
+    """One single-member ensemble in a DeepSpeed ZeRO engine: the step, schedules, firing statistics,
+    dead latents and evaluation of `EnsembleTrainer`, over the workers' slices of each batch."""
+
+    def __init__(self, ensemble: Ensemble, config: TrainConfig, total_steps: int, stage: int, offload: bool,
+                 device: torch.device):
+        import deepspeed
+
+        self.config, self.total_steps, self.stage, self.device = config, total_steps, stage, device
+        self.rank, self.world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        self.lr = float(ensemble.lr[0])
+        ds_config = deepspeed_config(config, self.lr, ensemble.d_model * ensemble.n_latents, self.world, stage,
+                                     offload, device.type == "cuda")
+        if stage == 3:  # partition the weights before the engine sees them: the full SAE never goes to the device
+            deepspeed.zero.Init(module=ensemble, config_dict_or_path=ds_config)
+            for name, buffer in ensemble.named_buffers():
+                setattr(ensemble, name, buffer.to(device))
+        self.engine, *_ = deepspeed.initialize(model=ensemble, model_parameters=list(ensemble.parameters()),
+                                               config=ds_config)
+        self.ensemble = ensemble
+        if ensemble.unit_norm_decoder:
+            ensemble.W_dec.register_hook(self.project_decoder_gradient)
+        self.firing = FiringTracker(1, ensemble.n_latents, config.dead_window_tokens, config.dense_threshold, device)
+        self.metrics = MetricSums()
+        self.step_count = 0
+        self.resampled = 0  # latents resampled so far
+        self.bf16 = uses_bf16(config, device)
+        self.generators = [torch.Generator().manual_seed(member.seed + 2**32) for member in ensemble.members]
+
+    def step(self, batch: Tensor) -> None:
+        """One optimizer step on this worker's slice `[B/G, d_model]` (raw) of the global batch."""
+        x = batch.to(self.device, torch.float32, non_blocking=True) * self.ensemble.input_scale
+        warmup = torch.tensor(sparsity_factor(self.step_count, self.total_steps, self.config), device=self.device)
+        dead_mask = self.auxk_dead_mask()
+        with torch.autocast(self.device.type, torch.bfloat16, enabled=self.bf16):
+            out = self.engine(x, warmup, dead_mask, self.config.auxk_coef, self.config.auxk_k)
+        losses = {name: getattr(out, name) for name in STEP_METRICS}  # [1] each
+        if dead_mask is not None:  # AuxK's weight is a ratio of batch variances: make it the global batch's
+            scale = self.auxk_variance_correction(x, out)
+            losses["loss"] = out.loss + out.aux_loss * (scale - 1)
+            losses["aux_loss"] = out.aux_loss * scale
+        self.engine.backward(losses["loss"].sum())
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = self.lr * lr_factor(self.step_count, self.total_steps, self.config)
+        self.engine.step()
+        self.constrain_decoder()
+        fire_counts, metrics = self.global_statistics(x, out.fire_counts, losses)
+        self.firing.update(fire_counts, len(x) * self.world)
+        self.metrics.add(metrics)
+        self.step_count += 1
+        self.resample_dead(x, out)
+
+    @torch.no_grad()
+    def auxk_variance_correction(self, x: Tensor, out: EnsembleOutput) -> Tensor:
+        """`TopKEnsemble.auxk_loss` weighs its error by var(x) / var(x - sae_out) over the batch; each
+        worker used its slice's: this factor (a constant, like the weight) swaps in the global batch's."""
+        residual = x - out.sae_out[0].float()  # [B/G, d_model]
+        local = variance(x) / variance(residual)
+        sums = torch.cat([x.sum(0), x.pow(2).sum().view(1), residual.sum(0), residual.pow(2).sum().view(1)]).double()
+        torch.distributed.all_reduce(sums)
+        rows, d_model = len(x) * self.world, self.ensemble.d_model
+        x_variance = (sums[d_model] - sums[:d_model].pow(2).sum() / rows) / rows
+        residual_variance = (sums[-1] - sums[d_model + 1:-1].pow(2).sum() / rows) / rows
+        return (x_variance / residual_variance).float() / local
+
+    # -- the unit-norm decoder -----------------------------------------------------------------
+    @torch.no_grad()
+    def project_decoder_gradient(self, grad: Tensor) -> Tensor:
+        """`Ensemble.constrain_gradients` on this worker's W_dec gradient, before DeepSpeed reduces it
+        (ZeRO-3 has the weight gathered while its gradient is computed)."""
+        weight = self.ensemble.W_dec
+        rows = weight / weight.norm(dim=-1, keepdim=True)
+        return grad - (grad * rows).sum(-1, keepdim=True) * rows
+
+    @torch.no_grad()
+    def constrain_decoder(self) -> None:
+        """`Ensemble.constrain_weights` after the step, in the model weights and ZeRO's fp32 master."""
+        if not self.ensemble.unit_norm_decoder:
+            return
+        from deepspeed.utils import safe_get_local_fp32_param, safe_set_full_fp32_param, safe_set_local_fp32_param
+
+        weight = self.ensemble.W_dec
+        if self.stage != 3:  # every worker holds the full weight
+            self.ensemble.constrain_weights()
+            safe_set_full_fp32_param(weight, weight.detach())
+            return
+        master = safe_get_local_fp32_param(weight)  # this worker's partition of the flat weight
+        first = self.rank * weight.ds_tensor.numel()  # its position in the flat weight
+        valid = max(0, min(len(master), weight.ds_numel - first))  # the last partition is padded
+        d_model = self.ensemble.d_model
+        head = first % d_model
+        sq_norms = torch.zeros(self.ensemble.n_latents, device=master.device)  # [n_latents]
+        if valid:  # whole rows of the partition's span, zero-padded where a row continues on a neighbour
+            rows = F.pad(master[:valid].float(), (head, -(head + valid) % d_model)).view(-1, d_model)
+            first_row = first // d_model
+            sq_norms[first_row:first_row + len(rows)] = rows.pow(2).sum(-1)
+        torch.distributed.all_reduce(sq_norms)  # a row split between two partitions gets both halves
+        if valid:
+            rows = rows / sq_norms[first_row:first_row + len(rows)].sqrt().unsqueeze(-1)
+            master = master.clone()
+            master[:valid] = rows.flatten()[head:head + valid]
+            safe_set_local_fp32_param(weight, master)
+            weight.ds_tensor.copy_(master)
+
+    # -- statistics over the global batch ------------------------------------------------------
+    @torch.no_grad()
+    def global_statistics(self, x: Tensor, fire_counts: Tensor,
+                          losses: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        """Fire counts `[1, n]` and step metrics `[1]` of the global batch (one all-reduce).
+
+        The metrics are row means, so the mean over equal slices is the global mean; fvu divides
+        the global mse by the global batch's variance, from summed first and second moments.
+        """
+        names = [name for name in STEP_METRICS if name != "fvu"]
+        means = torch.stack([losses[name].detach().double()[0] for name in names])  # [metrics]
+        packed = torch.cat([fire_counts[0].double(), means, x.double().sum(0), x.double().pow(2).sum().view(1)])
+        torch.distributed.all_reduce(packed)
+        n_latents, rows = self.ensemble.n_latents, len(x) * self.world
+        fire_counts = packed[:n_latents].float().view(1, -1)
+        values = dict(zip(names, (packed[n_latents:n_latents + len(names)] / self.world).float().view(-1, 1)))
+        x_sum, x_sq_sum = packed[n_latents + len(names):-1], packed[-1]
+        total_variance = (x_sq_sum - x_sum.pow(2).sum() / rows) / rows
+        values["fvu"] = values["mse"] / total_variance.float()
+        return fire_counts, values
+
+    def auxk_dead_mask(self) -> Tensor | None:
+        """As `EnsembleTrainer.auxk_dead_mask`; the firing statistics are global, so every worker agrees."""
+        if self.ensemble.dead_latents != "auxk" or self.config.auxk_coef == 0:
+            return None
+        if self.firing.tokens_seen < self.firing.window_tokens:
+            return None
+        dead = self.firing.dead_mask()
+        return dead if bool(dead.any()) else None
+
+    def resample_dead(self, x: Tensor, out: EnsembleOutput) -> None:
+        """As `EnsembleTrainer.resample_dead`, on the gathered global batch: every worker makes the
+        same draws, writes the same weights (and ZeRO's fp32 master) and zeroes the same moments."""
+        every, tokens, rows = self.config.resample_every_tokens, self.firing.tokens_seen, len(x) * self.world
+        if self.ensemble.dead_latents != "resample" or every == 0 or tokens // every == (tokens - rows) // every:
+            return
+        if self.step_count > self.config.resample_until_fraction * self.total_steps:
+            return
+        dead = self.firing.dead_mask()
+        if not bool(dead.any()):
+            return
+        x_all = gather_rows(x)  # [B, d_model], in global batch order
+        sae_out_all = gather_rows(out.sae_out.detach()[0]).unsqueeze(0)  # [1, B, d_model]
+        with self.full_weights(modified=True):
+            changed = self.ensemble.resample(dead, x_all, sae_out_all, self.generators)
+        self.engine.optimizer.refresh_fp32_params()  # the master copy takes the new weights
+        for name, mask in changed.items():
+            self.reset_moments(getattr(self.ensemble, name), mask)
+        self.firing.revive(changed["b_enc"])
+        self.resampled += int(changed["b_enc"].sum())
+
+    def reset_moments(self, param: torch.nn.Parameter, mask: Tensor) -> None:
+        """Zero both Adam moments of `param` where `mask` (broadcastable to it) is True."""
+        from deepspeed.utils import (safe_get_full_optimizer_state, safe_set_full_optimizer_state,
+                                     safe_set_local_optimizer_state)
+
+        for key in ("exp_avg", "exp_avg_sq"):
+            state = safe_get_full_optimizer_state(param, key).masked_fill(mask, 0.0).flatten()
+            if self.stage != 3:
+                safe_set_full_optimizer_state(param, state, key)
+                continue
+            size = param.ds_tensor.numel()  # ZeRO-3 partitions are equal and padded at the end
+            padded = F.pad(state, (0, size * self.world - len(state)))
+            safe_set_local_optimizer_state(param, padded[self.rank * size:(self.rank + 1) * size], key)
+
+    def full_weights(self, modified: bool = False):
+        """A context in which every worker holds the full weights (ZeRO-3 gathers them; with
+        `modified`, rank 0's changes are kept)."""
+        if self.stage != 3:
+            return nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(self.ensemble.parameters()),
+                                                 modifier_rank=0 if modified else None)
+
+    def log_metrics(self) -> dict[str, float]:
+        """Means since the last call, the current dead and dense fractions and the latents resampled so
+        far, as `EnsembleTrainer.log_metrics` (of the one member)."""
+        means = {name: values[0] for name, values in self.metrics.mean_and_reset().items()}
+        means["dead_fraction"] = float(self.firing.dead_fraction()[0])
+        means["dense_fraction"] = float(self.firing.dense_fraction()[0])
+        means["resampled_latents"] = float(self.resampled)
+        return means
+
+    @torch.no_grad()
+    def evaluate(self, slices: WorkerSlices, steps: int) -> dict[str, float]:
+        """`Evaluator` metrics over `steps` eval batches, each worker on its slice, sums all-reduced."""
+        evaluator = Evaluator(self.ensemble)
+        for step in range(steps):
+            evaluator.add(slices.batch(step).to(self.device, torch.float32) * self.ensemble.input_scale)
+        for name in ("residual", "active", "fires", "x_sum", "x_sq_sum"):
+            torch.distributed.all_reduce(getattr(evaluator, name))
+        evaluator.rows *= self.world
+        return evaluator.results()[0]
+
+
+def variance(rows: Tensor) -> Tensor:
+    """Total variance of `[B, d_model]` rows about their mean, as the ensembles compute it."""
+    return (rows - rows.mean(0)).pow(2).sum(-1).mean()
+
+
+def gather_rows(rows: Tensor) -> Tensor:
+    """Every worker's `[B/G, ...]` rows, concatenated in rank order: the global batch."""
+    parts = [torch.empty_like(rows) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(parts, rows.contiguous())
+    return torch.cat(parts)
+
+
+def deepspeed_config(config: TrainConfig, lr: float, largest_param: int, workers: int, stage: int, offload: bool,
+                     pin_memory: bool) -> dict:
+    """DeepSpeed's config for one SAE: fp32 ZeRO `stage`, torch's fused Adam, the clip, B/G rows per worker."""
+    zero = {"stage": stage, "reduce_bucket_size": largest_param, "allgather_bucket_size": largest_param}
+    if stage == 3:  # no weight stays gathered between steps: the decoder renorm writes the partitions only
+        zero["stage3_param_persistence_threshold"] = 0
+    if offload:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": pin_memory}
+    return {
+        "train_batch_size": config.batch_rows,
+        "train_micro_batch_size_per_gpu": config.batch_rows // workers,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": config.grad_clip,
+        "zero_optimization": zero,
+        "zero_force_ds_cpu_optimizer": False,  # with offload too: torch's Adam, the single-device arithmetic
+        "optimizer": {"type": "Adam", "params": {"lr": lr, "betas": [config.adam_beta1, config.adam_beta2],
+                                                 "eps": config.adam_eps, "weight_decay": 0.0, "adam_w_mode": False,
+                                                 "torch_adam": True, "fused": True}},
+        "steps_per_print": 2**31 - 1,
+    }
