@@ -15,6 +15,14 @@ from dictsweep.errors import InputError
 from dictsweep.store.synth import SynthConfig
 
 
+
+def distinct(values: list[str], what: str) -> list[str]:
+    """`values`, or a ValueError (a field error under pydantic) naming those given more than once."""
+    repeated = sorted({value for value in values if values.count(value) > 1})
+    if repeated:
+        raise ValueError(f"{what} given more than once: {', '.join(repeated)}")
+    return values
+
 class Section(BaseModel):
     """A spec section: unknown keys are errors, so a typo never passes silently."""
 
@@ -164,10 +172,7 @@ class SweepSpec(Section):
     @field_validator("baselines")
     @classmethod
     def _distinct_baselines(cls, kinds: list[str]) -> list[str]:
-        repeated = sorted({kind for kind in kinds if kinds.count(kind) > 1})
-        if repeated:
-            raise ValueError(f"baseline(s) given more than once: {', '.join(repeated)}")
-        return kinds
+        return distinct(kinds, "baseline(s)")
 
     @property
     def export_dir(self) -> str:

@@ -17,6 +17,14 @@ class InputError(DictsweepError):
     exit_code = 2
 
 
+def option_errors(error, option) -> InputError:
+    """A pydantic ValidationError of CLI options as one InputError naming each wrong option:
+    `option(field)` gives the flag of a field (`max_tokens` -> `--max-tokens`)."""
+    return InputError("; ".join(f"{option('.'.join(map(str, item['loc'])))}: "
+                                f"{item['msg'].removeprefix('Value error, ')} (got {item.get('input')!r})"
+                                for item in error.errors()))
+
+
 class DatasetError(InputError):
     """An activation dataset that cannot be read as it claims to be (names the file or shard)."""
 

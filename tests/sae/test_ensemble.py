@@ -11,13 +11,7 @@ from dictsweep.train.loop import EnsembleTrainer
 D_MODEL, N_LATENTS, BATCH, STEPS = 16, 48, 64, 20
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls: a second thread only adds synchronisation (minutes on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def batches(seed=0):

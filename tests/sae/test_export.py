@@ -15,13 +15,7 @@ from dictsweep.train.loop import EnsembleTrainer
 D_MODEL, N_LATENTS, SCALE = 12, 40, 3.5
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls: a second thread only adds synchronisation (minutes on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 MEMBERS = {"relu": [Member(lr=3e-3, seed=4, l1_coef=0.5), Member(lr=3e-3, seed=5, l1_coef=2.0)],

@@ -16,13 +16,7 @@ from dictsweep.train.loop import EnsembleTrainer
 D_MODEL, BATCH, HELD_OUT = 32, 256, 8192
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls: a second thread only adds synchronisation (minutes on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -17,13 +17,7 @@ from dictsweep.train.loop import EnsembleTrainer, keep_freed_memory, lr_factor, 
 from dictsweep.train.optim import StackedAdam, clip_divisor, grad_norm_per_member
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls: a second thread only adds synchronisation (minutes on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_stacked_adam_matches_torch_adam_per_member():

@@ -41,7 +41,8 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColu
                            TimeRemainingColumn)
 from rich.text import Text
 
-from dictsweep.errors import DictsweepError, InputError, RunError
+from dictsweep.config import distinct
+from dictsweep.errors import DictsweepError, InputError, RunError, option_errors
 
 if TYPE_CHECKING:
     import torch
@@ -87,10 +88,7 @@ class HarvestConfig(BaseModel):
     @field_validator("hooks")
     @classmethod
     def _distinct(cls, hooks: list[str]) -> list[str]:
-        repeated = sorted({hook for hook in hooks if hooks.count(hook) > 1})
-        if repeated:
-            raise ValueError(f"hook(s) given more than once: {', '.join(repeated)}")
-        return hooks
+        return distinct(hooks, "hook(s)")
 
     @classmethod
     def from_cli(cls, **values) -> HarvestConfig:
@@ -98,9 +96,7 @@ class HarvestConfig(BaseModel):
         try:
             return cls(**values)
         except ValidationError as error:
-            problems = [f"{_option(str(item['loc'][0]))}: {item['msg'].removeprefix('Value error, ')} "
-                        f"(got {item.get('input')!r})" for item in error.errors()]
-            raise InputError("; ".join(problems)) from None
+            raise option_errors(error, _option) from None
 
     def plan_settings(self) -> dict:
         """The settings that decide the dataset's contents (a rerun must match them to resume)."""
@@ -109,6 +105,7 @@ class HarvestConfig(BaseModel):
 
 def _option(field: str) -> str:
     """The CLI option of a config field: `max_tokens` -> `--max-tokens`, `hooks` -> `--hook`."""
+    field = field.split(".")[0]  # a list item's error names its list
     return "--hook" if field == "hooks" else "--" + field.replace("_", "-")
 
 

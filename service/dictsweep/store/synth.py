@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Literal, NamedTuple
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
-from dictsweep.errors import InputError
+from dictsweep.errors import option_errors
 
 if TYPE_CHECKING:
     import torch
@@ -62,10 +62,7 @@ class SynthConfig(BaseModel):
         try:
             return cls(**values)
         except ValidationError as error:
-            problems = [f"--{'.'.join(map(str, item['loc'])).replace('_', '-')}: "
-                        f"{item['msg'].removeprefix('Value error, ')} (got {item.get('input')!r})"
-                        for item in error.errors()]
-            raise InputError("; ".join(problems)) from None
+            raise option_errors(error, lambda field: "--" + field.replace("_", "-")) from None
 
 
 class SynthModel(NamedTuple):

@@ -446,6 +446,8 @@ class SweepRun:
         if result.stream:
             summary["data_wait_fraction"] = result.stream["data_wait_fraction"]
             summary["bytes_read_per_node"] = float(np.mean(result.stream["bytes_read_per_node"]))
+            print(f"stream: {summary['bytes_read_per_node'] / 1e6:,.1f} MB read per node; trainers waited for "
+                  f"data {summary['data_wait_fraction']:.1%} of the time", flush=True)
         tracker.log_metrics(tracker.parent_id, summary, 0)
         self.plot()
         for baseline in result.baselines:

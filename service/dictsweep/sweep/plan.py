@@ -206,7 +206,8 @@ def plan_zero(point: GridPoint, d_model: int, batch_rows: int, device: str, n_de
     needed = zero_bytes_per_worker(d_model, point.n_latents, batch_rows, choices[-1], stage, offload)
     raise InputError(f"needs {needed / 2**30:.1f} GiB per worker even with ZeRO-{stage} over {choices[-1]} "
                      f"{device} devices (budget {budget / 2**30:.1f} GiB): ZeRO gathers an SAE's whole layer for "
-                     f"each step; try resources.zero_offload, a smaller train.batch_rows or n_latents")
+                     f"each step; try {'' if offload else 'resources.zero_offload, '}a smaller train.batch_rows "
+                     f"or n_latents")
 
 
 def plan_from_dict(data: dict) -> Plan:

@@ -73,7 +73,32 @@ class MetricSums:
         return means
 
 
-class EnsembleTrainer:
+class DeadLatents:
+    """When dead latents get AuxK or resampling, from the firing statistics and the schedule (shared by
+    `EnsembleTrainer` and the ZeRO trainer: `ensemble`, `config`, `firing`, `step_count`, `total_steps`)."""
+
+    def auxk_dead_mask(self) -> Tensor | None:
+        """Latents dead for a window `[K, n]`, for architectures trained with AuxK; None when none is."""
+        if self.ensemble.dead_latents != "auxk" or self.config.auxk_coef == 0:
+            return None
+        if self.firing.tokens_seen < self.firing.window_tokens:
+            return None  # no window has passed: nothing can be dead yet (and no device sync)
+        dead = self.firing.dead_mask()
+        return dead if bool(dead.any()) else None
+
+    def resample_due(self, rows: int) -> Tensor | None:
+        """The dead mask `[K, n]` when the batch of `rows` just counted crossed a resampling point in
+        the resampling part of training and something is dead; else None."""
+        every, tokens = self.config.resample_every_tokens, self.firing.tokens_seen
+        if self.ensemble.dead_latents != "resample" or every == 0 or tokens // every == (tokens - rows) // every:
+            return None
+        if self.step_count > self.config.resample_until_fraction * self.total_steps:
+            return None
+        dead = self.firing.dead_mask()
+        return dead if bool(dead.any()) else None
+
+
+class EnsembleTrainer(DeadLatents):
     """One ensemble on one device: its optimizer, schedules, firing statistics and dead latents."""
 
     def __init__(self, ensemble: Ensemble, config: TrainConfig, total_steps: int,
@@ -117,25 +142,11 @@ class EnsembleTrainer:
         self.step_count += 1
         self.resample_dead(x, out)
 
-    def auxk_dead_mask(self) -> Tensor | None:
-        """Latents dead for a window `[K, n]`, for architectures trained with AuxK; None when none is."""
-        if self.ensemble.dead_latents != "auxk" or self.config.auxk_coef == 0:
-            return None
-        if self.firing.tokens_seen < self.firing.window_tokens:
-            return None  # no window has passed: nothing can be dead yet (and no device sync)
-        dead = self.firing.dead_mask()
-        return dead if bool(dead.any()) else None
-
     def resample_dead(self, x: Tensor, out: EnsembleOutput) -> None:
         """Every `resample_every_tokens` in the first `resample_until_fraction` of training, give
         latents dead for a window new weights and fresh Adam moments (architectures that resample)."""
-        every, tokens = self.config.resample_every_tokens, self.firing.tokens_seen
-        if self.ensemble.dead_latents != "resample" or every == 0 or tokens // every == (tokens - len(x)) // every:
-            return
-        if self.step_count > self.config.resample_until_fraction * self.total_steps:
-            return
-        dead = self.firing.dead_mask()
-        if not bool(dead.any()):
+        dead = self.resample_due(len(x))
+        if dead is None:
             return
         changed = self.ensemble.resample(dead, x, out.sae_out.detach(), self.generators)
         for name, mask in changed.items():

@@ -50,7 +50,7 @@ from dictsweep.store import fs
 from dictsweep.store.dataset import ActivationDataset
 from dictsweep.stream.order import StreamOrder
 from dictsweep.train.evaluate import Evaluator
-from dictsweep.train.loop import STEP_METRICS, MetricSums, lr_factor, sparsity_factor, uses_bf16
+from dictsweep.train.loop import STEP_METRICS, DeadLatents, MetricSums, lr_factor, sparsity_factor, uses_bf16
 
 TORCH_EXTENSIONS_DIR = "~/.cache/dictsweep/torch_extensions"  # DeepSpeed's JIT-built ops (~60 s to build once)
 CPU_WORKER_RESOURCES = {"CPU": 0.5}  # a placement token: CPU workers share the node's cores
@@ -216,7 +216,7 @@ class WorkerSlices:
         return self.windows[key]
 
 
-class ZeroTrainer:
+class ZeroTrainer(DeadLatents):
     """One single-member ensemble in a DeepSpeed ZeRO engine: the step, schedules, firing statistics,
     dead latents and evaluation of `EnsembleTrainer`, over the workers' slices of each batch."""
 
@@ -341,25 +341,11 @@ class ZeroTrainer:
         values["fvu"] = values["mse"] / total_variance.float()
         return fire_counts, values
 
-    def auxk_dead_mask(self) -> Tensor | None:
-        """As `EnsembleTrainer.auxk_dead_mask`; the firing statistics are global, so every worker agrees."""
-        if self.ensemble.dead_latents != "auxk" or self.config.auxk_coef == 0:
-            return None
-        if self.firing.tokens_seen < self.firing.window_tokens:
-            return None
-        dead = self.firing.dead_mask()
-        return dead if bool(dead.any()) else None
-
     def resample_dead(self, x: Tensor, out: EnsembleOutput) -> None:
         """As `EnsembleTrainer.resample_dead`, on the gathered global batch: every worker makes the
         same draws, writes the same weights (and ZeRO's fp32 master) and zeroes the same moments."""
-        every, tokens, rows = self.config.resample_every_tokens, self.firing.tokens_seen, len(x) * self.world
-        if self.ensemble.dead_latents != "resample" or every == 0 or tokens // every == (tokens - rows) // every:
-            return
-        if self.step_count > self.config.resample_until_fraction * self.total_steps:
-            return
-        dead = self.firing.dead_mask()
-        if not bool(dead.any()):
+        dead = self.resample_due(len(x) * self.world)
+        if dead is None:
             return
         x_all = gather_rows(x)  # [B, d_model], in global batch order
         sae_out_all = gather_rows(out.sae_out.detach()[0]).unsqueeze(0)  # [1, B, d_model]
