@@ -27,6 +27,24 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def run_cli(monkeypatch, capsys):
+    """Run the `dictsweep` entry point on these arguments: (exit code, what it printed)."""
+    from dictsweep import cli
+
+    def run(*args: str) -> tuple[int, str]:
+        monkeypatch.setattr(sys, "argv", ["dictsweep", *args])
+        try:
+            cli.main()
+            code = 0
+        except SystemExit as exit:
+            code = exit.code
+        captured = capsys.readouterr()
+        return code, captured.out + captured.err
+
+    return run
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -3,14 +3,12 @@
 out, rows are shuffled, eval contexts are held out whole, an interrupted harvest resumes."""
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from dictsweep import cli
 from dictsweep.errors import InputError
 from dictsweep.store import dataset as dataset_module
 from dictsweep.store.dataset import ActivationDataset
@@ -63,17 +61,6 @@ def direct_forward(model, contexts: list[np.ndarray], layer: int) -> list[torch.
     return outputs
 
 
-def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
-    monkeypatch.setattr(sys, "argv", ["dictsweep", *args])
-    try:
-        cli.main()
-        code = 0
-    except SystemExit as exit:
-        code = exit.code
-    captured = capsys.readouterr()
-    return code, captured.out + captured.err
-
-
 @pytest.fixture(scope="module")
 def model():
     from transformers import AutoModel
@@ -89,10 +76,10 @@ def one_hook(tmp_path_factory):
     return cfg, harvest(cfg, progress=False)
 
 
-def test_two_hooks_on_two_ray_workers_equal_a_direct_forward_pass(tmp_path, monkeypatch, capsys, model):
+def test_two_hooks_on_two_ray_workers_equal_a_direct_forward_pass(tmp_path, run_cli, model):
     text = write_topics(tmp_path / "topics.txt")
     out = tmp_path / "acts"
-    code, printed = run_cli(monkeypatch, capsys, "harvest", "--model", MODEL, "--hook", "encoder.layer.3",
+    code, printed = run_cli("harvest", "--model", MODEL, "--hook", "encoder.layer.3",
                             "--hook", "encoder.layer.5", "--text", str(text), "--out", str(out),
                             "--context", str(CONTEXT), "--max-tokens", str(MAX_TOKENS), "--dtype", "float16",
                             "--shard-rows", "256", "--shuffle-rows", "512", "--eval-fraction", "0.1",
@@ -267,9 +254,9 @@ def test_packing_concatenates_documents_with_separators(tmp_path):
     assert np.array_equal(offsets, offsets3) and np.array_equal(tokens, tokens3)
 
 
-def test_bad_hook_exits_2_and_suggests_modules(tmp_path, monkeypatch, capsys):
+def test_bad_hook_exits_2_and_suggests_modules(tmp_path, run_cli):
     text = write_topics(tmp_path / "topics.txt", count=1)
-    code, printed = run_cli(monkeypatch, capsys, "harvest", "--model", MODEL, "--hook", "encoder.layers.3",
+    code, printed = run_cli("harvest", "--model", MODEL, "--hook", "encoder.layers.3",
                             "--text", str(text), "--out", str(tmp_path / "ds"))
     assert code == 2
     assert "'encoder.layers.3'" in printed and "encoder.layer.3" in printed and "'encoder' holds" in printed
@@ -284,8 +271,8 @@ def test_a_hook_without_one_vector_per_token_is_an_input_error(tmp_path):
     assert not (tmp_path / "ds" / "manifest.json").exists()
 
 
-def test_missing_text_path_exits_2(tmp_path, monkeypatch, capsys):
-    code, printed = run_cli(monkeypatch, capsys, "harvest", "--model", MODEL, "--hook", "encoder.layer.3",
+def test_missing_text_path_exits_2(tmp_path, run_cli):
+    code, printed = run_cli("harvest", "--model", MODEL, "--hook", "encoder.layer.3",
                             "--text", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "ds"))
     assert code == 2 and f"--text {tmp_path / 'missing.txt'}: no such file or folder" in printed
 

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 
-from dictsweep import cli
 from dictsweep.errors import InputError
 from dictsweep.store.dataset import ActivationDataset
 from dictsweep.store.synth import SynthConfig, build_model, firing_probabilities, sample_rows, synth_dataset
@@ -108,29 +107,18 @@ def test_config_errors_name_the_option():
         SynthConfig.from_cli(dtype="int8")
 
 
-def _run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
-    monkeypatch.setattr(sys, "argv", ["dictsweep", *args])
-    try:
-        cli.main()
-        code = 0
-    except SystemExit as exit:
-        code = exit.code
-    captured = capsys.readouterr()
-    return code, captured.out + captured.err
-
-
-def test_cli_synth(tmp_path, monkeypatch, capsys):
+def test_cli_synth(tmp_path, run_cli):
     out = str(tmp_path / "ds")
     args = ["synth", "--out", out, "--d-model", "8", "--n-features", "16", "--active", "2",
             "--rows", "300", "--eval-rows", "50", "--shard-rows", "128", "--seed", "1"]
-    code, printed = _run_cli(monkeypatch, capsys, *args)
+    code, printed = run_cli(*args)
     assert code == 0 and f"wrote 300 train + 50 eval rows (3 + 1 shards, d_model=8, float32) to {out}" in printed
     assert ActivationDataset.open(out).n_rows == 300
-    code, printed = _run_cli(monkeypatch, capsys, *args)
+    code, printed = run_cli(*args)
     assert code == 2 and "already holds a dataset" in printed
-    code, printed = _run_cli(monkeypatch, capsys, *args, "--overwrite", "--rows", "10")
+    code, printed = run_cli(*args, "--overwrite", "--rows", "10")
     assert code == 0 and ActivationDataset.open(out).n_rows == 10
-    code, printed = _run_cli(monkeypatch, capsys, "synth", "--out", out, "--decay", "1.5")
+    code, printed = run_cli("synth", "--out", out, "--decay", "1.5")
     assert code == 2 and "--decay: Input should be less than or equal to 1" in printed
 
 

@@ -1,8 +1,10 @@
 """Sweeps as Ray jobs on a real cluster started with `ray start --head` on 127.0.0.1:
 submit, status, logs and stop through the CLI."""
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -24,15 +26,41 @@ def ray_head(tmp_path_factory):
     # the cluster's nodes run the Python that has dictsweep's dependencies, as a cluster image does
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    subprocess.run([RAY, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
-                    "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--num-cpus", "4",
-                    "--temp-dir", str(temp), "--disable-usage-stats"], env=env, check=True, capture_output=True)
+    # --block keeps `ray start` in the foreground, heading a process group of its own: stopping that
+    # group stops this cluster alone (`ray stop` would also stop the session's other local cluster,
+    # and with it every test process connected to it)
+    head = subprocess.Popen([RAY, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
+                             "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--num-cpus", "4",
+                             "--temp-dir", str(temp), "--disable-usage-stats", *own_ports()], env=env,
+                            start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     address = f"http://127.0.0.1:{dashboard}"
     try:
-        wait_for(address + "/api/version", 120)
+        wait_for(address + "/api/version", 120, head)
         yield address
     finally:
-        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True)
+        stop_group(head)
+
+
+def own_ports() -> list[str]:
+    """Free ports for the head's agents: their defaults (52365, ...) are taken by another local
+    cluster when one runs (the session's `ray_local`), and a head without its agent takes no jobs."""
+    options = ["--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--metrics-export-port",
+               "--runtime-env-agent-port", "--ray-client-server-port", "--node-manager-port", "--object-manager-port"]
+    return [part for option in options for part in (option, str(free_port()))]
+
+
+def stop_group(process: subprocess.Popen) -> None:
+    """SIGTERM to the process group `process` heads, SIGKILL to what is left after 30 s."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(30)
+    except subprocess.TimeoutExpired:
+        pass
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
 
 
 def cli(*args, check=True):
