@@ -209,7 +209,7 @@ def test_mlflow_outage_loses_no_metric(tmp_path, monkeypatch, ray_local):
         for name, done in result.finished.items():
             history = client.get_metric_history(done["run_id"], "loss")
             assert [m.step for m in history] == list(range(8192, 262_144 + 1, 8192)), name
-            assert [a.path for a in client.list_artifacts(done["run_id"])] == ["dictionary"]
+            assert [a.path for a in client.list_artifacts(done["run_id"])] == ["dictionary", "plots"]
             assert client.get_run(done["run_id"]).info.status == "FINISHED"
         assert experiment is not None
     finally:
