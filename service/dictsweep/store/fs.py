@@ -107,8 +107,12 @@ def read_bytes(uri: str) -> bytes:
 
 @checked
 def read_bytearray(uri: str, size: int) -> bytearray:
-    """The whole file at `uri` in a writable buffer, read in place when it is `size` bytes long."""
+    """The whole file at `uri` in a writable buffer (a local file is read into it in place)."""
     fs, path = resolve(uri)
+    if not isinstance(fs, LocalFileSystem):
+        # one GET of the whole object: a remote file object would first ask for its size (HEAD),
+        # then fetch it block by block (5 MB ranges on S3), one round trip after another
+        return bytearray(fs.cat_file(path))
     buffer = bytearray(size)
     view = memoryview(buffer)
     filled = 0

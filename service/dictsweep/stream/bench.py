@@ -44,6 +44,8 @@ def bench_stream(uri: str, readers: int = 4, batch_rows: int = 4096, shuffle_sha
     refs = [pool[index % readers].read.remote(index) for index in range(len(shards))]
     rows = sum(len(rows) for rows in ray.get(refs))
     read_seconds = time.perf_counter() - start
+    for actor in pool:  # the broadcaster starts readers of its own
+        ray.kill(actor)
 
     broadcaster = Broadcaster.remote(uri, batch_rows, shuffle_shards, 0, readers)
     steps = sum(info.rows for info in shards) // batch_rows
@@ -56,8 +58,7 @@ def bench_stream(uri: str, readers: int = 4, batch_rows: int = 4096, shuffle_sha
             ray.get(pending.pop(0))
     ray.get(pending)
     stream_seconds = time.perf_counter() - start
-    for actor in pool + [broadcaster]:
-        ray.kill(actor)
+    ray.kill(broadcaster)
 
     megabytes = total_bytes / 1e6
     return {
