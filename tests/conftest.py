@@ -45,6 +45,22 @@ def run_cli(monkeypatch, capsys):
     return run
 
 
+def spec_file(folder: Path, base: dict, name: str, **changes) -> str:
+    """Write the sweep spec `base` named `name` to `folder`, with `section__field=value` changes."""
+    import json
+
+    import yaml
+
+    spec = json.loads(json.dumps(base))
+    spec["name"] = name
+    for key, value in changes.items():
+        section, field = key.split("__")
+        spec[section][field] = value
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return str(path)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -10,12 +10,13 @@ import time
 
 import pytest
 import torch
-import yaml
 
 from dictsweep import load_dictionary
 from dictsweep.config import load_spec
 from dictsweep.errors import RunError
 from dictsweep.sweep.controller import run_sweep
+
+from tests import conftest
 
 SPEC = {
     "data": {"uri": "data/toy", "synth": {"d_model": 16, "n_features": 32, "active": 3, "rows": 16_384,
@@ -31,14 +32,7 @@ SPEC = {
 
 
 def spec_file(folder, name, **changes):
-    spec = json.loads(json.dumps(SPEC))
-    spec["name"] = name
-    for key, value in changes.items():
-        section, field = key.split("__")
-        spec[section][field] = value
-    path = folder / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    return str(path)
+    return conftest.spec_file(folder, SPEC, name, **changes)
 
 
 def weights(result):

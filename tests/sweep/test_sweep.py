@@ -18,6 +18,8 @@ from dictsweep.store.dataset import ActivationDataset
 from dictsweep.sweep.controller import run_sweep
 from dictsweep.sweep.pull import pull
 
+from tests import conftest
+
 BASE = {
     "data": {"uri": "data/toy", "synth": {"d_model": 16, "n_features": 32, "active": 3, "rows": 20_000,
                                           "eval_rows": 2048, "shard_rows": 4096, "seed": 1}},
@@ -30,14 +32,7 @@ BASE = {
 
 
 def write_spec(folder, name, **changes):
-    spec = json.loads(json.dumps(BASE))
-    spec["name"] = name
-    for key, value in changes.items():
-        section, field = key.split("__")
-        spec[section][field] = value
-    path = folder / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    return str(path)
+    return conftest.spec_file(folder, BASE, name, **changes)
 
 
 def eval_fvu(dictionary, dataset):
