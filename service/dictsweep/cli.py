@@ -162,7 +162,10 @@ def print_sweep(result) -> None:
     # short headers so that the table fits 80 columns: arch, n_latents, l1_coef or k, l0, fvu,
     # dead_fraction, mmcs_ground_truth, loss_recovered (spliced into the model), selected
     spliced = any("loss_recovered" in r["metrics"] for r in result.finished.values())
-    columns = ("arch", "n_latents", "l1/k", "l0", "fvu", "dead", "mmcs_gt") + (("loss_rec",) if spliced else ()) + ("sel",)
+    uses_k = {r["point"].k is not None for r in result.finished.values()}
+    sparsity = "l1/k" if len(uses_k) > 1 else "k" if uses_k == {True} else "l1_coef"
+    columns = (("arch", "n_latents", sparsity, "l0", "fvu", "dead", "mmcs_gt") + (("loss_rec",) if spliced else ())
+               + ("sel",))
     for column in columns:
         table.add_column(column, justify="right")
     rows = sorted(result.finished.values(), key=lambda r: (r["point"].architecture, r["point"].n_latents,

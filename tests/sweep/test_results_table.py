@@ -1,0 +1,41 @@
+"""The results table the CLI prints at the end of a sweep: one row per SAE, the sparsity column named
+after what the sweep varied, failures and where to look next."""
+
+from dictsweep.cli import print_sweep
+from dictsweep.sweep.controller import SweepResult
+from dictsweep.sweep.plan import GridPoint, Plan
+
+METRICS = {"l0": 12.5, "fvu": 0.25, "dead_fraction": 0.0, "mmcs_ground_truth": 0.95}
+
+
+def result_of(*points: GridPoint, failed: dict | None = None) -> SweepResult:
+    result = SweepResult(plan=Plan(d_model=16, batch_rows=256, waves=[]), export_dir="/out/dictionaries",
+                         tracking_uri="sqlite:///m.db")
+    for point in points:
+        result.finished[point.name] = {"point": point, "metrics": dict(METRICS), "uri": "", "run_id": ""}
+    result.selected = {points[0].name}
+    result.failed = failed or {}
+    return result
+
+
+def header(printed: str) -> list[str]:
+    line = next(line for line in printed.splitlines() if "n_latents" in line)
+    return [cell.strip() for cell in line.strip("┃ ").split("┃")]
+
+
+def test_relu_sweep_table(capsys):
+    relu = [GridPoint("relu", 64, 0.003, 0, l1_coef=l1) for l1 in (1.0, 2.0)]
+    print_sweep(result_of(*relu, failed={"relu-n64-l1_4-lr0.003-s0": "trainer w0-t0 failed: NaN\nmore"}))
+    printed = capsys.readouterr().out
+    assert header(printed) == ["arch", "n_latents", "l1_coef", "l0", "fvu", "dead", "mmcs_gt", "sel"]
+    assert printed.count("│ relu │") == 2 and "12.50" in printed and "0.950" in printed
+    assert "failed relu-n64-l1_4-lr0.003-s0: trainer w0-t0 failed: NaN" in printed
+    assert "/out/dictionaries" in printed and "mlflow ui --backend-store-uri sqlite:///m.db" in printed
+    assert all(len(line) <= 80 for line in printed.splitlines())
+
+
+def test_mixed_sweep_names_both_sparsity_settings(capsys):
+    print_sweep(result_of(GridPoint("topk", 64, 0.003, 0, k=8), GridPoint("relu", 64, 0.003, 0, l1_coef=1.0)))
+    assert header(capsys.readouterr().out)[2] == "l1/k"
+    print_sweep(result_of(GridPoint("topk", 64, 0.003, 0, k=8)))
+    assert header(capsys.readouterr().out)[2] == "k"
