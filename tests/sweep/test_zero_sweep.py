@@ -32,3 +32,7 @@ def test_zero_point_in_a_sweep(tmp_path, monkeypatch, ray_local):
     history = client.get_metric_history(result.finished[name]["run_id"], "loss")
     assert [m.step for m in history] == [4096, 8192]
     assert json.loads((tmp_path / "dictionaries/zerosweep/index.json").read_text())[0]["path"] == name
+    # the same end as a single-device SAE: decoder-norm statistics and the density plot on its run
+    run = client.get_run(result.finished[name]["run_id"])
+    assert "eval/decoder_norm_mean" in run.data.metrics
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "plots")] == ["plots/density_and_norms.png"]

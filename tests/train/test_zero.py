@@ -14,6 +14,7 @@ from dictsweep.config import TrainConfig
 from dictsweep.errors import InputError
 from dictsweep.sae import Member, build_ensemble
 from dictsweep.sae.metrics import mmcs_ground_truth
+from dictsweep.sae.plots import decoder_norm_stats
 from dictsweep.store.dataset import ActivationDataset
 from dictsweep.store.synth import SynthConfig, synth_dataset
 from dictsweep.stream.order import StreamOrder
@@ -73,6 +74,7 @@ def single_device(dataset_uri: str, point: dict, train: TrainConfig):
         evaluator.add(trainer.scale(stream_batch(dataset, "eval", eval_order, step)))
     metrics = evaluator.results()[0]
     metrics.update(mmcs_ground_truth(ensemble.W_dec[0], dataset.ground_truth()))
+    metrics.update(decoder_norm_stats(ensemble.W_dec[0]))
     return ensemble.member_state(0), metrics, history
 
 

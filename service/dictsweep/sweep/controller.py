@@ -278,7 +278,7 @@ class SweepRun:
             self.record_failure({name: f"ZeRO training failed: {error}"})
             return
         self.log_records([{"name": name, **entry} for entry in done["metric_history"]])
-        self.record(key, {"finished": {name: {"metrics": done["metrics"], "uri": done["uri"]}}, "failed": {}})
+        self.record(key, {"finished": {name: {part: done[part] for part in ("metrics", "uri", "plot")}}, "failed": {}})
 
     def run_wave(self, wave_index: int, trainers: list[TrainerPlan], label: str) -> None:
         import ray

@@ -20,11 +20,8 @@ import torch
 
 from dictsweep.config import TrainConfig
 from dictsweep.sae.ensemble import Member, build_ensemble
-from dictsweep.sae.export import member_files
-from dictsweep.sae.metrics import mmcs_ground_truth
-from dictsweep.sae.plots import decoder_norm_stats, member_plot
 from dictsweep.store import fs
-from dictsweep.train.evaluate import Evaluator
+from dictsweep.train.evaluate import Evaluator, export_member
 from dictsweep.train.kernels import choose_kernel
 from dictsweep.train.loop import DeviceTrainer, EnsembleTrainer
 
@@ -203,16 +200,6 @@ class Trainer:
             for member, name in enumerate(spec.names):
                 if name in self.failed:
                     continue
-                decoder = trainer.ensemble.W_dec[member]
-                metrics[member].update(decoder_norm_stats(decoder))
-                if features is not None:
-                    metrics[member].update(mmcs_ground_truth(decoder, features))
-                plot = fs.join(storage_uri, "plots", f"{name}.png")
-                fs.write_bytes(plot, member_plot(frequencies[member], decoder, title=name))
-                folder = fs.join(storage_uri, "dictionaries", name)
-                info = dict(metadata[name])
-                info["dictsweep"] = {**info.get("dictsweep", {}), "metrics": metrics[member],
-                                     "input_scale": float(trainer.ensemble.input_scale)}
-                fs.write_files(folder, member_files(trainer.ensemble, member, frequencies[member], info))
-                finished[name] = {"metrics": metrics[member], "uri": folder, "plot": plot}
+                finished[name] = export_member(trainer.ensemble, member, frequencies[member], metrics[member],
+                                               metadata[name], storage_uri, name, features)
         return {"finished": finished, "failed": dict(self.failed)}

@@ -10,6 +10,10 @@ import torch
 from torch import Tensor
 
 from dictsweep.sae.ensemble import Ensemble
+from dictsweep.sae.export import member_files
+from dictsweep.sae.metrics import mmcs_ground_truth
+from dictsweep.sae.plots import decoder_norm_stats, member_plot
+from dictsweep.store import fs
 
 
 class Evaluator:
@@ -46,3 +50,23 @@ class Evaluator:
         dead = (self.fires == 0).float().mean(-1)
         return [{"mse": float(mse[i]), "fvu": float(fvu[i]), "l0": float(l0[i]),
                  "dead_fraction": float(dead[i])} for i in range(self.ensemble.n_members)]
+
+
+def export_member(ensemble: Ensemble, member: int, log10_frequency: Tensor, metrics: dict, metadata: dict,
+                  storage_uri: str, name: str, features: Tensor | None = None, extra: dict | None = None) -> dict:
+    """The end of one trained SAE, whichever trainer made it: decoder-norm statistics and MMCS to the
+    ground truth (`features`) added to its eval `metrics`, its density and decoder-norm plot written
+    to `<storage_uri>/plots/<name>.png` and its dictionary to `<storage_uri>/dictionaries/<name>/`
+    (`extra` joins the dictsweep metadata). Returns {"metrics", "uri", "plot"}."""
+    decoder = ensemble.W_dec[member]  # [n_latents, d_model]
+    metrics.update(decoder_norm_stats(decoder))
+    if features is not None:
+        metrics.update(mmcs_ground_truth(decoder, features.to(decoder.device)))
+    plot = fs.join(storage_uri, "plots", f"{name}.png")
+    fs.write_bytes(plot, member_plot(log10_frequency, decoder, title=name))
+    folder = fs.join(storage_uri, "dictionaries", name)
+    info = dict(metadata)
+    info["dictsweep"] = {**info.get("dictsweep", {}), "metrics": metrics, "input_scale": float(ensemble.input_scale),
+                         **(extra or {})}
+    fs.write_files(folder, member_files(ensemble, member, log10_frequency, info))
+    return {"metrics": metrics, "uri": folder, "plot": plot}

@@ -44,12 +44,11 @@ from dictsweep.config import TrainConfig
 from dictsweep.errors import InputError, RunError
 from dictsweep.sae import Member, build_ensemble
 from dictsweep.sae.ensemble import Ensemble, EnsembleOutput
-from dictsweep.sae.export import member_files
-from dictsweep.sae.metrics import FiringTracker, mmcs_ground_truth
+from dictsweep.sae.metrics import FiringTracker
 from dictsweep.store import fs
 from dictsweep.store.dataset import ActivationDataset
 from dictsweep.stream.order import StreamOrder
-from dictsweep.train.evaluate import Evaluator
+from dictsweep.train.evaluate import Evaluator, export_member
 from dictsweep.train.loop import STEP_METRICS, DeadLatents, MetricSums, lr_factor, sparsity_factor, uses_bf16
 
 TORCH_EXTENSIONS_DIR = "~/.cache/dictsweep/torch_extensions"  # DeepSpeed's JIT-built ops (~60 s to build once)
@@ -115,7 +114,7 @@ def train_zero(dataset_uri: str, point: dict, train: TrainConfig, stream_seed: i
     config = {"dataset_uri": dataset_uri, "point": dict(point), "train": train, "stream_seed": stream_seed,
               "shuffle_shards": shuffle_shards, "total_steps": total_steps, "stage": stage, "offload": offload,
               "use_gpu": use_gpu, "input_scale": math.sqrt(dataset.d_model / dataset.mean_sq_norm()),
-              "folder": fs.join(storage_uri, "dictionaries", name), "metadata": metadata,
+              "storage_uri": storage_uri, "name": name, "metadata": metadata,
               "result_uri": result_uri}
     scaling = ScalingConfig(num_workers=workers, use_gpu=use_gpu,
                             resources_per_worker=None if use_gpu else CPU_WORKER_RESOURCES)
@@ -168,20 +167,13 @@ def zero_worker(config: dict) -> None:
                              shuffle=False)
     eval_steps = min(train.eval_tokens, dataset.n_eval_rows) // train.batch_rows
     metrics = trainer.evaluate(WorkerSlices(dataset, "eval", eval_order, trainer.rank, trainer.world), eval_steps)
-    features = dataset.ground_truth() if trainer.rank == 0 else None
     with trainer.full_weights():
-        if features is not None:
-            metrics.update(mmcs_ground_truth(ensemble.W_dec[0], features.to(device)))
         if trainer.rank == 0:
-            info = dict(config["metadata"])
-            info["dictsweep"] = {**info.get("dictsweep", {}), "metrics": metrics,
-                                 "input_scale": float(ensemble.input_scale),
-                                 "zero": {"stage": config["stage"], "workers": trainer.world,
-                                          "offload": config["offload"]}}
-            fs.write_files(config["folder"], member_files(ensemble, 0, trainer.firing.log10_frequency()[0], info))
-    if trainer.rank == 0:
-        fs.write_text(config["result_uri"], json.dumps(
-            {"metrics": metrics, "uri": config["folder"], "metric_history": history}))
+            done = export_member(ensemble, 0, trainer.firing.log10_frequency()[0], metrics, config["metadata"],
+                                 config["storage_uri"], config["name"], dataset.ground_truth(),
+                                 {"zero": {"stage": config["stage"], "workers": trainer.world,
+                                           "offload": config["offload"]}})
+            fs.write_text(config["result_uri"], json.dumps({**done, "metric_history": history}))
     torch.distributed.barrier()  # nobody leaves (and tears down the group) before rank 0 has written
 
 
