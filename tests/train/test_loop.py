@@ -97,22 +97,26 @@ if KEEP:
     keep_freed_memory()  # what a CPU trainer does first
 torch.empty(2**24).fill_(1.0)  # 64 MB, freed at once
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-torch.empty(2**24).fill_(1.0)
+for _ in range(10):  # ten more steps' worth, each freed at once
+    torch.empty(2**24).fill_(1.0)
 print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
 def page_faults(keep: bool) -> int:
-    """Page faults of a second 64 MB tensor after a first was freed, in a fresh process (the test
-    process has threads of its own, from Ray and the S3 server, whose faults would count too)."""
+    """Page faults of ten 64 MB tensors, each allocated after the last was freed, in a fresh process
+    (the test process has threads of its own, from Ray and the S3 server, whose faults would count too)."""
     out = subprocess.run([sys.executable, "-c", FAULTS.replace("KEEP", str(keep))], capture_output=True,
                          text=True, check=True)
     return int(out.stdout.split()[-1])
 
 
 def test_cpu_training_reuses_freed_memory():
-    assert page_faults(keep=False) > 10_000  # fresh pages: 16384 faults of 4 KiB
-    assert page_faults(keep=True) < 1000
+    fresh = 2**24 * 4 // 4096  # faults of one 64 MB tensor in fresh 4 KiB pages
+    assert page_faults(keep=False) > 9 * fresh  # every tensor in fresh pages
+    # torch's 64-byte-aligned allocation can miss the freed chunk by its alignment padding once, so
+    # one tensor may land in fresh pages; after that the heap holds and reuses them
+    assert page_faults(keep=True) <= fresh + 100
 
 
 MEMBERS = [Member(lr=3e-3, seed=1, l1_coef=1.0, k=4), Member(lr=1e-3, seed=2, l1_coef=0.3, k=2)]
