@@ -20,6 +20,8 @@ from typing import ClassVar, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from dictsweep.sae.sparse_decode import SparseDecode, triton_available
+
 SPARSE_DECODE_MAX_DENSITY = 1 / 32  # decode="auto": gather when k <= this fraction of n_latents (CPU crossover)
 AUXK_COEF = 1 / 32  # Gao et al. 2024
 
@@ -60,6 +62,11 @@ class EnsembleOutput(NamedTuple):
 
 
 ARCHITECTURES: dict[str, type["Ensemble"]] = {}
+
+
+def use_triton(values: Tensor) -> bool:
+    """Whether the sparse decode of `values` runs the Triton kernel: on CUDA tensors where Triton imports."""
+    return values.is_cuda and triton_available()
 
 
 def register(name: str):
@@ -162,14 +169,19 @@ class Ensemble(nn.Module):
         """Sum of the selected decoder rows weighted by their values, `[K, B, d_model]`, never
         materialising `[K, B, n_latents]` latents (forward or backward).
 
-        The stack is one table `[K * n_latents, d_model]`; member i's indices are offset by i * n.
+        On GPUs a Triton kernel (`sparse_decode.py`); on CPUs `embedding_bag`, where the stack is
+        one table `[K * n_latents, d_model]`; member i's indices are offset by i * n.
         """
+        if use_triton(values):  # GPUs: the Triton kernel reads the fp32 table, accumulates in fp32
+            return SparseDecode.apply(values, indices, self.W_dec)
         n_members, rows, k = indices.shape
         offsets = torch.arange(n_members, device=indices.device).view(-1, 1, 1) * self.n_latents
-        table = self.W_dec.reshape(-1, self.d_model).to(values.dtype)  # [K * n_latents, d_model]
+        # CUDA's embedding_bag has no bf16 backward: there (no Triton) it gathers in fp32
+        dtype = torch.float32 if values.is_cuda else values.dtype
+        table = self.W_dec.reshape(-1, self.d_model).to(dtype)  # [K * n_latents, d_model]
         out = nn.functional.embedding_bag((indices + offsets).view(-1, k), table, mode="sum",
-                                          per_sample_weights=values.reshape(-1, k))  # [K * B, d_model]
-        return out.view(n_members, rows, self.d_model)
+                                          per_sample_weights=values.reshape(-1, k).to(dtype))  # [K * B, d_model]
+        return out.view(n_members, rows, self.d_model).to(values.dtype)
 
     def densify(self, values: Tensor, indices: Tensor) -> Tensor:
         """Dense `[K, B, n_latents]` latents from `[K, B, k]` values and indices."""
