@@ -186,10 +186,11 @@ def test_compile_is_tried_only_when_the_planned_steps_repay_it():
 
 def test_choose_kernel_weighs_the_build_against_the_planned_steps(monkeypatch):
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
-    kernel, timings = kernels.choose_kernel("relu", 16, 64, MEMBERS, 64, total_steps=10)
+    kernel, decode, timings = kernels.choose_path("relu", 16, 64, MEMBERS, 64, total_steps=10)
     assert set(timings) == {"bmm", "loop"} and kernel == min(timings, key=timings.get)  # not worth trying
-    kernel, timings = kernels.choose_kernel("relu", 16, 64, MEMBERS, 64, candidates=("bmm", "compile"),
-                                            total_steps=10)
+    assert decode == "auto"  # CPUs keep the density rule
+    kernel, _, timings = kernels.choose_path("relu", 16, 64, MEMBERS, 64, candidates=("bmm", "compile"),
+                                             total_steps=10)
     assert timings["compile_seconds"] > 0 and timings["compile"] > 0
     assert kernel == "bmm"  # ten steps never repay a build
 
