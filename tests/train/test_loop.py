@@ -217,3 +217,20 @@ def test_bench_train_covers_architectures_and_decoders(architecture):
     assert result["architecture"] == architecture
     assert set(result["candidates"]) == {"bmm/dense", "bmm/sparse"}
     assert result["max_abs_weight_diff_vs_reference"] < 1e-5
+
+
+def test_a_candidate_that_raises_is_dropped_with_a_note(monkeypatch, capsys):
+    step = EnsembleTrainer.step
+
+    def loop_fails(trainer, batch):
+        if trainer.ensemble.kernel == "loop":
+            raise RuntimeError("no such kernel here\nsecond line")
+        step(trainer, batch)
+
+    monkeypatch.setattr(EnsembleTrainer, "step", loop_fails)
+    kernel, decode, timings = kernels.choose_path("relu", 16, 64, MEMBERS, 64, total_steps=10)
+    assert (kernel, decode) == ("bmm", "auto") and set(timings) == {"bmm"}
+    assert capsys.readouterr().out == "kernel choice: loop dropped (RuntimeError: no such kernel here)\n"
+    monkeypatch.setattr(EnsembleTrainer, "step", lambda trainer, batch: 1 / 0)
+    with pytest.raises(ZeroDivisionError):  # nothing can run: the error is the sweep's
+        kernels.choose_path("relu", 16, 64, MEMBERS, 64, total_steps=10)
