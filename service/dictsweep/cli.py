@@ -290,6 +290,11 @@ def bench_train_command(
     for name in decode:
         if name not in ("auto", "dense", "sparse"):
             raise InputError(f"--decode: {name!r} is not one of auto, dense, sparse")
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if device not in ("cpu", "cuda") or (device == "cuda" and not cuda):
+        raise InputError(f"--device: {device!r} is not available here (choose from: cpu{', cuda' if cuda else ''})")
     result = bench_train(d_model, n_latents, batch_rows, members, steps, architecture, tuple(kernel) or None,
                          reference, device, decodes=tuple(decode), rounds=rounds, k=k)
     print_result(result, as_json, f"bench train: {architecture} d_model={d_model} n_latents={n_latents}")

@@ -44,7 +44,7 @@ class TrainConfig(Section):
     dead_window_tokens: int = Field(1_000_000, gt=0, description="A latent that has not fired for this many tokens counts as dead.")
     dense_threshold: float = Field(0.1, gt=0, le=1, description="A latent firing on more than this fraction of tokens counts as dense.")
     kernel: Literal["auto", "bmm", "loop", "compile"] = Field("auto", description="Ensemble matmul kernel: batched (bmm), one matmul per member (loop), torch.compile'd, or auto (chosen by measurement on the device; compile only when the planned steps repay its build time).")
-    decode: Literal["auto", "dense", "sparse"] = Field("auto", description="Top-k family decoder: gather the k active decoder rows (sparse), a dense matmul, or auto (sparse when k <= n_latents / 32).")
+    decode: Literal["auto", "dense", "sparse"] = Field("auto", description="Top-k family decoder: gather the k active decoder rows (sparse; a Triton kernel on GPUs), a dense matmul, or auto (on GPUs chosen by measurement at the sweep's shapes; on CPUs sparse when k <= n_latents / 32).")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="Forward precision: bf16 autocast with fp32 master weights, fp32, or auto (bf16 on GPUs, fp32 on CPU).")
     auxk_coef: float = Field(1 / 32, ge=0, description="AuxK loss coefficient for dead latents of topk and batchtopk (Gao et al.: 1/32; 0 turns AuxK off).")
     auxk_k: int = Field(0, ge=0, description="Dead latents per row that AuxK uses (0 = d_model // 2).")

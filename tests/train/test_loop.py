@@ -234,3 +234,10 @@ def test_a_candidate_that_raises_is_dropped_with_a_note(monkeypatch, capsys):
     monkeypatch.setattr(EnsembleTrainer, "step", lambda trainer, batch: 1 / 0)
     with pytest.raises(ZeroDivisionError):  # nothing can run: the error is the sweep's
         kernels.choose_path("relu", 16, 64, MEMBERS, 64, total_steps=10)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
+def test_bench_train_on_a_missing_device_is_invalid_input():
+    out = subprocess.run([sys.executable, "-m", "dictsweep.cli", "bench", "train", "--device", "cuda"],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and "--device: 'cuda' is not available here" in out.stderr
