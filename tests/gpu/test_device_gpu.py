@@ -105,8 +105,7 @@ def test_auto_measures_kernel_and_decoder_and_drops_what_fails(monkeypatch, caps
     def broken(*args):
         raise NotImplementedError("no sparse decoder here")
 
-    monkeypatch.setattr(ensemble, "use_triton", lambda values: True)
-    monkeypatch.setattr(ensemble.SparseDecode, "apply", broken)
+    monkeypatch.setattr(ensemble, "sparse_decode", broken)
     kernel, decode, timings = choose_path("topk", 256, 4096, members, 1024, "cuda", candidates=("bmm",))
     assert (kernel, decode) == ("bmm", "dense") and "bmm/sparse" not in timings
     assert "kernel choice: bmm/sparse dropped (NotImplementedError: no sparse decoder here)" in capsys.readouterr().out

@@ -61,6 +61,14 @@ SCRIPT = textwrap.dedent("""
             "aux_loss": float(dense_out.aux_loss.abs().min()),
             "loss": float((dense_out.loss - sparse_out.loss).abs().max()),
             "grads": max(float((dense_grads[name] - sparse_grads[name]).abs().max()) for name in dense_grads)}
+
+    # a compiled forward (aot_eager: what inductor would get, without its C++ builds) runs the kernel as is
+    model = build_ensemble("topk", 16, 64, [Member(lr=1e-3, seed=1, k=4)], decode="sparse")
+    eager = model(x, dead_mask=dead[:1], auxk_k=8)
+    compiled = torch.compile(model.forward, backend="aot_eager")(x, 1.0, dead[:1], 1 / 32, 8)
+    compiled.loss.sum().backward()
+    results["compiled"] = {"loss": float((eager.loss - compiled.loss).abs().max()),
+                           "grad": float(model.W_dec.grad.abs().sum())}
     print(json.dumps(results))
 """)
 
@@ -80,3 +88,4 @@ def test_kernel_under_the_interpreter_equals_the_dense_decode():
     for architecture in ("topk", "batchtopk"):
         assert results[architecture]["aux_loss"] > 0  # AuxK ran, through the kernel
         assert results[architecture]["loss"] < 1e-4 and results[architecture]["grads"] < 1e-4
+    assert results["compiled"]["loss"] < 1e-5 and results["compiled"]["grad"] > 0

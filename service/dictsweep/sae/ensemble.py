@@ -20,7 +20,7 @@ from typing import ClassVar, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from dictsweep.sae.sparse_decode import SparseDecode, triton_available
+from dictsweep.sae.sparse_decode import sparse_decode, triton_available
 
 SPARSE_DECODE_MAX_DENSITY = 1 / 32  # decode="auto": gather when k <= this fraction of n_latents (CPU crossover)
 AUXK_COEF = 1 / 32  # Gao et al. 2024
@@ -173,7 +173,7 @@ class Ensemble(nn.Module):
         one table `[K * n_latents, d_model]`; member i's indices are offset by i * n.
         """
         if use_triton(values):  # GPUs: the Triton kernel reads the fp32 table, accumulates in fp32
-            return SparseDecode.apply(values, indices, self.W_dec)
+            return sparse_decode(values, indices, self.W_dec)
         n_members, rows, k = indices.shape
         offsets = torch.arange(n_members, device=indices.device).view(-1, 1, 1) * self.n_latents
         # CUDA's embedding_bag has no bf16 backward: there (no Triton) it gathers in fp32

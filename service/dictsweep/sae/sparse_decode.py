@@ -130,7 +130,9 @@ class SparseDecode(torch.autograd.Function):
                 grad_table.to(table.dtype) if need_table else None)
 
 
+@torch.compiler.disable
 def sparse_decode(values: Tensor, indices: Tensor, table: Tensor) -> Tensor:
     """Sum of the selected rows of each member's decoder `table [K, n, d]` weighted by `values`,
-    `[K, B, k]` each: `[K, B, d]`, in the values' dtype."""
+    `[K, B, k]` each: `[K, B, d]`, in the values' dtype. A compiled forward runs it as it is (a
+    graph break: the kernel is opaque to the compiler anyway, and its launch is not traced)."""
     return SparseDecode.apply(values, indices, table)
