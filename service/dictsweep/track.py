@@ -224,6 +224,23 @@ def find_sweep(uri: str | None, sweep: str) -> tuple["Tracker", list[SaeRun]]:
 
 
 def download_dictionary(client, run_id: str, local_dir: str) -> str:
-    """Fetch a run's dictionary folder into `local_dir`; returns the folder."""
+    """Fetch a run's dictionary files into `local_dir` one by one; returns the folder.
+
+    The artifact names come from the tracking server: each must be a plain file name (no folder, no
+    `..`), so that nothing is written outside `local_dir`.
+    """
+    from dictsweep.store.fs import folder_name
+
+    entries = client.list_artifacts(run_id, DICTIONARY_PATH)
+    if not entries:
+        raise InputError(f"run {run_id} has no {DICTIONARY_PATH}/ artifact to download")
     os.makedirs(local_dir, exist_ok=True)
-    return client.download_artifacts(run_id, DICTIONARY_PATH, local_dir)
+    for entry in entries:
+        name = entry.path.removeprefix(f"{DICTIONARY_PATH}/")
+        folder_name(name, f"run {run_id}: artifact {entry.path!r}")
+        if entry.is_dir:
+            raise InputError(f"run {run_id}: artifact {entry.path!r} is a folder; a dictionary holds only files")
+        with tempfile.TemporaryDirectory(dir=local_dir, prefix=".artifact-") as scratch:
+            os.replace(client.download_artifacts(run_id, f"{DICTIONARY_PATH}/{name}", scratch),
+                       os.path.join(local_dir, name))
+    return local_dir

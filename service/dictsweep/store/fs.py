@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import uuid
 
 import fsspec
@@ -192,3 +193,16 @@ def copy_folder(source: str, destination: str) -> None:
     files.sort(key=lambda path: os.path.basename(path) in ("cfg.json", "manifest.json"))
     for path in files:
         write_bytes(join(destination, os.path.relpath(path, source_path)), source_fs.cat_file(path))
+
+
+FOLDER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+=-]{0,199}")
+
+
+def folder_name(name: object, where: str) -> str:
+    """`name` if it is safe as one folder name (letters, digits, `._+=-`, not starting with a dot or
+    dash), else an InputError naming `where`: a name from outside (an MLflow tag, index.json) never
+    becomes a path separator, `..`, an absolute path or a hidden file."""
+    if not isinstance(name, str) or not FOLDER_NAME.fullmatch(name):
+        raise InputError(f"{where}: the name {name!r} is not a safe folder name (letters, digits and ._+=- only, "
+                         "starting with a letter or digit); refusing to use it as a path")
+    return name
