@@ -37,3 +37,17 @@ class RunError(DictsweepError):
     def __init__(self, message: str, result=None):
         super().__init__(message)
         self.result = result  # what was produced before the failure, when there is something
+
+
+def number_not_boolean(model, field: str, value):
+    """`value` for `model.field` (a pydantic before-validator's input), or a ValueError when it holds
+    true/false where the field means numbers: pydantic would read them as 1 and 0."""
+    import typing
+
+    def takes_bool(annotation) -> bool:
+        return annotation is bool or any(takes_bool(arg) for arg in typing.get_args(annotation))
+
+    values = value if isinstance(value, list) else [value]
+    if any(isinstance(item, bool) for item in values) and not takes_bool(model.model_fields[field].annotation):
+        raise ValueError(f"got {value!r}: true/false is not a number (pydantic would read 1/0); write the number")
+    return value
