@@ -43,6 +43,28 @@ def tracking_uri(uri: str | None) -> str:
     return uri
 
 
+def check_tracking(uri: str | None, seconds: float = 5.0) -> str:
+    """The tracking URI, once seen usable within `seconds`: an HTTP server answers (any answer
+    below 500: a server that refuses us is there), a sqlite file's folder exists. InputError if not."""
+    import requests
+
+    resolved = tracking_uri(uri)
+    if resolved.startswith(("http://", "https://")):
+        try:
+            answer = requests.get(resolved.rstrip("/") + "/health", timeout=seconds)
+        except requests.RequestException as error:
+            raise InputError(f"tracking.uri {resolved}: no answer within {seconds:g} s ({type(error).__name__}); "
+                             "start the MLflow server, or correct the URI") from None
+        if answer.status_code >= 500:
+            raise InputError(f"tracking.uri {resolved}: the server answered {answer.status_code} "
+                             f"{answer.reason}; is the MLflow server behind it running?")
+    elif resolved.startswith("sqlite:///"):
+        folder = os.path.dirname(resolved.removeprefix("sqlite:///"))
+        if not os.path.isdir(folder):
+            raise InputError(f"tracking.uri {resolved}: the folder {folder} does not exist")
+    return resolved
+
+
 @dataclass
 class SaeRun:
     """A finished SAE as recorded: its run, point name, params, final metrics and tags."""

@@ -25,8 +25,12 @@ class StorageError(InputError):
 
 
 def explain(uri: str, error: BaseException) -> StorageError | None:
-    """A missing bucket or denied access as an error naming the URI and what to do; None otherwise."""
+    """A missing bucket, denied access or missing credentials as an error naming the URI and what to do;
+    None otherwise."""
     text = str(error)
+    if type(error).__name__ in ("NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"):
+        return StorageError(f"{uri}: no storage credentials ({text}); set AWS_ACCESS_KEY_ID and "
+                            "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), or give the machine a role that may read it")
     if isinstance(error, FileNotFoundError) and ("bucket does not exist" in text or "NoSuchBucket" in text):
         bucket = uri.split("://", 1)[-1].split("/", 1)[0]
         return StorageError(f"{uri}: the bucket {bucket!r} does not exist (create it, or correct the URI)")
@@ -39,12 +43,12 @@ def explain(uri: str, error: BaseException) -> StorageError | None:
 
 
 def checked(function):
-    """Turn a missing bucket or denied access in `function(uri, ...)` into a StorageError."""
+    """Turn a missing bucket, denied access or missing credentials in `function(uri, ...)` into a StorageError."""
     @functools.wraps(function)
     def call(uri: str, *args, **kwargs):
         try:
             return function(uri, *args, **kwargs)
-        except OSError as error:
+        except Exception as error:  # OSError, or botocore's own errors (missing credentials)
             problem = explain(uri, error)
             if problem is None:
                 raise
@@ -90,6 +94,22 @@ def join(uri: str, *parts: str) -> str:
         if part:
             out = out + part if out.endswith("/") else f"{out}/{part}"
     return out
+
+
+@checked
+def check_access(uri: str) -> None:
+    """StorageError unless the storage holding `uri` can be used with the credentials at hand: for
+    an object store, its bucket exists and answers (nothing need exist under `uri` yet)."""
+    fs, path = resolve(uri)
+    if isinstance(fs, LocalFileSystem):
+        return
+    bucket = path.split("/", 1)[0]
+    try:
+        fs.ls(path)  # raises for missing credentials or denied access
+    except FileNotFoundError:
+        pass  # nothing there yet
+    if not fs.exists(bucket):
+        raise FileNotFoundError(f"the bucket does not exist: {bucket}")
 
 
 @checked
