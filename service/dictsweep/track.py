@@ -11,6 +11,7 @@ training; `flush(patience=...)` at the end waits for the server for a while befo
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -83,10 +84,10 @@ class Tracker:
         from mlflow import MlflowClient
 
         self.uri = tracking_uri(uri)
-        self.client = MlflowClient(self.uri)
         self.patience = patience
-        found = self.now(self.client.get_experiment_by_name, experiment)
-        self.experiment_id = found.experiment_id if found else self.now(self.client.create_experiment, experiment)
+        with store_lock(self.uri):  # the client makes a fresh store's tables
+            self.client = MlflowClient(self.uri)
+            self.experiment_id = self.now(experiment_id, self.client, experiment)
         self.queue: list[tuple[str, Callable[[], None]]] = []  # (what, operation) waiting to be sent
         self.retry_at = 0.0  # during an outage: when to try the queue again
         self.parent_id: str | None = None
@@ -164,8 +165,37 @@ class Tracker:
         items = [RunTag(key, str(value)) for key, value in tags.items()]
         self.later(f"tags of {run_id}", lambda: self.client.log_batch(run_id, tags=items))
 
-    def end_run(self, run_id: str, failed: bool = False) -> None:
-        self.later(f"end of {run_id}", lambda: self.client.set_terminated(run_id, "FAILED" if failed else "FINISHED"))
+    def end_run(self, run_id: str, failed: bool = False, status: str | None = None) -> None:
+        """Queue ending a run: FINISHED, FAILED, or `status` (KILLED when the driver is stopped)."""
+        status = status or ("FAILED" if failed else "FINISHED")
+        self.later(f"end of {run_id}", lambda: self.client.set_terminated(run_id, status))
+
+    def statuses(self) -> dict[str, str]:
+        """run id -> MLflow status (RUNNING, FINISHED, FAILED, KILLED) of the sweep run and its children."""
+        found = self.now(self.client.search_runs, [self.experiment_id],
+                         f"tags.`mlflow.parentRunId` = '{self.parent_id}'", max_results=50_000)
+        statuses = {run.info.run_id: run.info.status for run in found}
+        statuses[self.parent_id] = self.now(self.client.get_run, self.parent_id).info.status
+        return statuses
+
+    def reopen(self, run_id: str) -> None:
+        """Mark a run that a stopped driver ended as KILLED running again (its sweep is resumed)."""
+        self.now(self.client.update_run, run_id, status="RUNNING")
+
+    def log_missing(self, run_id: str, points: dict[int, dict[str, float]]) -> int:
+        """Queue the metric points (step -> {key: value}) that the run does not have yet in MLflow,
+        where an earlier driver may have sent some of them; returns how many were missing."""
+        from mlflow.entities import Metric
+
+        now, missing = int(time.time() * 1000), []
+        for key in sorted({key for metrics in points.values() for key in metrics}):
+            present = {metric.step for metric in self.now(self.client.get_metric_history, run_id, key)}
+            missing += [Metric(key, float(metrics[key]), now, step) for step, metrics in sorted(points.items())
+                        if key in metrics and step not in present]
+        for start in range(0, len(missing), 1000):
+            batch = missing[start:start + 1000]
+            self.later(f"metrics of {run_id}", lambda batch=batch: self.client.log_batch(run_id, metrics=batch))
+        return len(missing)
 
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int) -> None:
         """Queue metrics of one run at `step` (tokens)."""
@@ -211,6 +241,38 @@ class Tracker:
         self.later(f"registering {run_id}", create)
 
 
+@contextlib.contextmanager
+def store_lock(uri: str):
+    """For a sqlite store, an exclusive lock on a file beside it while MLflow may create or upgrade
+    its tables: two processes doing that at once fail with 'duplicate column name'."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    import fcntl
+
+    with open(uri.removeprefix("sqlite:///") + ".lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def experiment_id(client, name: str) -> str:
+    """The id of the experiment `name`, made if there is none (another process may make it first)."""
+    from mlflow.exceptions import MlflowException
+
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    try:
+        return client.create_experiment(name)
+    except MlflowException as error:
+        if "RESOURCE_ALREADY_EXISTS" not in str(error) and "already exists" not in str(error):
+            raise
+        return client.get_experiment_by_name(name).experiment_id
+
+
 def unreachable(error: Exception) -> bool:
     """Whether an MLflow error means the server could not be reached (worth retrying later)."""
     import requests
@@ -228,7 +290,8 @@ def find_sweep(uri: str | None, sweep: str) -> tuple["Tracker", list[SaeRun]]:
     from mlflow import MlflowClient
 
     resolved = tracking_uri(uri)
-    client = MlflowClient(resolved)
+    with store_lock(resolved):
+        client = MlflowClient(resolved)
     experiment = client.get_experiment_by_name(sweep)
     if experiment is None:
         raise InputError(f"no sweep named {sweep!r} at {resolved} (no MLflow experiment of that name)")

@@ -189,6 +189,15 @@ def remove(uri: str) -> None:
         fs.rm_file(path)
 
 
+@checked
+def list_files(uri: str) -> list[str]:
+    """The files under the folder `uri`, as URIs, sorted ([] when there is none)."""
+    fs, path = resolve(uri)
+    if not fs.exists(path):
+        return []
+    return sorted(join(uri, os.path.relpath(found, path)) for found in fs.find(path))
+
+
 def write_files(uri: str, files: dict[str, bytes]) -> None:
     """Write a folder's files in the mapping's order (put the file that marks it complete last)."""
     for name, data in files.items():
