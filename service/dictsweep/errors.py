@@ -39,6 +39,13 @@ class RunError(DictsweepError):
         self.result = result  # what was produced before the failure, when there is something
 
 
+def first_line(error: BaseException) -> str:
+    """The last non-blank line of an error's text (where Ray puts the cause), at most 500 characters."""
+    text = str(error).strip()
+    lines = [line for line in text.splitlines() if line.strip()]
+    return lines[-1][:500] if lines else type(error).__name__
+
+
 def number_not_boolean(model, field: str, value):
     """`value` for `model.field` (a pydantic before-validator's input), or a ValueError when it holds
     true/false where the field means numbers: pydantic would read them as 1 and 0."""

@@ -15,7 +15,7 @@ import tempfile
 
 from dictsweep.errors import InputError
 from dictsweep.store import fs
-from dictsweep.sweep.controller import INDEX_METRICS
+from dictsweep.sweep.results import INDEX_METRICS
 from dictsweep.track import SELECTED_TAG, download_dictionary, find_sweep
 
 INDEX_NAME = "index.json"
@@ -88,7 +88,7 @@ def pull(sweep: str, out: str, include_all: bool = False, tracking_uri: str | No
             replace_folder(fresh, os.path.join(out, name), staging)
             entries.append({"path": name, **point_params(run.params),
                             "selected": run.tags.get(SELECTED_TAG) == "true",
-                            "metrics": {**{key: None for key in INDEX_METRICS},
+                            "metrics": {**{metric.index_name: None for metric in INDEX_METRICS},
                                         **{key.removeprefix("eval/"): value for key, value in run.metrics.items()
                                            if key.startswith("eval/")}}})
         fs.write_text(os.path.join(out, INDEX_NAME), json.dumps(entries, indent=2))  # a rename: replaces a link
