@@ -39,6 +39,17 @@ class RunError(DictsweepError):
         self.result = result  # what was produced before the failure, when there is something
 
 
+class Interrupted(DictsweepError):
+    """The driver was stopped by a signal (SIGTERM, SIGINT): exit 128 + its number, as shells do."""
+
+    def __init__(self, signum: int, message: str):
+        import signal
+
+        super().__init__(message)
+        self.signum, self.name = signum, signal.Signals(signum).name
+        self.exit_code = 128 + signum
+
+
 def first_line(error: BaseException) -> str:
     """The last non-blank line of an error's text (where Ray puts the cause), at most 500 characters."""
     text = str(error).strip()

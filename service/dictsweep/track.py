@@ -170,12 +170,14 @@ class Tracker:
         status = status or ("FAILED" if failed else "FINISHED")
         self.later(f"end of {run_id}", lambda: self.client.set_terminated(run_id, status))
 
-    def statuses(self) -> dict[str, str]:
-        """run id -> MLflow status (RUNNING, FINISHED, FAILED, KILLED) of the sweep run and its children."""
+    def statuses(self, parent_id: str | None = None) -> dict[str, str]:
+        """run id -> MLflow status (RUNNING, FINISHED, FAILED, KILLED) of a sweep run (this one's by
+        default) and of its children."""
+        parent_id = parent_id or self.parent_id
         found = self.now(self.client.search_runs, [self.experiment_id],
-                         f"tags.`mlflow.parentRunId` = '{self.parent_id}'", max_results=50_000)
+                         f"tags.`mlflow.parentRunId` = '{parent_id}'", max_results=50_000)
         statuses = {run.info.run_id: run.info.status for run in found}
-        statuses[self.parent_id] = self.now(self.client.get_run, self.parent_id).info.status
+        statuses[parent_id] = self.now(self.client.get_run, parent_id).info.status
         return statuses
 
     def reopen(self, run_id: str) -> None:
