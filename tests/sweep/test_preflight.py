@@ -1,12 +1,7 @@
 """What a sweep needs is checked in seconds, before Ray starts: storage credentials and buckets, the
 tracking server, the dataset's manifest, the spec against the dataset. One line each, exit 2."""
 
-import os
-import subprocess
-import sys
-
 import pytest
-import yaml
 
 from dictsweep.config import SweepSpec
 from dictsweep.errors import InputError
