@@ -63,19 +63,25 @@ def run(
     address: str = typer.Option(None, help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)."),
     plan_only: bool = typer.Option(False, "--plan-only", help="Print the placement plan and stop."),
     resume: bool = typer.Option(False, "--resume", help="Continue the sweep's latest unfinished run from its checkpoints."),
+    force: bool = typer.Option(False, "--force", help="Take the sweep over from a driver that holds its lease but is dead."),
 ) -> None:
     """Run a sweep here: train every SAE of the grid, select, export, record in MLflow."""
+    import shlex
+
     from dictsweep.config import load_spec
-    from dictsweep.errors import RunError
+    from dictsweep.errors import Interrupted, RunError
     from dictsweep.sweep.run import run_sweep
 
     spec = load_spec(spec_path, overrides)
     try:
-        outcome = run_sweep(spec, address, plan_only, resume)
+        outcome = run_sweep(spec, address, plan_only, resume, force)
     except RunError as error:
         if error.result is not None:
             print_sweep(error.result)
         raise
+    except Interrupted as stop:  # say how to go on, in the words the user typed
+        again = shlex.join(["dictsweep", "run", spec_path, *(part for o in overrides for part in ("--set", o))])
+        raise Interrupted(stop.signum, f"{stop}: {again} --resume") from None
     if plan_only:
         print_plan(outcome)
     else:

@@ -11,7 +11,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from dictsweep.errors import InputError
+from dictsweep.errors import InputError, number_not_boolean
 from dictsweep.store.synth import SynthConfig
 
 
@@ -26,7 +26,13 @@ def distinct(values: list[str], what: str) -> list[str]:
 class Section(BaseModel):
     """A spec section: unknown keys are errors, so a typo never passes silently."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # nan and inf are errors everywhere (a sweep would train on them, then fail naming nothing)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _numbers_are_not_booleans(cls, value, info):
+        return number_not_boolean(cls, info.field_name, value)
 
 
 class TrainConfig(Section):

@@ -11,6 +11,7 @@ training; `flush(patience=...)` at the end waits for the server for a while befo
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -43,6 +44,28 @@ def tracking_uri(uri: str | None) -> str:
     return uri
 
 
+def check_tracking(uri: str | None, seconds: float = 5.0) -> str:
+    """The tracking URI, once seen usable within `seconds`: an HTTP server answers (any answer
+    below 500: a server that refuses us is there), a sqlite file's folder exists. InputError if not."""
+    import requests
+
+    resolved = tracking_uri(uri)
+    if resolved.startswith(("http://", "https://")):
+        try:
+            answer = requests.get(resolved.rstrip("/") + "/health", timeout=seconds)
+        except requests.RequestException as error:
+            raise InputError(f"tracking.uri {resolved}: no answer within {seconds:g} s ({type(error).__name__}); "
+                             "start the MLflow server, or correct the URI") from None
+        if answer.status_code >= 500:
+            raise InputError(f"tracking.uri {resolved}: the server answered {answer.status_code} "
+                             f"{answer.reason}; is the MLflow server behind it running?")
+    elif resolved.startswith("sqlite:///"):
+        folder = os.path.dirname(resolved.removeprefix("sqlite:///"))
+        if not os.path.isdir(folder):
+            raise InputError(f"tracking.uri {resolved}: the folder {folder} does not exist")
+    return resolved
+
+
 @dataclass
 class SaeRun:
     """A finished SAE as recorded: its run, point name, params, final metrics and tags."""
@@ -61,10 +84,10 @@ class Tracker:
         from mlflow import MlflowClient
 
         self.uri = tracking_uri(uri)
-        self.client = MlflowClient(self.uri)
         self.patience = patience
-        found = self.now(self.client.get_experiment_by_name, experiment)
-        self.experiment_id = found.experiment_id if found else self.now(self.client.create_experiment, experiment)
+        with store_lock(self.uri):  # the client makes a fresh store's tables
+            self.client = MlflowClient(self.uri)
+            self.experiment_id = self.now(experiment_id, self.client, experiment)
         self.queue: list[tuple[str, Callable[[], None]]] = []  # (what, operation) waiting to be sent
         self.retry_at = 0.0  # during an outage: when to try the queue again
         self.parent_id: str | None = None
@@ -142,8 +165,39 @@ class Tracker:
         items = [RunTag(key, str(value)) for key, value in tags.items()]
         self.later(f"tags of {run_id}", lambda: self.client.log_batch(run_id, tags=items))
 
-    def end_run(self, run_id: str, failed: bool = False) -> None:
-        self.later(f"end of {run_id}", lambda: self.client.set_terminated(run_id, "FAILED" if failed else "FINISHED"))
+    def end_run(self, run_id: str, failed: bool = False, status: str | None = None) -> None:
+        """Queue ending a run: FINISHED, FAILED, or `status` (KILLED when the driver is stopped)."""
+        status = status or ("FAILED" if failed else "FINISHED")
+        self.later(f"end of {run_id}", lambda: self.client.set_terminated(run_id, status))
+
+    def statuses(self, parent_id: str | None = None) -> dict[str, str]:
+        """run id -> MLflow status (RUNNING, FINISHED, FAILED, KILLED) of a sweep run (this one's by
+        default) and of its children."""
+        parent_id = parent_id or self.parent_id
+        found = self.now(self.client.search_runs, [self.experiment_id],
+                         f"tags.`mlflow.parentRunId` = '{parent_id}'", max_results=50_000)
+        statuses = {run.info.run_id: run.info.status for run in found}
+        statuses[parent_id] = self.now(self.client.get_run, parent_id).info.status
+        return statuses
+
+    def reopen(self, run_id: str) -> None:
+        """Mark a run that a stopped driver ended as KILLED running again (its sweep is resumed)."""
+        self.now(self.client.update_run, run_id, status="RUNNING")
+
+    def log_missing(self, run_id: str, points: dict[int, dict[str, float]]) -> int:
+        """Queue the metric points (step -> {key: value}) that the run does not have yet in MLflow,
+        where an earlier driver may have sent some of them; returns how many were missing."""
+        from mlflow.entities import Metric
+
+        now, missing = int(time.time() * 1000), []
+        for key in sorted({key for metrics in points.values() for key in metrics}):
+            present = {metric.step for metric in self.now(self.client.get_metric_history, run_id, key)}
+            missing += [Metric(key, float(metrics[key]), now, step) for step, metrics in sorted(points.items())
+                        if key in metrics and step not in present]
+        for start in range(0, len(missing), 1000):
+            batch = missing[start:start + 1000]
+            self.later(f"metrics of {run_id}", lambda batch=batch: self.client.log_batch(run_id, metrics=batch))
+        return len(missing)
 
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int) -> None:
         """Queue metrics of one run at `step` (tokens)."""
@@ -189,6 +243,38 @@ class Tracker:
         self.later(f"registering {run_id}", create)
 
 
+@contextlib.contextmanager
+def store_lock(uri: str):
+    """For a sqlite store, an exclusive lock on a file beside it while MLflow may create or upgrade
+    its tables: two processes doing that at once fail with 'duplicate column name'."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    import fcntl
+
+    with open(uri.removeprefix("sqlite:///") + ".lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def experiment_id(client, name: str) -> str:
+    """The id of the experiment `name`, made if there is none (another process may make it first)."""
+    from mlflow.exceptions import MlflowException
+
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    try:
+        return client.create_experiment(name)
+    except MlflowException as error:
+        if "RESOURCE_ALREADY_EXISTS" not in str(error) and "already exists" not in str(error):
+            raise
+        return client.get_experiment_by_name(name).experiment_id
+
+
 def unreachable(error: Exception) -> bool:
     """Whether an MLflow error means the server could not be reached (worth retrying later)."""
     import requests
@@ -206,7 +292,8 @@ def find_sweep(uri: str | None, sweep: str) -> tuple["Tracker", list[SaeRun]]:
     from mlflow import MlflowClient
 
     resolved = tracking_uri(uri)
-    client = MlflowClient(resolved)
+    with store_lock(resolved):
+        client = MlflowClient(resolved)
     experiment = client.get_experiment_by_name(sweep)
     if experiment is None:
         raise InputError(f"no sweep named {sweep!r} at {resolved} (no MLflow experiment of that name)")
@@ -224,6 +311,23 @@ def find_sweep(uri: str | None, sweep: str) -> tuple["Tracker", list[SaeRun]]:
 
 
 def download_dictionary(client, run_id: str, local_dir: str) -> str:
-    """Fetch a run's dictionary folder into `local_dir`; returns the folder."""
+    """Fetch a run's dictionary files into `local_dir` one by one; returns the folder.
+
+    The artifact names come from the tracking server: each must be a plain file name (no folder, no
+    `..`), so that nothing is written outside `local_dir`.
+    """
+    from dictsweep.store.fs import folder_name
+
+    entries = client.list_artifacts(run_id, DICTIONARY_PATH)
+    if not entries:
+        raise InputError(f"run {run_id} has no {DICTIONARY_PATH}/ artifact to download")
     os.makedirs(local_dir, exist_ok=True)
-    return client.download_artifacts(run_id, DICTIONARY_PATH, local_dir)
+    for entry in entries:
+        name = entry.path.removeprefix(f"{DICTIONARY_PATH}/")
+        folder_name(name, f"run {run_id}: artifact {entry.path!r}")
+        if entry.is_dir:
+            raise InputError(f"run {run_id}: artifact {entry.path!r} is a folder; a dictionary holds only files")
+        with tempfile.TemporaryDirectory(dir=local_dir, prefix=".artifact-") as scratch:
+            os.replace(client.download_artifacts(run_id, f"{DICTIONARY_PATH}/{name}", scratch),
+                       os.path.join(local_dir, name))
+    return local_dir

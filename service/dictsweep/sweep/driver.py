@@ -22,6 +22,7 @@ from dictsweep.errors import InputError, RunError, first_line
 from dictsweep.store import fs
 from dictsweep.store.dataset import ActivationDataset
 from dictsweep.stream.streams import Streams
+from dictsweep.sweep.lease import Lease
 from dictsweep.sweep.ledger import Ledger
 from dictsweep.sweep.plan import GridPoint, Plan, TrainerPlan, ZeroPlan
 
@@ -52,20 +53,17 @@ class Slot:
 class Driver:
     """One run of a sweep's training (or its resumption) on a Ray cluster."""
 
-    def __init__(self, spec: SweepSpec, dataset: ActivationDataset, plan: Plan, run_dir: str, resume: bool):
+    def __init__(self, spec: SweepSpec, dataset: ActivationDataset, plan: Plan, run_dir: str, resume: bool,
+                 lease: Lease | None = None):
         self.spec, self.dataset, self.plan = spec, dataset, plan
         self.storage = run_dir
+        # at least one of each: `preflight` checked the spec against the dataset
         self.total_steps = spec.train.tokens // spec.train.batch_rows
         self.eval_steps = min(spec.train.eval_tokens, dataset.n_eval_rows) // spec.train.batch_rows
-        if self.total_steps == 0:
-            raise InputError(f"train.tokens ({spec.train.tokens}) is less than one batch ({spec.train.batch_rows} rows)")
-        if self.eval_steps == 0:
-            raise InputError(f"{dataset.uri}: the eval split has {dataset.n_eval_rows} rows, fewer than one batch of "
-                             f"{spec.train.batch_rows}; final metrics need held-out rows")
         self.input_scale = math.sqrt(dataset.d_model / dataset.mean_sq_norm())
         truth = dataset.ground_truth()
         self.ground_truth = truth.numpy() if truth is not None else None
-        self.ledger = Ledger(spec, plan, run_dir, resume)
+        self.ledger = Ledger(spec, plan, run_dir, resume, lease)
         self.baseline_feed = None  # sweep.baselines.BaselineFeed, from the first wave this driver runs
 
     # -- waves ------------------------------------------------------------------------------------------
@@ -77,7 +75,7 @@ class Driver:
                 key = f"w{wave_index}-t{trainer.index}"
                 saved = ledger.saved(key)
                 if saved is not None:  # finished before the driver stopped: already recorded
-                    ledger.absorb(saved)
+                    ledger.replay(saved)
                 else:
                     slots.append(key)
             if slots:
@@ -87,7 +85,7 @@ class Driver:
             key = f"zero-{index}"
             saved = ledger.saved(key)
             if saved is not None:
-                ledger.absorb(saved)
+                ledger.replay(saved)
             else:
                 self.run_zero(key, zero)
 
@@ -105,7 +103,7 @@ class Driver:
         except (RunError, InputError) as error:
             self.ledger.record_failure({name: f"ZeRO training failed: {error}"})
             return
-        self.ledger.log_records([{"name": name, **entry} for entry in done["metric_history"]])
+        self.ledger.log_records([{"name": name, **entry} for entry in done["metric_history"]], key)
         self.ledger.record(key, {"finished": {name: {part: done[part] for part in ("metrics", "uri", "plot")}},
                                  "failed": {}})
 
@@ -186,7 +184,8 @@ class Driver:
             bar = progress.add_task(f"{label} training", total=total, rate="-")
             while any(slot.alive and not slot.done for slot in slots):
                 for slot in slots:
-                    while slot.alive and slot.cursor <= last and len(slot.in_flight) < limit:
+                    while (slot.alive and slot.cursor <= last and len(slot.in_flight) < limit
+                           and not (self.checkpoints_after(slot.cursor) and slot.in_flight)):
                         slot.in_flight.append((slot.cursor, self.send(slot, slot.cursor, streams)))
                         slot.cursor += 1
                 heads = [slot.in_flight[0][1] for slot in slots if slot.alive and slot.in_flight]
@@ -231,15 +230,28 @@ class Driver:
                 self.locate(slot)  # waits for Ray's restart; the checkpoint says where to go on
                 return
             except ray.exceptions.RayTaskError as error:  # a bug or bad data: restarting will not help
+                bad_input = input_error(error)
+                if bad_input is not None:  # a corrupt shard: every trainer would meet it; stop the sweep
+                    raise bad_input from None
                 slot.alive, slot.error = False, f"trainer {slot.key} failed: {first_line(error)}"
                 return
             if task < self.total_steps:
                 for record in [r for r in value if "peak_device_bytes" in r]:
                     self.ledger.check_memory(slot.key, slot.plan, record["peak_device_bytes"])
-                self.ledger.log_records([r for r in value if "name" in r])
+                self.ledger.log_records([r for r in value if "name" in r], slot.key)
             elif task == self.total_steps + self.eval_steps:
                 self.ledger.record(slot.key, value)
                 slot.done = True
+
+    def checkpoints_after(self, task: int) -> bool:
+        """Whether a trainer checkpoints at the end of train step `task` (the trainer's rule). Such a
+        step is sent only once every earlier step's curve points are stored: a checkpoint is where a
+        resumed trainer starts, and it never produces the points before it again."""
+        if task >= self.total_steps:
+            return False
+        rows, every = self.spec.train.batch_rows, self.spec.train.checkpoint_every_tokens
+        tokens = (task + 1) * rows
+        return task + 1 == self.total_steps or bool(every and tokens // every != (tokens - rows) // every)
 
     def metadata(self, point: GridPoint) -> dict:
         """Export metadata of one SAE (SAELens `metadata` keys, our own under `dictsweep`)."""
@@ -282,6 +294,16 @@ def retire(name: str) -> None:
         except ValueError:
             return
         time.sleep(0.1)
+
+
+def input_error(error: BaseException) -> InputError | None:
+    """The InputError (a corrupt or truncated shard) that a Ray task's failure comes from, if any:
+    Ray wraps it once for each task it passed through (reader, broadcaster, trainer)."""
+    import ray
+
+    while isinstance(error, ray.exceptions.RayTaskError) and error.cause is not None:
+        error = error.cause
+    return error if isinstance(error, InputError) and not isinstance(error, ray.exceptions.RayError) else None
 
 
 def merge_stream_stats(total: dict, readers: list[dict], trainers: list[dict]) -> dict:
