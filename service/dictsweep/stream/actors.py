@@ -107,11 +107,16 @@ def batch_views(pieces: BatchPieces) -> list[np.ndarray]:
     return [rows[start:stop] for rows, (_, start, stop) in zip(windows, pieces)]
 
 
+def whole_batch(pieces: BatchPieces) -> np.ndarray:
+    """A batch as one array `[batch_rows, d_model]`: a read-only view when it is one piece, else a copy."""
+    views = batch_views(pieces)
+    return views[0] if len(views) == 1 else np.concatenate(views)
+
+
 @ray.remote(num_cpus=0)
 def assemble_batch(pieces: BatchPieces) -> np.ndarray:
     """One batch as a single array in the object store (for a consumer that takes whole batches)."""
-    views = batch_views(pieces)
-    return views[0] if len(views) == 1 else np.concatenate(views)
+    return whole_batch(pieces)
 
 
 def peak_rss_mb() -> float:

@@ -102,7 +102,6 @@ def bench_stream(uri: str, readers: int = 2, batch_rows: int = 4096, shuffle_sha
                 if not queue and cursors[number] == steps:
                     finished[number] = time.perf_counter() - start
         stream.advance(min(cursor - len(queue) for cursor, queue in zip(cursors, queues)))
-    stream_seconds = max(finished)
     stream.close()
     reader_stats = ray.get([reader.stats.remote() for reader in pool])
     consumer_stats = ray.get([consumer.stats.remote() for consumer in team])
