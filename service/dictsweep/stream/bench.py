@@ -56,7 +56,7 @@ def bench_stream(uri: str, readers: int = 2, batch_rows: int = 4096, shuffle_sha
     """Measure one dataset; returns the JSON-ready result."""
     from dictsweep.stream.actors import WindowReader, stream_orders
     from dictsweep.stream.windows import WindowStream
-    from dictsweep.sweep.controller import start_ray
+    from dictsweep.cluster import start_ray
 
     dataset = ActivationDataset.open(uri)
     shards = dataset.shards("train")
