@@ -51,6 +51,14 @@ class ReaderMemory:
         self.window = np.empty(0, np.uint8)
         self.shards: dict[int, bytearray] = {}  # position in the window -> bytes buffer
 
+    def reserve(self, dataset: ActivationDataset, shuffle_shards: int) -> None:
+        """Take (and touch) the largest buffers the dataset's windows need, before the first window."""
+        infos = dataset.shards("train") + dataset.shards("eval")
+        largest = sorted((info.rows for info in infos), reverse=True)[:shuffle_shards]
+        self.window_rows(sum(largest), dataset.d_model, NUMPY_DTYPES[dataset.dtype]).fill(0)
+        for position in range(min(shuffle_shards, len(infos))):
+            self.shard_bytes(position, max(info.bytes for info in infos))
+
     def window_rows(self, rows: int, d_model: int, dtype: np.dtype) -> np.ndarray:
         size = rows * d_model * np.dtype(dtype).itemsize
         if self.window.nbytes < size:
@@ -133,6 +141,7 @@ class WindowReader:
         self.orders = stream_orders(self.dataset, batch_rows, shuffle_shards, seed)
         self.pool = ThreadPoolExecutor(shuffle_shards)
         self.memory = ReaderMemory()  # a returned window is copied into the object store: reuse is safe
+        self.memory.reserve(self.dataset, shuffle_shards)
         self.bytes_read = 0
         pa.float16().to_pandas_dtype()  # decoding's dtype lookup imports pandas: now, not in the first window
         self.seconds = 0.0
