@@ -122,9 +122,12 @@ def whole_batch(pieces: BatchPieces) -> np.ndarray:
 
 
 @ray.remote(num_cpus=0)
-def assemble_batch(pieces: BatchPieces) -> np.ndarray:
-    """One batch as a single array in the object store (for a consumer that takes whole batches)."""
-    return whole_batch(pieces)
+class BatchAssembler:
+    """Joins window pieces into whole batches in the object store, for trainers that take a batch
+    as one array (one process per node: a task per batch would start worker after worker)."""
+
+    def batch(self, pieces: BatchPieces) -> np.ndarray:
+        return whole_batch(pieces)
 
 
 def peak_rss_mb() -> float:

@@ -26,6 +26,7 @@ class Streams:
         self.readers: dict[str, list] = {}  # node -> its reader actors
         self.windows: dict[tuple[str, str], WindowStream] = {}  # (node, split) -> its windows
         self.whole: dict[tuple, object] = {}  # (node, split, index) -> batch assembled for a whole-batch trainer
+        self.assemblers: dict[str, object] = {}  # node -> its BatchAssembler, for whole-batch trainers
 
     def pieces(self, node: str, split: str, index: int) -> BatchPieces | None:
         """Batch `index` of a split on `node` as window pieces; None while beyond the window budget."""
@@ -36,12 +37,15 @@ class Streams:
         batches (assembled once per node, kept until the node's slowest trainer passes it)."""
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        from dictsweep.stream.actors import assemble_batch
+        from dictsweep.stream.actors import BatchAssembler
 
+        if node not in self.assemblers:
+            self.assemblers[node] = BatchAssembler.options(
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
+                max_restarts=-1, max_task_retries=-1).remote()
         key = (node, split, index)
         if key not in self.whole:
-            self.whole[key] = assemble_batch.options(
-                scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(pieces)
+            self.whole[key] = self.assemblers[node].batch.remote(pieces)
         return self.whole[key]
 
     def advance(self, node: str, split: str, slowest: int) -> None:
@@ -70,9 +74,8 @@ class Streams:
         for windows in self.windows.values():
             windows.close()
         self.whole.clear()
-        for readers in self.readers.values():
-            for reader in readers:
-                ray.kill(reader, no_restart=True)
+        for actor in [reader for readers in self.readers.values() for reader in readers] + list(self.assemblers.values()):
+            ray.kill(actor, no_restart=True)
 
     def _windows(self, node: str, split: str) -> WindowStream:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy

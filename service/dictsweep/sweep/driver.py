@@ -225,15 +225,14 @@ class Driver:
             pieces = streams.pieces(slot.node, split, index)
             if pieces is None:
                 return None
-            batch = pieces if self.takes_pieces else streams.batch(slot.node, split, index, pieces)
-            if split == "eval":
-                return slot.actor.eval_step.remote(index, batch)
-            if self.baseline_feed is not None:
-                self.baseline_feed.offer(task, pieces)  # the same windows: no extra read or copy
+            if split == "train" and self.baseline_feed is not None:
+                self.baseline_feed.offer(index, pieces)  # the same windows: no extra read or copy
+            method = slot.actor.step if split == "train" else slot.actor.eval_step
             if not self.takes_pieces:
-                return slot.actor.step.remote(task, batch)
-            upcoming = streams.pieces(slot.node, split, index + 1) if index + 1 < self.total_steps else None
-            return slot.actor.step.remote(task, pieces, upcoming)
+                return method.remote(index, streams.batch(slot.node, split, index, pieces))
+            batches = self.total_steps if split == "train" else self.eval_steps
+            upcoming = streams.pieces(slot.node, split, index + 1) if index + 1 < batches else None
+            return method.remote(index, pieces, upcoming)  # the trainer moves `upcoming` while it steps
         metadata = {p.name: self.metadata(p) for p in slot.points}
         return slot.actor.finish.remote(self.storage, metadata, self.ground_truth)
 
