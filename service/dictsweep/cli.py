@@ -330,15 +330,22 @@ def bench_ica_command(
 @bench_app.command("stream")
 def bench_stream_command(
     uri: str = typer.Option(..., help="Dataset prefix (folder, file:// or s3://)."),
-    readers: int = typer.Option(4, help="Reader actors, and threads of the plain GET."),
+    readers: int = typer.Option(4, help="Reader actors (each fetches a window's shards concurrently)."),
     batch_rows: int = typer.Option(4096, help="Rows per batch of the stream."),
     shuffle_shards: int = typer.Option(4, help="Shards mixed in the shuffle buffer."),
+    consumers: int = typer.Option(1, help="Trainer-like consumers on this node, each taking every batch (as GPUs do)."),
+    windows: int = typer.Option(3, help="Windows (shuffle buffers) held per node: how far the readers work ahead."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
 ) -> None:
-    """MB/s and rows/s of the readers and of the stream, beside a plain concurrent GET."""
+    """MB/s and rows/s of the readers and of the stream per consumer, beside a plain concurrent GET."""
     from dictsweep.stream.bench import bench_stream
 
-    print_result(bench_stream(uri, readers, batch_rows, shuffle_shards), as_json, f"bench stream: {uri}")
+    for name, value in (("--readers", readers), ("--batch-rows", batch_rows), ("--shuffle-shards", shuffle_shards),
+                        ("--consumers", consumers), ("--windows", windows)):
+        if value < 1:
+            raise InputError(f"{name} must be at least 1, got {value}")
+    print_result(bench_stream(uri, readers, batch_rows, shuffle_shards, consumers, windows), as_json,
+                 f"bench stream: {uri}")
 
 
 def main() -> None:

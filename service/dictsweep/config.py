@@ -108,8 +108,9 @@ class StreamConfig(Section):
 
     seed: int = Field(0, ge=0, description="Seed of the shard and row order: every SAE sees the same rows in the same order.")
     shuffle_shards: int = Field(4, gt=0, description="Shards whose rows are mixed together in the shuffle buffer.")
-    readers_per_node: int = Field(2, gt=0, description="Reader actors per node fetching shards concurrently.")
-    batches_in_flight: int = Field(8, gt=0, description="Batches produced ahead of the slowest trainer (backpressure bound).")
+    readers_per_node: int = Field(2, gt=0, description="Reader actors per node, each producing one window (shuffle buffer) at a time from its shards fetched concurrently.")
+    batches_in_flight: int = Field(8, gt=0, description="Batches queued per trainer ahead of its current step.")
+    windows_per_node: int = Field(3, gt=0, description="Windows (shuffle buffers of shuffle_shards shards) a node's object store holds per split, from the slowest trainer's on: how far the readers work ahead (backpressure bound).")
 
 
 class ResourcesConfig(Section):

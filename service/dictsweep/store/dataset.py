@@ -63,12 +63,14 @@ class ActivationDataset:
         """Where a shard lives."""
         return fs.join(self.uri, info.path)
 
-    def read_shard_bytes(self, index: int, split: Split = "train") -> bytearray:
-        """The bytes of one shard, checked against the manifest's size and sha256."""
+    def read_shard_bytes(self, index: int, split: Split = "train",
+                         buffer: bytearray | None = None) -> bytearray | memoryview:
+        """The bytes of one shard, checked against the manifest's size and sha256 (read into
+        `buffer` when it is large enough: see `fs.read_bytearray`)."""
         info = self.shards(split)[index]
         where = f"shard {info.path} of {self.uri}"
         try:
-            data = fs.read_bytearray(self.shard_uri(info), info.bytes)
+            data = fs.read_bytearray(self.shard_uri(info), info.bytes, buffer)
         except FileNotFoundError:
             raise DatasetError(f"{where} is missing: the dataset is incomplete; "
                                "copy or write it again") from None

@@ -127,29 +127,37 @@ def read_bytes(uri: str) -> bytes:
 
 
 @checked
-def read_bytearray(uri: str, size: int) -> bytearray:
-    """The whole file at `uri` in a writable buffer (a local file is read into it in place)."""
+def read_bytearray(uri: str, size: int, buffer: bytearray | None = None) -> bytearray | memoryview:
+    """The whole file at `uri` in a writable buffer (a local file is read into it in place).
+
+    With `buffer` (reused by a caller that reads file after file), a file of exactly `size` bytes
+    comes back as a view of its first `size` bytes: touching fresh memory costs more than a copy.
+    """
     fs, path = resolve(uri)
+    reuse = buffer is not None and len(buffer) >= size
     if not isinstance(fs, LocalFileSystem):
         # one GET of the whole object: a remote file object would first ask for its size (HEAD),
         # then fetch it block by block (5 MB ranges on S3), one round trip after another
-        return bytearray(fs.cat_file(path))
-    buffer = bytearray(size)
+        data = fs.cat_file(path)
+        if reuse and len(data) == size:
+            buffer[:size] = data
+            return memoryview(buffer)[:size]
+        return bytearray(data)
+    buffer = buffer if reuse else bytearray(size)
     view = memoryview(buffer)
     filled = 0
     with fs.open(path, "rb") as file:
         while filled < size:
-            count = file.readinto(view[filled:])
+            count = file.readinto(view[filled:size])
             if not count:
                 break
             filled += count
         rest = file.read() if filled == size else b""
+    if filled == size and not rest:
+        return buffer if len(buffer) == size else view[:size]
+    data = bytearray(view[:filled]) + rest  # not the size the caller expected: it reports that
     view.release()
-    if filled < size:
-        del buffer[filled:]
-    elif rest:
-        buffer += rest
-    return buffer
+    return data
 
 
 @checked

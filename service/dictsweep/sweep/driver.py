@@ -2,15 +2,17 @@
 
 Each trainer works through one sequence of tasks: train batches 0..T-1, eval batches 0..E-1, then
 `finish` (metrics and export). The driver keeps at most `batches_in_flight` of them queued per
-trainer (backpressure) and hands every trainer on a node the same batch references from that
-node's broadcaster. A trainer that crashes is restarted by Ray from its checkpoint; the driver asks
-where it stands and sends the batches from there. Every SAE is recorded (`ledger`) as soon as its
+trainer (backpressure) and hands every trainer on a node the same batches as pieces of the windows
+that node's readers hold in its object store (`stream.streams`); a trainer a window budget ahead of
+the slowest one on its node waits for it. A trainer that crashes is restarted by Ray from its
+checkpoint; the driver asks where it stands and sends the batches from there. Every SAE is recorded (`ledger`) as soon as its
 trainer finishes, so a later failure loses nothing that finished, and `--resume` picks a sweep up
 where its driver stopped.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import time
@@ -135,7 +137,9 @@ class Driver:
                 self.input_scale, self.dataset.dtype, plan.device, threads,
                 fs.join(self.storage, "checkpoints", f"{key}.pt"))
             slots.append(Slot(key, plan, actor))
-        streams = Streams(spec, self.dataset)
+        streams = Streams(spec, self.dataset, self.total_steps, self.eval_steps)
+        # a trainer that takes window pieces gets them; one that takes whole batches gets them assembled
+        self.takes_pieces = "upcoming" in inspect.signature(Trainer.step).parameters
         try:
             for slot in slots:
                 self.locate(slot)
@@ -186,7 +190,10 @@ class Driver:
                 for slot in slots:
                     while (slot.alive and slot.cursor <= last and len(slot.in_flight) < limit
                            and not (self.checkpoints_after(slot.cursor) and slot.in_flight)):
-                        slot.in_flight.append((slot.cursor, self.send(slot, slot.cursor, streams)))
+                        task = self.send(slot, slot.cursor, streams)
+                        if task is None:
+                            break  # its batch lies beyond the node's window budget: the slowest goes first
+                        slot.in_flight.append((slot.cursor, task))
                         slot.cursor += 1
                 heads = [slot.in_flight[0][1] for slot in slots if slot.alive and slot.in_flight]
                 if heads:
@@ -196,21 +203,35 @@ class Driver:
                 if self.baseline_feed is not None:
                     self.baseline_feed.pump()  # never waits: the trainers go on whatever it does
                 steps = min((min(s.cursor - len(s.in_flight), total) for s in slots if s.alive), default=total)
-                streams.forget(min((s.cursor - len(s.in_flight) for s in slots if s.alive), default=last))
+                self.advance(slots, streams)
                 seconds = max(time.perf_counter() - start, 1e-9)
                 progress.update(bar, completed=steps, rate=f"{steps * rows / seconds:,.0f}")
         self.ledger.tracker.flush()
 
+    def advance(self, slots: list[Slot], streams: Streams) -> None:
+        """Per node: release the windows its trainers have all passed, and read ahead of the slowest."""
+        for node in {slot.node for slot in slots if slot.alive}:
+            slowest = min(s.cursor - len(s.in_flight) for s in slots if s.alive and s.node == node)
+            streams.advance(node, "train", slowest)
+            if slowest >= self.total_steps:  # eval windows are read once every trainer there needs them
+                streams.advance(node, "eval", slowest - self.total_steps)
+
     def send(self, slot: Slot, task: int, streams: Streams):
-        """Submit task `task` of a trainer: a train step, an eval step, or the final export."""
-        if task < self.total_steps:
-            batch = streams.batch(slot.node, "train", task)
-            if self.baseline_feed is not None:
-                self.baseline_feed.offer(task, batch)  # the same reference: no extra read or copy
-            return slot.actor.step.remote(task, batch)
+        """Submit task `task` of a trainer: a train step, an eval step, or the final export (None: its
+        batch must wait for the node's slowest trainer)."""
         if task < self.total_steps + self.eval_steps:
-            index = task - self.total_steps
-            return slot.actor.eval_step.remote(index, streams.batch(slot.node, "eval", index))
+            split, index = ("train", task) if task < self.total_steps else ("eval", task - self.total_steps)
+            pieces = streams.pieces(slot.node, split, index)
+            if pieces is None:
+                return None
+            if split == "train" and self.baseline_feed is not None:
+                self.baseline_feed.offer(index, pieces)  # the same windows: no extra read or copy
+            method = slot.actor.step if split == "train" else slot.actor.eval_step
+            if not self.takes_pieces:
+                return method.remote(index, streams.batch(slot.node, split, index, pieces))
+            batches = self.total_steps if split == "train" else self.eval_steps
+            upcoming = streams.pieces(slot.node, split, index + 1) if index + 1 < batches else None
+            return method.remote(index, pieces, upcoming)  # the trainer moves `upcoming` while it steps
         metadata = {p.name: self.metadata(p) for p in slot.points}
         return slot.actor.finish.remote(self.storage, metadata, self.ground_truth)
 

@@ -69,12 +69,11 @@ def fit_baselines(driver: Driver) -> list[BaselineResult]:
     if fs.exists(saved):
         return [BaselineResult(**baseline) for baseline in json.loads(fs.read_text(saved))]
     driver.start_baseline_feed(None)  # every wave finished before this driver (a resume)
-    feed, streams = driver.baseline_feed, Streams(spec, driver.dataset)
+    feed, streams = driver.baseline_feed, Streams(spec, driver.dataset, driver.total_steps, driver.eval_steps)
 
-    def batch(index: int):  # a planned batch no trainer got; only the sampler holds on to it
-        ref = streams.batch(node, "train", index)
-        streams.forget(index + 2)
-        return ref
+    def batch(index: int):  # a planned batch no trainer got; only the sampler holds on to its windows
+        streams.advance(node, "train", index)
+        return streams.pieces(node, "train", index)
 
     try:
         node = ray.get(feed.actor.status.remote())["node"] if not feed.error else None
