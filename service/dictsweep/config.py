@@ -148,6 +148,28 @@ class EvaluationConfig(Section):
     ica_rows: int = Field(65_536, gt=0, description="Most of those rows kept in memory for FastICA (an equal share of each batch).")
 
 
+class SelectConfig(Section):
+    """Which finished dictionaries are selected (exported, registered, starred): per dictionary size,
+    among those inside the L0 band and the quality bounds, the best by `metric` or its Pareto front."""
+
+    l0: list[float] | None = Field(None, min_length=2, max_length=2, description="Eval L0 band [low, high] a selected dictionary lies in (default [1, d_model / 3]: denser codes barely compress).")
+    max_fvu: float = Field(0.5, gt=0, description="Largest eval FVU a selected dictionary may have (1 is no better than predicting the mean).")
+    max_dead_fraction: float = Field(0.5, ge=0, le=1, description="Largest fraction of latents dead on the eval rows a selected dictionary may have.")
+    metric: Literal["fvu", "loss_recovered"] = Field("fvu", description="What `best` ranks by and the front trades against L0: eval fvu (lower is better), or loss_recovered (spliced into the source model; higher is better; needs a dataset with a source model).")
+    per_size: Literal["best", "front"] = Field("best", description="Per dictionary size: the one best dictionary inside the band (best), or every point of the (L0, metric) Pareto front inside it (front).")
+
+    @field_validator("l0")
+    @classmethod
+    def _ordered_band(cls, band: list[float] | None) -> list[float] | None:
+        if band is not None and not 0 <= band[0] <= band[1]:
+            raise ValueError(f"expected [low, high] with 0 <= low <= high, got {list(band)}")
+        return band
+
+    def l0_band(self, d_model: int) -> tuple[float, float]:
+        """The L0 band for a dataset of width `d_model`: `l0`, else [1, d_model / 3]."""
+        return (float(self.l0[0]), float(self.l0[1])) if self.l0 is not None else (1.0, d_model / 3)
+
+
 class StorageConfig(Section):
     """The sweep's own working storage: checkpoints and every finished SAE."""
 
@@ -167,6 +189,7 @@ class SweepSpec(Section):
     export: ExportConfig = Field(default_factory=ExportConfig, description="Export.")
     storage: StorageConfig = Field(default_factory=StorageConfig, description="Working storage.")
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig, description="Spliced evaluation and baselines at the end of the sweep.")
+    select: SelectConfig = Field(default_factory=SelectConfig, description="Which dictionaries are selected.")
     baselines: list[Literal["pca", "ica", "random", "identity"]] = Field([], description="Baselines fitted on the same stream and evaluated and exported like the SAEs, as top-k dictionaries matched to the selected SAEs' L0: pca, ica, random, identity.")
 
     @field_validator("baselines")
