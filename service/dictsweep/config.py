@@ -37,6 +37,7 @@ class TrainConfig(Section):
     lr_warmup_steps: int = Field(100, ge=0, description="Steps of linear learning-rate warm-up from 0.")
     lr_decay_fraction: float = Field(0.2, ge=0, le=1, description="Final fraction of steps over which the learning rate decays linearly to 0.")
     l1_warmup_fraction: float = Field(0.05, ge=0, le=1, description="Initial fraction of steps over which the sparsity coefficient ramps up from 0.")
+    target_l0_fraction: float = Field(0.8, gt=0, le=1, description="With grid.target_l0: initial fraction of steps over which each SAE's sparsity coefficient is steered to its L0 target (after the l1 warm-up); then it is held (the default holds it through the learning-rate decay).")
     grad_clip: float = Field(1.0, ge=0, description="Gradient norm clip per SAE (0 turns clipping off).")
     adam_beta1: float = Field(0.9, ge=0, lt=1, description="Adam beta1.")
     adam_beta2: float = Field(0.999, ge=0, lt=1, description="Adam beta2.")
@@ -68,8 +69,9 @@ class GridConfig(Section):
     architecture: list[str] = Field(["relu"], min_length=1, description="Architectures: relu, topk, batchtopk, jumprelu.")
     n_latents: list[int] = Field(min_length=1, description="Dictionary sizes (number of latents).")
     l1_coef: list[float] = Field([1.0], min_length=1, description="Sparsity coefficients (relu: L1; jumprelu: L0).")
+    target_l0: list[float] | None = Field(None, min_length=1, description="Instead of l1_coef (relu, jumprelu): the L0 each SAE is steered to; its coefficient is adapted early in training, then held (train.target_l0_fraction), and exported as its l1_coef.")
     k: list[int] = Field([32], min_length=1, description="Active latents per row (topk, batchtopk).")
-    lr: list[float] = Field([3e-4], min_length=1, description="Learning rates.")
+    lr: list[float] | None = Field(None, min_length=1, description="Learning rates (default: one per SAE from its width, Gao et al. 2024's 2e-4 * sqrt(2^14 / n_latents) for topk and batchtopk, 3x that for relu and jumprelu, at most 1e-2).")
     seed: list[int] = Field([0], min_length=1, description="Initialisation seeds.")
 
     @field_validator("architecture")
@@ -89,10 +91,17 @@ class GridConfig(Section):
             raise ValueError(f"every value must be > 0, got {values}")
         return values
 
+    @field_validator("target_l0")
+    @classmethod
+    def _positive_targets(cls, values: list[float] | None) -> list[float] | None:
+        if values is not None and any(value <= 0 for value in values):
+            raise ValueError(f"every target must be > 0, got {values}")
+        return values
+
     @field_validator("l1_coef", "lr")
     @classmethod
-    def _non_negative(cls, values: list[float]) -> list[float]:
-        if any(value < 0 for value in values):
+    def _non_negative(cls, values: list[float] | None) -> list[float] | None:
+        if values is not None and any(value < 0 for value in values):
             raise ValueError(f"every value must be >= 0, got {values}")
         return values
 

@@ -65,8 +65,16 @@ def export_member(ensemble: Ensemble, member: int, log10_frequency: Tensor, metr
     plot = fs.join(storage_uri, "plots", f"{name}.png")
     fs.write_bytes(plot, member_plot(log10_frequency, decoder, title=name))
     folder = fs.join(storage_uri, "dictionaries", name)
+    steered = final_coefficient(ensemble, member)
     info = dict(metadata)
     info["dictsweep"] = {**info.get("dictsweep", {}), "metrics": metrics, "input_scale": float(ensemble.input_scale),
-                         **(extra or {})}
+                         **steered, **(extra or {})}
     fs.write_files(folder, member_files(ensemble, member, log10_frequency, info))
-    return {"metrics": metrics, "uri": folder, "plot": plot}
+    return {"metrics": metrics, "uri": folder, "plot": plot, **steered}
+
+
+def final_coefficient(ensemble: Ensemble, member: int) -> dict:
+    """{"l1_coef": the coefficient training ended with} for a member steered to an L0 target, else {}."""
+    if getattr(ensemble.members[member], "target_l0", 0.0) <= 0:
+        return {}
+    return {"l1_coef": float(ensemble.l1_coef[member])}
