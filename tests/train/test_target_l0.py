@@ -104,3 +104,4 @@ def test_grid_target_l0_replaces_l1_coef_for_relu_and_jumprelu_only():
     assert "target_l0" not in next(p for p in points if p.k == 8).params()
     with pytest.raises(ValueError, match="> 0"):
         GridConfig(n_latents=[8], target_l0=[0])
+

@@ -16,6 +16,17 @@ from dictsweep.sae.plots import decoder_norm_stats, member_plot
 from dictsweep.store import fs
 
 
+SCALED_LOSSES = ("loss", "mse", "sparsity_loss", "aux_loss")  # training metrics summed over the scaled d_model
+
+
+def in_eval_units(metrics: dict[str, float], d_model: int, input_scale: float) -> dict[str, float]:
+    """Training metrics of one SAE in the eval metrics' units: the loss terms (summed over d_model
+    on the training scale) as per-element squared error on raw activations, like `eval/mse`; fvu,
+    l0 and fractions are unit-free and stay as they are."""
+    per_element = d_model * input_scale ** 2
+    return {key: value / per_element if key in SCALED_LOSSES else value for key, value in metrics.items()}
+
+
 class Evaluator:
     """Sums over eval batches for one ensemble; `results()` gives per-member metrics."""
 
