@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dictsweep.errors import InputError
 from dictsweep.store.synth import SynthConfig
@@ -150,7 +150,8 @@ class ExportConfig(Section):
 class EvaluationConfig(Section):
     """What a finished sweep measures beyond the eval-shard metrics: the model with a dictionary spliced in, and baselines."""
 
-    splice: bool = Field(True, description="Splice each selected dictionary into the dataset's source model (manifest `source`) over held-out contexts and report loss recovered; skipped, with a note, when the dataset has no loadable source model (synthetic data).")
+    splice: bool = Field(True, description="Splice each finished dictionary into the dataset's source model (manifest `source`) over held-out contexts and report loss recovered; skipped, with a note, when the dataset has no loadable source model (synthetic data).")
+    splice_selected_only: bool = Field(False, description="Splice only the selected dictionaries (for big sweeps) instead of every finished SAE; select.metric loss_recovered needs every one spliced.")
     splice_tokens: int = Field(65_536, gt=0, description="Held-out tokens (whole eval contexts, from `contexts/`) the spliced evaluation runs over.")
     splice_baselines: bool = Field(True, description="Splice the baseline dictionaries too, so they can be compared with the SAEs on loss recovered.")
     baseline_rows: int = Field(1_048_576, gt=0, description="Most training rows the baselines are fitted on: whole train batches spread evenly over the stream (PCA covariance over all of them).")
@@ -205,6 +206,13 @@ class SweepSpec(Section):
     @classmethod
     def _distinct_baselines(cls, kinds: list[str]) -> list[str]:
         return distinct(kinds, "baseline(s)")
+
+    @model_validator(mode="after")
+    def _ranked_by_what_is_measured(self) -> "SweepSpec":
+        if self.select.metric == "loss_recovered" and (not self.evaluation.splice or self.evaluation.splice_selected_only):
+            raise ValueError("select.metric loss_recovered needs every SAE spliced: evaluation.splice true and "
+                             "evaluation.splice_selected_only false")
+        return self
 
     @property
     def export_dir(self) -> str:
