@@ -34,6 +34,7 @@ def test_best_per_size_inside_the_band_with_reasons():
     assert choices["bad"].why == "fvu 1.11 >= max_fvu 1"
     assert choices["dead"].why == "dead 0.7 > max_dead_fraction 0.5"
     assert choices["big"].why == "best fvu 0.2 of n=1024 inside L0 [8, 128] (the only one eligible)"
+    assert {name for name, choice in choices.items() if not choice.eligible} == {"dense", "bad", "dead", "too-sparse"}
     assert choices["too-sparse"].why == "L0 0.4 below band 8"
 
 

@@ -8,6 +8,7 @@ done. `--resume` reads them back and logs nothing twice.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -16,6 +17,7 @@ from dictsweep.store import fs
 from dictsweep.sweep.plan import Plan, TrainerPlan, plan_from_dict
 from dictsweep.sweep.results import SAEResult, SweepResult
 from dictsweep.track import STATUS_TAG, Tracker
+from dictsweep.train.evaluate import in_eval_units
 
 
 def latest_run(storage_dir: str) -> str | None:
@@ -39,8 +41,9 @@ def saved_plan(run_dir: str) -> Plan:
 class Ledger:
     """One run's records: `result` gathers every SAE recorded, in storage and MLflow alike."""
 
-    def __init__(self, spec: SweepSpec, plan: Plan, run_dir: str, resume: bool):
+    def __init__(self, spec: SweepSpec, plan: Plan, run_dir: str, resume: bool, input_scale: float = 1.0):
         self.spec, self.plan, self.storage = spec, plan, run_dir
+        self.input_scale = input_scale  # training scale / raw: training curves are logged in raw units
         self.points = {p.name: p for p in plan.points}
         self.result = SweepResult(plan, export_dir=spec.export_dir)
         self.tracker = Tracker(spec.tracking.uri, spec.experiment)
@@ -82,7 +85,8 @@ class Ledger:
             name, tokens = record["name"], record["tokens"]
             if tokens > self.logged_tokens.get(name, 0):
                 self.logged_tokens[name] = tokens
-                self.tracker.log_metrics(self.runs[name], record["metrics"], tokens)
+                metrics = in_eval_units(record["metrics"], self.plan.d_model, self.input_scale)
+                self.tracker.log_metrics(self.runs[name], metrics, tokens)
         if len(self.tracker.queue) > 200:
             self.tracker.flush()
 
@@ -99,6 +103,8 @@ class Ledger:
         for name, done in outcome["finished"].items():
             run = self.runs[name]
             tracker.log_metrics(run, {f"eval/{k}": v for k, v in done["metrics"].items()}, self.spec.train.tokens)
+            if "l1_coef" in done:  # steered to an L0 target: the coefficient it ended with
+                tracker.log_metrics(run, {"l1_coef": done["l1_coef"]}, self.spec.train.tokens)
             tracker.log_folder(run, lambda local, uri=done["uri"]: fs.download_folder(uri, local))
             if done.get("plot"):
                 tracker.log_bytes(run, fs.read_bytes(done["plot"]), "density_and_norms.png", "plots")
@@ -115,7 +121,10 @@ class Ledger:
 
     def absorb(self, outcome: dict) -> None:
         for name, done in outcome["finished"].items():
-            self.result.finished[name] = SAEResult(self.points[name], done["metrics"], done["uri"], self.runs[name],
+            point = self.points[name]
+            if "l1_coef" in done:  # steered to an L0 target: its point carries the final coefficient
+                point = dataclasses.replace(point, l1_coef=float(done["l1_coef"]))
+            self.result.finished[name] = SAEResult(point, done["metrics"], done["uri"], self.runs[name],
                                                    done.get("plot"))
         self.result.failed.update(outcome["failed"])
 

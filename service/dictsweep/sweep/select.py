@@ -14,10 +14,12 @@ HIGHER_IS_BETTER = {"fvu": False, "loss_recovered": True}
 
 
 class Choice(NamedTuple):
-    """Whether one SAE is selected, and why (or why not) in a few words."""
+    """Whether one SAE is selected, and why (or why not) in a few words; `eligible` False when it
+    was ruled out whatever its neighbours (outside the band or a bound, or unmeasured)."""
 
     selected: bool
     why: str
+    eligible: bool = True
 
 
 def pareto_front(scores: dict[str, tuple[float, float]]) -> set[str]:
@@ -72,7 +74,7 @@ def select(results: dict[str, dict], config: SelectConfig, d_model: int) -> dict
     for name, result in results.items():
         why = rejection(result["metrics"], config, band)
         if why is not None:
-            choices[name] = Choice(False, why)
+            choices[name] = Choice(False, why, eligible=False)
         else:
             metrics = result["metrics"]
             eligible.setdefault(result["n_latents"], {})[name] = (metrics["l0"], sign * metrics[config.metric])
