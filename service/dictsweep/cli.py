@@ -189,7 +189,9 @@ def print_sweep(result) -> None:
     console.print(table)
     for name, why in sorted(result.failed.items()):
         console.print(f"[red]failed[/red] {name}: {why.splitlines()[0][:300]}")
-    console.print(f"dictionaries: {result.export_dir} (index.json; * = selected, Pareto-best per size)")
+    band = f" inside L0 [{result.band[0]:.3g}, {result.band[1]:.3g}]" if result.band else ""
+    console.print(f"dictionaries: {result.export_dir} (index.json; * = selected{band}; each SAE's why: index.json, "
+                  f"MLflow tag dictsweep.why)")
     ui = result.tracking_uri
     if ui.startswith("sqlite:"):
         console.print(f"MLflow UI: mlflow ui --backend-store-uri {ui}  (then open http://127.0.0.1:5000)")

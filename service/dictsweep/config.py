@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dictsweep.errors import InputError, number_not_boolean
 from dictsweep.store.synth import SynthConfig
@@ -43,6 +43,7 @@ class TrainConfig(Section):
     lr_warmup_steps: int = Field(100, ge=0, description="Steps of linear learning-rate warm-up from 0.")
     lr_decay_fraction: float = Field(0.2, ge=0, le=1, description="Final fraction of steps over which the learning rate decays linearly to 0.")
     l1_warmup_fraction: float = Field(0.05, ge=0, le=1, description="Initial fraction of steps over which the sparsity coefficient ramps up from 0.")
+    target_l0_fraction: float = Field(0.8, gt=0, le=1, description="With grid.target_l0: initial fraction of steps over which each SAE's sparsity coefficient is steered to its L0 target (after the l1 warm-up); then it is held (the default holds it through the learning-rate decay).")
     grad_clip: float = Field(1.0, ge=0, description="Gradient norm clip per SAE (0 turns clipping off).")
     adam_beta1: float = Field(0.9, ge=0, lt=1, description="Adam beta1.")
     adam_beta2: float = Field(0.999, ge=0, lt=1, description="Adam beta2.")
@@ -74,8 +75,9 @@ class GridConfig(Section):
     architecture: list[str] = Field(["relu"], min_length=1, description="Architectures: relu, topk, batchtopk, jumprelu.")
     n_latents: list[int] = Field(min_length=1, description="Dictionary sizes (number of latents).")
     l1_coef: list[float] = Field([1.0], min_length=1, description="Sparsity coefficients (relu: L1; jumprelu: L0).")
+    target_l0: list[float] | None = Field(None, min_length=1, description="Instead of l1_coef (relu, jumprelu): the L0 each SAE is steered to; its coefficient is adapted early in training, then held (train.target_l0_fraction), and exported as its l1_coef.")
     k: list[int] = Field([32], min_length=1, description="Active latents per row (topk, batchtopk).")
-    lr: list[float] = Field([3e-4], min_length=1, description="Learning rates.")
+    lr: list[float] | None = Field(None, min_length=1, description="Learning rates (default: one per SAE from its width, Gao et al. 2024's 2e-4 * sqrt(2^14 / n_latents) for topk and batchtopk, 3x that for relu and jumprelu, at most 1e-2).")
     seed: list[int] = Field([0], min_length=1, description="Initialisation seeds.")
 
     @field_validator("architecture")
@@ -95,10 +97,17 @@ class GridConfig(Section):
             raise ValueError(f"every value must be > 0, got {values}")
         return values
 
+    @field_validator("target_l0")
+    @classmethod
+    def _positive_targets(cls, values: list[float] | None) -> list[float] | None:
+        if values is not None and any(value <= 0 for value in values):
+            raise ValueError(f"every target must be > 0, got {values}")
+        return values
+
     @field_validator("l1_coef", "lr")
     @classmethod
-    def _non_negative(cls, values: list[float]) -> list[float]:
-        if any(value < 0 for value in values):
+    def _non_negative(cls, values: list[float] | None) -> list[float] | None:
+        if values is not None and any(value < 0 for value in values):
             raise ValueError(f"every value must be >= 0, got {values}")
         return values
 
@@ -148,11 +157,34 @@ class ExportConfig(Section):
 class EvaluationConfig(Section):
     """What a finished sweep measures beyond the eval-shard metrics: the model with a dictionary spliced in, and baselines."""
 
-    splice: bool = Field(True, description="Splice each selected dictionary into the dataset's source model (manifest `source`) over held-out contexts and report loss recovered; skipped, with a note, when the dataset has no loadable source model (synthetic data).")
+    splice: bool = Field(True, description="Splice each finished dictionary into the dataset's source model (manifest `source`) over held-out contexts and report loss recovered; skipped, with a note, when the dataset has no loadable source model (synthetic data).")
+    splice_selected_only: bool = Field(False, description="Splice only the selected dictionaries (for big sweeps) instead of every finished SAE; select.metric loss_recovered needs every one spliced.")
     splice_tokens: int = Field(65_536, gt=0, description="Held-out tokens (whole eval contexts, from `contexts/`) the spliced evaluation runs over.")
     splice_baselines: bool = Field(True, description="Splice the baseline dictionaries too, so they can be compared with the SAEs on loss recovered.")
     baseline_rows: int = Field(1_048_576, gt=0, description="Most training rows the baselines are fitted on: whole train batches spread evenly over the stream (PCA covariance over all of them).")
     ica_rows: int = Field(65_536, gt=0, description="Most of those rows kept in memory for FastICA (an equal share of each batch).")
+
+
+class SelectConfig(Section):
+    """Which finished dictionaries are selected (exported, registered, starred): per dictionary size,
+    among those inside the L0 band and the quality bounds, the best by `metric` or its Pareto front."""
+
+    l0: list[float] | None = Field(None, min_length=2, max_length=2, description="Eval L0 band [low, high] a selected dictionary lies in (default [1, d_model / 3]: denser codes barely compress).")
+    max_fvu: float = Field(0.5, gt=0, description="Largest eval FVU a selected dictionary may have (1 is no better than predicting the mean).")
+    max_dead_fraction: float = Field(0.5, ge=0, le=1, description="Largest fraction of latents dead on the eval rows a selected dictionary may have.")
+    metric: Literal["fvu", "loss_recovered"] = Field("fvu", description="What `best` ranks by and the front trades against L0: eval fvu (lower is better), or loss_recovered (spliced into the source model; higher is better; needs a dataset with a source model).")
+    per_size: Literal["best", "front"] = Field("best", description="Per dictionary size: the one best dictionary inside the band (best), or every point of the (L0, metric) Pareto front inside it (front).")
+
+    @field_validator("l0")
+    @classmethod
+    def _ordered_band(cls, band: list[float] | None) -> list[float] | None:
+        if band is not None and not 0 <= band[0] <= band[1]:
+            raise ValueError(f"expected [low, high] with 0 <= low <= high, got {list(band)}")
+        return band
+
+    def l0_band(self, d_model: int) -> tuple[float, float]:
+        """The L0 band for a dataset of width `d_model`: `l0`, else [1, d_model / 3]."""
+        return (float(self.l0[0]), float(self.l0[1])) if self.l0 is not None else (1.0, d_model / 3)
 
 
 class StorageConfig(Section):
@@ -174,12 +206,20 @@ class SweepSpec(Section):
     export: ExportConfig = Field(default_factory=ExportConfig, description="Export.")
     storage: StorageConfig = Field(default_factory=StorageConfig, description="Working storage.")
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig, description="Spliced evaluation and baselines at the end of the sweep.")
+    select: SelectConfig = Field(default_factory=SelectConfig, description="Which dictionaries are selected.")
     baselines: list[Literal["pca", "ica", "random", "identity"]] = Field([], description="Baselines fitted on the same stream and evaluated and exported like the SAEs, as top-k dictionaries matched to the selected SAEs' L0: pca, ica, random, identity.")
 
     @field_validator("baselines")
     @classmethod
     def _distinct_baselines(cls, kinds: list[str]) -> list[str]:
         return distinct(kinds, "baseline(s)")
+
+    @model_validator(mode="after")
+    def _ranked_by_what_is_measured(self) -> "SweepSpec":
+        if self.select.metric == "loss_recovered" and (not self.evaluation.splice or self.evaluation.splice_selected_only):
+            raise ValueError("select.metric loss_recovered needs every SAE spliced: evaluation.splice true and "
+                             "evaluation.splice_selected_only false")
+        return self
 
     @property
     def export_dir(self) -> str:

@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 ROLE_TAG, SWEEP_ROLE, SAE_ROLE = "dictsweep.role", "sweep", "sae"
 SELECTED_TAG, POINT_TAG, STATUS_TAG = "dictsweep.selected", "dictsweep.point", "dictsweep.status"
+WHY_TAG = "dictsweep.why"  # why an SAE was or was not selected
 DICTIONARY_PATH = "dictionary"
 
 

@@ -65,7 +65,13 @@ class Driver:
         self.input_scale = math.sqrt(dataset.d_model / dataset.mean_sq_norm())
         truth = dataset.ground_truth()
         self.ground_truth = truth.numpy() if truth is not None else None
-        self.ledger = Ledger(spec, plan, run_dir, resume, lease)
+        if spec.select.metric == "loss_recovered":
+            from dictsweep.sweep.splice import splice_source
+
+            unspliceable = splice_source(dataset)
+            if isinstance(unspliceable, str):
+                raise InputError(f"select.metric: loss_recovered needs a dataset with a source model; {unspliceable}")
+        self.ledger = Ledger(spec, plan, run_dir, resume, lease, self.input_scale)
         self.baseline_feed = None  # sweep.baselines.BaselineFeed, from the first wave this driver runs
 
     # -- waves ------------------------------------------------------------------------------------------

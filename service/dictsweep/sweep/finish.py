@@ -1,6 +1,8 @@
-"""The end of a sweep, once every SAE is trained: select; fit the baselines and splice the selected
-dictionaries into the source model (where asked for); export the selected dictionaries with
-index.json, register them, log the sweep's metrics and the Pareto plot."""
+"""The end of a sweep, once every SAE is trained: splice every finished dictionary into the source
+model (where asked for; or, with `evaluation.splice_selected_only`, the selected ones after the
+selection), so that the selection can rank by loss recovered; select; fit the baselines (and
+splice them); export the selected dictionaries with index.json, register them, tag every SAE with
+why it was or was not selected, log the sweep's metrics and the Pareto plot."""
 
 from __future__ import annotations
 
@@ -16,27 +18,39 @@ from dictsweep.sweep.driver import Driver
 from dictsweep.sweep.plan import GridPoint
 from dictsweep.sweep.results import INDEX_METRICS, BaselineResult, SweepResult
 from dictsweep.sweep.select import select
-from dictsweep.track import SELECTED_TAG
+from dictsweep.track import SELECTED_TAG, WHY_TAG
 
 
 def finish(driver: Driver) -> None:
     """Everything after training, on the driver's records; marks the run complete."""
     spec, ledger = driver.spec, driver.ledger
     tracker, result = ledger.tracker, ledger.result
-    result.selected = select({name: {"n_latents": r.point.n_latents, "metrics": r.metrics}
-                              for name, r in result.finished.items()})
+    if not spec.evaluation.splice_selected_only:
+        splice(driver, sorted(result.finished), [])
+    choices = select({name: {"n_latents": r.point.n_latents, "metrics": r.metrics}
+                      for name, r in result.finished.items()}, spec.select, driver.dataset.d_model)
+    result.selected = {name for name, choice in choices.items() if choice.selected}
+    result.why = {name: choice.why for name, choice in choices.items()}
+    result.ruled_out = {name for name, choice in choices.items() if not choice.eligible}
+    result.band = spec.select.l0_band(driver.dataset.d_model)
     result.baselines = fit_baselines(driver)
-    spliced = splice(driver, result.baselines)
+    late = sorted(result.selected) if spec.evaluation.splice_selected_only else []
+    if late or result.baselines:
+        splice(driver, late, result.baselines)
     entries = []
     for name in sorted(result.selected):
         outcome = result.finished[name]
         fs.copy_folder(outcome.uri, fs.join(spec.export_dir, name))
-        entries.append(index_entry(name, outcome.point, outcome.metrics, selected=True))
-        entries[-1]["metrics"].update(spliced.get(name, {}))
+        entries.append(index_entry(name, outcome.point, outcome.metrics, selected=True, why=result.why[name]))
         if spec.export.registry:
             tracker.register(spec.name, outcome.run_id, {**outcome.point.params(), **outcome.metrics})
     for name, outcome in result.finished.items():
-        tracker.set_tags(outcome.run_id, {SELECTED_TAG: str(name in result.selected).lower()})
+        tracker.set_tags(outcome.run_id, {SELECTED_TAG: str(name in result.selected).lower(),
+                                          WHY_TAG: result.why[name]})
+    print(f"selected {len(result.selected)} of {len(result.finished)}: per size, the best {spec.select.metric} "
+          f"inside L0 [{result.band[0]:.3g}, {result.band[1]:.3g}]" if spec.select.per_size == "best" else
+          f"selected {len(result.selected)} of {len(result.finished)}: per size, the (L0, {spec.select.metric}) "
+          f"front inside L0 [{result.band[0]:.3g}, {result.band[1]:.3g}]", flush=True)
     fs.write_text(fs.join(spec.export_dir, "index.json"), json.dumps(entries, indent=2))
     summary = {"saes_finished": len(result.finished), "saes_failed": len(result.failed),
                "saes_selected": len(result.selected), **mmcs_between_sizes(result)}
@@ -123,15 +137,16 @@ def baseline_metadata(driver: Driver) -> dict:
             "dictsweep": {"sweep": driver.spec.name, "tokens": driver.spec.train.tokens}}
 
 
-def splice(driver: Driver, baselines: list[BaselineResult]) -> dict[str, dict]:
-    """Loss recovered of every selected SAE (and baseline) spliced into the dataset's source model,
-    logged to their runs; {} with a printed note where it cannot run (synthetic data)."""
+def splice(driver: Driver, names: list[str], baselines: list[BaselineResult]) -> dict[str, dict]:
+    """Loss recovered of the finished SAEs `names` (and the baselines) spliced into the dataset's
+    source model, logged to their runs and added to their metrics; {} with a printed note where it
+    cannot run (synthetic data)."""
     import ray
 
     from dictsweep.sweep.splice import splice_eval, splice_source
 
     spec, result, tracker = driver.spec, driver.ledger.result, driver.ledger.tracker
-    runs = {name: result.finished[name].run_id for name in sorted(result.selected)}
+    runs = {name: result.finished[name].run_id for name in names}
     uris = {name: result.finished[name].uri for name in runs}
     if spec.evaluation.splice_baselines:
         runs.update({baseline.name: baseline.run_id for baseline in baselines})
@@ -178,10 +193,11 @@ def plot(driver: Driver) -> None:
 
     result, tracker = driver.ledger.result, driver.ledger.tracker
     saes = [{**r.point.params(), "l0": r.metrics["l0"], "fvu": r.metrics["fvu"],
-             "selected": name in result.selected} for name, r in result.finished.items()]
+             "selected": name in result.selected, "rejected": name in result.ruled_out}
+            for name, r in result.finished.items()]
     baselines = [{"kind": b.kind, "k": b.k, "l0": b.metrics["l0"], "fvu": b.metrics["fvu"]}
                  for b in result.baselines]
-    png = pareto_plot(saes, baselines, title=f"{driver.spec.name}: eval L0 against FVU")
+    png = pareto_plot(saes, baselines, title=f"{driver.spec.name}: eval L0 against FVU", band=result.band)
     fs.write_bytes(fs.join(driver.spec.export_dir, "pareto.png"), png)
     tracker.log_bytes(tracker.parent_id, png, "pareto.png")
 
@@ -213,8 +229,8 @@ def mmcs_between_sizes(result: SweepResult) -> dict[str, float]:
     return metrics
 
 
-def index_entry(name: str, point: GridPoint, metrics: dict, selected: bool) -> dict:
-    """One entry of index.json (DESIGN.md): folder, grid point, selected, eval metrics (the DESIGN's
-    keys always, null where not measured, then any others measured, such as loss_recovered)."""
-    return {"path": name, **point.params(), "selected": selected,
+def index_entry(name: str, point: GridPoint, metrics: dict, selected: bool, why: str | None = None) -> dict:
+    """One entry of index.json (DESIGN.md): folder, grid point, selected and why, eval metrics (the
+    DESIGN's keys always, null where not measured, then any others measured, such as loss_recovered)."""
+    return {"path": name, **point.params(), "selected": selected, "why": why,
             "metrics": {**{metric.index_name: metrics.get(metric.key) for metric in INDEX_METRICS}, **metrics}}

@@ -10,6 +10,7 @@ earlier driver did not, and logs nothing twice.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -21,6 +22,7 @@ from dictsweep.sweep.plan import Plan, TrainerPlan, plan_from_dict
 from dictsweep.sweep.points import store_points, stored_points
 from dictsweep.sweep.results import SAEResult, SweepResult
 from dictsweep.track import STATUS_TAG, Tracker
+from dictsweep.train.evaluate import in_eval_units
 
 STOP_PATIENCE_SECONDS = 30.0  # a stopped driver waits this long for MLflow to take what it holds
 
@@ -46,8 +48,10 @@ def saved_plan(run_dir: str) -> Plan:
 class Ledger:
     """One run's records: `result` gathers every SAE recorded, in storage and MLflow alike."""
 
-    def __init__(self, spec: SweepSpec, plan: Plan, run_dir: str, resume: bool, lease: Lease | None = None):
+    def __init__(self, spec: SweepSpec, plan: Plan, run_dir: str, resume: bool, lease: Lease | None = None,
+                 input_scale: float = 1.0):
         self.spec, self.plan, self.storage, self.lease = spec, plan, run_dir, lease
+        self.input_scale = input_scale  # training scale / raw: training curves are logged in raw units
         self.points = {p.name: p for p in plan.points}
         self.result = SweepResult(plan, export_dir=spec.export_dir)
         self.tracker = Tracker(spec.tracking.uri, spec.experiment)
@@ -114,6 +118,8 @@ class Ledger:
         """Training metrics from a trainer: stored, then queued for MLflow; records a restarted trainer
         replays are neither stored nor logged twice."""
         new = [record for record in records if record["tokens"] > self.logged_tokens.get(record["name"], 0)]
+        new = [{**record, "metrics": in_eval_units(record["metrics"], self.plan.d_model, self.input_scale)}
+               for record in new]
         if new:
             self.check_lease()
             store_points(self.storage, trainer, new)  # before MLflow: a driver that dies loses none
@@ -149,6 +155,8 @@ class Ledger:
             if only is not None and run not in only:
                 continue
             metrics = {f"eval/{k}": v for k, v in done["metrics"].items()}
+            if "l1_coef" in done:  # steered to an L0 target: the coefficient it ended with
+                metrics["l1_coef"] = done["l1_coef"]
             if only is None:
                 tracker.log_metrics(run, metrics, tokens)
             else:
@@ -202,7 +210,10 @@ class Ledger:
 
     def absorb(self, outcome: dict) -> None:
         for name, done in outcome["finished"].items():
-            self.result.finished[name] = SAEResult(self.points[name], done["metrics"], done["uri"], self.runs[name],
+            point = self.points[name]
+            if "l1_coef" in done:  # steered to an L0 target: its point carries the final coefficient
+                point = dataclasses.replace(point, l1_coef=float(done["l1_coef"]))
+            self.result.finished[name] = SAEResult(point, done["metrics"], done["uri"], self.runs[name],
                                                    done.get("plot"))
         self.result.failed.update(outcome["failed"])
 

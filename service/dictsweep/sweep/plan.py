@@ -14,6 +14,7 @@ from dictsweep.config import SweepSpec
 from dictsweep.errors import InputError
 from dictsweep.sae import ARCHITECTURES, Member
 from dictsweep.train.actor import EnsembleSpec
+from dictsweep.train.target_l0 import TargetedMember, initial_coef
 from dictsweep.train.zero import zero_bytes_per_worker
 
 BYTES_PER_FLOAT = 4
@@ -31,18 +32,33 @@ class GridPoint:
     seed: int
     l1_coef: float | None = None
     k: int | None = None
+    target_l0: float | None = None  # set: l1_coef is steered to this L0 during training
 
     @property
     def name(self) -> str:
-        sparsity = f"l1_{self.l1_coef:g}" if self.k is None else f"k{self.k}"
-        return f"{self.architecture}-n{self.n_latents}-{sparsity}-lr{self.lr:g}-s{self.seed}"
+        sparsity = (f"k{self.k}" if self.k is not None else f"l0_{self.target_l0:g}" if self.target_l0 is not None
+                    else f"l1_{self.l1_coef:g}")
+        return f"{self.architecture}-n{self.n_latents}-{sparsity}-lr{self.lr:.3g}-s{self.seed}"
 
     def member(self) -> Member:
+        if self.target_l0 is not None:
+            return TargetedMember(lr=self.lr, seed=self.seed, l1_coef=initial_coef(self.architecture),
+                                  target_l0=self.target_l0)
         return Member(lr=self.lr, seed=self.seed, l1_coef=self.l1_coef or 0.0, k=self.k or 0)
 
     def params(self) -> dict:
-        return {"architecture": self.architecture, "n_latents": self.n_latents, "l1_coef": self.l1_coef,
-                "k": self.k, "lr": self.lr, "seed": self.seed}
+        params = {"architecture": self.architecture, "n_latents": self.n_latents, "l1_coef": self.l1_coef,
+                  "k": self.k, "lr": self.lr, "seed": self.seed}
+        return {**params, "target_l0": self.target_l0} if self.target_l0 is not None else params
+
+
+def default_lr(architecture: str, n_latents: int) -> float:
+    """The learning rate of an SAE whose grid sets none: Gao et al. 2024's lr = 2e-4 * sqrt(2^14 /
+    n_latents) for the top-k family; 3x that for relu and jumprelu, whose free decoder rows start
+    at norm 0.1 and need the larger steps to recover features within 1M tokens (measured on the
+    synthetic datasets of tests/sae/test_defaults.py); at most 1e-2."""
+    scale = 1.0 if ARCHITECTURES[architecture].sparsity_key == "k" else 3.0
+    return min(1e-2, scale * 2e-4 * math.sqrt(2**14 / n_latents))
 
 
 def grid_points(spec: SweepSpec) -> list[GridPoint]:
@@ -50,15 +66,19 @@ def grid_points(spec: SweepSpec) -> list[GridPoint]:
     grid, points = spec.grid, []
     for architecture in grid.architecture:
         uses_k = ARCHITECTURES[architecture].sparsity_key == "k"
+        targeted = not uses_k and grid.target_l0 is not None
+        if targeted and architecture not in ("relu", "jumprelu"):
+            raise InputError(f"grid.target_l0: applies to relu and jumprelu, not {architecture}")
         for n_latents in grid.n_latents:
-            for sparsity in (grid.k if uses_k else grid.l1_coef):
-                for lr in grid.lr:
+            for sparsity in (grid.k if uses_k else grid.target_l0 if targeted else grid.l1_coef):
+                for lr in grid.lr or [default_lr(architecture, n_latents)]:
                     for seed in grid.seed:
                         if uses_k and sparsity >= n_latents:
                             raise InputError(f"grid.k: k={sparsity} is not below n_latents={n_latents}")
                         points.append(GridPoint(architecture, n_latents, lr, seed,
-                                                l1_coef=None if uses_k else float(sparsity),
-                                                k=int(sparsity) if uses_k else None))
+                                                l1_coef=None if uses_k or targeted else float(sparsity),
+                                                k=int(sparsity) if uses_k else None,
+                                                target_l0=float(sparsity) if targeted else None))
     names = [point.name for point in points]
     if len(set(names)) != len(names):
         raise InputError("grid: the same point appears twice (repeated values in a grid list?)")
@@ -159,6 +179,8 @@ def make_plan(points: list[GridPoint], d_model: int, batch_rows: int, device: st
         per_member = member_bytes(d_model, point.n_latents, batch_rows)
         try:
             if zero == "always" or (per_member > budget and zero == "auto"):
+                if point.target_l0 is not None:
+                    raise InputError("needs DeepSpeed ZeRO, which trains with a fixed l1_coef (no grid.target_l0)")
                 zero_plans.append(plan_zero(point, d_model, batch_rows, device, n_devices, budget,
                                             zero_stage, zero_offload, zero_workers))
                 continue

@@ -16,19 +16,25 @@ import tempfile
 from dictsweep.errors import InputError
 from dictsweep.store import fs
 from dictsweep.sweep.results import INDEX_METRICS
-from dictsweep.track import SELECTED_TAG, download_dictionary, find_sweep
+from dictsweep.track import SELECTED_TAG, WHY_TAG, download_dictionary, find_sweep
 
 INDEX_NAME = "index.json"
 
 
-def point_params(params: dict) -> dict:
-    """A run's grid-point params, typed as in index.json (absent keys are null)."""
+def point_params(params: dict, metrics: dict | None = None) -> dict:
+    """A run's grid-point params, typed as in index.json (absent keys are null); for an L0 target,
+    `l1_coef` is the coefficient training ended with (its last `l1_coef` metric)."""
     def number(key, kind):
         return kind(params[key]) if key in params and params[key] not in ("", "None") else None
 
-    return {"architecture": params.get("architecture"), "n_latents": number("n_latents", int),
-            "l1_coef": number("l1_coef", float), "k": number("k", int), "lr": number("lr", float),
-            "seed": number("seed", int)}
+    point = {"architecture": params.get("architecture"), "n_latents": number("n_latents", int),
+             "l1_coef": number("l1_coef", float), "k": number("k", int), "lr": number("lr", float),
+             "seed": number("seed", int)}
+    target = number("target_l0", float)
+    if target is not None:
+        steered = (metrics or {}).get("l1_coef")
+        point.update(l1_coef=float(steered) if isinstance(steered, (int, float)) else None, target_l0=target)
+    return point
 
 
 def folder_names(sweep: str, runs: list) -> dict[str, str]:
@@ -86,8 +92,8 @@ def pull(sweep: str, out: str, include_all: bool = False, tracking_uri: str | No
             fresh = download_dictionary(client, run.run_id, os.path.join(staging, name))
             load_dictionary(fresh)  # a folder that does not load never replaces one that did
             replace_folder(fresh, os.path.join(out, name), staging)
-            entries.append({"path": name, **point_params(run.params),
-                            "selected": run.tags.get(SELECTED_TAG) == "true",
+            entries.append({"path": name, **point_params(run.params, run.metrics),
+                            "selected": run.tags.get(SELECTED_TAG) == "true", "why": run.tags.get(WHY_TAG),
                             "metrics": {**{metric.index_name: None for metric in INDEX_METRICS},
                                         **{key.removeprefix("eval/"): value for key, value in run.metrics.items()
                                            if key.startswith("eval/")}}})

@@ -18,6 +18,7 @@ from dictsweep.config import TrainConfig
 from dictsweep.sae.ensemble import Ensemble, EnsembleOutput
 from dictsweep.sae.metrics import FiringTracker
 from dictsweep.train.optim import StackedAdam, clip_divisor, grad_norm_per_member
+from dictsweep.train.target_l0 import L0Controller
 
 STEP_METRICS = ("loss", "mse", "fvu", "l0", "sparsity_loss", "aux_loss")
 
@@ -139,6 +140,7 @@ class EnsembleTrainer(DeadLatents):
         self.generators = [torch.Generator().manual_seed(member.seed + 2**32) for member in ensemble.members]
         self.forward = torch.compile(ensemble.forward) if ensemble.kernel == "compile" else ensemble.forward
         self.check_dead_every_step = self.device.type != "cuda"
+        self.l0_controller = L0Controller.for_ensemble(ensemble, config, total_steps)  # None: no L0 targets
 
     def scale(self, batch: Tensor) -> Tensor:
         """Raw activations `[B, d_model]` to the training scale (E|x|^2 = d_model), float32 on device."""
@@ -160,6 +162,8 @@ class EnsembleTrainer(DeadLatents):
         self.ensemble.constrain_weights()
         self.firing.update(out.fire_counts.detach(), x.shape[0])
         self.metrics.add({name: getattr(out, name) for name in STEP_METRICS})
+        if self.l0_controller is not None:
+            self.l0_controller.update(out.l0.detach(), self.step_count)
         self.step_count += 1
         self.resample_dead(x, out)
 
@@ -183,6 +187,8 @@ class EnsembleTrainer(DeadLatents):
         means["dead_fraction"] = self.firing.dead_fraction().tolist()
         means["dense_fraction"] = self.firing.dense_fraction().tolist()
         means["resampled_latents"] = self.resampled.tolist()
+        if self.l0_controller is not None:  # the steered coefficients
+            means["l1_coef"] = self.ensemble.l1_coef.tolist()
         return means
 
     def state_dict(self) -> dict:
@@ -190,7 +196,8 @@ class EnsembleTrainer(DeadLatents):
         return {"ensemble": self.ensemble.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "firing": self.firing.state_dict(), "step_count": self.step_count, "resampled": self.resampled,
                 "generators": [generator.get_state() for generator in self.generators],
-                "any_dead": self.any_dead}
+                "any_dead": self.any_dead,
+                **({"l0_controller": self.l0_controller.state_dict()} if self.l0_controller else {})}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore a `state_dict`, whose tensors may be on any device (checkpoints load on the CPU)."""
@@ -203,6 +210,8 @@ class EnsembleTrainer(DeadLatents):
         for generator, saved in zip(self.generators, state.get("generators", [])):
             generator.set_state(saved.cpu())
         self.any_dead = state.get("any_dead", False)
+        if self.l0_controller is not None:
+            self.l0_controller.load_state_dict(state["l0_controller"])
 
 
 class DeviceTrainer:
