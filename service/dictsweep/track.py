@@ -11,6 +11,9 @@ training; `flush(patience=...)` at the end waits for the server for a while befo
 
 from __future__ import annotations
 
+import csv
+import io
+import json
 import logging
 import os
 import re
@@ -33,6 +36,13 @@ log = logging.getLogger(__name__)
 ROLE_TAG, SWEEP_ROLE, SAE_ROLE = "dictsweep.role", "sweep", "sae"
 SELECTED_TAG, POINT_TAG, STATUS_TAG = "dictsweep.selected", "dictsweep.point", "dictsweep.status"
 DICTIONARY_PATH = "dictionary"
+# MLflow 3's UI files an experiment as GenAI (traces) or model training by this tag, and by the URL's
+# `workflowType` (which wins over the tag where the UI offers both): sweeps are model training
+KIND_TAG, TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
+# the runs page as a flat table, best eval FVU first (sorted by a metric, MLflow does not fold the SAEs
+# under their sweep's run), so that the chart view draws every SAE's curves
+RUNS_VIEW = "workflowType=machine_learning&orderByKey=metrics.%60eval%2Ffvu%60&orderByAsc=true"
+LOCAL_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves a local store
 
 
 def tracking_uri(uri: str | None) -> str:
@@ -65,6 +75,8 @@ class Tracker:
         self.patience = patience
         found = self.now(self.client.get_experiment_by_name, experiment)
         self.experiment_id = found.experiment_id if found else self.now(self.client.create_experiment, experiment)
+        if not found or found.tags.get(KIND_TAG) != TRAINING_KIND:
+            self.now(self.client.set_experiment_tag, self.experiment_id, KIND_TAG, TRAINING_KIND)
         self.queue: list[tuple[str, Callable[[], None]]] = []  # (what, operation) waiting to be sent
         self.retry_at = 0.0  # during an outage: when to try the queue again
         self.parent_id: str | None = None
@@ -153,6 +165,11 @@ class Tracker:
         items = [Metric(key, float(value), now, step) for key, value in metrics.items()]
         self.later(f"metrics of {run_id}", lambda: self.client.log_batch(run_id, metrics=items))
 
+    def experiment_url(self) -> str:
+        """The address a person opens to see the sweep's runs table (a local store: once `mlflow ui` runs)."""
+        server = self.uri.rstrip("/") if self.uri.startswith(("http://", "https://")) else LOCAL_UI
+        return f"{server}/#/experiments/{self.experiment_id}/runs?{RUNS_VIEW}"
+
     # -- artifacts and registry ----------------------------------------------------------------------
     def log_folder(self, run_id: str, fetch: Callable[[str], str], artifact_path: str = DICTIONARY_PATH) -> None:
         """Queue uploading a folder; `fetch(local_dir)` puts its files in a local folder when it is sent."""
@@ -172,6 +189,17 @@ class Tracker:
                 self.client.log_artifact(run_id, path, artifact_path)
 
         self.later(f"{name} of {run_id}", upload)
+
+    def log_comparison(self, rows: list[dict]) -> None:
+        """Queue the sweep's table of SAEs (one dict per SAE: name, params, final metrics) on the parent
+        run as `saes.csv` (the UI shows it as a table) and `saes.json`."""
+        columns = list(dict.fromkeys(key for row in rows for key in row))  # first-seen order
+        text = io.StringIO()
+        writer = csv.DictWriter(text, columns, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+        self.log_bytes(self.parent_id, text.getvalue().encode(), "saes.csv")
+        self.log_bytes(self.parent_id, json.dumps(rows, indent=1).encode(), "saes.json")
 
     def register(self, model_name: str, run_id: str, tags: dict) -> None:
         """Queue registering a run's dictionary as a new version of `model_name`."""
