@@ -13,6 +13,24 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_
 bench_app = typer.Typer(no_args_is_help=True, help="Throughput and memory benchmarks (table and JSON).")
 app.add_typer(bench_app, name="bench")
 
+# typer's rich help prints `<bool>` after a flag, as if it took a value: a flag shows no type
+_option_type = typer.core.TyperOption.display_type_rich
+typer.core.TyperOption.display_type_rich = lambda option, ctx: None if option.is_flag else _option_type(option, ctx)
+
+
+def _print_version(asked: bool) -> None:
+    if asked:
+        from dictsweep import __version__
+
+        typer.echo(f"dictsweep {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main_options(version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version,
+                                               help="Print the version and exit.")) -> None:
+    """Sparse-autoencoder sweeps over language-model activations."""
+
 
 def _cuda_available() -> bool:
     """Whether a GPU is visible, without importing torch for `--help`."""
