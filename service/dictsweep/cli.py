@@ -239,6 +239,7 @@ def harvest(
     workers: int = typer.Option(_HARVEST["workers"].default, help=_HARVEST["workers"].description),
     device: str = typer.Option(_HARVEST["device"].default, help=_HARVEST["device"].description),
     address: str = typer.Option(None, help=_HARVEST["address"].description),
+    model_name: str = typer.Option(None, help=_HARVEST["model_name"].description),
     overwrite: bool = typer.Option(False, help="Replace the dataset(s) or unfinished harvest at --out."),
     progress: bool = typer.Option(True, help="Show a progress bar (tokens/s) on stderr."),
 ) -> None:
@@ -250,7 +251,7 @@ def harvest(
         model=model, hooks=hook, text=text, out=out, context=context, max_tokens=max_tokens, dtype=dtype,
         seed=seed, eval_fraction=eval_fraction, shard_rows=shard_rows, shuffle_rows=shuffle_rows,
         batch_size=batch_size, include_special=include_special, text_field=text_field,
-        text_split=text_split, workers=workers, device=device, address=address)
+        text_split=text_split, workers=workers, device=device, address=address, model_name=model_name)
     result = run_harvest(config, overwrite=overwrite, progress=progress)
     for hook_name, manifest in result.manifests.items():
         eval_rows = sum(shard.rows for shard in manifest.eval_shards)
