@@ -92,12 +92,12 @@ def run(
         outcome = run_sweep(spec, address, plan_only, resume)
     except RunError as error:
         if error.result is not None:
-            print_sweep(error.result)
+            print_sweep(error.result, spec.experiment)
         raise
     if plan_only:
         print_plan(outcome)
     else:
-        print_sweep(outcome)
+        print_sweep(outcome, spec.experiment)
 
 
 @app.command()
@@ -171,45 +171,52 @@ def print_plan(plan) -> None:
         console.print(f"[red]fits nowhere[/red] {name}: {why}")
 
 
-def print_sweep(result) -> None:
-    """The results table, then where the dictionaries and the MLflow UI are."""
+def print_sweep(result, experiment: str | None = None) -> None:
+    """The results table (fits 80 columns: short headers, no vertical rules), the selection reasons
+    under it (they wrap), then where the dictionaries and the MLflow runs are."""
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="sweep results (eval shards)")
-    # short headers so that the table fits 80 columns: arch, n_latents, l1_coef or k, l0, fvu,
-    # dead_fraction, mmcs_ground_truth, loss_recovered (spliced into the model), selected
-    spliced = any("loss_recovered" in r["metrics"] for r in result.finished.values())
-    uses_k = {r["point"].k is not None for r in result.finished.values()}
+    from dictsweep.track import sweep_url
+
+    finished = result.finished.values()
+    uses_k = {r["point"].k is not None for r in finished}
     sparsity = "l1/k" if len(uses_k) > 1 else "k" if uses_k == {True} else "l1_coef"
-    columns = (("arch", "n_latents", sparsity, "l0", "fvu", "dead", "mmcs_gt") + (("loss_rec",) if spliced else ())
-               + ("sel",))
-    for column in columns:
-        table.add_column(column, justify="right")
-    rows = sorted(result.finished.values(), key=lambda r: (r["point"].architecture, r["point"].n_latents,
-                                                           r["point"].l1_coef or 0, r["point"].k or 0))
+    reasons = {name: why for name, why in (getattr(result, "why", None) or {}).items() if why}
+    # arch, n_latents, l1_coef or k, l0, fvu, dead_fraction, mmcs_ground_truth (synthetic data),
+    # loss_recovered (spliced into the model), selected, why (selection reason)
+    optional = {"mmcs_gt": "mmcs_ground_truth", "loss_rec": "loss_recovered"}
+    shown = [header for header, key in optional.items() if any(r["metrics"].get(key) is not None for r in finished)]
+    table = Table(title="sweep results (eval shards)", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    for column in ("arch", "n_latents", sparsity, "l0", "fvu", "dead", *shown, "sel"):
+        table.add_column(column, justify="left" if column == "arch" else "right", no_wrap=True)
+    rows = sorted(result.finished.items(), key=lambda item: (item[1]["point"].architecture, item[1]["point"].n_latents,
+                                                             item[1]["point"].l1_coef or 0, item[1]["point"].k or 0))
 
     def number(value, digits: int) -> str:
         return "-" if value is None else f"{value:.{digits}f}"
 
-    for r in rows:
+    digits = {"mmcs_gt": 3, "loss_rec": 3}
+    for name, r in rows:
         point, metrics = r["point"], r["metrics"]
         cells = [point.architecture, str(point.n_latents), f"{point.l1_coef:g}" if point.k is None else str(point.k),
-                 number(metrics["l0"], 2), number(metrics["fvu"], 4), number(metrics["dead_fraction"], 3),
-                 number(metrics.get("mmcs_ground_truth"), 3)]
-        if spliced:
-            cells.append(number(metrics.get("loss_recovered"), 3))
-        table.add_row(*cells, "*" if point.name in result.selected else "")
+                 number(metrics["l0"], 2), number(metrics["fvu"], 4), number(metrics["dead_fraction"], 3)]
+        cells += [number(metrics.get(optional[header]), digits[header]) for header in shown]
+        cells.append("*" if name in result.selected else "")
+        table.add_row(*cells)
     console = Console()
     console.print(table)
+    for name, why in sorted(reasons.items()):
+        console.print(f"{'*' if name in result.selected else ' '} {name}: {why}")
     for name, why in sorted(result.failed.items()):
         console.print(f"[red]failed[/red] {name}: {why.splitlines()[0][:300]}")
     console.print(f"dictionaries: {result.export_dir} (index.json; * = selected, Pareto-best per size)")
     ui = result.tracking_uri
+    url = getattr(result, "tracking_url", "") or (sweep_url(ui, experiment) if experiment else None)
     if ui.startswith("sqlite:"):
-        console.print(f"MLflow UI: mlflow ui --backend-store-uri {ui}  (then open http://127.0.0.1:5000)")
-    else:
-        console.print(f"MLflow: {ui}")
+        console.print(f"MLflow: mlflow ui --backend-store-uri {ui}", soft_wrap=True)
+    console.print(f"MLflow runs: {url or ui}", soft_wrap=True)
 
 
 from dictsweep.store.harvest import HarvestConfig  # noqa: E402  (light: torch is imported when run)

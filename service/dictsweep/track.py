@@ -166,9 +166,7 @@ class Tracker:
         self.later(f"metrics of {run_id}", lambda: self.client.log_batch(run_id, metrics=items))
 
     def experiment_url(self) -> str:
-        """The address a person opens to see the sweep's runs table (a local store: once `mlflow ui` runs)."""
-        server = self.uri.rstrip("/") if self.uri.startswith(("http://", "https://")) else LOCAL_UI
-        return f"{server}/#/experiments/{self.experiment_id}/runs?{RUNS_VIEW}"
+        return runs_url(self.uri, self.experiment_id)
 
     # -- artifacts and registry ----------------------------------------------------------------------
     def log_folder(self, run_id: str, fetch: Callable[[str], str], artifact_path: str = DICTIONARY_PATH) -> None:
@@ -215,6 +213,24 @@ class Tracker:
                                              tags={key: str(value) for key, value in tags.items()})
 
         self.later(f"registering {run_id}", create)
+
+
+def runs_url(uri: str, experiment_id: str) -> str:
+    """The address a person opens to see a sweep's runs table (a local store: once `mlflow ui` runs)."""
+    server = uri.rstrip("/") if uri.startswith(("http://", "https://")) else LOCAL_UI
+    return f"{server}/#/experiments/{experiment_id}/runs?{RUNS_VIEW}"
+
+
+def sweep_url(uri: str | None, experiment: str) -> str | None:
+    """`runs_url` of the experiment named `experiment`; None if MLflow does not answer or lacks it."""
+    from mlflow import MlflowClient
+
+    resolved = tracking_uri(uri)
+    try:
+        found = MlflowClient(resolved).get_experiment_by_name(experiment)
+    except Exception:  # only a hint at the end of a sweep: never fail it
+        return None
+    return runs_url(resolved, found.experiment_id) if found else None
 
 
 def unreachable(error: Exception) -> bool:
