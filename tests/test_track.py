@@ -47,8 +47,9 @@ def chromium(*args: str, profile: Path) -> str:
     return done.stdout
 
 
-def test_sweep_records_comparison_and_shared_curves(mlflow_server):
+def test_sweep_records_comparison_and_shared_curves(mlflow_server, capfd):
     tracker = log_sweep(mlflow_server, "track-records")
+    assert "View run" not in capfd.readouterr().out  # the console is the sweep's, not one line per run
     client = tracker.client
     assert client.get_experiment(tracker.experiment_id).tags[KIND_TAG] == TRAINING_KIND
     parent = tracker.parent_id

@@ -159,10 +159,13 @@ def print_plan(plan) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from rich import box
+
     table = Table(title=f"plan: d_model={plan.d_model}, batch_rows={plan.batch_rows}, "
-                        f"{len(plan.points) + len(plan.unplaced)} SAEs")
+                        f"{len(plan.points) + len(plan.unplaced)} SAEs",
+                  box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)  # as the results: 80 columns
     for column in ("wave", "device", "ensemble", "SAEs", "memory GiB", "device share"):
-        table.add_column(column, justify="right")
+        table.add_column(column, justify="left" if column in ("device", "ensemble") else "right", no_wrap=True)
     for row in plan.rows():
         table.add_row(*map(str, row))
     console = Console()
