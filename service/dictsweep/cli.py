@@ -63,11 +63,13 @@ def synth(
 ) -> None:
     """Write a synthetic activation dataset with known ground-truth features."""
     from dictsweep.store.synth import synth_dataset
+    from dictsweep.sweep.progress import step
 
     config = SynthConfig.from_cli(d_model=d_model, n_features=n_features, active=active, rows=rows,
                                   eval_rows=eval_rows, shard_rows=shard_rows, decay=decay,
                                   correlation=correlation, noise=noise, dtype=dtype, seed=seed)
-    manifest = synth_dataset(out, config, overwrite=overwrite)
+    with step(f"writing {config.rows:,} + {config.eval_rows:,} synthetic rows to {out}"):
+        manifest = synth_dataset(out, config, overwrite=overwrite)
     eval_rows_written = sum(shard.rows for shard in manifest.eval_shards)
     typer.echo(f"wrote {manifest.n_rows} train + {eval_rows_written} eval rows "
                f"({len(manifest.shards)} + {len(manifest.eval_shards)} shards, d_model={manifest.d_model}, "
