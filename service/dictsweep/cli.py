@@ -87,7 +87,7 @@ def run(
     """Run a sweep here: train every SAE of the grid, select, export, record in MLflow."""
     from dictsweep.config import load_spec
     from dictsweep.errors import RunError
-    from dictsweep.sweep.controller import run_sweep
+    from dictsweep.sweep.run import run_sweep
 
     spec = load_spec(spec_path, overrides)
     try:
@@ -183,33 +183,28 @@ def print_sweep(result, experiment: str | None = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from dictsweep.sweep.results import METRICS
     from dictsweep.track import sweep_url
 
     finished = result.finished.values()
-    uses_k = {r["point"].k is not None for r in finished}
+    shown = [metric for metric in METRICS if metric.header is not None and (not metric.shown_when_measured or any(
+        metric.key in r.metrics for r in finished))]
+    uses_k = {r.point.k is not None for r in finished}
     sparsity = "l1/k" if len(uses_k) > 1 else "k" if uses_k == {True} else "l1_coef"
     reasons = {name: why for name, why in (getattr(result, "why", None) or {}).items() if why}
-    # arch, n_latents, l1_coef or k, l0, fvu, dead_fraction, mmcs_ground_truth (synthetic data),
-    # loss_recovered (spliced into the model), selected, why (selection reason)
-    optional = {"mmcs_gt": "mmcs_ground_truth", "loss_rec": "loss_recovered"}
-    shown = [header for header, key in optional.items() if any(r["metrics"].get(key) is not None for r in finished)]
     table = Table(title="sweep results (eval shards)", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
-    for column in ("arch", "n_latents", sparsity, "l0", "fvu", "dead", *shown, "sel"):
+    for column in ("arch", "n_latents", sparsity, *(metric.header for metric in shown), "sel"):
         table.add_column(column, justify="left" if column == "arch" else "right", no_wrap=True)
-    rows = sorted(result.finished.items(), key=lambda item: (item[1]["point"].architecture, item[1]["point"].n_latents,
-                                                             item[1]["point"].l1_coef or 0, item[1]["point"].k or 0))
+    rows = sorted(finished, key=lambda r: (r.point.architecture, r.point.n_latents, r.point.l1_coef or 0, r.point.k or 0))
 
-    def number(value, digits: int) -> str:
-        return "-" if value is None else f"{value:.{digits}f}"
+    def number(value, format: str) -> str:
+        return "-" if value is None else f"{value:{format}}"
 
-    digits = {"mmcs_gt": 3, "loss_rec": 3}
-    for name, r in rows:
-        point, metrics = r["point"], r["metrics"]
+    for r in rows:
+        point, metrics = r.point, r.metrics
         cells = [point.architecture, str(point.n_latents), f"{point.l1_coef:g}" if point.k is None else str(point.k),
-                 number(metrics["l0"], 2), number(metrics["fvu"], 4), number(metrics["dead_fraction"], 3)]
-        cells += [number(metrics.get(optional[header]), digits[header]) for header in shown]
-        cells.append("*" if name in result.selected else "")
-        table.add_row(*cells)
+                 *(number(metrics.get(metric.key), metric.format) for metric in shown)]
+        table.add_row(*cells, "*" if point.name in result.selected else "")
     console = Console()
     console.print(table)
     for name, why in sorted(reasons.items()):
