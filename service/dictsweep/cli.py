@@ -213,7 +213,7 @@ def print_sweep(result, experiment: str | None = None) -> None:
         console.print(f"[red]failed[/red] {name}: {why.splitlines()[0][:300]}")
     console.print(f"dictionaries: {result.export_dir} (index.json; * = selected, Pareto-best per size)")
     ui = result.tracking_uri
-    url = getattr(result, "tracking_url", "") or (sweep_url(ui, experiment) if experiment else None)
+    url = result.tracking_url or (sweep_url(ui, experiment) if experiment else None)
     if ui.startswith("sqlite:"):
         console.print(f"MLflow: mlflow ui --backend-store-uri {ui}", soft_wrap=True)
     console.print(f"MLflow runs: {url or ui}", soft_wrap=True)

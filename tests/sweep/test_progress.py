@@ -40,11 +40,11 @@ def test_no_estimate_during_warm_up():
 
 def test_board_names_best_and_worst():
     board = SaeBoard()
-    assert board.line() == "no SAE has logged yet"
+    assert board.lines() == ["no SAE has logged yet"]
     board.add([{"name": "relu-a", "tokens": 10, "metrics": {"loss": 0.5, "l0": 12.0, "dead_fraction": 0.25}},
                {"name": "topk-b", "tokens": 10, "metrics": {"loss": 0.2, "l0": 8.0, "dead_fraction": 0.0}},
                {"name": "relu-a", "tokens": 20, "metrics": {"loss": 0.9, "l0": 30.0, "dead_fraction": 0.5}}])
-    assert board.line() == "best topk-b loss 0.2 L0 8.0 dead 0% | worst relu-a loss 0.9 L0 30.0 dead 50%"
+    assert board.lines() == ["best  topk-b  loss 0.2  L0 8.0  dead 0%", "worst relu-a  loss 0.9  L0 30.0  dead 50%"]
 
 
 def test_bars_print_what_they_did(monkeypatch):
@@ -60,5 +60,5 @@ def test_bars_print_what_they_did(monkeypatch):
     printed = out.getvalue()
     assert "splicing 3 dictionaries" in printed and "3/3" in printed
     assert "wave 1/1 training" in printed and "1,000 tok/s" in printed and "0:00:00 left" in printed
-    assert "best relu-a loss 0.5 L0 12.0 dead 25%" in printed
+    assert "best  relu-a  loss 0.5  L0 12.0  dead 25%" in printed and "worst" not in printed
     assert all(len(line) <= 80 for line in printed.splitlines())

@@ -14,6 +14,7 @@ import os
 from dictsweep.config import SweepSpec
 from dictsweep.store import fs
 from dictsweep.sweep.plan import Plan, TrainerPlan, plan_from_dict
+from dictsweep.sweep.progress import SaeBoard
 from dictsweep.sweep.results import SAEResult, SweepResult
 from dictsweep.track import STATUS_TAG, Tracker
 
@@ -47,6 +48,7 @@ class Ledger:
         self.result.tracking_uri = self.tracker.uri
         self.runs = self.start_runs(resume)
         self.logged_tokens: dict[str, int] = {}
+        self.board = SaeBoard()  # the console's best and worst SAE, from the same records
 
     def start_runs(self, resume: bool) -> dict[str, str]:
         """MLflow runs of the sweep and of every SAE (reused when resuming); saved in storage."""
@@ -78,6 +80,7 @@ class Ledger:
 
     def log_records(self, records: list[dict]) -> None:
         """Training metrics from a trainer; records replayed after a restart are not logged twice."""
+        self.board.add(records)
         for record in records:
             name, tokens = record["name"], record["tokens"]
             if tokens > self.logged_tokens.get(name, 0):

@@ -69,21 +69,23 @@ class SaeBoard:
 
     def add(self, records: list[dict]) -> None:
         for record in records:
-            self.latest[record["name"]] = record["metrics"]
+            if isinstance(record.get("metrics"), dict):
+                self.latest[record["name"]] = record["metrics"]
 
-    def line(self) -> str:
+    def lines(self) -> list[str]:
+        """`best  NAME  loss .. L0 .. dead ..%` and the same for the worst (one line with one SAE)."""
         ranked = sorted((metrics["loss"], name) for name, metrics in self.latest.items() if "loss" in metrics)
         if not ranked:
-            return "no SAE has logged yet"
+            return ["no SAE has logged yet"]
 
         def describe(name: str) -> str:
             metrics = self.latest[name]
             dead = metrics.get("dead_fraction")
-            return (f"{name} loss {metrics['loss']:.4g} L0 {metrics.get('l0', float('nan')):.1f}"
-                    + (f" dead {dead:.0%}" if dead is not None else ""))
+            return (f"{name}  loss {metrics['loss']:.4g}  L0 {metrics.get('l0', float('nan')):.1f}"
+                    + (f"  dead {dead:.0%}" if dead is not None else ""))
 
         best, worst = ranked[0][1], ranked[-1][1]
-        return f"best {describe(best)}" + (f" | worst {describe(worst)}" if worst != best else "")
+        return [f"best  {describe(best)}"] + ([f"worst {describe(worst)}"] if worst != best else [])
 
 
 def console() -> Console:
@@ -102,7 +104,8 @@ class TrainingProgress(Progress):
 
     def get_renderables(self):
         yield self.make_tasks_table(self.tasks)
-        yield Text(self.board.line(), no_wrap=True, overflow="ellipsis")
+        for line in self.board.lines():
+            yield Text(line, no_wrap=True, overflow="ellipsis")
 
 
 @contextmanager

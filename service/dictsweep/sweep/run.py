@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 import time
 
-from dictsweep.cluster import cluster_devices, given_devices, start_ray
-from dictsweep.config import SweepSpec
+from dictsweep.cluster import cluster_devices, given_devices, local_devices, start_ray
+from dictsweep.config import SweepSpec, spec_warnings
 from dictsweep.errors import InputError, RunError
 from dictsweep.store import fs
 from dictsweep.store.dataset import ActivationDataset
@@ -31,14 +31,48 @@ def pin_paths(spec: SweepSpec) -> SweepSpec:
     return spec
 
 
-def open_dataset(spec: SweepSpec) -> ActivationDataset:
-    """The sweep's dataset; with `data.synth` set, write it first if the prefix holds none."""
-    if spec.data.synth is not None and not fs.exists(fs.join(spec.data.uri, "manifest.json")):
-        from dictsweep.store.synth import synth_dataset
+def to_write(spec: SweepSpec) -> bool:
+    """Whether the sweep writes its (synthetic) dataset first: `data.synth` set and none at `data.uri`."""
+    return spec.data.synth is not None and not fs.exists(fs.join(spec.data.uri, "manifest.json"))
 
-        print(f"writing synthetic dataset to {spec.data.uri} ...", flush=True)
-        synth_dataset(spec.data.uri, spec.data.synth)
-    return ActivationDataset.open(spec.data.uri)
+
+def open_dataset(spec: SweepSpec) -> ActivationDataset:
+    """The sweep's dataset (written first where `to_write`), with a warning for each setting the
+    dataset keeps from doing what it says."""
+    if to_write(spec):
+        from dictsweep.store.synth import synth_dataset
+        from dictsweep.sweep.progress import step
+
+        synth = spec.data.synth
+        with step(f"writing {synth.rows:,} + {synth.eval_rows:,} synthetic rows to {spec.data.uri}"):
+            synth_dataset(spec.data.uri, synth)
+    dataset = ActivationDataset.open(spec.data.uri)
+    warn(spec_warnings(spec, dataset.n_eval_rows))
+    return dataset
+
+
+def warn(notes: list[str]) -> None:
+    for note in notes:
+        print(f"warning: {note}", flush=True)
+
+
+def plan_without_running(spec: SweepSpec, address: str | None, resume: bool) -> Plan:
+    """The plan, without writing anything, and without Ray unless a cluster's address is given (and
+    the spec does not settle the devices): the local machine is where a local Ray would run."""
+    latest = latest_run(spec.storage_dir)
+    if resume and latest and not is_complete(latest):
+        return saved_plan(latest)
+    if to_write(spec):
+        d_model = spec.data.synth.d_model
+        warn(spec_warnings(spec, spec.data.synth.eval_rows))
+    else:
+        d_model = open_dataset(spec).d_model
+    if given_devices(spec):  # planning for a cluster this machine need not be part of
+        return plan_sweep(spec, d_model, *given_devices(spec))
+    if spec.resources.device == "cpu" or not (address or os.environ.get("RAY_ADDRESS")):
+        return plan_sweep(spec, d_model, *local_devices(spec))
+    start_ray(address)
+    return plan_sweep(spec, d_model, *cluster_devices(spec))
 
 
 def run_sweep(spec: SweepSpec, address: str | None = None, plan_only: bool = False,
@@ -49,9 +83,9 @@ def run_sweep(spec: SweepSpec, address: str | None = None, plan_only: bool = Fal
     newest, which `resume` continues unless it completed.
     """
     spec = pin_paths(spec)
+    if plan_only:
+        return plan_without_running(spec, address, resume)
     dataset = open_dataset(spec)
-    if plan_only and given_devices(spec):  # planning for a cluster this machine is not part of
-        return plan_sweep(spec, dataset.d_model, *given_devices(spec))
     start_ray(address)
     latest = latest_run(spec.storage_dir)
     if resume and latest and not is_complete(latest):
@@ -62,8 +96,6 @@ def run_sweep(spec: SweepSpec, address: str | None = None, plan_only: bool = Fal
         resume = False
         run_dir = fs.join(spec.storage_dir, "runs", time.strftime("%Y%m%d-%H%M%S", time.gmtime()))
         plan = plan_sweep(spec, dataset.d_model, *cluster_devices(spec))
-    if plan_only:
-        return plan
     if plan.unplaced:
         raise InputError("grid: these SAEs fit no device: " + "; ".join(
             f"{name} {why}" for name, why in sorted(plan.unplaced.items())))
