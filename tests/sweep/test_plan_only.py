@@ -21,6 +21,8 @@ def test_plan_only_uses_the_local_machine_without_ray(tmp_path, run_cli, monkeyp
     assert code == 0, printed
     assert "d_model=48" in printed and "cpu:0" in printed and "4 SAEs" in printed
     assert not ray.is_initialized()  # no cluster was started to count devices
+    # the default train.eval_tokens asks for more than the synthetic eval split will hold
+    assert "warning: train.eval_tokens (262144) is more than the eval split holds (65536 rows)" in printed
     assert not (tmp_path / "data").exists() and not (tmp_path / "sweeps").exists()  # nothing written
 
 
