@@ -112,10 +112,10 @@ class TrainingProgress(Progress):
 def step(description: str, total: float | None = None) -> Iterator["Step"]:
     """A spinner (or, with `total`, a bar) and the elapsed time for one step of the sweep (writing
     the dataset, splicing, baselines, export); `advance` moves the bar."""
-    columns = [SpinnerColumn(), TextColumn("{task.description}")]
+    columns = [SpinnerColumn(), TimeElapsedColumn()]  # before the description, which may be cut at the edge
     if total is not None:
-        columns += [BarColumn(), TextColumn("{task.completed:.0f}/{task.total:.0f}")]
-    with Progress(*columns, TimeElapsedColumn(), console=console(), transient=False) as progress:
+        columns += [TextColumn("{task.completed:.0f}/{task.total:.0f}")]
+    with Progress(*columns, TextColumn("{task.description}"), console=console(), transient=False) as progress:
         task = progress.add_task(description, total=total)
         yield Step(progress, task)
         if total is not None:
