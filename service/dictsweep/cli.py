@@ -13,6 +13,24 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_
 bench_app = typer.Typer(no_args_is_help=True, help="Throughput and memory benchmarks (table and JSON).")
 app.add_typer(bench_app, name="bench")
 
+# typer's rich help prints `<bool>` after a flag, as if it took a value: a flag shows no type
+_option_type = typer.core.TyperOption.display_type_rich
+typer.core.TyperOption.display_type_rich = lambda option, ctx: None if option.is_flag else _option_type(option, ctx)
+
+
+def _print_version(asked: bool) -> None:
+    if asked:
+        from dictsweep import __version__
+
+        typer.echo(f"dictsweep {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main_options(version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version,
+                                               help="Print the version and exit.")) -> None:
+    """Sparse-autoencoder sweeps over language-model activations."""
+
 
 def _cuda_available() -> bool:
     """Whether a GPU is visible, without importing torch for `--help`."""
@@ -45,11 +63,13 @@ def synth(
 ) -> None:
     """Write a synthetic activation dataset with known ground-truth features."""
     from dictsweep.store.synth import synth_dataset
+    from dictsweep.sweep.progress import step
 
     config = SynthConfig.from_cli(d_model=d_model, n_features=n_features, active=active, rows=rows,
                                   eval_rows=eval_rows, shard_rows=shard_rows, decay=decay,
                                   correlation=correlation, noise=noise, dtype=dtype, seed=seed)
-    manifest = synth_dataset(out, config, overwrite=overwrite)
+    with step(f"writing {config.rows:,} + {config.eval_rows:,} synthetic rows to {out}"):
+        manifest = synth_dataset(out, config, overwrite=overwrite)
     eval_rows_written = sum(shard.rows for shard in manifest.eval_shards)
     typer.echo(f"wrote {manifest.n_rows} train + {eval_rows_written} eval rows "
                f"({len(manifest.shards)} + {len(manifest.eval_shards)} shards, d_model={manifest.d_model}, "
@@ -77,7 +97,7 @@ def run(
         outcome = run_sweep(spec, address, plan_only, resume, force)
     except RunError as error:
         if error.result is not None:
-            print_sweep(error.result)
+            print_sweep(error.result, spec.experiment)
         raise
     except Interrupted as stop:  # say how to go on, in the words the user typed
         again = shlex.join(["dictsweep", "run", spec_path, *(part for o in overrides for part in ("--set", o))])
@@ -85,7 +105,7 @@ def run(
     if plan_only:
         print_plan(outcome)
     else:
-        print_sweep(outcome)
+        print_sweep(outcome, spec.experiment)
 
 
 @app.command()
@@ -147,10 +167,13 @@ def print_plan(plan) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from rich import box
+
     table = Table(title=f"plan: d_model={plan.d_model}, batch_rows={plan.batch_rows}, "
-                        f"{len(plan.points) + len(plan.unplaced)} SAEs")
+                        f"{len(plan.points) + len(plan.unplaced)} SAEs",
+                  box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)  # as the results: 80 columns
     for column in ("wave", "device", "ensemble", "SAEs", "memory GiB", "device share"):
-        table.add_column(column, justify="right")
+        table.add_column(column, justify="left" if column in ("device", "ensemble") else "right", no_wrap=True)
     for row in plan.rows():
         table.add_row(*map(str, row))
     console = Console()
@@ -159,23 +182,26 @@ def print_plan(plan) -> None:
         console.print(f"[red]fits nowhere[/red] {name}: {why}")
 
 
-def print_sweep(result) -> None:
-    """The results table, then where the dictionaries and the MLflow UI are."""
+def print_sweep(result, experiment: str | None = None) -> None:
+    """The results table (fits 80 columns: short headers, no vertical rules), the selection reasons
+    under it (they wrap), then where the dictionaries and the MLflow runs are."""
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
     from dictsweep.sweep.results import METRICS
+    from dictsweep.track import sweep_url
 
-    table = Table(title="sweep results (eval shards)")
-    # short headers so that the table fits 80 columns: arch, n_latents, l1_coef or k, the metrics, selected
+    finished = result.finished.values()
     shown = [metric for metric in METRICS if metric.header is not None and (not metric.shown_when_measured or any(
-        metric.key in r.metrics for r in result.finished.values()))]
-    uses_k = {r.point.k is not None for r in result.finished.values()}
+        metric.key in r.metrics for r in finished))]
+    uses_k = {r.point.k is not None for r in finished}
     sparsity = "l1/k" if len(uses_k) > 1 else "k" if uses_k == {True} else "l1_coef"
+    reasons = {name: why for name, why in (getattr(result, "why", None) or {}).items() if why}
+    table = Table(title="sweep results (eval shards)", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
     for column in ("arch", "n_latents", sparsity, *(metric.header for metric in shown), "sel"):
-        table.add_column(column, justify="right")
-    rows = sorted(result.finished.values(), key=lambda r: (r.point.architecture, r.point.n_latents,
-                                                           r.point.l1_coef or 0, r.point.k or 0))
+        table.add_column(column, justify="left" if column == "arch" else "right", no_wrap=True)
+    rows = sorted(finished, key=lambda r: (r.point.architecture, r.point.n_latents, r.point.l1_coef or 0, r.point.k or 0))
 
     def number(value, format: str) -> str:
         return "-" if value is None else f"{value:{format}}"
@@ -187,16 +213,18 @@ def print_sweep(result) -> None:
         table.add_row(*cells, "*" if point.name in result.selected else "")
     console = Console()
     console.print(table)
+    for name, why in sorted(reasons.items()):
+        console.print(f"{'*' if name in result.selected else ' '} {name}: {why}")
     for name, why in sorted(result.failed.items()):
         console.print(f"[red]failed[/red] {name}: {why.splitlines()[0][:300]}")
     band = f" inside L0 [{result.band[0]:.3g}, {result.band[1]:.3g}]" if result.band else ""
     console.print(f"dictionaries: {result.export_dir} (index.json; * = selected{band}; each SAE's why: index.json, "
                   f"MLflow tag dictsweep.why)")
     ui = result.tracking_uri
+    url = result.tracking_url or (sweep_url(ui, experiment) if experiment else None)
     if ui.startswith("sqlite:"):
-        console.print(f"MLflow UI: mlflow ui --backend-store-uri {ui}  (then open http://127.0.0.1:5000)")
-    else:
-        console.print(f"MLflow: {ui}")
+        console.print(f"MLflow: mlflow ui --backend-store-uri {ui}", soft_wrap=True)
+    console.print(f"MLflow runs: {url or ui}", soft_wrap=True)
 
 
 from dictsweep.store.harvest import HarvestConfig  # noqa: E402  (light: torch is imported when run)
@@ -226,6 +254,7 @@ def harvest(
     workers: int = typer.Option(_HARVEST["workers"].default, help=_HARVEST["workers"].description),
     device: str = typer.Option(_HARVEST["device"].default, help=_HARVEST["device"].description),
     address: str = typer.Option(None, help=_HARVEST["address"].description),
+    model_name: str = typer.Option(None, help=_HARVEST["model_name"].description),
     overwrite: bool = typer.Option(False, help="Replace the dataset(s) or unfinished harvest at --out."),
     progress: bool = typer.Option(True, help="Show a progress bar (tokens/s) on stderr."),
 ) -> None:
@@ -237,7 +266,7 @@ def harvest(
         model=model, hooks=hook, text=text, out=out, context=context, max_tokens=max_tokens, dtype=dtype,
         seed=seed, eval_fraction=eval_fraction, shard_rows=shard_rows, shuffle_rows=shuffle_rows,
         batch_size=batch_size, include_special=include_special, text_field=text_field,
-        text_split=text_split, workers=workers, device=device, address=address)
+        text_split=text_split, workers=workers, device=device, address=address, model_name=model_name)
     result = run_harvest(config, overwrite=overwrite, progress=progress)
     for hook_name, manifest in result.manifests.items():
         eval_rows = sum(shard.rows for shard in manifest.eval_shards)

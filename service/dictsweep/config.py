@@ -6,7 +6,8 @@ reference. Errors name the file and the field.
 
 from __future__ import annotations
 
-from typing import Literal
+import difflib
+from typing import Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -14,6 +15,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from dictsweep.errors import InputError, number_not_boolean
 from dictsweep.store.synth import SynthConfig
 
+
+
+def one_item_list(value):
+    """A scalar where a list is expected, as a one-item list (`--set grid.n_latents=64`)."""
+    return [value] if isinstance(value, (str, int, float)) else value
 
 
 def distinct(values: list[str], what: str) -> list[str]:
@@ -80,6 +86,11 @@ class GridConfig(Section):
     lr: list[float] | None = Field(None, min_length=1, description="Learning rates (default: one per SAE from its width, Gao et al. 2024's 2e-4 * sqrt(2^14 / n_latents) for topk and batchtopk, 3x that for relu and jumprelu, at most 1e-2).")
     seed: list[int] = Field([0], min_length=1, description="Initialisation seeds.")
 
+    @field_validator("architecture", "n_latents", "l1_coef", "target_l0", "k", "lr", "seed", mode="before")
+    @classmethod
+    def _one_value_is_a_list(cls, value):
+        return one_item_list(value)
+
     @field_validator("architecture")
     @classmethod
     def _known_architectures(cls, names: list[str]) -> list[str]:
@@ -93,8 +104,9 @@ class GridConfig(Section):
     @field_validator("n_latents", "k")
     @classmethod
     def _positive(cls, values: list[int]) -> list[int]:
-        if any(value <= 0 for value in values):
-            raise ValueError(f"every value must be > 0, got {values}")
+        bad = [str(value) for value in values if value <= 0]
+        if bad:
+            raise ValueError(f"every value must be > 0, got {', '.join(bad)}")
         return values
 
     @field_validator("target_l0")
@@ -107,8 +119,9 @@ class GridConfig(Section):
     @field_validator("l1_coef", "lr")
     @classmethod
     def _non_negative(cls, values: list[float] | None) -> list[float] | None:
-        if values is not None and any(value < 0 for value in values):
-            raise ValueError(f"every value must be >= 0, got {values}")
+        bad = [f"{value:g}" for value in values or [] if value < 0]
+        if bad:
+            raise ValueError(f"every value must be >= 0, got {', '.join(bad)}")
         return values
 
 
@@ -209,6 +222,11 @@ class SweepSpec(Section):
     select: SelectConfig = Field(default_factory=SelectConfig, description="Which dictionaries are selected.")
     baselines: list[Literal["pca", "ica", "random", "identity"]] = Field([], description="Baselines fitted on the same stream and evaluated and exported like the SAEs, as top-k dictionaries matched to the selected SAEs' L0: pca, ica, random, identity.")
 
+    @field_validator("baselines", mode="before")
+    @classmethod
+    def _one_baseline_is_a_list(cls, value):
+        return one_item_list(value)
+
     @field_validator("baselines")
     @classmethod
     def _distinct_baselines(cls, kinds: list[str]) -> list[str]:
@@ -234,32 +252,66 @@ class SweepSpec(Section):
         return self.tracking.experiment or self.name
 
 
-def apply_override(raw: dict, assignment: str) -> None:
-    """Apply one `--set key.path=value` to a raw spec dict (value parsed as YAML)."""
+def apply_override(raw: dict, assignment: str) -> tuple[str, ...]:
+    """Apply one `--set key.path=value` to a raw spec dict (value parsed as YAML); returns the key path."""
     if "=" not in assignment:
-        raise InputError(f"--set {assignment!r}: expected key=value, e.g. train.tokens=20000")
+        raise InputError(f"--set {assignment!r}: expected KEY=VALUE, e.g. train.tokens=20000")
     path, _, text = assignment.partition("=")
     keys = path.strip().split(".")
     node = raw
     for key in keys[:-1]:
         child = node.setdefault(key, {})
         if not isinstance(child, dict):
-            raise InputError(f"--set {assignment!r}: '{key}' is not a section")
+            raise InputError(f"--set {assignment}: '{key}' is not a section")
         node = child
-    node[keys[-1]] = yaml.safe_load(text)
+    try:
+        node[keys[-1]] = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise InputError(f"--set {assignment}: the value is not valid YAML: {error}") from None
+    return tuple(keys)
 
 
-def describe_errors(error: ValidationError, where: str) -> str:
-    """One line per failing field: `spec.yaml: field 'grid.n_latents': ...`."""
+def section_fields(location: tuple) -> list[str]:
+    """The keys the spec allows in the section that holds `location` (a field error's path)."""
+    model: type[BaseModel] | None = SweepSpec
+    for part in location[:-1]:
+        field = model.model_fields.get(str(part)) if model else None
+        annotation = field.annotation if field else None
+        if get_origin(annotation) in (Union, type(int | None)):  # `SynthConfig | None`
+            annotation = next((arg for arg in get_args(annotation) if arg is not type(None)), None)
+        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    return list(model.model_fields) if model else []
+
+
+def hint(item: dict) -> str:
+    """`; did you mean 'n_latents'?` for an unknown key close to a known one."""
+    if item["type"] != "extra_forbidden":
+        return ""
+    known = section_fields(item["loc"])
+    close = difflib.get_close_matches(str(item["loc"][-1]), known, n=1, cutoff=0.6)
+    if close:
+        return f"; did you mean '{close[0]}'?"
+    return f"; known keys here: {', '.join(known)}" if known else ""
+
+
+def describe_errors(error: ValidationError, where: str, overrides: dict[tuple, str] | None = None) -> str:
+    """One line per failing field: `spec.yaml: field 'grid.n_latents': ...`, or `--set KEY=VALUE: ...`
+    for a field that a `--set` gave (`overrides`: key path -> assignment)."""
     lines = []
     for item in error.errors():
-        field = ".".join(str(part) for part in item["loc"]) or "(top level)"
-        lines.append(f"{where}: field '{field}': {item['msg'].removeprefix('Value error, ')}")
+        location = tuple(str(part) for part in item["loc"])
+        field = ".".join(location) or "(top level)"
+        source = next((f"--set {assignment}" for path, assignment in (overrides or {}).items()
+                       if location[:len(path)] == path or path[:len(location)] == location), where)
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "not a key of this section"
+        lines.append(f"{source}: field '{field}': {message}{hint(item)}")
     return "\n".join(lines)
 
 
 def load_spec(path: str, overrides: list[str] | tuple[str, ...] = ()) -> SweepSpec:
-    """Read and validate a sweep spec; InputError names the file and every failing field."""
+    """Read and validate a sweep spec; InputError names the file (or the `--set`) and every failing field."""
     try:
         with open(path) as file:
             raw = yaml.safe_load(file) or {}
@@ -269,9 +321,23 @@ def load_spec(path: str, overrides: list[str] | tuple[str, ...] = ()) -> SweepSp
         raise InputError(f"{path}: not valid YAML: {error}") from None
     if not isinstance(raw, dict):
         raise InputError(f"{path}: a spec is a mapping of sections (name, data, grid, ...)")
-    for assignment in overrides:
-        apply_override(raw, assignment)
+    given = {apply_override(raw, assignment): assignment for assignment in overrides}
     try:
         return SweepSpec.model_validate(raw)
     except ValidationError as error:
-        raise InputError(describe_errors(error, path)) from None
+        raise InputError(describe_errors(error, path, given)) from None
+
+
+def spec_warnings(spec: SweepSpec, eval_rows: int | None = None) -> list[str]:
+    """Settings that validate but cannot do what they say; `eval_rows`: the dataset's eval split."""
+    train, notes = spec.train, []
+    steps = train.tokens // train.batch_rows
+    if train.lr_warmup_steps >= steps:
+        notes.append(f"train.lr_warmup_steps ({train.lr_warmup_steps}) is not shorter than training "
+                     f"({steps} steps of {train.batch_rows} rows in train.tokens={train.tokens}): "
+                     f"the learning rate never reaches grid.lr")
+    if eval_rows is not None and train.eval_tokens > eval_rows:
+        notes.append(f"train.eval_tokens ({train.eval_tokens}) is more than the eval split holds ({eval_rows} "
+                     f"rows): final metrics use {eval_rows // train.batch_rows * train.batch_rows} rows "
+                     f"(whole batches of {train.batch_rows})")
+    return notes

@@ -12,6 +12,9 @@ training; `flush(patience=...)` at the end waits for the server for a while befo
 from __future__ import annotations
 
 import contextlib
+import csv
+import io
+import json
 import logging
 import os
 import re
@@ -28,6 +31,10 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+# the console is the sweep's: no "View run ... at" line per SAE, no database-setup notes
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+for _name in ("mlflow.store.db.utils", "alembic"):
+    logging.getLogger(_name).setLevel(logging.WARNING)
 RETRY_SECONDS = 10.0  # after MLflow failed to answer, queued writes wait this long before the next try
 log = logging.getLogger(__name__)
 
@@ -35,6 +42,13 @@ ROLE_TAG, SWEEP_ROLE, SAE_ROLE = "dictsweep.role", "sweep", "sae"
 SELECTED_TAG, POINT_TAG, STATUS_TAG = "dictsweep.selected", "dictsweep.point", "dictsweep.status"
 WHY_TAG = "dictsweep.why"  # why an SAE was or was not selected
 DICTIONARY_PATH = "dictionary"
+# MLflow 3's UI files an experiment as GenAI (traces) or model training by this tag, and by the URL's
+# `workflowType` (which wins over the tag where the UI offers both): sweeps are model training
+KIND_TAG, TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
+# the runs page as a flat table, best eval FVU first (sorted by a metric, MLflow does not fold the SAEs
+# under their sweep's run), so that the chart view draws every SAE's curves
+RUNS_VIEW = "workflowType=machine_learning&orderByKey=metrics.%60eval%2Ffvu%60&orderByAsc=true"
+LOCAL_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves a local store
 
 
 def tracking_uri(uri: str | None) -> str:
@@ -89,6 +103,9 @@ class Tracker:
         with store_lock(self.uri):  # the client makes a fresh store's tables
             self.client = MlflowClient(self.uri)
             self.experiment_id = self.now(experiment_id, self.client, experiment)
+        found = self.now(self.client.get_experiment, self.experiment_id)
+        if found.tags.get(KIND_TAG) != TRAINING_KIND:
+            self.now(self.client.set_experiment_tag, self.experiment_id, KIND_TAG, TRAINING_KIND)
         self.queue: list[tuple[str, Callable[[], None]]] = []  # (what, operation) waiting to be sent
         self.retry_at = 0.0  # during an outage: when to try the queue again
         self.parent_id: str | None = None
@@ -208,6 +225,9 @@ class Tracker:
         items = [Metric(key, float(value), now, step) for key, value in metrics.items()]
         self.later(f"metrics of {run_id}", lambda: self.client.log_batch(run_id, metrics=items))
 
+    def experiment_url(self) -> str:
+        return runs_url(self.uri, self.experiment_id)
+
     # -- artifacts and registry ----------------------------------------------------------------------
     def log_folder(self, run_id: str, fetch: Callable[[str], str], artifact_path: str = DICTIONARY_PATH) -> None:
         """Queue uploading a folder; `fetch(local_dir)` puts its files in a local folder when it is sent."""
@@ -227,6 +247,17 @@ class Tracker:
                 self.client.log_artifact(run_id, path, artifact_path)
 
         self.later(f"{name} of {run_id}", upload)
+
+    def log_comparison(self, rows: list[dict]) -> None:
+        """Queue the sweep's table of SAEs (one dict per SAE: name, params, final metrics) on the parent
+        run as `saes.csv` (the UI shows it as a table) and `saes.json`."""
+        columns = list(dict.fromkeys(key for row in rows for key in row))  # first-seen order
+        text = io.StringIO()
+        writer = csv.DictWriter(text, columns, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+        self.log_bytes(self.parent_id, text.getvalue().encode(), "saes.csv")
+        self.log_bytes(self.parent_id, json.dumps(rows, indent=1).encode(), "saes.json")
 
     def register(self, model_name: str, run_id: str, tags: dict) -> None:
         """Queue registering a run's dictionary as a new version of `model_name`."""
@@ -274,6 +305,22 @@ def experiment_id(client, name: str) -> str:
         if "RESOURCE_ALREADY_EXISTS" not in str(error) and "already exists" not in str(error):
             raise
         return client.get_experiment_by_name(name).experiment_id
+def runs_url(uri: str, experiment_id: str) -> str:
+    """The address a person opens to see a sweep's runs table (a local store: once `mlflow ui` runs)."""
+    server = uri.rstrip("/") if uri.startswith(("http://", "https://")) else LOCAL_UI
+    return f"{server}/#/experiments/{experiment_id}/runs?{RUNS_VIEW}"
+
+
+def sweep_url(uri: str | None, experiment: str) -> str | None:
+    """`runs_url` of the experiment named `experiment`; None if MLflow does not answer or lacks it."""
+    from mlflow import MlflowClient
+
+    resolved = tracking_uri(uri)
+    try:
+        found = MlflowClient(resolved).get_experiment_by_name(experiment)
+    except Exception:  # only a hint at the end of a sweep: never fail it
+        return None
+    return runs_url(resolved, found.experiment_id) if found else None
 
 
 def unreachable(error: Exception) -> bool:

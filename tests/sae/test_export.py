@@ -11,6 +11,7 @@ from dictsweep.config import TrainConfig
 from dictsweep.errors import InputError
 from dictsweep.sae import Member, build_ensemble
 from dictsweep.sae.export import member_files
+from dictsweep.store.models import export_names
 from dictsweep.train.loop import EnsembleTrainer
 
 D_MODEL, N_LATENTS, SCALE = 12, 40, 3.5
@@ -76,8 +77,14 @@ def test_export_reproduces_trained_module(tmp_path, architecture):
 def test_saelens_loads_export(tmp_path, architecture):
     ensemble, trainer = trained(architecture)
     folder = tmp_path / "sae"
-    write(folder, member_files(ensemble, 1, trainer.firing.log10_frequency()[1], {"model_name": "toy"}))
+    # the names a GPT-2 harvest from a local Hugging Face cache folder exports
+    source = {"model": "/home/someone/.cache/huggingface/hub/models--openai-community--gpt2/snapshots/607a30d",
+              "model_type": "gpt2", "hook": "transformer.h.3"}
+    write(folder, member_files(ensemble, 1, trainer.firing.log10_frequency()[1], export_names(source)))
     sae = sae_lens.SAE.load_from_disk(str(folder))
+    assert sae.cfg.metadata.model_name == "openai-community/gpt2" and sae.cfg.metadata.hook_name == "transformer.h.3"
+    assert json.loads((folder / "cfg.json").read_text())["metadata"]["hook_name_transformer_lens"] == \
+        "blocks.3.hook_resid_post"
     x = torch.randn(50, D_MODEL, generator=torch.Generator().manual_seed(2)) + 2.0
     with torch.no_grad():
         expected = ensemble(x * SCALE).sae_out[1] / SCALE

@@ -44,11 +44,17 @@ def eval_fvu(dictionary, dataset):
     return float(residual / (rows - rows.mean(0)).pow(2).sum())
 
 
-def test_sweep_end_to_end(tmp_path, monkeypatch, ray_local):
+def test_sweep_end_to_end(tmp_path, monkeypatch, ray_local, capsys):
     monkeypatch.chdir(tmp_path)
     spec = load_spec(write_spec(tmp_path, "e2e"))
     result = run_sweep(spec)
 
+    # the console showed every step, the training bar's time left and the best and worst SAE
+    printed = capsys.readouterr().out
+    for shown in ("writing 20,000 + 2,048 synthetic rows to", "wave 1/1 evaluating", "100%", "0:00:00 left",
+                  "best  ", "worst ", f"exporting {len(result.selected)} dictionaries to", "recording in MLflow"):
+        assert shown in printed, shown
+    assert "warning:" not in printed and "View run" not in printed
     assert len(result.finished) == 6 and not result.failed  # 2 sizes x (2 relu l1 + 1 topk k)
     index = json.loads((tmp_path / "dictionaries/e2e/index.json").read_text())
     assert {entry["path"] for entry in index} == result.selected and all(e["selected"] for e in index)
@@ -93,6 +99,13 @@ def test_sweep_end_to_end(tmp_path, monkeypatch, ray_local):
     assert {"eval/decoder_norm_mean", "eval/decoder_norm_max"} <= set(child.data.metrics)
     parent = [r for r in runs if r.data.tags.get("dictsweep.role") == "sweep"][0]
     assert any(key.startswith("mmcs_sizes.relu.n32_in_n64") for key in parent.data.metrics)
+    # the sweep's run compares its SAEs; the experiment opens as model training at the printed address
+    assert {"saes.csv", "saes.json", "pareto.png"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
+    table = json.loads(open(client.download_artifacts(parent.info.run_id, "saes.json", str(tmp_path))).read())
+    assert sorted(row["name"] for row in table) == sorted(result.finished)
+    assert {row["name"] for row in table if row["selected"]} == result.selected
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert result.tracking_url.startswith(f"http://127.0.0.1:5000/#/experiments/{experiment.experiment_id}/runs?")
     versions = client.search_model_versions("name = 'e2e'")
     assert len(versions) == len(result.selected)
 

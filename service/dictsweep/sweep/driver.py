@@ -185,13 +185,14 @@ class Driver:
     def drive(self, slots: list[Slot], streams: Streams, label: str) -> None:
         """Send every trainer its tasks in order, at most `batches_in_flight` ahead; collect results."""
         import ray
-        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+        from dictsweep.sweep.progress import RateEstimate, TrainingProgress, clock
 
         limit, total, last = self.spec.stream.batches_in_flight, self.total_steps, self.total_steps + self.eval_steps
-        start, rows = time.perf_counter(), self.spec.train.batch_rows
-        with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
-                      TextColumn("{task.fields[rate]} tok/s"), TimeRemainingColumn()) as progress:
-            bar = progress.add_task(f"{label} training", total=total, rate="-")
+        rows = self.spec.train.batch_rows
+        estimate = RateEstimate(last)  # train and eval steps alike: a batch each
+        with TrainingProgress(self.ledger.board) as progress:
+            bar = progress.add_task(f"{label} training", total=last, rate="-", left=clock(None))
             while any(slot.alive and not slot.done for slot in slots):
                 for slot in slots:
                     while (slot.alive and slot.cursor <= last and len(slot.in_flight) < limit
@@ -208,10 +209,12 @@ class Driver:
                     self.collect(slot)
                 if self.baseline_feed is not None:
                     self.baseline_feed.pump()  # never waits: the trainers go on whatever it does
-                steps = min((min(s.cursor - len(s.in_flight), total) for s in slots if s.alive), default=total)
+                steps = min((min(s.cursor - len(s.in_flight), last) for s in slots if s.alive), default=last)
                 self.advance(slots, streams)
-                seconds = max(time.perf_counter() - start, 1e-9)
-                progress.update(bar, completed=steps, rate=f"{steps * rows / seconds:,.0f}")
+                estimate.update(steps)
+                progress.update(bar, completed=steps, left=clock(estimate.seconds_left(steps)),
+                                rate=f"{estimate.rate * rows:,.0f}" if estimate.rate else "-",
+                                description=f"{label} {'training' if steps < total else 'evaluating'}")
         self.ledger.tracker.flush()
 
     def advance(self, slots: list[Slot], streams: Streams) -> None:
@@ -282,9 +285,10 @@ class Driver:
 
     def metadata(self, point: GridPoint) -> dict:
         """Export metadata of one SAE (SAELens `metadata` keys, our own under `dictsweep`)."""
+        from dictsweep.store.models import export_names
+
         source = self.dataset.manifest.source or {}
-        return {"model_name": source.get("model"), "hook_name": source.get("hook"),
-                "dataset_path": self.spec.data.uri, "context_size": source.get("context"),
+        return {**export_names(source), "dataset_path": self.spec.data.uri, "context_size": source.get("context"),
                 "dictsweep": {"sweep": self.spec.name, "point": point.name, **point.params(),
                               "tokens": self.spec.train.tokens}}
 

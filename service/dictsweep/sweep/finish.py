@@ -16,6 +16,7 @@ from dictsweep.store import fs
 from dictsweep.stream.streams import Streams
 from dictsweep.sweep.driver import Driver
 from dictsweep.sweep.plan import GridPoint
+from dictsweep.sweep.progress import step
 from dictsweep.sweep.results import INDEX_METRICS, BaselineResult, SweepResult
 from dictsweep.sweep.select import select
 from dictsweep.track import SELECTED_TAG, WHY_TAG
@@ -33,17 +34,21 @@ def finish(driver: Driver) -> None:
     result.why = {name: choice.why for name, choice in choices.items()}
     result.ruled_out = {name for name, choice in choices.items() if not choice.eligible}
     result.band = spec.select.l0_band(driver.dataset.d_model)
-    result.baselines = fit_baselines(driver)
+    if spec.baselines:
+        with step(f"baselines: fitting {', '.join(spec.baselines)} on the sampled stream"):
+            result.baselines = fit_baselines(driver)
     late = sorted(result.selected) if spec.evaluation.splice_selected_only else []
     if late or result.baselines:
         splice(driver, late, result.baselines)
     entries = []
-    for name in sorted(result.selected):
-        outcome = result.finished[name]
-        fs.copy_folder(outcome.uri, fs.join(spec.export_dir, name))
-        entries.append(index_entry(name, outcome.point, outcome.metrics, selected=True, why=result.why[name]))
-        if spec.export.registry:
-            tracker.register(spec.name, outcome.run_id, {**outcome.point.params(), **outcome.metrics})
+    with step(f"exporting {len(result.selected)} dictionaries to {spec.export_dir}", total=len(result.selected)) as bar:
+        for name in sorted(result.selected):
+            outcome = result.finished[name]
+            fs.copy_folder(outcome.uri, fs.join(spec.export_dir, name))
+            entries.append(index_entry(name, outcome.point, outcome.metrics, selected=True, why=result.why[name]))
+            if spec.export.registry:
+                tracker.register(spec.name, outcome.run_id, {**outcome.point.params(), **outcome.metrics})
+            bar.advance()
     for name, outcome in result.finished.items():
         tracker.set_tags(outcome.run_id, {SELECTED_TAG: str(name in result.selected).lower(),
                                           WHY_TAG: result.why[name]})
@@ -61,11 +66,24 @@ def finish(driver: Driver) -> None:
               f"data {summary['data_wait_fraction']:.1%} of the time", flush=True)
     tracker.log_metrics(tracker.parent_id, summary, 0)
     plot(driver)
+    tracker.log_comparison(comparison(result))
     for baseline in result.baselines:
         tracker.end_run(baseline.run_id)
     tracker.end_run(tracker.parent_id, failed=bool(result.failed))
-    tracker.flush(patience=600)
+    with step(f"recording in MLflow ({len(tracker.queue)} writes queued)"):
+        tracker.flush(patience=600)
+    result.tracking_url = tracker.experiment_url()
     ledger.complete()
+
+
+def comparison(result: SweepResult) -> list[dict]:
+    """The sweep's table of dictionaries for its MLflow run: every SAE (then every baseline) with its
+    grid point, eval metrics and whether it was selected."""
+    rows = [{"name": name, "role": "sae", **r.point.params(), **r.metrics, "selected": name in result.selected}
+            for name, r in sorted(result.finished.items())]
+    rows += [{"name": b.name, "role": "baseline", "architecture": b.kind, "n_latents": b.n_atoms, "k": b.k,
+              **b.metrics, "selected": False} for b in result.baselines]
+    return rows
 
 
 # -- baselines, spliced evaluation and the Pareto plot (`baselines`, `evaluation`) -----------------------
@@ -131,9 +149,10 @@ def fit_baselines(driver: Driver) -> list[BaselineResult]:
 
 def baseline_metadata(driver: Driver) -> dict:
     """Export metadata of a baseline: the SAEs' (`metadata`) without a grid point."""
+    from dictsweep.store.models import export_names
+
     source = driver.dataset.manifest.source or {}
-    return {"model_name": source.get("model"), "hook_name": source.get("hook"),
-            "dataset_path": driver.spec.data.uri, "context_size": source.get("context"),
+    return {**export_names(source), "dataset_path": driver.spec.data.uri, "context_size": source.get("context"),
             "dictsweep": {"sweep": driver.spec.name, "tokens": driver.spec.train.tokens}}
 
 
@@ -158,11 +177,11 @@ def splice(driver: Driver, names: list[str], baselines: list[BaselineResult]) ->
             tracker.set_tags(tracker.parent_id, {"dictsweep.splice": f"skipped: {source}"})
         return {}
     device, threads = finish_device(driver)
-    print(f"splicing {len(uris)} dictionaries into {source.model} at {source.hook} ...", flush=True)
     task = ray.remote(splice_eval).options(num_gpus=int(device == "cuda"),
                                            num_cpus=spec.resources.cpus_per_trainer, max_retries=0)
     try:
-        outcome = ray.get(task.remote(spec.data.uri, uris, spec.evaluation.splice_tokens, device, threads))
+        with step(f"splicing {len(uris)} dictionaries into {source.model} at {source.hook}"):
+            outcome = ray.get(task.remote(spec.data.uri, uris, spec.evaluation.splice_tokens, device, threads))
     except ray.exceptions.RayError as error:  # e.g. the source model is not loadable here
         print(f"spliced evaluation skipped: {first_line(error)}", flush=True)
         tracker.set_tags(tracker.parent_id, {"dictsweep.splice": f"skipped: {first_line(error)}"})

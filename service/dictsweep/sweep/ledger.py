@@ -20,6 +20,7 @@ from dictsweep.store import fs
 from dictsweep.sweep.lease import Lease
 from dictsweep.sweep.plan import Plan, TrainerPlan, plan_from_dict
 from dictsweep.sweep.points import store_points, stored_points
+from dictsweep.sweep.progress import SaeBoard
 from dictsweep.sweep.results import SAEResult, SweepResult
 from dictsweep.track import STATUS_TAG, Tracker
 from dictsweep.train.evaluate import in_eval_units
@@ -59,6 +60,7 @@ class Ledger:
         self.runs = self.start_runs(resume)
         self.logged_tokens: dict[str, int] = {}  # SAE name -> tokens of its last point stored and queued
         self.open_runs: set[str] = set()  # runs an earlier driver of this run left open in MLflow
+        self.board = SaeBoard()  # the console's best and worst SAE, from the same records
         if resume:
             self.catch_up()
 
@@ -120,6 +122,7 @@ class Ledger:
         new = [record for record in records if record["tokens"] > self.logged_tokens.get(record["name"], 0)]
         new = [{**record, "metrics": in_eval_units(record["metrics"], self.plan.d_model, self.input_scale)}
                for record in new]
+        self.board.add(new)
         if new:
             self.check_lease()
             store_points(self.storage, trainer, new)  # before MLflow: a driver that dies loses none

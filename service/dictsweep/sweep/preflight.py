@@ -4,7 +4,7 @@ the spec against the dataset. Each problem is one line and exit 2."""
 
 from __future__ import annotations
 
-from dictsweep.config import SweepSpec
+from dictsweep.config import SweepSpec, spec_warnings
 from dictsweep.errors import InputError
 from dictsweep.store import fs
 from dictsweep.store.dataset import ActivationDataset
@@ -12,13 +12,23 @@ from dictsweep.track import check_tracking
 
 
 def open_dataset(spec: SweepSpec) -> ActivationDataset:
-    """The sweep's dataset; with `data.synth` set, write it first if the prefix holds none."""
+    """The sweep's dataset (with `data.synth` set and none at `data.uri`, written first), with a
+    warning for each setting the dataset keeps from doing what it says."""
     if spec.data.synth is not None and not fs.exists(fs.join(spec.data.uri, "manifest.json")):
         from dictsweep.store.synth import synth_dataset
+        from dictsweep.sweep.progress import step
 
-        print(f"writing synthetic dataset to {spec.data.uri} ...", flush=True)
-        synth_dataset(spec.data.uri, spec.data.synth)
-    return ActivationDataset.open(spec.data.uri)
+        synth = spec.data.synth
+        with step(f"writing {synth.rows:,} + {synth.eval_rows:,} synthetic rows to {spec.data.uri}"):
+            synth_dataset(spec.data.uri, synth)
+    dataset = ActivationDataset.open(spec.data.uri)
+    warn(spec_warnings(spec, dataset.n_eval_rows))
+    return dataset
+
+
+def warn(notes: list[str]) -> None:
+    for note in notes:
+        print(f"warning: {note}", flush=True)
 
 
 def preflight(spec: SweepSpec) -> ActivationDataset:

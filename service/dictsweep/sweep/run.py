@@ -9,8 +9,8 @@ import signal
 import threading
 import time
 
-from dictsweep.cluster import cluster_devices, given_devices, start_ray
-from dictsweep.config import SweepSpec
+from dictsweep.cluster import cluster_devices, given_devices, local_devices, start_ray
+from dictsweep.config import SweepSpec, spec_warnings
 from dictsweep.errors import InputError, Interrupted, RunError, first_line
 from dictsweep.store import fs
 from dictsweep.store.dataset import ActivationDataset
@@ -19,7 +19,7 @@ from dictsweep.sweep.finish import finish
 from dictsweep.sweep.lease import Lease
 from dictsweep.sweep.ledger import is_complete, latest_run, mark_latest, saved_plan
 from dictsweep.sweep.plan import Plan, plan_sweep
-from dictsweep.sweep.preflight import open_dataset, preflight
+from dictsweep.sweep.preflight import open_dataset, preflight, warn
 from dictsweep.sweep.results import SweepResult
 
 
@@ -37,6 +37,30 @@ def pin_paths(spec: SweepSpec) -> SweepSpec:
     return spec
 
 
+def to_write(spec: SweepSpec) -> bool:
+    """Whether the sweep writes its (synthetic) dataset first: `data.synth` set and none at `data.uri`."""
+    return spec.data.synth is not None and not fs.exists(fs.join(spec.data.uri, "manifest.json"))
+
+
+def plan_without_running(spec: SweepSpec, address: str | None, resume: bool) -> Plan:
+    """The plan, without writing anything, and without Ray unless a cluster's address is given (and
+    the spec does not settle the devices): the local machine is where a local Ray would run."""
+    latest = latest_run(spec.storage_dir)
+    if resume and latest and not is_complete(latest):
+        return saved_plan(latest)
+    if to_write(spec):
+        d_model = spec.data.synth.d_model
+        warn(spec_warnings(spec, spec.data.synth.eval_rows))
+    else:
+        d_model = open_dataset(spec).d_model
+    if given_devices(spec):  # planning for a cluster this machine need not be part of
+        return plan_sweep(spec, d_model, *given_devices(spec))
+    if spec.resources.device == "cpu" or not (address or os.environ.get("RAY_ADDRESS")):
+        return plan_sweep(spec, d_model, *local_devices(spec))
+    start_ray(address)
+    return plan_sweep(spec, d_model, *cluster_devices(spec))
+
+
 def run_sweep(spec: SweepSpec, address: str | None = None, plan_only: bool = False,
               resume: bool = False, force: bool = False) -> SweepResult | Plan:
     """Run (or only plan, or resume) a sweep. Raises RunError, with what finished, if any SAE failed.
@@ -48,14 +72,7 @@ def run_sweep(spec: SweepSpec, address: str | None = None, plan_only: bool = Fal
     """
     spec = pin_paths(spec)
     if plan_only:
-        dataset = open_dataset(spec)
-        if given_devices(spec):  # planning for a cluster this machine is not part of
-            return plan_sweep(spec, dataset.d_model, *given_devices(spec))
-        latest = latest_run(spec.storage_dir)
-        if resume and latest and not is_complete(latest):
-            return saved_plan(latest)
-        start_ray(address)
-        return plan_sweep(spec, dataset.d_model, *cluster_devices(spec))
+        return plan_without_running(spec, address, resume)
     dataset = preflight(spec)
     lease = Lease(spec.storage_dir).take(force)
     try:
