@@ -227,3 +227,12 @@ def download_dictionary(client, run_id: str, local_dir: str) -> str:
     """Fetch a run's dictionary folder into `local_dir`; returns the folder."""
     os.makedirs(local_dir, exist_ok=True)
     return client.download_artifacts(run_id, DICTIONARY_PATH, local_dir)
+
+
+INSPECT_PATH = "inspect"
+
+
+def log_inspection(client, run_id: str, folder: str) -> None:
+    """Log a dictionary's `dictsweep inspect` output (data file and feature browser) as artifacts
+    `inspect/` of its run."""
+    client.log_artifacts(run_id, folder, INSPECT_PATH)
