@@ -59,3 +59,28 @@ def synthetic(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("synth") / "ds")
     synth_dataset(out, SynthConfig(d_model=32, n_features=64, rows=3000, eval_rows=200, shard_rows=1000, seed=1))
     return out
+
+
+@pytest.fixture(scope="module")
+def run_cli_module():
+    """`run_cli` for module-scoped fixtures: (exit code, what it printed)."""
+    import contextlib
+    import io
+    import sys
+
+    from dictsweep import cli
+
+    def run(*args: str) -> tuple[int, str]:
+        argv, sys.argv = sys.argv, ["dictsweep", *args]
+        printed = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
+                cli.main()
+            code = 0
+        except SystemExit as exit:
+            code = exit.code
+        finally:
+            sys.argv = argv
+        return code, printed.getvalue()
+
+    return run

@@ -17,7 +17,7 @@ def __getattr__(name: str):
 
         return feature_matches
     if name == "steer":
-        from dictsweep.analysis.steer import steer
+        from dictsweep.analysis.steering import steer
 
         return steer
     if name == "top_contexts":

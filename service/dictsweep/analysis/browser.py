@@ -4,7 +4,8 @@
 activation, top tokens) and `latents/NNNN.js` files hold each block of CHUNK_LATENTS latents'
 details (histogram, contexts, neighbours, matches, token effects), loaded by a script tag when a
 latent is opened, so a 16k-latent dictionary opens at once. Every JavaScript error is shown in
-`#errors` (and so in the page's DOM, which the browser test reads).
+`#errors` (and so in the page's DOM, which the browser test reads). The address can open a view:
+`index.html#latent=12`, `#search=object`, `#sort=max` (latent, frequency, mean, max, tokens).
 """
 
 from __future__ import annotations
@@ -98,7 +99,7 @@ function dictsweepError(text) {
 }
 window.onerror = function (message, source, line, column) { dictsweepError(message + ' (' + source + ':' + line + ':' + column + ')'); };
 window.addEventListener('unhandledrejection', function (event) { dictsweepError('unhandled rejection: ' + event.reason); });
-var DATA = null, CHUNKS = {};
+var DATA = null, CHUNKS = {}, REQUESTED = {};
 function dictsweepData(data) { DATA = data; }
 function dictsweepChunk(chunk) { CHUNKS[chunk.start / DATA.chunk] = chunk; }
 </script>
@@ -117,7 +118,7 @@ table.list td { padding: 4px 10px; border-top: 1px solid #edf0f4; } table.list t
 td.num { text-align: right; font-variant-numeric: tabular-nums; } .tokens { font-family: ui-monospace, monospace; color: #44506a; }
 .bar { display: inline-block; height: 8px; background: #4f7cd9; vertical-align: middle; margin-right: 6px; }
 .panel { background: #fff; border-radius: 6px; padding: 12px 16px; margin-bottom: 14px; box-shadow: 0 1px 2px rgba(0,0,0,.06); }
-.panel h2 { font-size: 15px; margin: 0 0 8px; } .stats span { margin-right: 22px; } .stats b { font-variant-numeric: tabular-nums; }
+.panel h2 { font-size: 15px; margin: 0 0 8px; } .panel h2 + ul + h2, .panel h2 ~ .ctx + h2 { margin-top: 14px; } .stats span { margin-right: 22px; } .stats b { font-variant-numeric: tabular-nums; }
 .grid { display: grid; grid-template-columns: minmax(0, 2fr) minmax(0, 1fr); gap: 14px; }
 .ctx { font-family: ui-monospace, monospace; font-size: 13px; padding: 3px 0; border-bottom: 1px dotted #e3e7ee; white-space: pre-wrap; }
 .ctx .act { display: inline-block; width: 64px; color: #6a7488; text-align: right; margin-right: 10px; font-size: 12px; }
@@ -198,7 +199,9 @@ ul.plain { list-style: none; padding: 0; margin: 0; } ul.plain li { padding: 2px
     var line = el('div', {'class': 'ctx'}, [el('span', {'class': 'kind', text: c.k === 'top' ? '' : c.k}), el('span', {'class': 'act', text: fmt(c.a)})]);
     c.t.forEach(function (token, i) {
       var act = c.v[i], alpha = act === null ? 0 : Math.max(0, Math.min(1, act / (maxAct || 1)));
-      var span = el('span', {'class': 'tok' + (i === c.i ? ' center' : ''), title: token + ': ' + (act === null ? 'unknown' : fmt(act)), text: shown(token)});
+      var text = shown(token);
+      if (text[0] === ' ') { line.appendChild(document.createTextNode(' ')); text = text.slice(1); }  // the space stays unhighlighted
+      var span = el('span', {'class': 'tok' + (i === c.i ? ' center' : ''), title: token + ': ' + (act === null ? 'unknown' : fmt(act)), text: text});
       if (alpha > 0) span.style.background = 'rgba(234, 88, 12, ' + (0.12 + 0.78 * alpha).toFixed(3) + ')';
       line.appendChild(span);
     });
@@ -209,6 +212,8 @@ ul.plain { list-style: none; padding: 0; margin: 0; } ul.plain li { padding: 2px
     var chunkIndex = Math.floor(id / DATA.chunk), summary = DATA.latents[id];
     if (!summary) { view.replaceChildren(el('p', {text: 'no latent ' + id})); return; }
     if (!CHUNKS[chunkIndex]) {
+      if (REQUESTED[chunkIndex]) { dictsweepError('latents/' + String(chunkIndex).padStart(4, '0') + '.js loaded but defined no latents'); return; }
+      REQUESTED[chunkIndex] = true;
       var script = document.createElement('script');
       script.src = 'latents/' + String(chunkIndex).padStart(4, '0') + '.js';
       script.onload = function () { renderLatent(id); };
@@ -235,7 +240,9 @@ ul.plain { list-style: none; padding: 0; margin: 0; } ul.plain li { padding: 2px
     document.body.setAttribute('data-contexts', String(d.c.length));
   }
   function route() {
-    var match = /latent=(\d+)/.exec(location.hash);
+    var match = /latent=(\d+)/.exec(location.hash), search = /search=([^&]*)/.exec(location.hash), sort = /sort=(\w+)/.exec(location.hash);
+    if (search) state.query = decodeURIComponent(search[1]);
+    if (sort && COLUMNS.some(function (c) { return c[0] === sort[1]; })) { state.sort = sort[1]; state.up = sort[1] === 'latent' || sort[1] === 'tokens'; }
     if (match) renderLatent(Number(match[1])); else renderList();
     window.scrollTo(0, 0);
   }

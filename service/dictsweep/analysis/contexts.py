@@ -66,6 +66,7 @@ class Window(NamedTuple):
     center: int  # index of the row's own token in the window
     seq: int  # the row's context
     pos: int  # the row's position in it
+    act: float  # the latent's activation on the row, as the pass read it from the dataset
 
 
 class Request(NamedTuple):
@@ -92,7 +93,7 @@ def windows(source: Source, requests: dict[str, list[Request]], dictionaries: di
             acts = np.full(stop - start, np.nan, dtype=np.float32)
             acts[request.pos - start] = request.value
             out[name][index] = Window(contexts[request.seq][start:stop].astype(np.int32), acts, request.pos - start,
-                                      request.seq, request.pos)
+                                      request.seq, request.pos, request.value)
     if source.model is None:
         return out
     from dictsweep.store.models import capture_outputs

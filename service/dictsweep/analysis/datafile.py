@@ -51,8 +51,7 @@ def latent_tables(summary: Summary, windows_by_latent: dict[int, list[tuple[str,
         keep = summary.top_rows[latent] != -1
         contexts = []
         for kind, window in windows_by_latent.get(latent, []):
-            contexts.append({"kind": kind, "act": float(window.acts[window.center])
-                             if np.isfinite(window.acts[window.center]) else None,
+            contexts.append({"kind": kind, "act": window.act,
                              "seq": window.seq, "pos": window.pos, "token_ids": window.token_ids.tolist(),
                              "tokens": strings(window.token_ids), "token_acts": _finite(window.acts),
                              "center": window.center})
