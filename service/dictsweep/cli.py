@@ -379,6 +379,24 @@ def bench_stream_command(
     print_result(bench_stream(uri, readers, batch_rows, shuffle_shards), as_json, f"bench stream: {uri}")
 
 
+@bench_app.command("inspect")
+def bench_inspect_command(
+    uri: str = typer.Option(..., help="Dataset prefix (a harvest, with contexts/, for the whole inspect)."),
+    n_latents: int = typer.Option(16384, help="Latents of the bench dictionary."),
+    tokens: int = typer.Option(None, help="Most rows read (default: all train rows)."),
+    batch_rows: int = typer.Option(1024, help="Rows per batch of the pass."),
+    firing: float = typer.Option(0.005, help="Fraction of rows each bench latent fires on."),
+    top: int = typer.Option(20, help="Top contexts per latent."),
+    device: str = typer.Option("cuda" if _cuda_available() else "cpu", help="Device to run on."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
+) -> None:
+    """Rows/s and peak memory of the inspect pass for one dictionary, and the whole inspect's time."""
+    from dictsweep.analysis.bench import bench_inspect
+
+    result = bench_inspect(uri, n_latents, tokens, batch_rows, device, firing, top)
+    print_result(result, as_json, f"bench inspect: {n_latents} latents on {uri}")
+
+
 def main() -> None:
     """Console entry point. Click reports usage errors itself (exit 2); ours print one line:
     exit 2 for invalid input, 1 for a failure while running."""
