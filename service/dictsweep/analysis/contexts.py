@@ -116,12 +116,18 @@ def windows(source: Source, requests: dict[str, list[Request]], dictionaries: di
             hidden = capture.run(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device))
             hidden = hidden[source.hook].float()  # [B, T, d_model]
             for name, sae in models.items():
+                wanted = [index for seq in chunk for index in by_seq[name].get(seq, ())]
+                if not wanted:
+                    continue
                 latents = sae.encode(hidden)  # [B, T, n_latents]: one chunk of contexts only
-                for slot, seq in enumerate(chunk):
-                    for index in by_seq[name].get(seq, ()):
-                        window = out[name][index]
-                        start = requests[name][index].pos - window.center
-                        stop = start + len(window.token_ids)
-                        latent = requests[name][index].latent
-                        out[name][index] = window._replace(acts=latents[slot, start:stop, latent].cpu().numpy())
+                slot_of = {seq: slot for slot, seq in enumerate(chunk)}
+                slots = torch.tensor([slot_of[requests[name][i].seq] for i in wanted])  # [R]
+                starts = torch.tensor([requests[name][i].pos - out[name][i].center for i in wanted])  # [R]
+                latent_ids = torch.tensor([requests[name][i].latent for i in wanted])  # [R]
+                positions = (starts[:, None] + torch.arange(WINDOW_BEFORE + WINDOW_AFTER + 1)).clamp(max=width - 1)
+                values = latents[slots[:, None].to(device), positions.to(device),
+                                 latent_ids[:, None].to(device)].cpu().numpy()  # [R, window]: one copy per chunk
+                for row, index in enumerate(wanted):
+                    window = out[name][index]
+                    out[name][index] = window._replace(acts=values[row, :len(window.token_ids)].copy())
     return out

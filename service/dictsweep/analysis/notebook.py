@@ -7,7 +7,7 @@ from typing import NamedTuple
 import torch
 
 from dictsweep.analysis.contexts import Request, Source, windows
-from dictsweep.analysis.scan import has_positions, iter_batches, row_key_position
+from dictsweep.analysis.scan import iter_batches, row_key_position
 from dictsweep.analysis.stats import NO_ROW, LatentStats
 from dictsweep.errors import InputError
 from dictsweep.store.dataset import ActivationDataset
@@ -44,14 +44,15 @@ def top_contexts(sae, dataset, latent: int, top: int = 10, tokens: int | None = 
     if d_in != dataset.d_model:
         raise InputError(f"the dictionary has d_in={d_in} but dataset {dataset.uri} has d_model={dataset.d_model}")
     stats = LatentStats(1, top, 0, device)
-    sae = sae.to(device)
+    sae, positions = sae.to(device), True
     with torch.inference_mode():
         for batch in iter_batches(dataset, tokens, batch_rows, device):
+            positions = positions and batch.positions
             stats.add(sae.encode(batch.acts)[:, latent:latent + 1], batch.row_keys)  # [B, 1]
     summary = stats.summary()
     keep = summary.top_rows[0] != NO_ROW
     values, rows = summary.top_values[0][keep], summary.top_rows[0][keep]
-    if not has_positions(dataset):
+    if not positions:
         return [TopContext(float(value), None, None, [], [], 0) for value in values]
     source = Source(dataset, device)
     if source.contexts is None:

@@ -32,6 +32,8 @@ class Batch(NamedTuple):
     """Activations, `[B, d_model]` float32."""
     row_keys: torch.Tensor
     """`seq << POS_BITS | pos` of each row (its place in `contexts/`), else its index in the pass, `[B]`."""
+    positions: bool
+    """Whether the row keys are (seq, pos): the shard has `seq` and `pos` columns."""
 
 
 class ScanResult(NamedTuple):
@@ -50,14 +52,6 @@ def row_key_position(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(seq, pos) of row keys made from positions."""
     keys = np.asarray(keys, dtype=np.int64)
     return keys >> POS_BITS, keys & ((1 << POS_BITS) - 1)
-
-
-def has_positions(dataset: ActivationDataset, split: Split = "train") -> bool:
-    """Whether the split's rows carry `seq` and `pos` columns (read from its first shard)."""
-    if not dataset.shards(split):
-        return False
-    _, columns = dataset.read_shard(0, split, columns=True)
-    return "seq" in columns and "pos" in columns
 
 
 def iter_batches(dataset: ActivationDataset, max_rows: int | None, batch_rows: int,
@@ -83,14 +77,15 @@ def iter_batches(dataset: ActivationDataset, max_rows: int | None, batch_rows: i
             pending[position] = None  # the bytes go once decoded
             acts, columns = dataset.decode(data, index, split, columns=True)  # [rows, d_model]
             take = min(len(acts), limit - rows_seen)
-            if "seq" in columns and "pos" in columns:
+            positions = "seq" in columns and "pos" in columns
+            if positions:
                 keys = (columns["seq"].astype(np.int64) << POS_BITS) | columns["pos"].astype(np.int64)
             else:
                 keys = np.arange(rows_seen, rows_seen + len(acts), dtype=np.int64)
             for start in range(0, take, batch_rows):
                 stop = min(start + batch_rows, take)
                 yield Batch(acts[start:stop].to(device, torch.float32, non_blocking=True),
-                            torch.from_numpy(keys[start:stop]).to(device))
+                            torch.from_numpy(keys[start:stop]).to(device), positions)
             rows_seen += take
 
 
@@ -102,9 +97,10 @@ def scan(dictionaries: dict[str, Dictionary], dataset: ActivationDataset, max_ro
     models = {name: sae.to(device) for name, sae in dictionaries.items()}
     if str(device).startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(device)
-    started, rows = time.perf_counter(), 0
+    started, rows, positions = time.perf_counter(), 0, True
     with torch.inference_mode():
         for batch in iter_batches(dataset, max_rows, batch_rows, device):
+            positions = positions and batch.positions
             for name, sae in models.items():
                 stats[name].add(sae.encode(batch.acts), batch.row_keys)  # [B, n_latents] lives for one batch
             rows += len(batch.acts)
@@ -113,5 +109,5 @@ def scan(dictionaries: dict[str, Dictionary], dataset: ActivationDataset, max_ro
     seconds = time.perf_counter() - started
     peak_device = torch.cuda.max_memory_allocated(device) / 2**20 if str(device).startswith("cuda") else 0.0
     return ScanResult({name: value.summary() for name, value in stats.items()}, rows,
-                      has_positions(dataset), seconds, rows / seconds if seconds > 0 else 0.0,
+                      positions and rows > 0, seconds, rows / seconds if seconds > 0 else 0.0,
                       resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, peak_device)
