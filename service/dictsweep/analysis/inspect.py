@@ -87,45 +87,58 @@ def resolve_device(device: str) -> str:
 
 
 def inspect(config: InspectConfig) -> InspectResult:
-    """Run the pass for every dictionary of TARGET and write their data files and browsers."""
-    dataset = ActivationDataset.open(config.data)
-    device = resolve_device(config.device)
+    """Run the pass for every dictionary of TARGET and write their data files and browsers; those
+    of a sweep are logged to their runs."""
     with tempfile.TemporaryDirectory() as scratch:
         targets, client = resolve_targets(config, scratch)
-        for target in targets:
-            d_in = target.sae.W_dec.shape[1]
-            if d_in != dataset.d_model:
-                raise InputError(f"dictionary {target.uri} has d_in={d_in} but dataset {config.data} has "
-                                 f"d_model={dataset.d_model}: it was trained on other activations")
-        dictionaries = {target.name: target.sae for target in targets}
-        result = scan(dictionaries, dataset, config.tokens, config.top, SAMPLES, config.batch_rows, device)
-        source = Source(dataset, device, load_model=result.keys_are_positions)
-        notes = list(source.notes)
-        if source.contexts is not None and not result.keys_are_positions:
-            notes.append("the rows carry no seq/pos columns: contexts cannot be placed")
-        tables = describe(config, dictionaries, result, source, device)
-        folders = {}
-        for target in targets:
-            folder = os.path.join(config.out, target.name)
-            os.makedirs(folder, exist_ok=True)
-            meta = {"dictionary": target.name, "dictionary_uri": target.uri, "dataset": config.data,
-                    "rows": result.rows, "architecture": target.sae.architecture,
-                    "n_latents": int(target.sae.W_dec.shape[0]), "d_in": dataset.d_model,
-                    "model": (dataset.manifest.source or {}).get("model"), "hook": source.hook,
-                    "notes": notes, "dictionaries": sorted(dictionaries)}
-            write_data_file(os.path.join(folder, DATA_FILE), tables[target.name], meta)
-            from dictsweep.analysis.browser import write_browser
+        result = inspect_targets(config, targets)
+        if client is not None:
+            from dictsweep.track import log_inspection
 
-            write_browser(folder, tables[target.name], meta)
-            folders[target.name] = folder
-            if client is not None and target.run_id is not None:
-                from dictsweep.track import log_inspection
+            for target in targets:
+                log_inspection(client, target.run_id, result.folders[target.name])
+    return result
 
-                log_inspection(client, target.run_id, folder)
-        if len(folders) > 1:
-            from dictsweep.analysis.browser import write_overview
 
-            write_overview(config.out, {name: tables[name] for name in folders}, notes)
+def inspect_dictionaries(uris: dict[str, str], config: InspectConfig) -> InspectResult:
+    """`inspect` of the dictionaries at `uris` (name -> folder or URI), e.g. a sweep's selected ones."""
+    from dictsweep import load_dictionary
+
+    return inspect_targets(config, [Target(name, uri, load_dictionary(uri), None) for name, uri in sorted(uris.items())])
+
+
+def inspect_targets(config: InspectConfig, targets: list[Target]) -> InspectResult:
+    """The pass over `config.data` for `targets`, then each one's data file and browser under `config.out`."""
+    from dictsweep.analysis.browser import write_browser, write_overview
+
+    dataset = ActivationDataset.open(config.data)
+    device = resolve_device(config.device)
+    for target in targets:
+        d_in = target.sae.W_dec.shape[1]
+        if d_in != dataset.d_model:
+            raise InputError(f"dictionary {target.uri} has d_in={d_in} but dataset {config.data} has "
+                             f"d_model={dataset.d_model}: it was trained on other activations")
+    dictionaries = {target.name: target.sae for target in targets}
+    result = scan(dictionaries, dataset, config.tokens, config.top, SAMPLES, config.batch_rows, device)
+    source = Source(dataset, device, load_model=result.keys_are_positions)
+    notes = list(source.notes)
+    if source.contexts is not None and not result.keys_are_positions:
+        notes.append("the rows carry no seq/pos columns: contexts cannot be placed")
+    tables = describe(config, dictionaries, result, source, device)
+    folders = {}
+    for target in targets:
+        folder = os.path.join(config.out, target.name)
+        os.makedirs(folder, exist_ok=True)
+        meta = {"dictionary": target.name, "dictionary_uri": target.uri, "dataset": config.data,
+                "rows": result.rows, "architecture": target.sae.architecture,
+                "n_latents": int(target.sae.W_dec.shape[0]), "d_in": dataset.d_model,
+                "model": (dataset.manifest.source or {}).get("model"), "hook": source.hook,
+                "notes": notes, "dictionaries": sorted(dictionaries)}
+        write_data_file(os.path.join(folder, DATA_FILE), tables[target.name], meta)
+        write_browser(folder, tables[target.name], meta)
+        folders[target.name] = folder
+    if len(folders) > 1:
+        write_overview(config.out, {name: tables[name] for name in folders}, notes)
     return InspectResult(folders, notes, result)
 
 

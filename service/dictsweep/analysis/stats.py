@@ -1,14 +1,15 @@
 """Per-latent statistics of one streamed pass, in memory that does not grow with the rows.
 
-`LatentStats.add` takes one batch of latent activations `[B, n_latents]` and folds it into
-running counts and sums, fixed-bin histograms, the top-N activations per latent (merged batch by
-batch) and a random sample of firing rows per latent (for contexts below the top), so no
-`[rows, n_latents]` matrix ever exists.
+`LatentStats.add` takes one batch of latent activations `[B, n_latents]`, lists its firing entries
+once (row, latent, value) and folds them into running counts and sums, fixed-bin histograms, the
+top-N activations per latent and a uniform random sample of each latent's firing rows (for
+contexts below the top). Top-N and sample are merged batch by batch, and only entries that beat a
+latent's current N-th best take part, so no `[rows, n_latents]` matrix ever exists and after the
+first batches the merge touches few entries.
 """
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import numpy as np
@@ -18,6 +19,7 @@ from torch import Tensor
 HIST_LOG10_LOW, HIST_LOG10_HIGH, HIST_BINS_PER_DECADE = -4, 4, 8  # activations 1e-4 .. 1e4, log-spaced
 HIST_BINS = (HIST_LOG10_HIGH - HIST_LOG10_LOW) * HIST_BINS_PER_DECADE
 NO_ROW = -1
+EMPTY = -1.0  # key of an empty top or sample slot: activations are > 0 and priorities >= 0
 
 
 def hist_edges() -> list[float]:
@@ -39,7 +41,7 @@ class Summary(NamedTuple):
     hist: np.ndarray
     """Firing activations per log-spaced bin (`hist_edges`), `[n_latents, HIST_BINS]` int64."""
     top_values: np.ndarray
-    """The top-N activations of each latent, descending, `[n_latents, top]`; -inf where fewer fired."""
+    """The top-N activations of each latent, descending, `[n_latents, top]`; 0 where fewer fired."""
     top_rows: np.ndarray
     """Row keys of `top_values` (`row_keys` of the batch), `[n_latents, top]` int64; -1 where none."""
     sample_values: np.ndarray
@@ -48,70 +50,75 @@ class Summary(NamedTuple):
     """Row keys of `sample_values`, `[n_latents, samples]` int64; -1 where fewer fired."""
 
 
+class Best:
+    """Per latent, the `count` entries with the largest keys so far, each with a value and a row key."""
+
+    def __init__(self, n_latents: int, count: int, device: torch.device | str):
+        self.keys = torch.full((n_latents, count), EMPTY, device=device)  # [n_latents, count], descending
+        self.values = torch.zeros((n_latents, count), device=device)
+        self.rows = torch.full((n_latents, count), NO_ROW, dtype=torch.int64, device=device)
+
+    def merge(self, latent: Tensor, keys: Tensor, values: Tensor, rows: Tensor) -> None:
+        """Fold in entries `[E]` (latent index, key, value, row key)."""
+        count = self.keys.shape[1]
+        better = keys > self.keys[latent, count - 1]  # only these can enter a latent's best
+        if not better.any():
+            return
+        latent, keys, values, rows = latent[better], keys[better], values[better], rows[better]
+        order = torch.argsort(keys, descending=True, stable=True)  # by key, then (stably) by latent
+        order = order[torch.argsort(latent[order], stable=True)]
+        latent, keys, values, rows = latent[order], keys[order], values[order], rows[order]
+        rank = torch.arange(len(latent), device=latent.device) - torch.searchsorted(latent, latent)
+        keep = rank < count  # at most `count` new entries per latent can enter
+        latent, rank, keys, values, rows = latent[keep], rank[keep], keys[keep], values[keep], rows[keep]
+        touched, slot = torch.unique_consecutive(latent, return_inverse=True)  # [m], ascending
+        merged = []
+        for store, new, empty in ((self.keys, keys, EMPTY), (self.values, values, 0), (self.rows, rows, NO_ROW)):
+            candidates = torch.full((len(touched), count), empty, dtype=store.dtype, device=store.device)  # [m, count]
+            candidates[slot, rank] = new
+            merged.append(torch.cat([store[touched], candidates], dim=1))  # [m, 2 count]
+        best, picked = merged[0].topk(count, dim=1)
+        self.keys[touched] = best
+        self.values[touched] = merged[1].gather(1, picked)
+        self.rows[touched] = merged[2].gather(1, picked)
+
+
 class LatentStats:
     """Running statistics of one dictionary's latents over batches of rows, on one device."""
 
     def __init__(self, n_latents: int, top: int, samples: int, device: torch.device | str, seed: int = 0):
-        self.n_latents, self.top, self.samples = n_latents, top, samples
+        self.n_latents, self.samples = n_latents, samples
         self.rows = 0
         self.fire_count = torch.zeros(n_latents, dtype=torch.int64, device=device)  # [n_latents]
         self.act_sum = torch.zeros(n_latents, dtype=torch.float64, device=device)  # [n_latents]
-        self.act_max = torch.zeros(n_latents, device=device)  # [n_latents]
         self.hist = torch.zeros(n_latents * HIST_BINS, dtype=torch.int64, device=device)  # [n_latents * bins]
-        self.top_values = torch.full((top, n_latents), -math.inf, device=device)  # [top, n_latents]
-        self.top_rows = torch.full((top, n_latents), NO_ROW, dtype=torch.int64, device=device)
+        self.top = Best(n_latents, top, device)
         # a uniform sample of firing rows: each (row, latent) gets a random priority, the highest are kept
-        self.sample_keys = torch.full((samples, n_latents), -1.0, device=device)  # [samples, n_latents]
-        self.sample_values = torch.zeros((samples, n_latents), device=device)
-        self.sample_rows = torch.full((samples, n_latents), NO_ROW, dtype=torch.int64, device=device)
+        self.sample = Best(n_latents, max(samples, 1), device)
         self.generator = torch.Generator(device=device).manual_seed(seed)
 
     def add(self, acts: Tensor, row_keys: Tensor) -> None:
         """Fold in latent activations `[B, n_latents]` (float32) of rows identified by `row_keys` `[B]`."""
-        firing = acts > 0  # [B, n_latents]
         self.rows += acts.shape[0]
-        self.fire_count += firing.sum(0)
-        self.act_sum += acts.sum(0, dtype=torch.float64)
-        torch.maximum(self.act_max, acts.max(0).values, out=self.act_max)
-        self._add_hist(acts, firing)
-        self.top_values, _, self.top_rows = _merge(self.top_values, self.top_values, self.top_rows,
-                                                   acts, acts, row_keys)
-        if self.samples:
-            keys = torch.rand(acts.shape, generator=self.generator, device=acts.device)  # [B, n_latents]
-            keys.masked_fill_(~firing, -1.0)
-            self.sample_keys, self.sample_values, self.sample_rows = _merge(
-                self.sample_keys, self.sample_values, self.sample_rows, keys, acts, row_keys)
-
-    def _add_hist(self, acts: Tensor, firing: Tensor) -> None:
-        row_index, latent = firing.nonzero(as_tuple=True)
-        values = acts[row_index, latent]
+        row_index, latent = (acts > 0).nonzero(as_tuple=True)  # [E] each: the firing entries
+        values = acts[row_index, latent]  # [E]
+        rows = row_keys[row_index]
+        self.fire_count += torch.bincount(latent, minlength=self.n_latents)
+        self.act_sum.index_add_(0, latent, values.double())
         bins = ((values.log10() - HIST_LOG10_LOW) * HIST_BINS_PER_DECADE).floor().clamp(0, HIST_BINS - 1)
         self.hist.index_add_(0, latent * HIST_BINS + bins.long(), torch.ones_like(latent))
+        self.top.merge(latent, values, values, rows)
+        if self.samples:
+            priority = torch.rand(values.shape, generator=self.generator, device=values.device)  # [E]
+            self.sample.merge(latent, priority, values, rows)
 
     def summary(self) -> Summary:
         """The statistics so far, on the CPU, one row per latent."""
-        sampled = self.sample_keys >= 0  # [samples, n_latents]; keys are in [0, 1) for firing rows
-
         def cpu(tensor: Tensor) -> np.ndarray:
             return tensor.cpu().numpy()
 
+        samples = slice(0, self.samples)
         return Summary(rows=self.rows, fire_count=cpu(self.fire_count), act_sum=cpu(self.act_sum),
-                       act_max=cpu(self.act_max), hist=cpu(self.hist.view(self.n_latents, HIST_BINS)),
-                       top_values=cpu(self.top_values.t()),
-                       top_rows=cpu(self.top_rows.where(self.top_values > 0, NO_ROW).t()),
-                       sample_values=cpu(self.sample_values.where(sampled, 0.0).t()),
-                       sample_rows=cpu(self.sample_rows.where(sampled, NO_ROW).t()))
-
-
-def _merge(keys: Tensor, values: Tensor, rows: Tensor, batch_keys: Tensor, batch_acts: Tensor,
-           row_keys: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Per latent, the entries with the largest keys among the running ones `[count, n]` and a
-    batch's `[B, n]`: (keys, values, rows), each `[count, n]`. Non-firing entries (key <= 0 for the
-    top, < 0 for samples) never displace firing ones; their rows are reported as NO_ROW later."""
-    count = keys.shape[0]
-    batch_best, index = batch_keys.topk(min(count, batch_keys.shape[0]), dim=0)  # [<= count, n]
-    merged_keys = torch.cat([keys, batch_best])  # [<= 2 count, n]
-    merged_values = torch.cat([values, batch_acts.gather(0, index)])
-    merged_rows = torch.cat([rows, row_keys[index]])
-    best, picked = merged_keys.topk(count, dim=0)
-    return best, merged_values.gather(0, picked), merged_rows.gather(0, picked)
+                       act_max=cpu(self.top.values[:, 0]), hist=cpu(self.hist.view(self.n_latents, HIST_BINS)),
+                       top_values=cpu(self.top.values), top_rows=cpu(self.top.rows),
+                       sample_values=cpu(self.sample.values[:, samples]), sample_rows=cpu(self.sample.rows[:, samples]))
