@@ -67,7 +67,7 @@ def run(
     """Run a sweep here: train every SAE of the grid, select, export, record in MLflow."""
     from dictsweep.config import load_spec
     from dictsweep.errors import RunError
-    from dictsweep.sweep.controller import run_sweep
+    from dictsweep.sweep.run import run_sweep
 
     spec = load_spec(spec_path, overrides)
     try:
@@ -158,29 +158,26 @@ def print_sweep(result) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="sweep results (eval shards)")
-    # short headers so that the table fits 80 columns: arch, n_latents, l1_coef or k, l0, fvu,
-    # dead_fraction, mmcs_ground_truth, loss_recovered (spliced into the model), selected
-    spliced = any("loss_recovered" in r["metrics"] for r in result.finished.values())
-    uses_k = {r["point"].k is not None for r in result.finished.values()}
-    sparsity = "l1/k" if len(uses_k) > 1 else "k" if uses_k == {True} else "l1_coef"
-    columns = (("arch", "n_latents", sparsity, "l0", "fvu", "dead", "mmcs_gt") + (("loss_rec",) if spliced else ())
-               + ("sel",))
-    for column in columns:
-        table.add_column(column, justify="right")
-    rows = sorted(result.finished.values(), key=lambda r: (r["point"].architecture, r["point"].n_latents,
-                                                           r["point"].l1_coef or 0, r["point"].k or 0))
+    from dictsweep.sweep.results import METRICS
 
-    def number(value, digits: int) -> str:
-        return "-" if value is None else f"{value:.{digits}f}"
+    table = Table(title="sweep results (eval shards)")
+    # short headers so that the table fits 80 columns: arch, n_latents, l1_coef or k, the metrics, selected
+    shown = [metric for metric in METRICS if metric.header is not None and (not metric.shown_when_measured or any(
+        metric.key in r.metrics for r in result.finished.values()))]
+    uses_k = {r.point.k is not None for r in result.finished.values()}
+    sparsity = "l1/k" if len(uses_k) > 1 else "k" if uses_k == {True} else "l1_coef"
+    for column in ("arch", "n_latents", sparsity, *(metric.header for metric in shown), "sel"):
+        table.add_column(column, justify="right")
+    rows = sorted(result.finished.values(), key=lambda r: (r.point.architecture, r.point.n_latents,
+                                                           r.point.l1_coef or 0, r.point.k or 0))
+
+    def number(value, format: str) -> str:
+        return "-" if value is None else f"{value:{format}}"
 
     for r in rows:
-        point, metrics = r["point"], r["metrics"]
+        point, metrics = r.point, r.metrics
         cells = [point.architecture, str(point.n_latents), f"{point.l1_coef:g}" if point.k is None else str(point.k),
-                 number(metrics["l0"], 2), number(metrics["fvu"], 4), number(metrics["dead_fraction"], 3),
-                 number(metrics.get("mmcs_ground_truth"), 3)]
-        if spliced:
-            cells.append(number(metrics.get("loss_recovered"), 3))
+                 *(number(metrics.get(metric.key), metric.format) for metric in shown)]
         table.add_row(*cells, "*" if point.name in result.selected else "")
     console = Console()
     console.print(table)

@@ -37,3 +37,10 @@ class RunError(DictsweepError):
     def __init__(self, message: str, result=None):
         super().__init__(message)
         self.result = result  # what was produced before the failure, when there is something
+
+
+def first_line(error: BaseException) -> str:
+    """The last non-blank line of an error's text (where Ray puts the cause), at most 500 characters."""
+    text = str(error).strip()
+    lines = [line for line in text.splitlines() if line.strip()]
+    return lines[-1][:500] if lines else type(error).__name__

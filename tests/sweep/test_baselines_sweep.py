@@ -14,7 +14,8 @@ from dictsweep import load_dictionary
 from dictsweep.config import load_spec
 from dictsweep.store.dataset import ActivationDataset
 from dictsweep.sweep.baselines import BaselineFeed, planned_batches
-from dictsweep.sweep.controller import SweepRun, run_sweep
+from dictsweep.sweep.driver import Driver
+from dictsweep.sweep.run import run_sweep
 
 SPEC = {
     "name": "baselines",
@@ -65,31 +66,31 @@ def test_sweep_with_baselines(fed_sweep):
     assert len(result.finished) == 3 and not result.failed
 
     # one top-k variant per selected SAE's eval L0 (rounded, deduplicated) and the complete one, per kind
-    ks = sorted({max(1, round(result.finished[name]["metrics"]["l0"])) for name in result.selected} | {16})
-    assert sorted((b["kind"], b["k"]) for b in result.baselines) == sorted(
+    ks = sorted({max(1, round(result.finished[name].metrics["l0"])) for name in result.selected} | {16})
+    assert sorted((b.kind, b.k) for b in result.baselines) == sorted(
         (kind, k) for kind in ("pca", "ica", "random", "identity") for k in ks)
-    baselines = {b["name"]: b for b in result.baselines}
+    baselines = {b.name: b for b in result.baselines}
     dataset = ActivationDataset.open(str(folder.parent / "data/toy"))
     x = eval_rows(dataset, 1536)
     for name, baseline in baselines.items():
-        assert set(baseline["metrics"]) >= {"mse", "fvu", "l0", "dead_fraction", "mmcs_ground_truth"}
-        assert baseline["uri"].endswith(f"/baselines/{name}")
-        dictionary = load_dictionary(baseline["uri"])  # the export is what was scored
-        assert dictionary.metadata["dictsweep"]["baseline"] == baseline["kind"] and dictionary.k == baseline["k"]
-        assert fvu_of(dictionary, x) == pytest.approx(baseline["metrics"]["fvu"], rel=1e-4, abs=1e-6)
-        assert baseline["metrics"]["l0"] == pytest.approx(baseline["k"], abs=1e-6)
+        assert set(baseline.metrics) >= {"mse", "fvu", "l0", "dead_fraction", "mmcs_ground_truth"}
+        assert baseline.uri.endswith(f"/baselines/{name}")
+        dictionary = load_dictionary(baseline.uri)  # the export is what was scored
+        assert dictionary.metadata["dictsweep"]["baseline"] == baseline.kind and dictionary.k == baseline.k
+        assert fvu_of(dictionary, x) == pytest.approx(baseline.metrics["fvu"], rel=1e-4, abs=1e-6)
+        assert baseline.metrics["l0"] == pytest.approx(baseline.k, abs=1e-6)
     for kind in ("pca", "ica", "random", "identity"):
-        assert baselines[f"{kind}-k16"]["metrics"]["fvu"] < 1e-6  # complete bases reconstruct exactly
+        assert baselines[f"{kind}-k16"].metrics["fvu"] < 1e-6  # complete bases reconstruct exactly
     # PCA fitted on the sampled train batches: the covariance of 20 batches of 256 rows
-    assert baselines["pca-k16"]["fit"] == {"fit_rows": 20 * 256}
-    assert baselines["ica-k16"]["fit"]["fit_rows"] == 20 * (2048 // 20) and baselines["ica-k16"]["fit"]["ica_converged"]
+    assert baselines["pca-k16"].fit == {"fit_rows": 20 * 256}
+    assert baselines["ica-k16"].fit["fit_rows"] == 20 * (2048 // 20) and baselines["ica-k16"].fit["ica_converged"]
     # top-k PCA beats keeping the k leading axes (what the eval rows' own spectrum allows), up to sampling
     variance = torch.linalg.eigvalsh(torch.cov(x.double().t(), correction=0)).flip(0)
     for k in ks[:-1]:
-        assert baselines[f"pca-k{k}"]["metrics"]["fvu"] <= float(variance[k:].sum() / variance.sum()) + 0.02
-        assert baselines[f"pca-k{k}"]["metrics"]["fvu"] < baselines[f"random-k{k}"]["metrics"]["fvu"]
+        assert baselines[f"pca-k{k}"].metrics["fvu"] <= float(variance[k:].sum() / variance.sum()) + 0.02
+        assert baselines[f"pca-k{k}"].metrics["fvu"] < baselines[f"random-k{k}"].metrics["fvu"]
     # ICA recovers the ground-truth directions better than PCA does (a non-Gaussian, sparse mixture)
-    assert baselines["ica-k16"]["metrics"]["mmcs_ground_truth"] > baselines["pca-k16"]["metrics"]["mmcs_ground_truth"]
+    assert baselines["ica-k16"].metrics["mmcs_ground_truth"] > baselines["pca-k16"].metrics["mmcs_ground_truth"]
 
     from mlflow import MlflowClient
 
@@ -101,8 +102,8 @@ def test_sweep_with_baselines(fed_sweep):
     parent = [r for r in runs if r.data.tags.get("dictsweep.role") == "sweep"][0]
     for name, run in recorded.items():
         assert run.info.status == "FINISHED" and run.data.tags["mlflow.parentRunId"] == parent.info.run_id
-        assert run.data.params["kind"] == baselines[name]["kind"] and run.data.params["k"] == str(baselines[name]["k"])
-        assert run.data.metrics["eval/fvu"] == pytest.approx(baselines[name]["metrics"]["fvu"])
+        assert run.data.params["kind"] == baselines[name].kind and run.data.params["k"] == str(baselines[name].k)
+        assert run.data.metrics["eval/fvu"] == pytest.approx(baselines[name].metrics["fvu"])
         assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["dictionary"]
     assert parent.data.tags["dictsweep.splice"].startswith("skipped: ") and "synthetic" in parent.data.tags[
         "dictsweep.splice"]
@@ -114,19 +115,19 @@ def test_baselines_fed_after_training_equal_those_fed_during_it(monkeypatch, fed
     """As after a resume that found every wave done: the sampler gets nothing from the trainers and is
     fed the planned batches at the end, from a broadcaster of its own. The same batches, so the same
     baselines."""
-    original = SweepRun.start_baseline_feed
-    monkeypatch.setattr(SweepRun, "start_baseline_feed",
+    original = Driver.start_baseline_feed
+    monkeypatch.setattr(Driver, "start_baseline_feed",
                         lambda self, node: original(self, node) if node is None else None)  # not during waves
     folder = fed_sweep[0].parent / "alone"
     folder.mkdir()
     monkeypatch.chdir(folder.parent)
     alone = run_sweep(load_spec(spec_file(folder, "alone")))
-    fed = {b["name"]: b for b in fed_sweep[1].baselines}
-    assert sorted(fed) == sorted(b["name"] for b in alone.baselines)
+    fed = {b.name: b for b in fed_sweep[1].baselines}
+    assert sorted(fed) == sorted(b.name for b in alone.baselines)
     for baseline in alone.baselines:
-        assert baseline["fit"] == fed[baseline["name"]]["fit"]
-        expected = fed[baseline["name"]]["metrics"]
-        assert baseline["metrics"] == pytest.approx(expected, rel=1e-5, abs=1e-7), baseline["name"]
+        assert baseline.fit == fed[baseline.name].fit
+        expected = fed[baseline.name].metrics
+        assert baseline.metrics == pytest.approx(expected, rel=1e-5, abs=1e-7), baseline.name
 
 
 def test_planned_batches_spread_over_the_stream():

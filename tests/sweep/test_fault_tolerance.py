@@ -14,7 +14,7 @@ import torch
 from dictsweep import load_dictionary
 from dictsweep.config import load_spec
 from dictsweep.errors import RunError
-from dictsweep.sweep.controller import run_sweep
+from dictsweep.sweep.run import run_sweep
 
 from tests import conftest
 
@@ -36,7 +36,7 @@ def spec_file(folder, name, **changes):
 
 
 def weights(result):
-    return {name: load_dictionary(done["uri"]) for name, done in result.finished.items()}
+    return {name: load_dictionary(done.uri) for name, done in result.finished.items()}
 
 
 def assert_same_dictionaries(first, second):
@@ -201,10 +201,10 @@ def test_mlflow_outage_loses_no_metric(tmp_path, monkeypatch, ray_local):
         client = MlflowClient(uri)
         experiment = client.get_experiment_by_name("outage")
         for name, done in result.finished.items():
-            history = client.get_metric_history(done["run_id"], "loss")
+            history = client.get_metric_history(done.run_id, "loss")
             assert [m.step for m in history] == list(range(8192, 262_144 + 1, 8192)), name
-            assert [a.path for a in client.list_artifacts(done["run_id"])] == ["dictionary", "plots"]
-            assert client.get_run(done["run_id"]).info.status == "FINISHED"
+            assert [a.path for a in client.list_artifacts(done.run_id)] == ["dictionary", "plots"]
+            assert client.get_run(done.run_id).info.status == "FINISHED"
         assert experiment is not None
     finally:
         for server in servers:

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from dictsweep.config import load_spec
-from dictsweep.sweep.controller import run_sweep
+from dictsweep.sweep.run import run_sweep
 from dictsweep.sweep.report import pareto_figure, pareto_plot
 
 SAES = [  # relu n=64: three on the front, one dominated; topk n=64: two

@@ -2,8 +2,8 @@
 after what the sweep varied, failures and where to look next."""
 
 from dictsweep.cli import print_sweep
-from dictsweep.sweep.controller import SweepResult
 from dictsweep.sweep.plan import GridPoint, Plan
+from dictsweep.sweep.results import SAEResult, SweepResult
 
 METRICS = {"l0": 12.5, "fvu": 0.25, "dead_fraction": 0.0, "mmcs_ground_truth": 0.95}
 
@@ -12,7 +12,7 @@ def result_of(*points: GridPoint, failed: dict | None = None) -> SweepResult:
     result = SweepResult(plan=Plan(d_model=16, batch_rows=256, waves=[]), export_dir="/out/dictionaries",
                          tracking_uri="sqlite:///m.db")
     for point in points:
-        result.finished[point.name] = {"point": point, "metrics": dict(METRICS), "uri": "", "run_id": ""}
+        result.finished[point.name] = SAEResult(point, dict(METRICS), uri="", run_id="")
     result.selected = {points[0].name}
     result.failed = failed or {}
     return result

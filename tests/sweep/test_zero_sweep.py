@@ -5,7 +5,7 @@ import json
 
 from dictsweep import load_dictionary
 from dictsweep.config import load_spec
-from dictsweep.sweep.controller import run_sweep
+from dictsweep.sweep.run import run_sweep
 
 
 def test_zero_point_in_a_sweep(tmp_path, monkeypatch, ray_local):
@@ -22,17 +22,17 @@ def test_zero_point_in_a_sweep(tmp_path, monkeypatch, ray_local):
     result = run_sweep(load_spec(str(path)))
     name = "relu-n32-l1_1-lr0.003-s0"
     assert list(result.finished) == [name] and [z.workers for z in result.plan.zero] == [2]
-    dictionary = load_dictionary(result.finished[name]["uri"])
+    dictionary = load_dictionary(result.finished[name].uri)
     assert dictionary.metadata["dictsweep"]["zero"]["workers"] == 2
-    assert 0 < result.finished[name]["metrics"]["fvu"] < 1
+    assert 0 < result.finished[name].metrics["fvu"] < 1
 
     from mlflow import MlflowClient
 
     client = MlflowClient(result.tracking_uri)
-    history = client.get_metric_history(result.finished[name]["run_id"], "loss")
+    history = client.get_metric_history(result.finished[name].run_id, "loss")
     assert [m.step for m in history] == [4096, 8192]
     assert json.loads((tmp_path / "dictionaries/zerosweep/index.json").read_text())[0]["path"] == name
     # the same end as a single-device SAE: decoder-norm statistics and the density plot on its run
-    run = client.get_run(result.finished[name]["run_id"])
+    run = client.get_run(result.finished[name].run_id)
     assert "eval/decoder_norm_mean" in run.data.metrics
     assert [a.path for a in client.list_artifacts(run.info.run_id, "plots")] == ["plots/density_and_norms.png"]

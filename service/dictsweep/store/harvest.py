@@ -41,6 +41,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColu
                            TimeRemainingColumn)
 from rich.text import Text
 
+from dictsweep.cluster import start_ray
 from dictsweep.config import distinct
 from dictsweep.errors import DictsweepError, InputError, RunError, option_errors
 
@@ -717,27 +718,10 @@ def _run(config: HarvestConfig, plan: dict, prefixes: dict[str, str], pending: l
 
 def _init_ray(address: str) -> bool:
     """Connect to `address` ("local": start Ray on this machine's CPUs) unless connected; True if now."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    if address != "local":
-        try:
-            ray.init(address=address, log_to_driver=False)
-        except Exception as error:  # ConnectionError, ValueError, Ray's own: all mean "not reachable"
-            raise InputError(f"--address {address}: cannot connect to a Ray cluster there ({error})") from None
-        return True
-    for attempt in range(2):
-        try:
-            # address="local" never joins a stale cluster named in Ray's temp folder (ENVIRONMENT.md)
-            ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=False)
-            return True
-        except Exception as error:  # Ray raises a bare Exception when its node misses the 30 s start-up
-            ray.shutdown()
-            if attempt:
-                raise RunError(f"could not start a local Ray ({error}); is the machine overloaded? "
-                               "--workers 1 runs without Ray") from None
-    return True
+    try:
+        return start_ray(address, num_cpus=os.cpu_count() or 1, log_to_driver=False)
+    except RunError as error:  # a local Ray that did not start
+        raise RunError(f"{error} --workers 1 runs without Ray") from None
 
 
 def _ray_runners(config: HarvestConfig, plan: dict, prefixes: dict[str, str], device: str, workers: int):

@@ -29,8 +29,8 @@ def bench_stream(uri: str, readers: int = 4, batch_rows: int = 4096, shuffle_sha
     """Measure one dataset; returns the JSON-ready result."""
     import ray
 
+    from dictsweep.cluster import start_ray
     from dictsweep.stream.actors import Broadcaster, ShardReader
-    from dictsweep.sweep.controller import start_ray
 
     dataset = ActivationDataset.open(uri)
     shards = dataset.shards("train")

@@ -219,3 +219,11 @@ def plan_from_dict(data: dict) -> Plan:
     zero = [ZeroPlan(GridPoint(**z["point"]), z["device"], z["workers"], z["stage"], z["offload"], z["memory_bytes"])
             for z in data.get("zero", [])]
     return Plan(data["d_model"], data["batch_rows"], waves, zero)
+
+
+def plan_sweep(spec: SweepSpec, d_model: int, device: str, n_devices: int, memory: int) -> Plan:
+    """The plan of a spec's grid on `n_devices` devices of `memory` bytes each."""
+    resources = spec.resources
+    return make_plan(grid_points(spec), d_model, spec.train.batch_rows, device, n_devices, memory,
+                     resources.max_members, resources.memory_headroom, resources.zero, resources.zero_stage,
+                     resources.zero_offload, resources.zero_workers)

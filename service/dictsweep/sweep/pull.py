@@ -7,7 +7,7 @@ import os
 import shutil
 
 from dictsweep.errors import InputError
-from dictsweep.sweep.controller import INDEX_METRICS
+from dictsweep.sweep.results import INDEX_METRICS
 from dictsweep.track import SELECTED_TAG, download_dictionary, find_sweep
 
 
@@ -39,7 +39,7 @@ def pull(sweep: str, out: str, include_all: bool = False, tracking_uri: str | No
         shutil.move(downloaded, target)
         entries.append({"path": run.name, **point_params(run.params),
                         "selected": run.tags.get(SELECTED_TAG) == "true",
-                        "metrics": {**{key: None for key in INDEX_METRICS},
+                        "metrics": {**{metric.index_name: None for metric in INDEX_METRICS},
                                     **{key.removeprefix("eval/"): value for key, value in run.metrics.items()
                                        if key.startswith("eval/")}}})
     shutil.rmtree(os.path.join(out, ".download"), ignore_errors=True)

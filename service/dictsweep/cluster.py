@@ -1,0 +1,74 @@
+"""Starting or joining Ray, once per process, and the devices a sweep finds on the cluster."""
+
+from __future__ import annotations
+
+import os
+
+from dictsweep.config import SweepSpec
+from dictsweep.errors import InputError, RunError
+
+
+def start_ray(address: str | None, num_cpus: int | None = None, log_to_driver: bool = True) -> bool:
+    """Connect to `address` (or $RAY_ADDRESS), or start a local Ray for this process ("local", or
+    neither given) on `num_cpus` logical CPUs; nothing if connected already. True if this call did."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS") or "local"
+    if address != "local":
+        try:
+            ray.init(address=address, log_to_driver=log_to_driver)
+        except Exception as error:  # ConnectionError, ValueError, Ray's own: all mean "not reachable"
+            raise InputError(f"--address {address}: cannot connect to a Ray cluster there ({error})") from None
+        return True
+    # logical CPUs above the real cores: trainers thread themselves, readers mostly wait on I/O
+    num_cpus = num_cpus or 2 * max(2, os.cpu_count() or 2)
+    for attempt in range(2):
+        try:
+            # address="local" never joins a stale cluster named in Ray's temp folder (ENVIRONMENT.md)
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=log_to_driver,
+                     logging_level="warning")
+            return True
+        except Exception as error:  # Ray raises a bare Exception when its node misses the 30 s start-up
+            ray.shutdown()
+            if attempt:
+                raise RunError(f"could not start a local Ray ({error}); is the machine overloaded?") from None
+    return True
+
+
+def cluster_devices(spec: SweepSpec) -> tuple[str, int, int]:
+    """(device kind, device count, memory per device) from the Ray cluster and the spec."""
+    import ray
+
+    start_ray(None)
+
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    device = spec.resources.device
+    if device == "auto":
+        device = "cuda" if gpus else "cpu"
+    if device == "cuda" and not gpus:
+        raise InputError("resources.device: 'cuda' asked for, but the Ray cluster has no GPUs")
+    share = spec.resources.gpus_per_trainer if device == "cuda" else 1.0
+    count = spec.resources.trainers or (int(gpus / share) if device == "cuda" else 1)
+    if spec.resources.device_memory_gb:
+        memory = int(spec.resources.device_memory_gb * 2**30)
+    elif device == "cuda":
+        memory = ray.get(ray.remote(num_gpus=1)(_gpu_memory).remote())
+    else:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+    return device, count, int(memory * share)  # a trainer plans with its share of the device
+
+
+def _gpu_memory() -> int:
+    import torch
+
+    return torch.cuda.get_device_properties(0).total_memory
+
+
+def given_devices(spec: SweepSpec) -> tuple[str, int, int] | None:
+    """The devices the spec names outright (kind, count and memory), for planning without a cluster."""
+    resources = spec.resources
+    if resources.device != "auto" and resources.trainers and resources.device_memory_gb:
+        return resources.device, resources.trainers, int(resources.device_memory_gb * 2**30)
+    return None

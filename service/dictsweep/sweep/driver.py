@@ -1,0 +1,295 @@
+"""The driver of a sweep's training: waves of trainer actors, then the SAEs trained with ZeRO.
+
+Each trainer works through one sequence of tasks: train batches 0..T-1, eval batches 0..E-1, then
+`finish` (metrics and export). The driver keeps at most `batches_in_flight` of them queued per
+trainer (backpressure) and hands every trainer on a node the same batch references from that
+node's broadcaster. A trainer that crashes is restarted by Ray from its checkpoint; the driver asks
+where it stands and sends the batches from there. Every SAE is recorded (`ledger`) as soon as its
+trainer finishes, so a later failure loses nothing that finished, and `--resume` picks a sweep up
+where its driver stopped.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from dictsweep.config import SweepSpec
+from dictsweep.errors import InputError, RunError, first_line
+from dictsweep.store import fs
+from dictsweep.store.dataset import ActivationDataset
+from dictsweep.stream.streams import Streams
+from dictsweep.sweep.ledger import Ledger
+from dictsweep.sweep.plan import GridPoint, Plan, TrainerPlan, ZeroPlan
+
+
+# -- one trainer, seen from the driver ----------------------------------------------------------------
+@dataclass
+class Slot:
+    """A trainer actor and its place in its task sequence (train steps, eval steps, finish)."""
+
+    key: str  # stable across restarts and resumes: names its checkpoint
+    plan: TrainerPlan
+    actor: object
+    node: str | None = None
+    cursor: int = 0  # next task to send
+    in_flight: deque = field(default_factory=deque)  # (task, ref)
+    alive: bool = True
+    done: bool = False
+    error: str = ""
+    restarts: int = 0
+
+    @property
+    def points(self) -> list[GridPoint]:
+        return [p for e in self.plan.ensembles for p in e.points]
+
+
+
+
+class Driver:
+    """One run of a sweep's training (or its resumption) on a Ray cluster."""
+
+    def __init__(self, spec: SweepSpec, dataset: ActivationDataset, plan: Plan, run_dir: str, resume: bool):
+        self.spec, self.dataset, self.plan = spec, dataset, plan
+        self.storage = run_dir
+        self.total_steps = spec.train.tokens // spec.train.batch_rows
+        self.eval_steps = min(spec.train.eval_tokens, dataset.n_eval_rows) // spec.train.batch_rows
+        if self.total_steps == 0:
+            raise InputError(f"train.tokens ({spec.train.tokens}) is less than one batch ({spec.train.batch_rows} rows)")
+        if self.eval_steps == 0:
+            raise InputError(f"{dataset.uri}: the eval split has {dataset.n_eval_rows} rows, fewer than one batch of "
+                             f"{spec.train.batch_rows}; final metrics need held-out rows")
+        self.input_scale = math.sqrt(dataset.d_model / dataset.mean_sq_norm())
+        truth = dataset.ground_truth()
+        self.ground_truth = truth.numpy() if truth is not None else None
+        self.ledger = Ledger(spec, plan, run_dir, resume)
+        self.baseline_feed = None  # sweep.baselines.BaselineFeed, from the first wave this driver runs
+
+    # -- waves ------------------------------------------------------------------------------------------
+    def run(self) -> None:
+        ledger = self.ledger
+        for wave_index, wave in enumerate(self.plan.waves):
+            slots = []
+            for trainer in wave:
+                key = f"w{wave_index}-t{trainer.index}"
+                saved = ledger.saved(key)
+                if saved is not None:  # finished before the driver stopped: already recorded
+                    ledger.absorb(saved)
+                else:
+                    slots.append(key)
+            if slots:
+                self.run_wave(wave_index, [t for t in wave if f"w{wave_index}-t{t.index}" in slots],
+                              f"wave {wave_index + 1}/{len(self.plan.waves)}")
+        for index, zero in enumerate(self.plan.zero):
+            key = f"zero-{index}"
+            saved = ledger.saved(key)
+            if saved is not None:
+                ledger.absorb(saved)
+            else:
+                self.run_zero(key, zero)
+
+    def run_zero(self, key: str, zero: ZeroPlan) -> None:
+        """One SAE too large for a device: DeepSpeed ZeRO over several, through Ray Train."""
+        from dictsweep.train.zero import train_zero
+
+        spec, name = self.spec, zero.point.name
+        print(f"{name}: ZeRO-{zero.stage} over {zero.workers} {zero.device} workers", flush=True)
+        try:
+            done = train_zero(spec.data.uri, zero.point.params(), spec.train, spec.stream.seed,
+                              spec.stream.shuffle_shards, zero.workers, storage_uri=self.storage, name=name,
+                              metadata=self.metadata(zero.point), stage=zero.stage, offload=zero.offload,
+                              use_gpu=zero.device == "cuda")
+        except (RunError, InputError) as error:
+            self.ledger.record_failure({name: f"ZeRO training failed: {error}"})
+            return
+        self.ledger.log_records([{"name": name, **entry} for entry in done["metric_history"]])
+        self.ledger.record(key, {"finished": {name: {part: done[part] for part in ("metrics", "uri", "plot")}},
+                                 "failed": {}})
+
+    def run_wave(self, wave_index: int, trainers: list[TrainerPlan], label: str) -> None:
+        import ray
+        from ray.util.placement_group import placement_group, remove_placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        from dictsweep.train.actor import Trainer
+
+        spec = self.spec
+        cuda = trainers[0].device == "cuda"
+        gpus = spec.resources.gpus_per_trainer
+        bundle = {"GPU": gpus, "CPU": spec.resources.cpus_per_trainer} if cuda else {"CPU": spec.resources.cpus_per_trainer}
+        # PACK: trainers on as few nodes as fit, so a node's trainers share one read of the data
+        group = placement_group([bundle] * len(trainers), strategy="PACK")
+        ray.get(group.ready())
+        threads = spec.resources.torch_threads or max(1, (os.cpu_count() or 1) // len(trainers))
+        remote = ray.remote(Trainer)
+        slots = []
+        for bundle_index, plan in enumerate(trainers):
+            key = f"w{wave_index}-t{plan.index}"
+            retire(f"{spec.name}-{key}")
+            actor = remote.options(
+                name=f"{spec.name}-{key}", max_restarts=spec.resources.max_restarts, max_task_retries=0,
+                num_gpus=gpus if cuda else 0, num_cpus=spec.resources.cpus_per_trainer,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(group, bundle_index)).remote(
+                [e.spec() for e in plan.ensembles], self.dataset.d_model, spec.train, self.total_steps,
+                self.input_scale, self.dataset.dtype, plan.device, threads,
+                fs.join(self.storage, "checkpoints", f"{key}.pt"))
+            slots.append(Slot(key, plan, actor))
+        streams = Streams(spec, self.dataset)
+        try:
+            for slot in slots:
+                self.locate(slot)
+            self.start_baseline_feed(slots[0].node)
+            self.drive(slots, streams, label)
+            self.ledger.result.stream = merge_stream_stats(self.ledger.result.stream, streams.stats(), [
+                ray.get(slot.actor.data_wait.remote()) for slot in slots if slot.alive])
+        finally:
+            for slot in slots:
+                ray.kill(slot.actor, no_restart=True)
+            streams.close()
+            remove_placement_group(group)
+        for slot in slots:
+            if not slot.done:  # not saved in storage: `--resume` tries these trainers again
+                self.ledger.record_failure({p.name: slot.error for p in slot.points})
+
+    def locate(self, slot: Slot) -> None:
+        """Ask a (re)started trainer where it stands; its task sequence resumes there."""
+        import ray
+
+        deadline = time.time() + 600
+        while True:
+            try:
+                status = ray.get(slot.actor.status.remote())
+                break
+            except ray.exceptions.ActorUnavailableError:
+                if time.time() > deadline:  # restarting for ever: treat as dead
+                    slot.alive, slot.error = False, f"trainer {slot.key} did not come back from a restart"
+                    return
+                time.sleep(0.5)  # Ray is restarting it
+            except ray.exceptions.RayError as error:
+                slot.alive, slot.error = False, f"trainer {slot.key} failed: {first_line(error)}"
+                return
+        slot.node, slot.cursor = status["node"], status["position"]
+        slot.in_flight.clear()
+
+    def drive(self, slots: list[Slot], streams: Streams, label: str) -> None:
+        """Send every trainer its tasks in order, at most `batches_in_flight` ahead; collect results."""
+        import ray
+        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+        limit, total, last = self.spec.stream.batches_in_flight, self.total_steps, self.total_steps + self.eval_steps
+        start, rows = time.perf_counter(), self.spec.train.batch_rows
+        with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+                      TextColumn("{task.fields[rate]} tok/s"), TimeRemainingColumn()) as progress:
+            bar = progress.add_task(f"{label} training", total=total, rate="-")
+            while any(slot.alive and not slot.done for slot in slots):
+                for slot in slots:
+                    while slot.alive and slot.cursor <= last and len(slot.in_flight) < limit:
+                        slot.in_flight.append((slot.cursor, self.send(slot, slot.cursor, streams)))
+                        slot.cursor += 1
+                heads = [slot.in_flight[0][1] for slot in slots if slot.alive and slot.in_flight]
+                if heads:
+                    ray.wait(heads, num_returns=1, timeout=5.0)
+                for slot in slots:
+                    self.collect(slot)
+                if self.baseline_feed is not None:
+                    self.baseline_feed.pump()  # never waits: the trainers go on whatever it does
+                steps = min((min(s.cursor - len(s.in_flight), total) for s in slots if s.alive), default=total)
+                streams.forget(min((s.cursor - len(s.in_flight) for s in slots if s.alive), default=last))
+                seconds = max(time.perf_counter() - start, 1e-9)
+                progress.update(bar, completed=steps, rate=f"{steps * rows / seconds:,.0f}")
+        self.ledger.tracker.flush()
+
+    def send(self, slot: Slot, task: int, streams: Streams):
+        """Submit task `task` of a trainer: a train step, an eval step, or the final export."""
+        if task < self.total_steps:
+            batch = streams.batch(slot.node, "train", task)
+            if self.baseline_feed is not None:
+                self.baseline_feed.offer(task, batch)  # the same reference: no extra read or copy
+            return slot.actor.step.remote(task, batch)
+        if task < self.total_steps + self.eval_steps:
+            index = task - self.total_steps
+            return slot.actor.eval_step.remote(index, streams.batch(slot.node, "eval", index))
+        metadata = {p.name: self.metadata(p) for p in slot.points}
+        return slot.actor.finish.remote(self.storage, metadata, self.ground_truth)
+
+    def collect(self, slot: Slot) -> None:
+        """Take a trainer's finished tasks in order; on a crash, let Ray restart it and resume."""
+        import ray
+
+        while slot.alive and slot.in_flight and ray.wait([slot.in_flight[0][1]], timeout=0)[0]:
+            task, ref = slot.in_flight.popleft()
+            try:
+                value = ray.get(ref)
+            except ray.exceptions.RayActorError as error:
+                slot.restarts += 1
+                if slot.restarts > self.spec.resources.max_restarts:
+                    slot.alive, slot.error = False, f"trainer {slot.key} failed: {first_line(error)}"
+                    return
+                self.locate(slot)  # waits for Ray's restart; the checkpoint says where to go on
+                return
+            except ray.exceptions.RayTaskError as error:  # a bug or bad data: restarting will not help
+                slot.alive, slot.error = False, f"trainer {slot.key} failed: {first_line(error)}"
+                return
+            if task < self.total_steps:
+                for record in [r for r in value if "peak_device_bytes" in r]:
+                    self.ledger.check_memory(slot.key, slot.plan, record["peak_device_bytes"])
+                self.ledger.log_records([r for r in value if "name" in r])
+            elif task == self.total_steps + self.eval_steps:
+                self.ledger.record(slot.key, value)
+                slot.done = True
+
+    def metadata(self, point: GridPoint) -> dict:
+        """Export metadata of one SAE (SAELens `metadata` keys, our own under `dictsweep`)."""
+        source = self.dataset.manifest.source or {}
+        return {"model_name": source.get("model"), "hook_name": source.get("hook"),
+                "dataset_path": self.spec.data.uri, "context_size": source.get("context"),
+                "dictsweep": {"sweep": self.spec.name, "point": point.name, **point.params(),
+                              "tokens": self.spec.train.tokens}}
+
+    # -- baselines (`baselines`): fed the train batches as the trainers get them ----------------------
+    def start_baseline_feed(self, node: str | None) -> None:
+        """Start the baseline sampler (fed from this wave on) unless there is none to fit or it runs already."""
+        from dictsweep.sweep.baselines import planned_batches, start_feed
+
+        spec = self.spec
+        if (not spec.baselines or self.baseline_feed is not None
+                or fs.exists(fs.join(self.storage, "baselines", "results.json"))):
+            return
+        planned = planned_batches(self.total_steps, spec.train.batch_rows, spec.evaluation.baseline_rows)
+        per_batch = min(spec.train.batch_rows, max(1, spec.evaluation.ica_rows // len(planned)))
+        per_batch = per_batch if "ica" in spec.baselines else 0  # the sample is for FastICA alone
+        retire(f"{spec.name}-baselines")
+        self.baseline_feed = start_feed(f"{spec.name}-baselines", node, self.dataset.d_model, self.dataset.dtype,
+                                        planned, per_batch, fs.join(self.storage, "baselines", "state.pt"),
+                                        spec.stream.batches_in_flight)
+
+
+# -- helpers -------------------------------------------------------------------------------------------
+def retire(name: str) -> None:
+    """Kill a trainer left under this name by an earlier driver of the same sweep (one that died)."""
+    import ray
+
+    try:
+        ray.kill(ray.get_actor(name), no_restart=True)
+    except ValueError:
+        return  # none: the usual case
+    for _ in range(100):  # the name is free once Ray has buried the actor
+        try:
+            ray.get_actor(name)
+        except ValueError:
+            return
+        time.sleep(0.1)
+
+
+def merge_stream_stats(total: dict, readers: list[dict], trainers: list[dict]) -> dict:
+    """Bytes read per node and the trainers' data-wait, summed over waves."""
+    total = dict(total) or {"bytes_read_per_node": [], "wait_seconds": 0.0, "busy_seconds": 0.0}
+    total["bytes_read_per_node"] = total["bytes_read_per_node"] + [r["bytes_read"] for r in readers]
+    total["wait_seconds"] += sum(t["wait_seconds"] for t in trainers)
+    total["busy_seconds"] += sum(t["busy_seconds"] for t in trainers)
+    seconds = total["wait_seconds"] + total["busy_seconds"]
+    total["data_wait_fraction"] = total["wait_seconds"] / seconds if seconds else 0.0
+    return total
