@@ -277,6 +277,7 @@ def inspect(
     for name, folder in result.folders.items():
         typer.echo(f"{name}: {folder}/latents.parquet, {folder}/index.html")
     timing = {"rows": result.scan.rows, "dictionaries": len(result.folders), "seconds": round(result.scan.seconds, 3),
+              "cpu_seconds": round(result.scan.cpu_seconds, 3),
               "rows_per_s": round(result.scan.rows_per_s, 1), "peak_rss_mb": round(result.scan.peak_rss_mb, 1),
               "peak_device_mb": round(result.scan.peak_device_mb, 1)}
     if as_json:

@@ -35,3 +35,40 @@ def test_a_sweep_name_inspects_its_selected_dictionaries_and_logs_them(minilm_ha
 
     code, output = run_cli("inspect", "no-such-sweep", "--data", uri, "--tracking-uri", mlflow_server)
     assert code == 2 and "no sweep named 'no-such-sweep'" in output
+
+
+def test_a_sweep_with_evaluation_inspect_leaves_browsers_for_its_selected_saes(minilm_harvest, tmp_path,
+                                                                             monkeypatch, ray_local):
+    import json
+
+    import yaml
+
+    from dictsweep.config import load_spec
+    from dictsweep.sweep.run import run_sweep
+
+    uri, _ = minilm_harvest
+    monkeypatch.chdir(tmp_path)
+    spec = {"name": "inspect-end", "data": {"uri": uri},
+            "grid": {"architecture": ["topk"], "n_latents": [64, 128], "k": [8], "lr": [0.001]},
+            "train": {"tokens": 2048, "batch_rows": 256, "lr_warmup_steps": 2, "log_every_tokens": 1024,
+                      "eval_tokens": 256, "kernel": "bmm"},
+            "stream": {"shuffle_shards": 2},
+            "evaluation": {"splice": False, "inspect": True, "inspect_tokens": 1000},
+            "export": {"registry": False}}
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    result = run_sweep(load_spec(str(tmp_path / "spec.yaml")))
+
+    export = tmp_path / "dictionaries" / "inspect-end"
+    selected = sorted(entry["path"] for entry in json.loads((export / "index.json").read_text()))
+    assert selected and sorted(result.selected) == selected
+    for name in selected:
+        table = pq.read_table(export / "inspect" / name / "latents.parquet")
+        assert table.num_rows == (64 if "n64" in name else 128)
+        assert json.loads(table.schema.metadata[b"dictsweep.inspect"])["rows"] == 1000
+        assert (export / "inspect" / name / "index.html").exists()
+    from mlflow import MlflowClient
+
+    client = MlflowClient(result.tracking_uri)
+    for name in selected:
+        logged = {item.path for item in client.list_artifacts(result.finished[name].run_id, "inspect")}
+        assert {"inspect/latents.parquet", "inspect/index.html"} <= logged

@@ -52,6 +52,7 @@ def bench_inspect(uri: str, n_latents: int, tokens: int | None, batch_rows: int,
     scan = result.scan
     return {"n_latents": n_latents, "d_model": dataset.d_model, "rows": scan.rows, "device": device,
             "batch_rows": batch_rows, "threads": torch.get_num_threads(), "pass_seconds": round(scan.seconds, 3),
-            "pass_rows_per_s": round(scan.rows_per_s, 1), "pass_peak_rss_mb": round(scan.peak_rss_mb, 1),
+            "pass_rows_per_s": round(scan.rows_per_s, 1),
+            "pass_cpu_seconds": round(scan.cpu_seconds, 3), "pass_peak_rss_mb": round(scan.peak_rss_mb, 1),
             "pass_peak_device_mb": round(scan.peak_device_mb, 1), "total_seconds": round(total, 3),
             "output_mb": round(out_mb, 1), "notes": len(result.notes)}

@@ -100,11 +100,19 @@ def inspect(config: InspectConfig) -> InspectResult:
     return result
 
 
-def inspect_dictionaries(uris: dict[str, str], config: InspectConfig) -> InspectResult:
-    """`inspect` of the dictionaries at `uris` (name -> folder or URI), e.g. a sweep's selected ones."""
+def inspect_for_sweep(uris: dict[str, str], data: str, out: str, tokens: int, device: str, threads: int = 0) -> list[str]:
+    """A finished sweep's `evaluation.inspect`: its selected dictionaries (name -> URI) over `data`,
+    written under `out` (a folder or URI); returns the notes. Runs as a Ray task on the sweep's device kind."""
+    if threads:
+        torch.set_num_threads(threads)
     from dictsweep import load_dictionary
 
-    return inspect_targets(config, [Target(name, uri, load_dictionary(uri), None) for name, uri in sorted(uris.items())])
+    targets = [Target(name, uri, load_dictionary(uri), None) for name, uri in sorted(uris.items())]
+    with tempfile.TemporaryDirectory() as local:
+        config = InspectConfig(target=",".join(sorted(uris)), data=data, out=local, tokens=tokens, device=device)
+        result = inspect_targets(config, targets)
+        fs.copy_folder(local, out)
+    return result.notes
 
 
 def inspect_targets(config: InspectConfig, targets: list[Target]) -> InspectResult:

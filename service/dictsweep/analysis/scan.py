@@ -43,6 +43,7 @@ class ScanResult(NamedTuple):
     rows: int
     keys_are_positions: bool  # whether row keys are (seq, pos) (the rows carry seq and pos)
     seconds: float
+    cpu_seconds: float  # this process's CPU time during the pass (all threads): steadier than wall time on a busy machine
     rows_per_s: float
     peak_rss_mb: float
     peak_device_mb: float  # CUDA memory at its peak, 0 on CPU
@@ -97,7 +98,7 @@ def scan(dictionaries: dict[str, Dictionary], dataset: ActivationDataset, max_ro
     models = {name: sae.to(device) for name, sae in dictionaries.items()}
     if str(device).startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(device)
-    started, rows, positions = time.perf_counter(), 0, True
+    started, cpu_started, rows, positions = time.perf_counter(), time.process_time(), 0, True
     with torch.inference_mode():
         for batch in iter_batches(dataset, max_rows, batch_rows, device):
             positions = positions and batch.positions
@@ -106,8 +107,8 @@ def scan(dictionaries: dict[str, Dictionary], dataset: ActivationDataset, max_ro
             rows += len(batch.acts)
     if str(device).startswith("cuda"):
         torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - started
+    seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
     peak_device = torch.cuda.max_memory_allocated(device) / 2**20 if str(device).startswith("cuda") else 0.0
     return ScanResult({name: value.summary() for name, value in stats.items()}, rows,
-                      positions and rows > 0, seconds, rows / seconds if seconds > 0 else 0.0,
+                      positions and rows > 0, seconds, cpu_seconds, rows / seconds if seconds > 0 else 0.0,
                       resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, peak_device)
