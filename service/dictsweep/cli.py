@@ -277,6 +277,53 @@ def harvest(
                f"to the model in {result.seconds:.1f} s ({result.tokens_per_s:,.0f} tokens/s after loading)")
 
 
+from dictsweep.analysis.config import InspectConfig  # noqa: E402  (light: its fields are the help below)
+
+_INSPECT = InspectConfig.model_fields
+
+
+@app.command()
+def inspect(
+    target: str = typer.Argument(..., help=_INSPECT["target"].description),
+    data: str = typer.Option(..., help=_INSPECT["data"].description),
+    out: str = typer.Option(_INSPECT["out"].default, help=_INSPECT["out"].description),
+    tokens: int = typer.Option(None, help=_INSPECT["tokens"].description),
+    top: int = typer.Option(_INSPECT["top"].default, help=_INSPECT["top"].description),
+    quantile_contexts: int = typer.Option(_INSPECT["quantile_contexts"].default,
+                                          help=_INSPECT["quantile_contexts"].description),
+    neighbours: int = typer.Option(_INSPECT["neighbours"].default, help=_INSPECT["neighbours"].description),
+    token_effects: int = typer.Option(_INSPECT["token_effects"].default, help=_INSPECT["token_effects"].description),
+    batch_rows: int = typer.Option(_INSPECT["batch_rows"].default, help=_INSPECT["batch_rows"].description),
+    device: str = typer.Option(_INSPECT["device"].default, help=_INSPECT["device"].description),
+    tracking_uri: str = typer.Option(None, help=_INSPECT["tracking_uri"].description),
+    as_json: bool = typer.Option(False, "--json", help="Print the pass's timing as one JSON object."),
+) -> None:
+    """Per-latent statistics, contexts and neighbours of dictionaries over a dataset: a data file and
+    a static feature browser (index.html) per dictionary."""
+    import json
+
+    from dictsweep.analysis.inspect import inspect as run_inspect
+
+    config = InspectConfig.from_cli(target=target, data=data, out=out, tokens=tokens, top=top,
+                                    quantile_contexts=quantile_contexts, neighbours=neighbours,
+                                    token_effects=token_effects, batch_rows=batch_rows, device=device,
+                                    tracking_uri=tracking_uri)
+    result = run_inspect(config)
+    for note in result.notes:
+        typer.echo(f"note: {note}")
+    for name, folder in result.folders.items():
+        typer.echo(f"{name}: {folder}/latents.parquet, {folder}/index.html")
+    timing = {"rows": result.scan.rows, "dictionaries": len(result.folders), "seconds": round(result.scan.seconds, 3),
+              "cpu_seconds": round(result.scan.cpu_seconds, 3),
+              "rows_per_s": round(result.scan.rows_per_s, 1), "peak_rss_mb": round(result.scan.peak_rss_mb, 1),
+              "peak_device_mb": round(result.scan.peak_device_mb, 1)}
+    if as_json:
+        typer.echo(json.dumps(timing))
+    else:
+        typer.echo(f"pass: {timing['rows']} rows in {timing['seconds']} s ({timing['rows_per_s']:,.0f} rows/s), "
+                   f"peak RSS {timing['peak_rss_mb']:,.0f} MB")
+
+
 def print_result(result: dict, as_json: bool, title: str) -> None:
     """A benchmark's result: one JSON object, or a two-column table."""
     import json
@@ -377,6 +424,24 @@ def bench_stream_command(
             raise InputError(f"{name} must be at least 1, got {value}")
     print_result(bench_stream(uri, readers, batch_rows, shuffle_shards, consumers, windows), as_json,
                  f"bench stream: {uri}")
+
+
+@bench_app.command("inspect")
+def bench_inspect_command(
+    uri: str = typer.Option(..., help="Dataset prefix (a harvest, with contexts/, for the whole inspect)."),
+    n_latents: int = typer.Option(16384, help="Latents of the bench dictionary."),
+    tokens: int = typer.Option(None, help="Most rows read (default: all train rows)."),
+    batch_rows: int = typer.Option(1024, help="Rows per batch of the pass."),
+    firing: float = typer.Option(0.005, help="Fraction of rows each bench latent fires on."),
+    top: int = typer.Option(20, help="Top contexts per latent."),
+    device: str = typer.Option("cuda" if _cuda_available() else "cpu", help="Device to run on."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
+) -> None:
+    """Rows/s and peak memory of the inspect pass for one dictionary, and the whole inspect's time."""
+    from dictsweep.analysis.bench import bench_inspect
+
+    result = bench_inspect(uri, n_latents, tokens, batch_rows, device, firing, top)
+    print_result(result, as_json, f"bench inspect: {n_latents} latents on {uri}")
 
 
 def main() -> None:

@@ -176,6 +176,8 @@ class EvaluationConfig(Section):
     splice_baselines: bool = Field(True, description="Splice the baseline dictionaries too, so they can be compared with the SAEs on loss recovered.")
     baseline_rows: int = Field(1_048_576, gt=0, description="Most training rows the baselines are fitted on: whole train batches spread evenly over the stream (PCA covariance over all of them).")
     ica_rows: int = Field(65_536, gt=0, description="Most of those rows kept in memory for FastICA (an equal share of each batch).")
+    inspect: bool = Field(False, description="Run `dictsweep inspect` over the selected dictionaries at the end: per-latent statistics, contexts and neighbours as a data file and a feature browser per dictionary, logged as artifacts `inspect/` of its run.")
+    inspect_tokens: int = Field(1_048_576, gt=0, description="Most train rows the end-of-sweep inspect pass reads.")
 
 
 class SelectConfig(Section):

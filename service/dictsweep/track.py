@@ -379,3 +379,12 @@ def download_dictionary(client, run_id: str, local_dir: str) -> str:
             os.replace(client.download_artifacts(run_id, f"{DICTIONARY_PATH}/{name}", scratch),
                        os.path.join(local_dir, name))
     return local_dir
+
+
+INSPECT_PATH = "inspect"
+
+
+def log_inspection(client, run_id: str, folder: str) -> None:
+    """Log a dictionary's `dictsweep inspect` output (data file and feature browser) as artifacts
+    `inspect/` of its run."""
+    client.log_artifacts(run_id, folder, INSPECT_PATH)

@@ -57,6 +57,7 @@ def finish(driver: Driver) -> None:
           f"selected {len(result.selected)} of {len(result.finished)}: per size, the (L0, {spec.select.metric}) "
           f"front inside L0 [{result.band[0]:.3g}, {result.band[1]:.3g}]", flush=True)
     fs.write_text(fs.join(spec.export_dir, "index.json"), json.dumps(entries, indent=2))
+    inspect_selected(driver)
     summary = {"saes_finished": len(result.finished), "saes_failed": len(result.failed),
                "saes_selected": len(result.selected), **mmcs_between_sizes(result)}
     if result.stream:
@@ -196,6 +197,35 @@ def splice(driver: Driver, names: list[str], baselines: list[BaselineResult]) ->
     for baseline in baselines:
         baseline.metrics.update(outcome.metrics.get(baseline.name, {}))
     return outcome.metrics
+
+
+def inspect_selected(driver: Driver) -> None:
+    """`evaluation.inspect`: `dictsweep inspect` over the selected dictionaries, into the export folder's
+    `inspect/` and as artifacts `inspect/` of each one's run; a printed note where it cannot run."""
+    import ray
+
+    from dictsweep.analysis.inspect import inspect_for_sweep
+
+    spec, result, tracker = driver.spec, driver.ledger.result, driver.ledger.tracker
+    if not spec.evaluation.inspect or not result.selected:
+        return
+    uris = {name: result.finished[name].uri for name in sorted(result.selected)}
+    out = fs.join(spec.export_dir, "inspect")
+    device, threads = finish_device(driver)
+    print(f"inspecting {len(uris)} dictionaries over at most {spec.evaluation.inspect_tokens} rows ...", flush=True)
+    task = ray.remote(inspect_for_sweep).options(num_gpus=int(device == "cuda"),
+                                                 num_cpus=spec.resources.cpus_per_trainer, max_retries=0)
+    try:
+        notes = ray.get(task.remote(uris, spec.data.uri, out, spec.evaluation.inspect_tokens, device, threads))
+    except ray.exceptions.RayError as error:  # the SAEs stand without their browsers
+        print(f"inspect failed, nothing recorded: {first_line(error)}", flush=True)
+        tracker.set_tags(tracker.parent_id, {"dictsweep.inspect": f"failed: {first_line(error)}"})
+        return
+    for note in notes:
+        print(f"inspect: {note}", flush=True)
+    for name in uris:
+        tracker.log_folder(result.finished[name].run_id,
+                           lambda local, uri=fs.join(out, name): fs.download_folder(uri, local), "inspect")
 
 
 def finish_device(driver: Driver) -> tuple[str, int]:
