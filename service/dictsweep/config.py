@@ -11,17 +11,9 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from dictsweep.errors import InputError
+from dictsweep.errors import InputError, distinct
 from dictsweep.store.synth import SynthConfig
 
-
-
-def distinct(values: list[str], what: str) -> list[str]:
-    """`values`, or a ValueError (a field error under pydantic) naming those given more than once."""
-    repeated = sorted({value for value in values if values.count(value) > 1})
-    if repeated:
-        raise ValueError(f"{what} given more than once: {', '.join(repeated)}")
-    return values
 
 class Section(BaseModel):
     """A spec section: unknown keys are errors, so a typo never passes silently."""

@@ -15,7 +15,6 @@ class Streams:
         self.refs: dict[tuple, object] = {}  # (node, split, index) -> batch reference
 
     def batch(self, node: str, split: str, index: int):
-        import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         from dictsweep.stream.actors import Broadcaster

@@ -6,8 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from dictsweep.config import distinct
-from dictsweep.errors import option_errors
+from dictsweep.errors import distinct, option_errors
 
 WORK_DIR = "_harvest"  # plan and per-block progress; removed once the manifests are written
 PLAN_KEYS = ("model", "hooks", "text", "text_field", "text_split", "context", "max_tokens", "dtype",
