@@ -9,6 +9,7 @@ done. `--resume` reads them back and logs nothing twice.
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 from dictsweep.config import SweepSpec
@@ -16,6 +17,8 @@ from dictsweep.store import fs
 from dictsweep.sweep.plan import Plan, TrainerPlan, plan_from_dict
 from dictsweep.sweep.results import SAEResult, SweepResult
 from dictsweep.track import STATUS_TAG, Tracker
+
+log = logging.getLogger(__name__)
 
 
 def latest_run(storage_dir: str) -> str | None:
@@ -73,7 +76,7 @@ class Ledger:
             note = (f"trainer {key}: a step took {measured / 2**30:.2f} GiB, the plan expected "
                     f"{planned / 2**30:.2f} GiB of {device / 2**30:.1f} GiB; raise resources.memory_headroom "
                     f"or lower resources.max_members if it runs out of memory")
-            print(note, flush=True)
+            log.warning(note)
             self.tracker.set_tags(self.tracker.parent_id, {f"dictsweep.memory.{key}": note})
 
     def log_records(self, records: list[dict]) -> None:
