@@ -444,9 +444,23 @@ def bench_inspect_command(
     print_result(result, as_json, f"bench inspect: {n_latents} latents on {uri}")
 
 
+def show_logs() -> None:
+    """What the package logs (`logging`: notes and warnings) reaches stderr through rich, once per process."""
+    import logging
+
+    from rich.console import Console
+    from rich.logging import RichHandler
+
+    logger = logging.getLogger("dictsweep")
+    if not any(isinstance(handler, RichHandler) for handler in logger.handlers):
+        logger.addHandler(RichHandler(console=Console(stderr=True), show_time=False, show_path=False))
+        logger.setLevel(logging.INFO)
+
+
 def main() -> None:
     """Console entry point. Click reports usage errors itself (exit 2); ours print one line:
     exit 2 for invalid input, 1 for a failure while running."""
+    show_logs()
     try:
         app()
     except DictsweepError as error:

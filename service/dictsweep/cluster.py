@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import TYPE_CHECKING
 
-from dictsweep.config import SweepSpec
 from dictsweep.errors import InputError, RunError
+
+if TYPE_CHECKING:  # the spec is only read here: cluster.py sits below config.py, beside errors
+    from dictsweep.config import SweepSpec
 
 
 def start_ray(address: str | None, num_cpus: int | None = None, log_to_driver: bool = True) -> bool:

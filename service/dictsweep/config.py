@@ -12,22 +12,14 @@ from typing import Literal, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from dictsweep.errors import InputError, number_not_boolean
+from dictsweep.errors import InputError, distinct, number_not_boolean
 from dictsweep.store.synth import SynthConfig
-
 
 
 def one_item_list(value):
     """A scalar where a list is expected, as a one-item list (`--set grid.n_latents=64`)."""
     return [value] if isinstance(value, (str, int, float)) else value
 
-
-def distinct(values: list[str], what: str) -> list[str]:
-    """`values`, or a ValueError (a field error under pydantic) naming those given more than once."""
-    repeated = sorted({value for value in values if values.count(value) > 1})
-    if repeated:
-        raise ValueError(f"{what} given more than once: {', '.join(repeated)}")
-    return values
 
 class Section(BaseModel):
     """A spec section: unknown keys are errors, so a typo never passes silently."""

@@ -25,6 +25,14 @@ def option_errors(error, option) -> InputError:
                                 for item in error.errors()))
 
 
+def distinct(values: list[str], what: str) -> list[str]:
+    """`values`, or a ValueError (a field error under pydantic) naming those given more than once."""
+    repeated = sorted({value for value in values if values.count(value) > 1})
+    if repeated:
+        raise ValueError(f"{what} given more than once: {', '.join(repeated)}")
+    return values
+
+
 class DatasetError(InputError):
     """An activation dataset that cannot be read as it claims to be (names the file or shard)."""
 

@@ -157,7 +157,7 @@ def test_transient_errors_are_retried(bucket, monkeypatch, s3_server):
     uri = f"s3://{bucket}/flaky"
     proxy = FlakyProxy(s3_server)
     threading.Thread(target=proxy.serve_forever, daemon=True).start()
-    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:%d" % proxy.server_address[1])
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{proxy.server_address[1]}")
     try:
         synth_dataset(uri, SMALL)
         dataset = ActivationDataset.open(uri)

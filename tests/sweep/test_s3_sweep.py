@@ -2,7 +2,6 @@
 MLflow artifacts are kept in S3 by a tracking server; no secret shows up anywhere."""
 
 import json
-import os
 from pathlib import Path
 
 import torch

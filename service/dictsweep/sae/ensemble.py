@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from dictsweep.sae.sparse_decode import sparse_decode, triton_available
+from dictsweep.sae.metrics import fvu, l0_from_counts, squared_error
 
 SPARSE_DECODE_MAX_DENSITY = 1 / 32  # decode="auto": gather when k <= this fraction of n_latents (CPU crossover)
 AUXK_COEF = 1 / 32  # Gao et al. 2024
@@ -210,13 +211,12 @@ class Ensemble(nn.Module):
     def output(self, x: Tensor, sae_out: Tensor, latent_acts: Tensor, latent_indices: Tensor | None,
                fire_counts: Tensor, sparsity_loss: Tensor, aux_loss: Tensor | None = None) -> EnsembleOutput:
         """Losses (float32, also under autocast) and metrics of one forward pass."""
-        mse = (sae_out.float() - x).pow(2).sum(-1).mean(-1)  # [K]
-        total_variance = (x - x.mean(0)).pow(2).sum(-1).mean()
+        mse = squared_error(x, sae_out)  # [K]
         aux_loss = torch.zeros_like(mse) if aux_loss is None else aux_loss
         return EnsembleOutput(
             sae_out=sae_out, latent_acts=latent_acts, latent_indices=latent_indices,
-            fire_counts=fire_counts, mse=mse, fvu=mse / total_variance,
-            l0=fire_counts.sum(-1) / x.shape[0], sparsity_loss=sparsity_loss, aux_loss=aux_loss,
+            fire_counts=fire_counts, mse=mse, fvu=fvu(x, sae_out, error=mse),
+            l0=l0_from_counts(fire_counts, x.shape[0]), sparsity_loss=sparsity_loss, aux_loss=aux_loss,
             loss=mse + sparsity_loss + aux_loss)
 
     def fire_counts(self, latent_acts: Tensor, latent_indices: Tensor | None) -> Tensor:

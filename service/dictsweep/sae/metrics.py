@@ -10,21 +10,47 @@ import torch
 from torch import Tensor
 
 
+def variance(x: Tensor) -> Tensor:
+    """Total variance of rows about their mean, summed over d_model, per row: `[..., B, d] -> [...]`."""
+    return (x - x.mean(-2, keepdim=True)).pow(2).sum(-1).mean(-1)
+
+
+def variance_from_moments(x_sum: Tensor, x_sq_sum: Tensor, rows: int) -> Tensor:
+    """`variance` of `rows` rows from their sum `[..., d]` and their summed squares `[...]` (sums that
+    add up over batches and workers)."""
+    return (x_sq_sum - x_sum.pow(2).sum(-1) / rows) / rows
+
+
+def squared_error(x: Tensor, x_hat: Tensor) -> Tensor:
+    """Squared error summed over d_model, averaged over rows: `[..., B, d] -> [...]`, float32 also under
+    autocast (the training loss)."""
+    return (x_hat.float() - x).pow(2).sum(-1).mean(-1)
+
+
 def mse(x: Tensor, x_hat: Tensor) -> Tensor:
     """Mean squared error per element, averaged over rows and dimensions: `[..., B, d] -> [...]`."""
-    return (x_hat - x).pow(2).mean(dim=(-2, -1))
+    return squared_error(x, x_hat) / x.shape[-1]
 
 
-def fvu(x: Tensor, x_hat: Tensor) -> Tensor:
-    """Fraction of variance unexplained: residual sum of squares over total (about the batch mean)."""
-    residual = (x_hat - x).pow(2).sum(dim=(-2, -1))
-    total = (x - x.mean(dim=-2, keepdim=True)).pow(2).sum(dim=(-2, -1))
-    return residual / total
+def fvu(x: Tensor, x_hat: Tensor, error: Tensor | None = None) -> Tensor:
+    """Fraction of variance unexplained: squared error over total variance (about the batch mean);
+    `error`: `squared_error(x, x_hat)` where it is already computed."""
+    return (squared_error(x, x_hat) if error is None else error) / variance(x)
+
+
+def l0_from_counts(fire_counts: Tensor, rows: int) -> Tensor:
+    """Mean number of active latents per row from each latent's firing count: `[..., n] -> [...]`."""
+    return fire_counts.sum(-1) / rows
 
 
 def l0(latent_acts: Tensor) -> Tensor:
     """Mean number of non-zero latents per row: `[..., B, n] -> [...]`."""
-    return (latent_acts != 0).float().sum(-1).mean(-1)
+    return l0_from_counts((latent_acts != 0).float().sum(-2), latent_acts.shape[-2])
+
+
+def dead_fraction(fire_counts: Tensor) -> Tensor:
+    """Fraction of latents that fired on no row: `[..., n] -> [...]`."""
+    return (fire_counts == 0).float().mean(-1)
 
 
 class FiringTracker:

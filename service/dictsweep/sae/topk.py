@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from dictsweep.sae.ensemble import AUXK_COEF, Ensemble, EnsembleOutput, register
+from dictsweep.sae.metrics import squared_error, variance
 
 
 @register("topk")
@@ -58,9 +59,8 @@ class TopKEnsemble(Ensemble):
         dead_pre = pre.masked_fill(~dead_mask.unsqueeze(1), float("-inf"))  # [K, B, n_latents]
         values, indices = dead_pre.topk(k_aux, dim=-1, sorted=False)  # [K, B, k_aux]; -inf: not dead, ReLU'd to 0
         residual = (x - sae_out.float()).detach()  # [K, B, d_model]
-        error = (self.decode(values.relu(), indices, bias=False).float() - residual).pow(2).sum(-1).mean(-1)
-        variance = (x - x.mean(0)).pow(2).sum(-1).mean()
-        normalised = error * variance / (residual - residual.mean(1, keepdim=True)).pow(2).sum(-1).mean(-1)  # [K]
+        error = squared_error(residual, self.decode(values.relu(), indices, bias=False))  # [K]
+        normalised = error * variance(x) / variance(residual)  # [K]
         return coef * (dead_mask.sum(-1) / k_aux).clamp(max=1.0) * normalised
 
     def member_config(self, index: int) -> dict:

@@ -223,7 +223,8 @@ def fit_bases(state: dict, kinds: list[str], device: str) -> tuple[dict[str, Bas
             bases[kind] = identity_basis(pca)
         elif kind == "ica":
             sample = torch.cat([state["sample"][index] for index in sorted(state["sample"])]).float().to(device)
-            ica = fast_ica(lambda: sample.split(ICA_CHUNK_ROWS), pca=fit_pca(sample.split(ICA_CHUNK_ROWS)),
+            ica = fast_ica(lambda: sample.split(ICA_CHUNK_ROWS),  # noqa: B023 (called before the loop moves on)
+                           pca=fit_pca(sample.split(ICA_CHUNK_ROWS)),
                            seed=RANDOM_SEED, device=device)
             bases[kind] = ica_basis(ica)
             info[kind] = {"fit_rows": len(sample), "ica_iterations": ica.n_iter, "ica_converged": ica.converged}

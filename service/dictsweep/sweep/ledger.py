@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 
 from dictsweep.config import SweepSpec
@@ -26,6 +27,8 @@ from dictsweep.track import STATUS_TAG, Tracker
 from dictsweep.train.evaluate import in_eval_units
 
 STOP_PATIENCE_SECONDS = 30.0  # a stopped driver waits this long for MLflow to take what it holds
+
+log = logging.getLogger(__name__)
 
 
 def latest_run(storage_dir: str) -> str | None:
@@ -113,7 +116,7 @@ class Ledger:
             note = (f"trainer {key}: a step took {measured / 2**30:.2f} GiB, the plan expected "
                     f"{planned / 2**30:.2f} GiB of {device / 2**30:.1f} GiB; raise resources.memory_headroom "
                     f"or lower resources.max_members if it runs out of memory")
-            print(note, flush=True)
+            log.warning(note)
             self.tracker.set_tags(self.tracker.parent_id, {f"dictsweep.memory.{key}": note})
 
     def log_records(self, records: list[dict], trainer: str) -> None:

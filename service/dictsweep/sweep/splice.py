@@ -34,6 +34,7 @@ from torch import Tensor
 
 from dictsweep.errors import InputError
 from dictsweep.store import fs
+from dictsweep.store.contexts import read_seqs
 from dictsweep.store.dataset import ActivationDataset
 
 LOGIT_BUDGET = 1 << 25  # logits (floats) per forward pass: contexts per batch = this / (context x vocab)
@@ -89,23 +90,6 @@ def held_out_contexts(dataset: ActivationDataset, tokens: int) -> list[np.ndarra
         contexts.append(found[seq])
         total += len(found[seq])
     return contexts
-
-
-def read_seqs(prefix: str, wanted: list[int]) -> dict[int, np.ndarray]:
-    """Token ids of contexts `wanted` from `<prefix>/contexts/`, reading files in order until found."""
-    from dictsweep.store.harvest import read_context_file
-
-    filesystem, path = fs.resolve(fs.join(prefix, "contexts"))
-    missing, found = set(wanted), {}
-    for name in sorted(filesystem.glob(path.rstrip("/") + "/*.arrow")):
-        seqs, offsets, tokens = read_context_file(fs.join(prefix, "contexts", os.path.basename(name)))
-        for row in np.flatnonzero(np.isin(seqs, list(missing))):
-            found[int(seqs[row])] = tokens[offsets[row]:offsets[row + 1]]
-            missing.discard(int(seqs[row]))
-        if not missing:
-            return found
-    raise InputError(f"{prefix}/contexts/ lacks the eval contexts {sorted(missing)[:5]}: the dataset's "
-                     "contexts/ and shards do not belong together")
 
 
 # -- the model and its loss ------------------------------------------------------------------------
@@ -275,7 +259,7 @@ def splice_eval(dataset_uri: str, dictionaries: dict[str, str], tokens: int, dev
     `tokens` held-out tokens, with `threads` torch threads (0: every core here); InputError when the
     dataset or model does not allow it."""
     from dictsweep import load_dictionary
-    from dictsweep.store.harvest import tokenizer_template
+    from dictsweep.store.harvest.tokens import tokenizer_template
 
     torch.set_num_threads(threads or os.cpu_count() or 1)  # a Ray task gets one thread by default
     dataset = ActivationDataset.open(dataset_uri)

@@ -11,7 +11,8 @@ from torch import Tensor
 
 from dictsweep.sae.ensemble import Ensemble
 from dictsweep.sae.export import member_files
-from dictsweep.sae.metrics import mmcs_ground_truth
+from dictsweep.sae.metrics import (dead_fraction, l0_from_counts, mmcs_ground_truth, squared_error,
+                                    variance_from_moments)
 from dictsweep.sae.plots import decoder_norm_stats, member_plot
 from dictsweep.store import fs
 
@@ -30,13 +31,14 @@ def in_eval_units(metrics: dict[str, float], d_model: int, input_scale: float) -
 class Evaluator:
     """Sums over eval batches for one ensemble; `results()` gives per-member metrics."""
 
+    SUMS = ("squared_error", "fires", "x_sum", "x_sq_sum")  # what adds up over batches and workers (with `rows`)
+
     def __init__(self, ensemble: Ensemble):
         self.ensemble = ensemble
         device = ensemble.W_enc.device
         self.rows = 0
-        self.residual = torch.zeros(ensemble.n_members, dtype=torch.float64, device=device)  # [K]
-        self.active = torch.zeros(ensemble.n_members, dtype=torch.float64, device=device)  # [K]
-        self.fires = torch.zeros(ensemble.n_members, ensemble.n_latents, device=device)  # [K, n]
+        self.squared_error = torch.zeros(ensemble.n_members, dtype=torch.float64, device=device)  # [K]
+        self.fires = torch.zeros(ensemble.n_members, ensemble.n_latents, device=device)  # [K, n], exact below 2**24 rows
         self.x_sum = torch.zeros(ensemble.d_model, dtype=torch.float64, device=device)
         self.x_sq_sum = torch.zeros((), dtype=torch.float64, device=device)
 
@@ -45,8 +47,7 @@ class Evaluator:
         """One scaled batch `[B, d_model]`."""
         out = self.ensemble(x)
         self.rows += x.shape[0]
-        self.residual += (out.sae_out - x).pow(2).sum(dim=(1, 2)).double()
-        self.active += out.fire_counts.sum(-1).double()
+        self.squared_error += squared_error(x, out.sae_out).double() * x.shape[0]
         self.fires += out.fire_counts
         self.x_sum += x.sum(0).double()
         self.x_sq_sum += x.pow(2).sum().double()
@@ -54,11 +55,11 @@ class Evaluator:
     def results(self) -> list[dict[str, float]]:
         """Per member: mse (raw units, per element), fvu, l0, dead_fraction on the eval rows."""
         scale = float(self.ensemble.input_scale)
-        total_variance = self.x_sq_sum - self.x_sum.pow(2).sum() / self.rows
-        mse = self.residual / (self.rows * self.ensemble.d_model * scale ** 2)
-        fvu = self.residual / total_variance
-        l0 = self.active / self.rows
-        dead = (self.fires == 0).float().mean(-1)
+        error = self.squared_error / self.rows  # [K], per row in scaled units
+        mse = error / (self.ensemble.d_model * scale ** 2)
+        fvu = error / variance_from_moments(self.x_sum, self.x_sq_sum, self.rows)
+        l0 = l0_from_counts(self.fires.double(), self.rows)
+        dead = dead_fraction(self.fires)
         return [{"mse": float(mse[i]), "fvu": float(fvu[i]), "l0": float(l0[i]),
                  "dead_fraction": float(dead[i])} for i in range(self.ensemble.n_members)]
 

@@ -44,7 +44,7 @@ from dictsweep.config import TrainConfig
 from dictsweep.errors import InputError, RunError
 from dictsweep.sae import Member, build_ensemble
 from dictsweep.sae.ensemble import Ensemble, EnsembleOutput
-from dictsweep.sae.metrics import FiringTracker
+from dictsweep.sae.metrics import FiringTracker, variance, variance_from_moments
 from dictsweep.store import fs
 from dictsweep.store.dataset import ActivationDataset
 from dictsweep.stream.order import StreamOrder
@@ -269,8 +269,8 @@ class ZeroTrainer(DeadLatents):
         sums = torch.cat([x.sum(0), x.pow(2).sum().view(1), residual.sum(0), residual.pow(2).sum().view(1)]).double()
         torch.distributed.all_reduce(sums)
         rows, d_model = len(x) * self.world, self.ensemble.d_model
-        x_variance = (sums[d_model] - sums[:d_model].pow(2).sum() / rows) / rows
-        residual_variance = (sums[-1] - sums[d_model + 1:-1].pow(2).sum() / rows) / rows
+        x_variance = variance_from_moments(sums[:d_model], sums[d_model], rows)
+        residual_variance = variance_from_moments(sums[d_model + 1:-1], sums[-1], rows)
         return (x_variance / residual_variance).float() / local
 
     # -- the unit-norm decoder -----------------------------------------------------------------
@@ -329,8 +329,7 @@ class ZeroTrainer(DeadLatents):
         fire_counts = packed[:n_latents].float().view(1, -1)
         values = dict(zip(names, (packed[n_latents:n_latents + len(names)] / self.world).float().view(-1, 1)))
         x_sum, x_sq_sum = packed[n_latents + len(names):-1], packed[-1]
-        total_variance = (x_sq_sum - x_sum.pow(2).sum() / rows) / rows
-        values["fvu"] = values["mse"] / total_variance.float()
+        values["fvu"] = values["mse"] / variance_from_moments(x_sum, x_sq_sum, rows).float()
         return fire_counts, values
 
     def resample_dead(self, x: Tensor, out: EnsembleOutput) -> None:
@@ -388,15 +387,10 @@ class ZeroTrainer(DeadLatents):
         evaluator = Evaluator(self.ensemble)
         for step in range(steps):
             evaluator.add(slices.batch(step).to(self.device, torch.float32) * self.ensemble.input_scale)
-        for name in ("residual", "active", "fires", "x_sum", "x_sq_sum"):
+        for name in Evaluator.SUMS:
             torch.distributed.all_reduce(getattr(evaluator, name))
         evaluator.rows *= self.world
         return evaluator.results()[0]
-
-
-def variance(rows: Tensor) -> Tensor:
-    """Total variance of `[B, d_model]` rows about their mean, as the ensembles compute it."""
-    return (rows - rows.mean(0)).pow(2).sum(-1).mean()
 
 
 def gather_rows(rows: Tensor) -> Tensor:
