@@ -437,7 +437,7 @@ def bench_inspect_command(
     device: str = typer.Option("cuda" if _cuda_available() else "cpu", help="Device to run on."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
 ) -> None:
-    """Rows/s and peak memory of the inspect pass for one dictionary, and the whole inspect's time."""
+    """Rows/s and peak memory of the inspect pass (every per-latent statistic) for one dictionary."""
     from dictsweep.analysis.bench import bench_inspect
 
     result = bench_inspect(uri, n_latents, tokens, batch_rows, device, firing, top)

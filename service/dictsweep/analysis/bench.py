@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import os
 import tempfile
-import time
 
 import torch
 
-from dictsweep.analysis.config import InspectConfig
 from dictsweep.sae.export import dictionary_files, saelens_config
 from dictsweep.store.dataset import ActivationDataset
 
@@ -37,22 +35,19 @@ def bench_dictionary(folder: str, dataset: ActivationDataset, n_latents: int, fi
 
 def bench_inspect(uri: str, n_latents: int, tokens: int | None, batch_rows: int, device: str, firing: float,
                   top: int) -> dict:
-    """Run `inspect` on a bench dictionary; the pass's rows/s and peak memory, and the whole run's time."""
-    from dictsweep.analysis.inspect import inspect
+    """Time the inspect pass (`scan`: every statistic, top and sampled rows) for one bench dictionary."""
+    from dictsweep import load_dictionary
+    from dictsweep.analysis.config import SAMPLES
+    from dictsweep.analysis.scan import scan
 
     dataset = ActivationDataset.open(uri)
     with tempfile.TemporaryDirectory() as scratch:
         folder = bench_dictionary(os.path.join(scratch, f"bench-n{n_latents}"), dataset, n_latents, firing)
-        started = time.perf_counter()
-        result = inspect(InspectConfig(target=folder, data=uri, out=os.path.join(scratch, "out"), tokens=tokens,
-                                       top=top, batch_rows=batch_rows, device=device))
-        total = time.perf_counter() - started
-        out_mb = sum(os.path.getsize(os.path.join(where, name)) for where, _, names in
-                     os.walk(os.path.join(scratch, "out")) for name in names) / 2**20
-    scan = result.scan
-    return {"n_latents": n_latents, "d_model": dataset.d_model, "rows": scan.rows, "device": device,
-            "batch_rows": batch_rows, "threads": torch.get_num_threads(), "pass_seconds": round(scan.seconds, 3),
-            "pass_rows_per_s": round(scan.rows_per_s, 1),
-            "pass_cpu_seconds": round(scan.cpu_seconds, 3), "pass_peak_rss_mb": round(scan.peak_rss_mb, 1),
-            "pass_peak_device_mb": round(scan.peak_device_mb, 1), "total_seconds": round(total, 3),
-            "output_mb": round(out_mb, 1), "notes": len(result.notes)}
+        result = scan({"bench": load_dictionary(folder)}, dataset, tokens, top, SAMPLES, batch_rows, device)
+    fired = result.summaries["bench"].fire_count.sum() / max(result.rows * n_latents, 1)
+    return {"n_latents": n_latents, "d_model": dataset.d_model, "rows": result.rows, "device": device,
+            "batch_rows": batch_rows, "threads": torch.get_num_threads(), "firing_fraction": round(float(fired), 5),
+            "pass_seconds": round(result.seconds, 3), "pass_rows_per_s": round(result.rows_per_s, 1),
+            "pass_cpu_seconds": round(result.cpu_seconds, 3),
+            "pass_rows_per_cpu_s": round(result.rows / max(result.cpu_seconds, 1e-9), 1),
+            "pass_peak_rss_mb": round(result.peak_rss_mb, 1), "pass_peak_device_mb": round(result.peak_device_mb, 1)}

@@ -29,8 +29,7 @@ def unit_rows(directions: Tensor) -> Tensor:
     return torch.nn.functional.normalize(directions.float(), dim=-1)
 
 
-def _best(queries: Tensor, keys: Tensor, count: int, largest: bool = True,
-          exclude_self: bool = False) -> Matches:
+def _best(queries: Tensor, keys: Tensor, count: int, exclude_self: bool = False) -> Matches:
     """Top `count` of queries @ keys.T per query row, chunk by chunk."""
     count = min(count, keys.shape[0] - int(exclude_self))
     indices, scores = [], []
@@ -38,8 +37,8 @@ def _best(queries: Tensor, keys: Tensor, count: int, largest: bool = True,
         block = queries[start:start + CHUNK_LATENTS] @ keys.t()  # [chunk, n_keys]
         if exclude_self:
             rows = torch.arange(block.shape[0], device=block.device)
-            block[rows, rows + start] = -torch.inf if largest else torch.inf
-        values, index = block.topk(max(count, 0), dim=1, largest=largest)
+            block[rows, rows + start] = -torch.inf
+        values, index = block.topk(max(count, 0), dim=1)
         indices.append(index)
         scores.append(values)
     return Matches(torch.cat(indices).cpu(), torch.cat(scores).cpu())
@@ -66,7 +65,15 @@ def token_effects(W_dec: Tensor, embedding: Tensor, count: int) -> tuple[Matches
     when the model's output embedding is (tied to) `embedding` `[vocab, d_model]`."""
     unit = unit_rows(W_dec)
     keys = embedding.detach().float().to(unit.device)
-    return _best(unit, keys, count), _best(unit, keys, count, largest=False)
+    count = min(count, keys.shape[0])
+    top, bottom = ([], []), ([], [])
+    for start in range(0, unit.shape[0], CHUNK_LATENTS):
+        logits = unit[start:start + CHUNK_LATENTS] @ keys.t()  # [chunk, vocab]: one matmul for both ends
+        for found, largest in ((top, True), (bottom, False)):
+            values, index = logits.topk(count, dim=1, largest=largest)
+            found[0].append(index)
+            found[1].append(values)
+    return tuple(Matches(torch.cat(indices).cpu(), torch.cat(scores).cpu()) for indices, scores in (top, bottom))
 
 
 def output_embedding(model) -> Tensor | None:
