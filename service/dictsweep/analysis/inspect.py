@@ -57,7 +57,8 @@ def resolve_targets(config: InspectConfig, scratch: str) -> tuple[list[Target], 
     if fs.exists(fs.join(target, "index.json")):
         try:
             entries = json.loads(fs.read_text(fs.join(target, "index.json")))
-            paths = [entry["path"] for entry in entries]
+            paths = [fs.folder_name(entry["path"], f"{target}/index.json: entry {number}")
+                     for number, entry in enumerate(entries)]
         except (ValueError, TypeError, KeyError) as error:
             raise InputError(f"{target}/index.json: expected a list of entries with 'path' ({error})") from None
         if not paths:
@@ -75,8 +76,9 @@ def resolve_targets(config: InspectConfig, scratch: str) -> tuple[list[Target], 
         raise InputError(f"sweep {target!r} has no selected dictionaries (has it finished?)")
     targets = []
     for run in runs:
-        folder = download_dictionary(client, run.run_id, os.path.join(scratch, run.name))
-        targets.append(Target(run.name, folder, load_dictionary(folder), run.run_id))
+        name = fs.folder_name(run.name, f"sweep {target!r}, run {run.run_id}")  # a name from the tracking server
+        folder = download_dictionary(client, run.run_id, os.path.join(scratch, name))
+        targets.append(Target(name, folder, load_dictionary(folder), run.run_id))
     return targets, client
 
 
