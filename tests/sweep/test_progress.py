@@ -57,8 +57,12 @@ def test_bars_print_what_they_did(monkeypatch):
     board.add([{"name": "relu-a", "tokens": 10, "metrics": {"loss": 0.5, "l0": 12.0, "dead_fraction": 0.25}}])
     with TrainingProgress(board) as bars:
         bars.add_task("wave 1/1 training", total=10, completed=10, rate="1,000", left="0:00:00")
+    with step("writing 1,048,576 + 65,536 synthetic rows to /a/path/long/enough/to/pass/the/edge/of/the/console"):
+        pass
     printed = out.getvalue()
     assert "splicing 3 dictionaries" in printed and "3/3" in printed
+    [writing] = [line for line in printed.splitlines() if "writing" in line]
+    assert "0:00:00 writing 1,048,576" in writing and "console" not in writing  # the time stays, the path is cut
     assert "wave 1/1 training" in printed and "1,000 tok/s" in printed and "0:00:00 left" in printed
     assert "best  relu-a  loss 0.5  L0 12.0  dead 25%" in printed and "worst" not in printed
     assert all(len(line) <= 80 for line in printed.splitlines())

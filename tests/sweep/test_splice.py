@@ -15,6 +15,7 @@ from dictsweep.config import load_spec
 from dictsweep.sae.baselines import baseline_dictionary, fit_pca, identity_basis
 from dictsweep.sae.export import dictionary_files, saelens_config
 from dictsweep.store.dataset import ActivationDataset
+from dictsweep.store.models import export_names
 from dictsweep.store.harvest import HarvestConfig, harvest, read_contexts
 from dictsweep.sweep.run import run_sweep
 from dictsweep.sweep.splice import held_out_contexts, splice_eval, splice_source
@@ -106,6 +107,10 @@ def test_sweep_on_minilm_reports_loss_recovered_of_selected_saes(tmp_path, monke
 
     [entry] = json.loads((tmp_path / "dictionaries/minilm-splice/index.json").read_text())
     metrics = entry["metrics"]
+    # portable names: the model folder's name, never its path; BERT has no TransformerLens hook name here
+    exported = json.loads((tmp_path / "dictionaries/minilm-splice" / entry["path"] / "cfg.json").read_text())["metadata"]
+    assert exported["model_name"] == "model" and exported["hook_name"] == HOOK
+    assert "hook_name_transformer_lens" not in exported
     assert 0.0 < metrics["loss_recovered"] < 1.0
     assert metrics["kl_clean"] == 0 and 0 < metrics["kl_spliced"] < metrics["kl_zero"]
     assert metrics["loss_recovered"] == pytest.approx(1 - metrics["kl_spliced"] / metrics["kl_zero"])
@@ -139,6 +144,8 @@ def test_causal_lm_uses_next_token_cross_entropy(tmp_path):
     data = harvest_to(tmp_path, str(tmp_path / "gpt"), "h.0", max_tokens=1500)
     dataset = ActivationDataset.open(data)
     assert not isinstance(splice_source(dataset), str)
+    assert export_names(dataset.manifest.source) == {  # what its dictionaries' cfg.json would say
+        "model_name": "gpt", "hook_name": "h.0", "hook_name_transformer_lens": "blocks.0.hook_resid_post"}
     outcome = splice_eval(data, identity_and_zero(tmp_path / "dictionaries", dataset), tokens=128)
 
     assert outcome.kind == "ce" and outcome.head == "causal LM head"

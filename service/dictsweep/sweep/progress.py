@@ -14,6 +14,7 @@ from typing import Iterator
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Column
 from rich.text import Text
 
 WARMUP_SECONDS = 5.0  # first batches include compiling and filling the stream: not the steady rate
@@ -112,10 +113,11 @@ class TrainingProgress(Progress):
 def step(description: str, total: float | None = None) -> Iterator["Step"]:
     """A spinner (or, with `total`, a bar) and the elapsed time for one step of the sweep (writing
     the dataset, splicing, baselines, export); `advance` moves the bar."""
-    columns = [SpinnerColumn(), TimeElapsedColumn()]  # before the description, which may be cut at the edge
+    columns = [SpinnerColumn(), TimeElapsedColumn(table_column=Column(no_wrap=True, min_width=7))]
     if total is not None:
-        columns += [TextColumn("{task.completed:.0f}/{task.total:.0f}")]
-    with Progress(*columns, TextColumn("{task.description}"), console=console(), transient=False) as progress:
+        columns += [TextColumn("{task.completed:.0f}/{task.total:.0f}", table_column=Column(no_wrap=True))]
+    what = TextColumn("{task.description}", table_column=Column(ratio=1, no_wrap=True, overflow="ellipsis"))
+    with Progress(*columns, what, console=console(), transient=False) as progress:
         task = progress.add_task(description, total=total)
         yield Step(progress, task)
         if total is not None:
