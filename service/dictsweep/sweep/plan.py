@@ -7,12 +7,13 @@ has room (largest first). What does not fit at once runs in a later wave on the 
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import asdict, dataclass, field
 
 from dictsweep.config import SweepSpec
 from dictsweep.errors import InputError
-from dictsweep.sae import ARCHITECTURES, Member
+from dictsweep.sae import ARCHITECTURES, Member, grid_keys, member_from_params
 from dictsweep.train.actor import EnsembleSpec
 from dictsweep.train.zero import zero_bytes_per_worker
 
@@ -34,31 +35,33 @@ class GridPoint:
 
     @property
     def name(self) -> str:
-        sparsity = f"l1_{self.l1_coef:g}" if self.k is None else f"k{self.k}"
+        sparsity = "-".join(parameter.name_part(getattr(self, parameter.key))
+                            for parameter in ARCHITECTURES[self.architecture].hyperparameters)
         return f"{self.architecture}-n{self.n_latents}-{sparsity}-lr{self.lr:g}-s{self.seed}"
 
     def member(self) -> Member:
-        return Member(lr=self.lr, seed=self.seed, l1_coef=self.l1_coef or 0.0, k=self.k or 0)
+        return member_from_params(self.params())
 
     def params(self) -> dict:
-        return {"architecture": self.architecture, "n_latents": self.n_latents, "l1_coef": self.l1_coef,
-                "k": self.k, "lr": self.lr, "seed": self.seed}
+        """MLflow params and index.json keys: every architecture's grid keys, None where not its own."""
+        return {"architecture": self.architecture, "n_latents": self.n_latents,
+                **{key: getattr(self, key) for key in grid_keys()}, "lr": self.lr, "seed": self.seed}
 
 
 def grid_points(spec: SweepSpec) -> list[GridPoint]:
     """Every point of the grid: per architecture, the product of the keys that apply to it."""
     grid, points = spec.grid, []
     for architecture in grid.architecture:
-        uses_k = ARCHITECTURES[architecture].sparsity_key == "k"
+        declared = ARCHITECTURES[architecture].hyperparameters  # the grid keys that apply to it
         for n_latents in grid.n_latents:
-            for sparsity in (grid.k if uses_k else grid.l1_coef):
+            for values in itertools.product(*(getattr(grid, parameter.key) for parameter in declared)):
+                settings = {parameter.key: parameter.kind(value) for parameter, value in zip(declared, values)}
                 for lr in grid.lr:
                     for seed in grid.seed:
-                        if uses_k and sparsity >= n_latents:
-                            raise InputError(f"grid.k: k={sparsity} is not below n_latents={n_latents}")
-                        points.append(GridPoint(architecture, n_latents, lr, seed,
-                                                l1_coef=None if uses_k else float(sparsity),
-                                                k=int(sparsity) if uses_k else None))
+                        for parameter in declared:
+                            if problem := parameter.problem(settings[parameter.key], n_latents):
+                                raise InputError(problem)
+                        points.append(GridPoint(architecture, n_latents, lr, seed, **settings))
     names = [point.name for point in points]
     if len(set(names)) != len(names):
         raise InputError("grid: the same point appears twice (repeated values in a grid list?)")

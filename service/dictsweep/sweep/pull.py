@@ -7,6 +7,7 @@ import os
 import shutil
 
 from dictsweep.errors import InputError
+from dictsweep.sae import grid_keys
 from dictsweep.sweep.results import INDEX_METRICS
 from dictsweep.track import SELECTED_TAG, download_dictionary, find_sweep
 
@@ -17,8 +18,8 @@ def point_params(params: dict) -> dict:
         return kind(params[key]) if key in params and params[key] not in ("", "None") else None
 
     return {"architecture": params.get("architecture"), "n_latents": number("n_latents", int),
-            "l1_coef": number("l1_coef", float), "k": number("k", int), "lr": number("lr", float),
-            "seed": number("seed", int)}
+            **{key: parameter.parse(params.get(key)) for key, parameter in grid_keys().items()},
+            "lr": number("lr", float), "seed": number("seed", int)}
 
 
 def pull(sweep: str, out: str, include_all: bool = False, tracking_uri: str | None = None) -> list[dict]:
