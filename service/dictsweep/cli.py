@@ -13,6 +13,24 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_
 bench_app = typer.Typer(no_args_is_help=True, help="Throughput and memory benchmarks (table and JSON).")
 app.add_typer(bench_app, name="bench")
 
+# typer's rich help prints `<bool>` after a flag, as if it took a value: a flag shows no type
+_option_type = typer.core.TyperOption.display_type_rich
+typer.core.TyperOption.display_type_rich = lambda option, ctx: None if option.is_flag else _option_type(option, ctx)
+
+
+def _print_version(asked: bool) -> None:
+    if asked:
+        from dictsweep import __version__
+
+        typer.echo(f"dictsweep {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main_options(version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version,
+                                               help="Print the version and exit.")) -> None:
+    """Sparse-autoencoder sweeps over language-model activations."""
+
 
 def _cuda_available() -> bool:
     """Whether a GPU is visible, without importing torch for `--help`."""
@@ -45,11 +63,13 @@ def synth(
 ) -> None:
     """Write a synthetic activation dataset with known ground-truth features."""
     from dictsweep.store.synth import synth_dataset
+    from dictsweep.sweep.progress import step
 
     config = SynthConfig.from_cli(d_model=d_model, n_features=n_features, active=active, rows=rows,
                                   eval_rows=eval_rows, shard_rows=shard_rows, decay=decay,
                                   correlation=correlation, noise=noise, dtype=dtype, seed=seed)
-    manifest = synth_dataset(out, config, overwrite=overwrite)
+    with step(f"writing {config.rows:,} + {config.eval_rows:,} synthetic rows to {out}"):
+        manifest = synth_dataset(out, config, overwrite=overwrite)
     eval_rows_written = sum(shard.rows for shard in manifest.eval_shards)
     typer.echo(f"wrote {manifest.n_rows} train + {eval_rows_written} eval rows "
                f"({len(manifest.shards)} + {len(manifest.eval_shards)} shards, d_model={manifest.d_model}, "
@@ -63,23 +83,29 @@ def run(
     address: str = typer.Option(None, help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)."),
     plan_only: bool = typer.Option(False, "--plan-only", help="Print the placement plan and stop."),
     resume: bool = typer.Option(False, "--resume", help="Continue the sweep's latest unfinished run from its checkpoints."),
+    force: bool = typer.Option(False, "--force", help="Take the sweep over from a driver that holds its lease but is dead."),
 ) -> None:
     """Run a sweep here: train every SAE of the grid, select, export, record in MLflow."""
+    import shlex
+
     from dictsweep.config import load_spec
-    from dictsweep.errors import RunError
+    from dictsweep.errors import Interrupted, RunError
     from dictsweep.sweep.run import run_sweep
 
     spec = load_spec(spec_path, overrides)
     try:
-        outcome = run_sweep(spec, address, plan_only, resume)
+        outcome = run_sweep(spec, address, plan_only, resume, force)
     except RunError as error:
         if error.result is not None:
-            print_sweep(error.result)
+            print_sweep(error.result, spec.experiment)
         raise
+    except Interrupted as stop:  # say how to go on, in the words the user typed
+        again = shlex.join(["dictsweep", "run", spec_path, *(part for o in overrides for part in ("--set", o))])
+        raise Interrupted(stop.signum, f"{stop}: {again} --resume") from None
     if plan_only:
         print_plan(outcome)
     else:
-        print_sweep(outcome)
+        print_sweep(outcome, spec.experiment)
 
 
 @app.command()
@@ -141,10 +167,13 @@ def print_plan(plan) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from rich import box
+
     table = Table(title=f"plan: d_model={plan.d_model}, batch_rows={plan.batch_rows}, "
-                        f"{len(plan.points) + len(plan.unplaced)} SAEs")
+                        f"{len(plan.points) + len(plan.unplaced)} SAEs",
+                  box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)  # as the results: 80 columns
     for column in ("wave", "device", "ensemble", "SAEs", "memory GiB", "device share"):
-        table.add_column(column, justify="right")
+        table.add_column(column, justify="left" if column in ("device", "ensemble") else "right", no_wrap=True)
     for row in plan.rows():
         table.add_row(*map(str, row))
     console = Console()
@@ -153,23 +182,26 @@ def print_plan(plan) -> None:
         console.print(f"[red]fits nowhere[/red] {name}: {why}")
 
 
-def print_sweep(result) -> None:
-    """The results table, then where the dictionaries and the MLflow UI are."""
+def print_sweep(result, experiment: str | None = None) -> None:
+    """The results table (fits 80 columns: short headers, no vertical rules), the selection reasons
+    under it (they wrap), then where the dictionaries and the MLflow runs are."""
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
     from dictsweep.sweep.results import METRICS
+    from dictsweep.track import sweep_url
 
-    table = Table(title="sweep results (eval shards)")
-    # short headers so that the table fits 80 columns: arch, n_latents, l1_coef or k, the metrics, selected
+    finished = result.finished.values()
     shown = [metric for metric in METRICS if metric.header is not None and (not metric.shown_when_measured or any(
-        metric.key in r.metrics for r in result.finished.values()))]
-    uses_k = {r.point.k is not None for r in result.finished.values()}
+        metric.key in r.metrics for r in finished))]
+    uses_k = {r.point.k is not None for r in finished}
     sparsity = "l1/k" if len(uses_k) > 1 else "k" if uses_k == {True} else "l1_coef"
+    reasons = {name: why for name, why in (getattr(result, "why", None) or {}).items() if why}
+    table = Table(title="sweep results (eval shards)", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
     for column in ("arch", "n_latents", sparsity, *(metric.header for metric in shown), "sel"):
-        table.add_column(column, justify="right")
-    rows = sorted(result.finished.values(), key=lambda r: (r.point.architecture, r.point.n_latents,
-                                                           r.point.l1_coef or 0, r.point.k or 0))
+        table.add_column(column, justify="left" if column == "arch" else "right", no_wrap=True)
+    rows = sorted(finished, key=lambda r: (r.point.architecture, r.point.n_latents, r.point.l1_coef or 0, r.point.k or 0))
 
     def number(value, format: str) -> str:
         return "-" if value is None else f"{value:{format}}"
@@ -181,14 +213,18 @@ def print_sweep(result) -> None:
         table.add_row(*cells, "*" if point.name in result.selected else "")
     console = Console()
     console.print(table)
+    for name, why in sorted(reasons.items()):
+        console.print(f"{'*' if name in result.selected else ' '} {name}: {why}")
     for name, why in sorted(result.failed.items()):
         console.print(f"[red]failed[/red] {name}: {why.splitlines()[0][:300]}")
-    console.print(f"dictionaries: {result.export_dir} (index.json; * = selected, Pareto-best per size)")
+    band = f" inside L0 [{result.band[0]:.3g}, {result.band[1]:.3g}]" if result.band else ""
+    console.print(f"dictionaries: {result.export_dir} (index.json; * = selected{band}; each SAE's why: index.json, "
+                  f"MLflow tag dictsweep.why)")
     ui = result.tracking_uri
+    url = result.tracking_url or (sweep_url(ui, experiment) if experiment else None)
     if ui.startswith("sqlite:"):
-        console.print(f"MLflow UI: mlflow ui --backend-store-uri {ui}  (then open http://127.0.0.1:5000)")
-    else:
-        console.print(f"MLflow: {ui}")
+        console.print(f"MLflow: mlflow ui --backend-store-uri {ui}", soft_wrap=True)
+    console.print(f"MLflow runs: {url or ui}", soft_wrap=True)
 
 
 from dictsweep.store.harvest import HarvestConfig  # noqa: E402  (light: torch is imported when run)
@@ -218,6 +254,7 @@ def harvest(
     workers: int = typer.Option(_HARVEST["workers"].default, help=_HARVEST["workers"].description),
     device: str = typer.Option(_HARVEST["device"].default, help=_HARVEST["device"].description),
     address: str = typer.Option(None, help=_HARVEST["address"].description),
+    model_name: str = typer.Option(None, help=_HARVEST["model_name"].description),
     overwrite: bool = typer.Option(False, help="Replace the dataset(s) or unfinished harvest at --out."),
     progress: bool = typer.Option(True, help="Show a progress bar (tokens/s) on stderr."),
 ) -> None:
@@ -229,7 +266,7 @@ def harvest(
         model=model, hooks=hook, text=text, out=out, context=context, max_tokens=max_tokens, dtype=dtype,
         seed=seed, eval_fraction=eval_fraction, shard_rows=shard_rows, shuffle_rows=shuffle_rows,
         batch_size=batch_size, include_special=include_special, text_field=text_field,
-        text_split=text_split, workers=workers, device=device, address=address)
+        text_split=text_split, workers=workers, device=device, address=address, model_name=model_name)
     result = run_harvest(config, overwrite=overwrite, progress=progress)
     for hook_name, manifest in result.manifests.items():
         eval_rows = sum(shard.rows for shard in manifest.eval_shards)
@@ -238,6 +275,53 @@ def harvest(
                    f"at {result.prefixes[hook_name]}")
     typer.echo(f"{result.n_contexts} contexts of {config.context} tokens; this run fed {result.tokens} tokens "
                f"to the model in {result.seconds:.1f} s ({result.tokens_per_s:,.0f} tokens/s after loading)")
+
+
+from dictsweep.analysis.config import InspectConfig  # noqa: E402  (light: its fields are the help below)
+
+_INSPECT = InspectConfig.model_fields
+
+
+@app.command()
+def inspect(
+    target: str = typer.Argument(..., help=_INSPECT["target"].description),
+    data: str = typer.Option(..., help=_INSPECT["data"].description),
+    out: str = typer.Option(_INSPECT["out"].default, help=_INSPECT["out"].description),
+    tokens: int = typer.Option(None, help=_INSPECT["tokens"].description),
+    top: int = typer.Option(_INSPECT["top"].default, help=_INSPECT["top"].description),
+    quantile_contexts: int = typer.Option(_INSPECT["quantile_contexts"].default,
+                                          help=_INSPECT["quantile_contexts"].description),
+    neighbours: int = typer.Option(_INSPECT["neighbours"].default, help=_INSPECT["neighbours"].description),
+    token_effects: int = typer.Option(_INSPECT["token_effects"].default, help=_INSPECT["token_effects"].description),
+    batch_rows: int = typer.Option(_INSPECT["batch_rows"].default, help=_INSPECT["batch_rows"].description),
+    device: str = typer.Option(_INSPECT["device"].default, help=_INSPECT["device"].description),
+    tracking_uri: str = typer.Option(None, help=_INSPECT["tracking_uri"].description),
+    as_json: bool = typer.Option(False, "--json", help="Print the pass's timing as one JSON object."),
+) -> None:
+    """Per-latent statistics, contexts and neighbours of dictionaries over a dataset: a data file and
+    a static feature browser (index.html) per dictionary."""
+    import json
+
+    from dictsweep.analysis.inspect import inspect as run_inspect
+
+    config = InspectConfig.from_cli(target=target, data=data, out=out, tokens=tokens, top=top,
+                                    quantile_contexts=quantile_contexts, neighbours=neighbours,
+                                    token_effects=token_effects, batch_rows=batch_rows, device=device,
+                                    tracking_uri=tracking_uri)
+    result = run_inspect(config)
+    for note in result.notes:
+        typer.echo(f"note: {note}")
+    for name, folder in result.folders.items():
+        typer.echo(f"{name}: {folder}/latents.parquet, {folder}/index.html")
+    timing = {"rows": result.scan.rows, "dictionaries": len(result.folders), "seconds": round(result.scan.seconds, 3),
+              "cpu_seconds": round(result.scan.cpu_seconds, 3),
+              "rows_per_s": round(result.scan.rows_per_s, 1), "peak_rss_mb": round(result.scan.peak_rss_mb, 1),
+              "peak_device_mb": round(result.scan.peak_device_mb, 1)}
+    if as_json:
+        typer.echo(json.dumps(timing))
+    else:
+        typer.echo(f"pass: {timing['rows']} rows in {timing['seconds']} s ({timing['rows_per_s']:,.0f} rows/s), "
+                   f"peak RSS {timing['peak_rss_mb']:,.0f} MB")
 
 
 def print_result(result: dict, as_json: bool, title: str) -> None:
@@ -287,6 +371,11 @@ def bench_train_command(
     for name in decode:
         if name not in ("auto", "dense", "sparse"):
             raise InputError(f"--decode: {name!r} is not one of auto, dense, sparse")
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if device not in ("cpu", "cuda") or (device == "cuda" and not cuda):
+        raise InputError(f"--device: {device!r} is not available here (choose from: cpu{', cuda' if cuda else ''})")
     result = bench_train(d_model, n_latents, batch_rows, members, steps, architecture, tuple(kernel) or None,
                          reference, device, decodes=tuple(decode), rounds=rounds, k=k)
     print_result(result, as_json, f"bench train: {architecture} d_model={d_model} n_latents={n_latents}")
@@ -319,15 +408,40 @@ def bench_ica_command(
 @bench_app.command("stream")
 def bench_stream_command(
     uri: str = typer.Option(..., help="Dataset prefix (folder, file:// or s3://)."),
-    readers: int = typer.Option(4, help="Reader actors, and threads of the plain GET."),
+    readers: int = typer.Option(4, help="Reader actors (each fetches a window's shards concurrently)."),
     batch_rows: int = typer.Option(4096, help="Rows per batch of the stream."),
     shuffle_shards: int = typer.Option(4, help="Shards mixed in the shuffle buffer."),
+    consumers: int = typer.Option(1, help="Trainer-like consumers on this node, each taking every batch (as GPUs do)."),
+    windows: int = typer.Option(3, help="Windows (shuffle buffers) held per node: how far the readers work ahead."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
 ) -> None:
-    """MB/s and rows/s of the readers and of the stream, beside a plain concurrent GET."""
+    """MB/s and rows/s of the readers and of the stream per consumer, beside a plain concurrent GET."""
     from dictsweep.stream.bench import bench_stream
 
-    print_result(bench_stream(uri, readers, batch_rows, shuffle_shards), as_json, f"bench stream: {uri}")
+    for name, value in (("--readers", readers), ("--batch-rows", batch_rows), ("--shuffle-shards", shuffle_shards),
+                        ("--consumers", consumers), ("--windows", windows)):
+        if value < 1:
+            raise InputError(f"{name} must be at least 1, got {value}")
+    print_result(bench_stream(uri, readers, batch_rows, shuffle_shards, consumers, windows), as_json,
+                 f"bench stream: {uri}")
+
+
+@bench_app.command("inspect")
+def bench_inspect_command(
+    uri: str = typer.Option(..., help="Dataset prefix (a harvest, with contexts/, for the whole inspect)."),
+    n_latents: int = typer.Option(16384, help="Latents of the bench dictionary."),
+    tokens: int = typer.Option(None, help="Most rows read (default: all train rows)."),
+    batch_rows: int = typer.Option(1024, help="Rows per batch of the pass."),
+    firing: float = typer.Option(0.005, help="Fraction of rows each bench latent fires on."),
+    top: int = typer.Option(20, help="Top contexts per latent."),
+    device: str = typer.Option("cuda" if _cuda_available() else "cpu", help="Device to run on."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
+) -> None:
+    """Rows/s and peak memory of the inspect pass for one dictionary, and the whole inspect's time."""
+    from dictsweep.analysis.bench import bench_inspect
+
+    result = bench_inspect(uri, n_latents, tokens, batch_rows, device, firing, top)
+    print_result(result, as_json, f"bench inspect: {n_latents} latents on {uri}")
 
 
 def show_logs() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import TYPE_CHECKING
 
@@ -27,6 +28,8 @@ def start_ray(address: str | None, num_cpus: int | None = None, log_to_driver: b
         return True
     # logical CPUs above the real cores: trainers thread themselves, readers mostly wait on I/O
     num_cpus = num_cpus or 2 * max(2, os.cpu_count() or 2)
+    # Ray's own default for a cluster it starts (token auth) is right here; its note about it is noise
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     for attempt in range(2):
         try:
             # address="local" never joins a stale cluster named in Ray's temp folder (ENVIRONMENT.md)
@@ -45,19 +48,33 @@ def cluster_devices(spec: SweepSpec) -> tuple[str, int, int]:
     import ray
 
     start_ray(None)
-
     gpus = int(ray.cluster_resources().get("GPU", 0))
+    return devices(spec, gpus, lambda: ray.get(ray.remote(num_gpus=1)(_gpu_memory).remote()), "the Ray cluster")
+
+
+def local_devices(spec: SweepSpec) -> tuple[str, int, int]:
+    """`cluster_devices` of a local Ray on this machine, without starting it: GPUs counted by torch."""
+    import torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return devices(spec, gpus, _gpu_memory, "this machine", " (pass --address to plan on a cluster's, or set "
+                   "resources.trainers and resources.device_memory_gb to plan for GPUs elsewhere)")
+
+
+def devices(spec: SweepSpec, gpus: int, gpu_memory, where: str, hint: str = "") -> tuple[str, int, int]:
+    """(kind, count, memory per trainer) from the GPUs `where` has (`gpu_memory()`: one GPU's bytes)
+    and the spec's resources."""
     device = spec.resources.device
     if device == "auto":
         device = "cuda" if gpus else "cpu"
     if device == "cuda" and not gpus:
-        raise InputError("resources.device: 'cuda' asked for, but the Ray cluster has no GPUs")
+        raise InputError(f"resources.device: 'cuda' asked for, but {where} has no GPUs{hint}")
     share = spec.resources.gpus_per_trainer if device == "cuda" else 1.0
     count = spec.resources.trainers or (int(gpus / share) if device == "cuda" else 1)
     if spec.resources.device_memory_gb:
         memory = int(spec.resources.device_memory_gb * 2**30)
     elif device == "cuda":
-        memory = ray.get(ray.remote(num_gpus=1)(_gpu_memory).remote())
+        memory = gpu_memory()
     else:
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
     return device, count, int(memory * share)  # a trainer plans with its share of the device

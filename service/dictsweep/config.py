@@ -6,19 +6,31 @@ reference. Errors name the file and the field.
 
 from __future__ import annotations
 
-from typing import Literal
+import difflib
+from typing import Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from dictsweep.errors import InputError, distinct
+from dictsweep.errors import InputError, distinct, number_not_boolean
 from dictsweep.store.synth import SynthConfig
+
+
+def one_item_list(value):
+    """A scalar where a list is expected, as a one-item list (`--set grid.n_latents=64`)."""
+    return [value] if isinstance(value, (str, int, float)) else value
 
 
 class Section(BaseModel):
     """A spec section: unknown keys are errors, so a typo never passes silently."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # nan and inf are errors everywhere (a sweep would train on them, then fail naming nothing)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _numbers_are_not_booleans(cls, value, info):
+        return number_not_boolean(cls, info.field_name, value)
 
 
 class TrainConfig(Section):
@@ -29,6 +41,7 @@ class TrainConfig(Section):
     lr_warmup_steps: int = Field(100, ge=0, description="Steps of linear learning-rate warm-up from 0.")
     lr_decay_fraction: float = Field(0.2, ge=0, le=1, description="Final fraction of steps over which the learning rate decays linearly to 0.")
     l1_warmup_fraction: float = Field(0.05, ge=0, le=1, description="Initial fraction of steps over which the sparsity coefficient ramps up from 0.")
+    target_l0_fraction: float = Field(0.8, gt=0, le=1, description="With grid.target_l0: initial fraction of steps over which each SAE's sparsity coefficient is steered to its L0 target (after the l1 warm-up); then it is held (the default holds it through the learning-rate decay).")
     grad_clip: float = Field(1.0, ge=0, description="Gradient norm clip per SAE (0 turns clipping off).")
     adam_beta1: float = Field(0.9, ge=0, lt=1, description="Adam beta1.")
     adam_beta2: float = Field(0.999, ge=0, lt=1, description="Adam beta2.")
@@ -36,7 +49,7 @@ class TrainConfig(Section):
     dead_window_tokens: int = Field(1_000_000, gt=0, description="A latent that has not fired for this many tokens counts as dead.")
     dense_threshold: float = Field(0.1, gt=0, le=1, description="A latent firing on more than this fraction of tokens counts as dense.")
     kernel: Literal["auto", "bmm", "loop", "compile"] = Field("auto", description="Ensemble matmul kernel: batched (bmm), one matmul per member (loop), torch.compile'd, or auto (chosen by measurement on the device; compile only when the planned steps repay its build time).")
-    decode: Literal["auto", "dense", "sparse"] = Field("auto", description="Top-k family decoder: gather the k active decoder rows (sparse), a dense matmul, or auto (sparse when k <= n_latents / 32).")
+    decode: Literal["auto", "dense", "sparse"] = Field("auto", description="Top-k family decoder: gather the k active decoder rows (sparse; a Triton kernel on GPUs), a dense matmul, or auto (on GPUs chosen by measurement at the sweep's shapes; on CPUs sparse when k <= n_latents / 32).")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="Forward precision: bf16 autocast with fp32 master weights, fp32, or auto (bf16 on GPUs, fp32 on CPU).")
     auxk_coef: float = Field(1 / 32, ge=0, description="AuxK loss coefficient for dead latents of topk and batchtopk (Gao et al.: 1/32; 0 turns AuxK off).")
     auxk_k: int = Field(0, ge=0, description="Dead latents per row that AuxK uses (0 = d_model // 2).")
@@ -60,9 +73,15 @@ class GridConfig(Section):
     architecture: list[str] = Field(["relu"], min_length=1, description="Architectures: relu, topk, batchtopk, jumprelu.")
     n_latents: list[int] = Field(min_length=1, description="Dictionary sizes (number of latents).")
     l1_coef: list[float] = Field([1.0], min_length=1, description="Sparsity coefficients (relu: L1; jumprelu: L0).")
+    target_l0: list[float] | None = Field(None, min_length=1, description="Instead of l1_coef (relu, jumprelu): the L0 each SAE is steered to; its coefficient is adapted early in training, then held (train.target_l0_fraction), and exported as its l1_coef.")
     k: list[int] = Field([32], min_length=1, description="Active latents per row (topk, batchtopk).")
-    lr: list[float] = Field([3e-4], min_length=1, description="Learning rates.")
+    lr: list[float] | None = Field(None, min_length=1, description="Learning rates (default: one per SAE from its width, Gao et al. 2024's 2e-4 * sqrt(2^14 / n_latents) for topk and batchtopk, 3x that for relu and jumprelu, at most 1e-2).")
     seed: list[int] = Field([0], min_length=1, description="Initialisation seeds.")
+
+    @field_validator("architecture", "n_latents", "l1_coef", "target_l0", "k", "lr", "seed", mode="before")
+    @classmethod
+    def _one_value_is_a_list(cls, value):
+        return one_item_list(value)
 
     @field_validator("architecture")
     @classmethod
@@ -77,15 +96,24 @@ class GridConfig(Section):
     @field_validator("n_latents", "k")
     @classmethod
     def _positive(cls, values: list[int]) -> list[int]:
-        if any(value <= 0 for value in values):
-            raise ValueError(f"every value must be > 0, got {values}")
+        bad = [str(value) for value in values if value <= 0]
+        if bad:
+            raise ValueError(f"every value must be > 0, got {', '.join(bad)}")
+        return values
+
+    @field_validator("target_l0")
+    @classmethod
+    def _positive_targets(cls, values: list[float] | None) -> list[float] | None:
+        if values is not None and any(value <= 0 for value in values):
+            raise ValueError(f"every target must be > 0, got {values}")
         return values
 
     @field_validator("l1_coef", "lr")
     @classmethod
-    def _non_negative(cls, values: list[float]) -> list[float]:
-        if any(value < 0 for value in values):
-            raise ValueError(f"every value must be >= 0, got {values}")
+    def _non_negative(cls, values: list[float] | None) -> list[float] | None:
+        bad = [f"{value:g}" for value in values or [] if value < 0]
+        if bad:
+            raise ValueError(f"every value must be >= 0, got {', '.join(bad)}")
         return values
 
 
@@ -94,8 +122,9 @@ class StreamConfig(Section):
 
     seed: int = Field(0, ge=0, description="Seed of the shard and row order: every SAE sees the same rows in the same order.")
     shuffle_shards: int = Field(4, gt=0, description="Shards whose rows are mixed together in the shuffle buffer.")
-    readers_per_node: int = Field(2, gt=0, description="Reader actors per node fetching shards concurrently.")
-    batches_in_flight: int = Field(8, gt=0, description="Batches produced ahead of the slowest trainer (backpressure bound).")
+    readers_per_node: int = Field(2, gt=0, description="Reader actors per node, each producing one window (shuffle buffer) at a time from its shards fetched concurrently.")
+    batches_in_flight: int = Field(8, gt=0, description="Batches queued per trainer ahead of its current step.")
+    windows_per_node: int = Field(3, gt=0, description="Windows (shuffle buffers of shuffle_shards shards) a node's object store holds per split, from the slowest trainer's on: how far the readers work ahead (backpressure bound).")
 
 
 class ResourcesConfig(Section):
@@ -133,11 +162,36 @@ class ExportConfig(Section):
 class EvaluationConfig(Section):
     """What a finished sweep measures beyond the eval-shard metrics: the model with a dictionary spliced in, and baselines."""
 
-    splice: bool = Field(True, description="Splice each selected dictionary into the dataset's source model (manifest `source`) over held-out contexts and report loss recovered; skipped, with a note, when the dataset has no loadable source model (synthetic data).")
+    splice: bool = Field(True, description="Splice each finished dictionary into the dataset's source model (manifest `source`) over held-out contexts and report loss recovered; skipped, with a note, when the dataset has no loadable source model (synthetic data).")
+    splice_selected_only: bool = Field(False, description="Splice only the selected dictionaries (for big sweeps) instead of every finished SAE; select.metric loss_recovered needs every one spliced.")
     splice_tokens: int = Field(65_536, gt=0, description="Held-out tokens (whole eval contexts, from `contexts/`) the spliced evaluation runs over.")
     splice_baselines: bool = Field(True, description="Splice the baseline dictionaries too, so they can be compared with the SAEs on loss recovered.")
     baseline_rows: int = Field(1_048_576, gt=0, description="Most training rows the baselines are fitted on: whole train batches spread evenly over the stream (PCA covariance over all of them).")
     ica_rows: int = Field(65_536, gt=0, description="Most of those rows kept in memory for FastICA (an equal share of each batch).")
+    inspect: bool = Field(False, description="Run `dictsweep inspect` over the selected dictionaries at the end: per-latent statistics, contexts and neighbours as a data file and a feature browser per dictionary, logged as artifacts `inspect/` of its run.")
+    inspect_tokens: int = Field(1_048_576, gt=0, description="Most train rows the end-of-sweep inspect pass reads.")
+
+
+class SelectConfig(Section):
+    """Which finished dictionaries are selected (exported, registered, starred): per dictionary size,
+    among those inside the L0 band and the quality bounds, the best by `metric` or its Pareto front."""
+
+    l0: list[float] | None = Field(None, min_length=2, max_length=2, description="Eval L0 band [low, high] a selected dictionary lies in (default [1, d_model / 3]: denser codes barely compress).")
+    max_fvu: float = Field(0.5, gt=0, description="Largest eval FVU a selected dictionary may have (1 is no better than predicting the mean).")
+    max_dead_fraction: float = Field(0.5, ge=0, le=1, description="Largest fraction of latents dead on the eval rows a selected dictionary may have.")
+    metric: Literal["fvu", "loss_recovered"] = Field("fvu", description="What `best` ranks by and the front trades against L0: eval fvu (lower is better), or loss_recovered (spliced into the source model; higher is better; needs a dataset with a source model).")
+    per_size: Literal["best", "front"] = Field("best", description="Per dictionary size: the one best dictionary inside the band (best), or every point of the (L0, metric) Pareto front inside it (front).")
+
+    @field_validator("l0")
+    @classmethod
+    def _ordered_band(cls, band: list[float] | None) -> list[float] | None:
+        if band is not None and not 0 <= band[0] <= band[1]:
+            raise ValueError(f"expected [low, high] with 0 <= low <= high, got {list(band)}")
+        return band
+
+    def l0_band(self, d_model: int) -> tuple[float, float]:
+        """The L0 band for a dataset of width `d_model`: `l0`, else [1, d_model / 3]."""
+        return (float(self.l0[0]), float(self.l0[1])) if self.l0 is not None else (1.0, d_model / 3)
 
 
 class StorageConfig(Section):
@@ -159,12 +213,25 @@ class SweepSpec(Section):
     export: ExportConfig = Field(default_factory=ExportConfig, description="Export.")
     storage: StorageConfig = Field(default_factory=StorageConfig, description="Working storage.")
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig, description="Spliced evaluation and baselines at the end of the sweep.")
+    select: SelectConfig = Field(default_factory=SelectConfig, description="Which dictionaries are selected.")
     baselines: list[Literal["pca", "ica", "random", "identity"]] = Field([], description="Baselines fitted on the same stream and evaluated and exported like the SAEs, as top-k dictionaries matched to the selected SAEs' L0: pca, ica, random, identity.")
+
+    @field_validator("baselines", mode="before")
+    @classmethod
+    def _one_baseline_is_a_list(cls, value):
+        return one_item_list(value)
 
     @field_validator("baselines")
     @classmethod
     def _distinct_baselines(cls, kinds: list[str]) -> list[str]:
         return distinct(kinds, "baseline(s)")
+
+    @model_validator(mode="after")
+    def _ranked_by_what_is_measured(self) -> "SweepSpec":
+        if self.select.metric == "loss_recovered" and (not self.evaluation.splice or self.evaluation.splice_selected_only):
+            raise ValueError("select.metric loss_recovered needs every SAE spliced: evaluation.splice true and "
+                             "evaluation.splice_selected_only false")
+        return self
 
     @property
     def export_dir(self) -> str:
@@ -179,32 +246,66 @@ class SweepSpec(Section):
         return self.tracking.experiment or self.name
 
 
-def apply_override(raw: dict, assignment: str) -> None:
-    """Apply one `--set key.path=value` to a raw spec dict (value parsed as YAML)."""
+def apply_override(raw: dict, assignment: str) -> tuple[str, ...]:
+    """Apply one `--set key.path=value` to a raw spec dict (value parsed as YAML); returns the key path."""
     if "=" not in assignment:
-        raise InputError(f"--set {assignment!r}: expected key=value, e.g. train.tokens=20000")
+        raise InputError(f"--set {assignment!r}: expected KEY=VALUE, e.g. train.tokens=20000")
     path, _, text = assignment.partition("=")
     keys = path.strip().split(".")
     node = raw
     for key in keys[:-1]:
         child = node.setdefault(key, {})
         if not isinstance(child, dict):
-            raise InputError(f"--set {assignment!r}: '{key}' is not a section")
+            raise InputError(f"--set {assignment}: '{key}' is not a section")
         node = child
-    node[keys[-1]] = yaml.safe_load(text)
+    try:
+        node[keys[-1]] = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise InputError(f"--set {assignment}: the value is not valid YAML: {error}") from None
+    return tuple(keys)
 
 
-def describe_errors(error: ValidationError, where: str) -> str:
-    """One line per failing field: `spec.yaml: field 'grid.n_latents': ...`."""
+def section_fields(location: tuple) -> list[str]:
+    """The keys the spec allows in the section that holds `location` (a field error's path)."""
+    model: type[BaseModel] | None = SweepSpec
+    for part in location[:-1]:
+        field = model.model_fields.get(str(part)) if model else None
+        annotation = field.annotation if field else None
+        if get_origin(annotation) in (Union, type(int | None)):  # `SynthConfig | None`
+            annotation = next((arg for arg in get_args(annotation) if arg is not type(None)), None)
+        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    return list(model.model_fields) if model else []
+
+
+def hint(item: dict) -> str:
+    """`; did you mean 'n_latents'?` for an unknown key close to a known one."""
+    if item["type"] != "extra_forbidden":
+        return ""
+    known = section_fields(item["loc"])
+    close = difflib.get_close_matches(str(item["loc"][-1]), known, n=1, cutoff=0.6)
+    if close:
+        return f"; did you mean '{close[0]}'?"
+    return f"; known keys here: {', '.join(known)}" if known else ""
+
+
+def describe_errors(error: ValidationError, where: str, overrides: dict[tuple, str] | None = None) -> str:
+    """One line per failing field: `spec.yaml: field 'grid.n_latents': ...`, or `--set KEY=VALUE: ...`
+    for a field that a `--set` gave (`overrides`: key path -> assignment)."""
     lines = []
     for item in error.errors():
-        field = ".".join(str(part) for part in item["loc"]) or "(top level)"
-        lines.append(f"{where}: field '{field}': {item['msg'].removeprefix('Value error, ')}")
+        location = tuple(str(part) for part in item["loc"])
+        field = ".".join(location) or "(top level)"
+        source = next((f"--set {assignment}" for path, assignment in (overrides or {}).items()
+                       if location[:len(path)] == path or path[:len(location)] == location), where)
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "not a key of this section"
+        lines.append(f"{source}: field '{field}': {message}{hint(item)}")
     return "\n".join(lines)
 
 
 def load_spec(path: str, overrides: list[str] | tuple[str, ...] = ()) -> SweepSpec:
-    """Read and validate a sweep spec; InputError names the file and every failing field."""
+    """Read and validate a sweep spec; InputError names the file (or the `--set`) and every failing field."""
     try:
         with open(path) as file:
             raw = yaml.safe_load(file) or {}
@@ -214,9 +315,23 @@ def load_spec(path: str, overrides: list[str] | tuple[str, ...] = ()) -> SweepSp
         raise InputError(f"{path}: not valid YAML: {error}") from None
     if not isinstance(raw, dict):
         raise InputError(f"{path}: a spec is a mapping of sections (name, data, grid, ...)")
-    for assignment in overrides:
-        apply_override(raw, assignment)
+    given = {apply_override(raw, assignment): assignment for assignment in overrides}
     try:
         return SweepSpec.model_validate(raw)
     except ValidationError as error:
-        raise InputError(describe_errors(error, path)) from None
+        raise InputError(describe_errors(error, path, given)) from None
+
+
+def spec_warnings(spec: SweepSpec, eval_rows: int | None = None) -> list[str]:
+    """Settings that validate but cannot do what they say; `eval_rows`: the dataset's eval split."""
+    train, notes = spec.train, []
+    steps = train.tokens // train.batch_rows
+    if train.lr_warmup_steps >= steps:
+        notes.append(f"train.lr_warmup_steps ({train.lr_warmup_steps}) is not shorter than training "
+                     f"({steps} steps of {train.batch_rows} rows in train.tokens={train.tokens}): "
+                     f"the learning rate never reaches grid.lr")
+    if eval_rows is not None and train.eval_tokens > eval_rows:
+        notes.append(f"train.eval_tokens ({train.eval_tokens}) is more than the eval split holds ({eval_rows} "
+                     f"rows): final metrics use {eval_rows // train.batch_rows * train.batch_rows} rows "
+                     f"(whole batches of {train.batch_rows})")
+    return notes

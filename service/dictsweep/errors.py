@@ -47,8 +47,33 @@ class RunError(DictsweepError):
         self.result = result  # what was produced before the failure, when there is something
 
 
+class Interrupted(DictsweepError):
+    """The driver was stopped by a signal (SIGTERM, SIGINT): exit 128 + its number, as shells do."""
+
+    def __init__(self, signum: int, message: str):
+        import signal
+
+        super().__init__(message)
+        self.signum, self.name = signum, signal.Signals(signum).name
+        self.exit_code = 128 + signum
+
+
 def first_line(error: BaseException) -> str:
     """The last non-blank line of an error's text (where Ray puts the cause), at most 500 characters."""
     text = str(error).strip()
     lines = [line for line in text.splitlines() if line.strip()]
     return lines[-1][:500] if lines else type(error).__name__
+
+
+def number_not_boolean(model, field: str, value):
+    """`value` for `model.field` (a pydantic before-validator's input), or a ValueError when it holds
+    true/false where the field means numbers: pydantic would read them as 1 and 0."""
+    import typing
+
+    def takes_bool(annotation) -> bool:
+        return annotation is bool or any(takes_bool(arg) for arg in typing.get_args(annotation))
+
+    values = value if isinstance(value, list) else [value]
+    if any(isinstance(item, bool) for item in values) and not takes_bool(model.model_fields[field].annotation):
+        raise ValueError(f"got {value!r}: true/false is not a number (pydantic would read 1/0); write the number")
+    return value

@@ -11,6 +11,10 @@ training; `flush(patience=...)` at the end waits for the server for a while befo
 
 from __future__ import annotations
 
+import contextlib
+import csv
+import io
+import json
 import logging
 import os
 import re
@@ -27,12 +31,24 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+# the console is the sweep's: no "View run ... at" line per SAE, no database-setup notes
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+for _name in ("mlflow.store.db.utils", "alembic"):
+    logging.getLogger(_name).setLevel(logging.WARNING)
 RETRY_SECONDS = 10.0  # after MLflow failed to answer, queued writes wait this long before the next try
 log = logging.getLogger(__name__)
 
 ROLE_TAG, SWEEP_ROLE, SAE_ROLE = "dictsweep.role", "sweep", "sae"
 SELECTED_TAG, POINT_TAG, STATUS_TAG = "dictsweep.selected", "dictsweep.point", "dictsweep.status"
+WHY_TAG = "dictsweep.why"  # why an SAE was or was not selected
 DICTIONARY_PATH = "dictionary"
+# MLflow 3's UI files an experiment as GenAI (traces) or model training by this tag, and by the URL's
+# `workflowType` (which wins over the tag where the UI offers both): sweeps are model training
+KIND_TAG, TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
+# the runs page as a flat table, best eval FVU first (sorted by a metric, MLflow does not fold the SAEs
+# under their sweep's run), so that the chart view draws every SAE's curves
+RUNS_VIEW = "workflowType=machine_learning&orderByKey=metrics.%60eval%2Ffvu%60&orderByAsc=true"
+LOCAL_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves a local store
 
 
 def tracking_uri(uri: str | None) -> str:
@@ -41,6 +57,28 @@ def tracking_uri(uri: str | None) -> str:
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         uri = "sqlite:///" + os.path.abspath(uri.removeprefix("sqlite:///"))  # pin to the working directory
     return uri
+
+
+def check_tracking(uri: str | None, seconds: float = 5.0) -> str:
+    """The tracking URI, once seen usable within `seconds`: an HTTP server answers (any answer
+    below 500: a server that refuses us is there), a sqlite file's folder exists. InputError if not."""
+    import requests
+
+    resolved = tracking_uri(uri)
+    if resolved.startswith(("http://", "https://")):
+        try:
+            answer = requests.get(resolved.rstrip("/") + "/health", timeout=seconds)
+        except requests.RequestException as error:
+            raise InputError(f"tracking.uri {resolved}: no answer within {seconds:g} s ({type(error).__name__}); "
+                             "start the MLflow server, or correct the URI") from None
+        if answer.status_code >= 500:
+            raise InputError(f"tracking.uri {resolved}: the server answered {answer.status_code} "
+                             f"{answer.reason}; is the MLflow server behind it running?")
+    elif resolved.startswith("sqlite:///"):
+        folder = os.path.dirname(resolved.removeprefix("sqlite:///"))
+        if not os.path.isdir(folder):
+            raise InputError(f"tracking.uri {resolved}: the folder {folder} does not exist")
+    return resolved
 
 
 @dataclass
@@ -61,10 +99,13 @@ class Tracker:
         from mlflow import MlflowClient
 
         self.uri = tracking_uri(uri)
-        self.client = MlflowClient(self.uri)
         self.patience = patience
-        found = self.now(self.client.get_experiment_by_name, experiment)
-        self.experiment_id = found.experiment_id if found else self.now(self.client.create_experiment, experiment)
+        with store_lock(self.uri):  # the client makes a fresh store's tables
+            self.client = MlflowClient(self.uri)
+            self.experiment_id = self.now(experiment_id, self.client, experiment)
+        found = self.now(self.client.get_experiment, self.experiment_id)
+        if found.tags.get(KIND_TAG) != TRAINING_KIND:
+            self.now(self.client.set_experiment_tag, self.experiment_id, KIND_TAG, TRAINING_KIND)
         self.queue: list[tuple[str, Callable[[], None]]] = []  # (what, operation) waiting to be sent
         self.retry_at = 0.0  # during an outage: when to try the queue again
         self.parent_id: str | None = None
@@ -142,8 +183,39 @@ class Tracker:
         items = [RunTag(key, str(value)) for key, value in tags.items()]
         self.later(f"tags of {run_id}", lambda: self.client.log_batch(run_id, tags=items))
 
-    def end_run(self, run_id: str, failed: bool = False) -> None:
-        self.later(f"end of {run_id}", lambda: self.client.set_terminated(run_id, "FAILED" if failed else "FINISHED"))
+    def end_run(self, run_id: str, failed: bool = False, status: str | None = None) -> None:
+        """Queue ending a run: FINISHED, FAILED, or `status` (KILLED when the driver is stopped)."""
+        status = status or ("FAILED" if failed else "FINISHED")
+        self.later(f"end of {run_id}", lambda: self.client.set_terminated(run_id, status))
+
+    def statuses(self, parent_id: str | None = None) -> dict[str, str]:
+        """run id -> MLflow status (RUNNING, FINISHED, FAILED, KILLED) of a sweep run (this one's by
+        default) and of its children."""
+        parent_id = parent_id or self.parent_id
+        found = self.now(self.client.search_runs, [self.experiment_id],
+                         f"tags.`mlflow.parentRunId` = '{parent_id}'", max_results=50_000)
+        statuses = {run.info.run_id: run.info.status for run in found}
+        statuses[parent_id] = self.now(self.client.get_run, parent_id).info.status
+        return statuses
+
+    def reopen(self, run_id: str) -> None:
+        """Mark a run that a stopped driver ended as KILLED running again (its sweep is resumed)."""
+        self.now(self.client.update_run, run_id, status="RUNNING")
+
+    def log_missing(self, run_id: str, points: dict[int, dict[str, float]]) -> int:
+        """Queue the metric points (step -> {key: value}) that the run does not have yet in MLflow,
+        where an earlier driver may have sent some of them; returns how many were missing."""
+        from mlflow.entities import Metric
+
+        now, missing = int(time.time() * 1000), []
+        for key in sorted({key for metrics in points.values() for key in metrics}):
+            present = {metric.step for metric in self.now(self.client.get_metric_history, run_id, key)}
+            missing += [Metric(key, float(metrics[key]), now, step) for step, metrics in sorted(points.items())
+                        if key in metrics and step not in present]
+        for start in range(0, len(missing), 1000):
+            batch = missing[start:start + 1000]
+            self.later(f"metrics of {run_id}", lambda batch=batch: self.client.log_batch(run_id, metrics=batch))
+        return len(missing)
 
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int) -> None:
         """Queue metrics of one run at `step` (tokens)."""
@@ -152,6 +224,9 @@ class Tracker:
         now = int(time.time() * 1000)
         items = [Metric(key, float(value), now, step) for key, value in metrics.items()]
         self.later(f"metrics of {run_id}", lambda: self.client.log_batch(run_id, metrics=items))
+
+    def experiment_url(self) -> str:
+        return runs_url(self.uri, self.experiment_id)
 
     # -- artifacts and registry ----------------------------------------------------------------------
     def log_folder(self, run_id: str, fetch: Callable[[str], str], artifact_path: str = DICTIONARY_PATH) -> None:
@@ -173,6 +248,17 @@ class Tracker:
 
         self.later(f"{name} of {run_id}", upload)
 
+    def log_comparison(self, rows: list[dict]) -> None:
+        """Queue the sweep's table of SAEs (one dict per SAE: name, params, final metrics) on the parent
+        run as `saes.csv` (the UI shows it as a table) and `saes.json`."""
+        columns = list(dict.fromkeys(key for row in rows for key in row))  # first-seen order
+        text = io.StringIO()
+        writer = csv.DictWriter(text, columns, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+        self.log_bytes(self.parent_id, text.getvalue().encode(), "saes.csv")
+        self.log_bytes(self.parent_id, json.dumps(rows, indent=1).encode(), "saes.json")
+
     def register(self, model_name: str, run_id: str, tags: dict) -> None:
         """Queue registering a run's dictionary as a new version of `model_name`."""
         def create() -> None:
@@ -187,6 +273,54 @@ class Tracker:
                                              tags={key: str(value) for key, value in tags.items()})
 
         self.later(f"registering {run_id}", create)
+
+
+@contextlib.contextmanager
+def store_lock(uri: str):
+    """For a sqlite store, an exclusive lock on a file beside it while MLflow may create or upgrade
+    its tables: two processes doing that at once fail with 'duplicate column name'."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    import fcntl
+
+    with open(uri.removeprefix("sqlite:///") + ".lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def experiment_id(client, name: str) -> str:
+    """The id of the experiment `name`, made if there is none (another process may make it first)."""
+    from mlflow.exceptions import MlflowException
+
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    try:
+        return client.create_experiment(name)
+    except MlflowException as error:
+        if "RESOURCE_ALREADY_EXISTS" not in str(error) and "already exists" not in str(error):
+            raise
+        return client.get_experiment_by_name(name).experiment_id
+def runs_url(uri: str, experiment_id: str) -> str:
+    """The address a person opens to see a sweep's runs table (a local store: once `mlflow ui` runs)."""
+    server = uri.rstrip("/") if uri.startswith(("http://", "https://")) else LOCAL_UI
+    return f"{server}/#/experiments/{experiment_id}/runs?{RUNS_VIEW}"
+
+
+def sweep_url(uri: str | None, experiment: str) -> str | None:
+    """`runs_url` of the experiment named `experiment`; None if MLflow does not answer or lacks it."""
+    from mlflow import MlflowClient
+
+    resolved = tracking_uri(uri)
+    try:
+        found = MlflowClient(resolved).get_experiment_by_name(experiment)
+    except Exception:  # only a hint at the end of a sweep: never fail it
+        return None
+    return runs_url(resolved, found.experiment_id) if found else None
 
 
 def unreachable(error: Exception) -> bool:
@@ -206,7 +340,8 @@ def find_sweep(uri: str | None, sweep: str) -> tuple["Tracker", list[SaeRun]]:
     from mlflow import MlflowClient
 
     resolved = tracking_uri(uri)
-    client = MlflowClient(resolved)
+    with store_lock(resolved):
+        client = MlflowClient(resolved)
     experiment = client.get_experiment_by_name(sweep)
     if experiment is None:
         raise InputError(f"no sweep named {sweep!r} at {resolved} (no MLflow experiment of that name)")
@@ -224,6 +359,32 @@ def find_sweep(uri: str | None, sweep: str) -> tuple["Tracker", list[SaeRun]]:
 
 
 def download_dictionary(client, run_id: str, local_dir: str) -> str:
-    """Fetch a run's dictionary folder into `local_dir`; returns the folder."""
+    """Fetch a run's dictionary files into `local_dir` one by one; returns the folder.
+
+    The artifact names come from the tracking server: each must be a plain file name (no folder, no
+    `..`), so that nothing is written outside `local_dir`.
+    """
+    from dictsweep.store.fs import folder_name
+
+    entries = client.list_artifacts(run_id, DICTIONARY_PATH)
+    if not entries:
+        raise InputError(f"run {run_id} has no {DICTIONARY_PATH}/ artifact to download")
     os.makedirs(local_dir, exist_ok=True)
-    return client.download_artifacts(run_id, DICTIONARY_PATH, local_dir)
+    for entry in entries:
+        name = entry.path.removeprefix(f"{DICTIONARY_PATH}/")
+        folder_name(name, f"run {run_id}: artifact {entry.path!r}")
+        if entry.is_dir:
+            raise InputError(f"run {run_id}: artifact {entry.path!r} is a folder; a dictionary holds only files")
+        with tempfile.TemporaryDirectory(dir=local_dir, prefix=".artifact-") as scratch:
+            os.replace(client.download_artifacts(run_id, f"{DICTIONARY_PATH}/{name}", scratch),
+                       os.path.join(local_dir, name))
+    return local_dir
+
+
+INSPECT_PATH = "inspect"
+
+
+def log_inspection(client, run_id: str, folder: str) -> None:
+    """Log a dictionary's `dictsweep inspect` output (data file and feature browser) as artifacts
+    `inspect/` of its run."""
+    client.log_artifacts(run_id, folder, INSPECT_PATH)

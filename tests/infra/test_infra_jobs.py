@@ -57,16 +57,16 @@ def test_the_cluster_spec_is_the_minilm_job_on_s3(tmp_path):
 
 
 def test_the_readme_describes_the_quickstart_job():
-    """README: a sweep of relu SAEs at 3 sizes x 4 L1 values over synthetic data with 512 features
+    """README: a sweep of relu SAEs at 3 sizes x 4 L0 targets over synthetic data with 512 features
     in 64 dims, dictionaries in ./dictionaries/quickstart."""
     job = REPO / "jobs" / "quickstart.yaml"
     if not job.exists():
         pytest.skip("jobs/quickstart.yaml not written yet")
     spec = load_spec(str(job))
     assert spec.grid.architecture == ["relu"]
-    assert len(spec.grid.n_latents) == 3 and len(spec.grid.l1_coef) == 4
+    assert len(spec.grid.n_latents) == 3 and len(spec.grid.target_l0) == 4
     assert spec.data.synth is not None
     assert (spec.data.synth.n_features, spec.data.synth.d_model) == (512, 64)
     assert spec.export_dir == "./dictionaries/quickstart"
     readme = (REPO / "README.md").read_text()
-    assert "3 dictionary sizes" in readme and "4 L1" in readme and "512" in readme
+    assert "3 dictionary sizes" in readme and "4 L0 targets" in readme and "512" in readme

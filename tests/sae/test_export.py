@@ -8,8 +8,10 @@ import torch
 
 from dictsweep import load_dictionary
 from dictsweep.config import TrainConfig
+from dictsweep.errors import InputError
 from dictsweep.sae import Member, build_ensemble
 from dictsweep.sae.export import member_files
+from dictsweep.store.models import export_names
 from dictsweep.train.loop import EnsembleTrainer
 
 D_MODEL, N_LATENTS, SCALE = 12, 40, 3.5
@@ -75,11 +77,97 @@ def test_export_reproduces_trained_module(tmp_path, architecture):
 def test_saelens_loads_export(tmp_path, architecture):
     ensemble, trainer = trained(architecture)
     folder = tmp_path / "sae"
-    write(folder, member_files(ensemble, 1, trainer.firing.log10_frequency()[1], {"model_name": "toy"}))
+    # the names a GPT-2 harvest from a local Hugging Face cache folder exports
+    source = {"model": "/home/someone/.cache/huggingface/hub/models--openai-community--gpt2/snapshots/607a30d",
+              "model_type": "gpt2", "hook": "transformer.h.3"}
+    write(folder, member_files(ensemble, 1, trainer.firing.log10_frequency()[1], export_names(source)))
     sae = sae_lens.SAE.load_from_disk(str(folder))
+    assert sae.cfg.metadata.model_name == "openai-community/gpt2" and sae.cfg.metadata.hook_name == "transformer.h.3"
+    assert json.loads((folder / "cfg.json").read_text())["metadata"]["hook_name_transformer_lens"] == \
+        "blocks.3.hook_resid_post"
     x = torch.randn(50, D_MODEL, generator=torch.Generator().manual_seed(2)) + 2.0
     with torch.no_grad():
         expected = ensemble(x * SCALE).sae_out[1] / SCALE
         torch.testing.assert_close(sae(x), expected, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(sae.encode(x), dense_latents(ensemble, x)[1], rtol=1e-5, atol=1e-5)
     assert sae.cfg.d_sae == N_LATENTS and sae.cfg.metadata.sae_lens_version >= "6.0.0"
+
+
+def hostile(files: dict[str, bytes], change: str) -> dict[str, bytes]:
+    """A topk dictionary's files with one thing wrong, as someone else's folder might have it."""
+    from safetensors.torch import load, save
+
+    config, weights = json.loads(files["cfg.json"]), load(files["sae_weights.safetensors"])
+    if change == "garbled cfg.json":
+        return {**files, "cfg.json": files["cfg.json"][:-7]}
+    if change == "cfg.json a list":
+        return {**files, "cfg.json": b"[1, 2]"}
+    if change == "garbled weights":
+        return {**files, "sae_weights.safetensors": files["sae_weights.safetensors"][:50]}
+    if change == "transposed W_enc":
+        weights["W_enc"] = weights["W_enc"].T.contiguous()
+    elif change == "integer W_dec":
+        weights["W_dec"] = weights["W_dec"].round().to(torch.int32)
+    elif change == "NaN in b_dec":
+        weights["b_dec"][3] = float("nan")
+    elif change == "half b_enc":
+        weights["b_enc"] = weights["b_enc"].half()
+    elif change == "no b_dec":
+        del weights["b_dec"]
+    elif change == "sparsity of another size":
+        return {**files, "sparsity.safetensors": save({"sparsity": torch.zeros(N_LATENTS + 1)})}
+    else:
+        field, value = change.split("=", 1)
+        config[field] = json.loads(value)
+    return {**files, "cfg.json": json.dumps(config).encode(), "sae_weights.safetensors": save(weights)}
+
+
+@pytest.mark.parametrize("change, file, words", [
+    ("garbled cfg.json", "cfg.json", ["not valid JSON"]),
+    ("cfg.json a list", "cfg.json", ["JSON object"]),
+    ("garbled weights", "sae_weights.safetensors", ["not a readable safetensors"]),
+    (f"d_sae={N_LATENTS * 2}", "sae_weights.safetensors", ["'W_enc'", f"[{D_MODEL}, {N_LATENTS}]",
+                                                            f"d_sae={N_LATENTS * 2}"]),
+    (f"d_in={D_MODEL + 1}", "sae_weights.safetensors", ["'W_enc'", f"d_in={D_MODEL + 1}"]),
+    ("transposed W_enc", "sae_weights.safetensors", ["'W_enc'", f"[{N_LATENTS}, {D_MODEL}]"]),
+    ("integer W_dec", "sae_weights.safetensors", ["'W_dec'", "int32"]),
+    ("NaN in b_dec", "sae_weights.safetensors", ["'b_dec'", "NaN"]),
+    ("half b_enc", "sae_weights.safetensors", ["different dtypes", "float16"]),
+    ("no b_dec", "sae_weights.safetensors", ["['b_dec']"]),
+    ("sparsity of another size", "sparsity.safetensors", ["'sparsity'", f"[{N_LATENTS + 1}]"]),
+    ('apply_b_dec_to_input="false"', "cfg.json", ["'apply_b_dec_to_input'", "true or false", "'false'"]),
+    ("rescale_acts_by_decoder_norm=true", "cfg.json", ["'rescale_acts_by_decoder_norm'"]),
+    (f"k={N_LATENTS + 1}", "cfg.json", ["'k'", f"k <= d_sae ({N_LATENTS})"]),
+    ("k=0", "cfg.json", ["'k'"]),
+    ("k=3.0", "cfg.json", ["'k'", "an integer"]),
+    ("k=true", "cfg.json", ["'k'", "an integer"]),
+    ("k=null", "cfg.json", ["'k'", "missing"]),
+    ("d_sae=true", "cfg.json", ["'d_sae'", "an integer"]),
+    ("d_in=-4", "cfg.json", ["'d_in'", "> 0"]),
+    ('architecture="gated"', "cfg.json", ["'architecture'", "'gated'"]),
+    ('architecture=["topk"]', "cfg.json", ["'architecture'", "a string"]),
+    ('dtype="int8"', "cfg.json", ["'dtype'", "'int8'"]),
+    ('normalize_activations="expected_average_only_in"', "cfg.json", ["'normalize_activations'"]),
+    ("metadata=[]", "cfg.json", ["'metadata'", "an object"]),
+])
+def test_hostile_folder_is_refused_naming_file_and_field(tmp_path, change, file, words):
+    ensemble = build_ensemble("topk", D_MODEL, N_LATENTS, MEMBERS["topk"])
+    folder = tmp_path / "sae"
+    write(folder, hostile(member_files(ensemble, 0, torch.zeros(N_LATENTS), {"model_name": "toy"}), change))
+    with pytest.raises(InputError) as raised:
+        load_dictionary(str(folder))
+    message = str(raised.value)
+    assert message.startswith(f"{folder}/{file}") and all(word in message for word in words), message
+
+
+def test_untouched_folder_loads(tmp_path):
+    """The hostile cases above start from a folder that loads: what fails is the one change."""
+    ensemble = build_ensemble("topk", D_MODEL, N_LATENTS, MEMBERS["topk"])
+    write(tmp_path / "sae", member_files(ensemble, 0, torch.zeros(N_LATENTS), {"model_name": "toy"}))
+    loaded = load_dictionary(str(tmp_path / "sae"))
+    assert loaded.k == 3 and loaded.W_enc.shape == (D_MODEL, N_LATENTS)
+    write(tmp_path / "false", hostile(member_files(ensemble, 0, torch.zeros(N_LATENTS), {}),
+                                      "apply_b_dec_to_input=false"))
+    x = torch.randn(5, D_MODEL)
+    unshifted = load_dictionary(str(tmp_path / "false"))  # a real false is honoured
+    torch.testing.assert_close(unshifted.encode(x), loaded.encode(x + loaded.b_dec))

@@ -6,7 +6,7 @@ import pytest
 import torch
 from matplotlib.image import imread
 
-from dictsweep.sae.plots import decoder_norm_stats, member_plot
+from dictsweep.sae.plots import decoder_norm_stats, member_figure, member_plot
 
 
 def test_decoder_norm_stats():
@@ -31,3 +31,22 @@ def test_member_plot_of_a_unit_norm_decoder_that_never_fired():
     decoder = torch.nn.functional.normalize(torch.randn(64, 8), dim=-1)  # every norm 1 (the top-k family)
     png = member_plot(torch.full((64,), -10.0), decoder)
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("spread", [0.0, 1e-5, 0.3])
+def test_decoder_norm_tick_labels_do_not_overlap(spread):
+    """Unit-norm dictionaries (all norms 1), nearly unit-norm, and spread norms: readable x labels."""
+    directions = torch.nn.functional.normalize(torch.randn(256, 8, generator=torch.Generator().manual_seed(3)), dim=-1)
+    decoder = directions * (1 + spread * torch.rand(256, 1, generator=torch.Generator().manual_seed(4)))
+    figure = member_figure(torch.full((256,), -2.0), decoder)
+    figure.canvas.draw()
+    norm_axes = figure.axes[1]
+    low, high = norm_axes.get_xlim()
+    if spread == 0.0:
+        assert (low, high) == pytest.approx((0.95 - 0.005, 1.05 + 0.005), abs=0.01)  # 5% pad, hist margins
+    labels = [label for label in norm_axes.get_xticklabels() if label.get_text() and low <= label.get_position()[0] <= high]
+    assert 3 <= len(labels) <= 6
+    assert all(len(label.get_text()) <= 5 for label in labels), [label.get_text() for label in labels]
+    assert norm_axes.xaxis.get_offset_text().get_text() == ""
+    boxes = sorted((label.get_window_extent() for label in labels), key=lambda box: box.x0)
+    assert all(left.x1 < right.x0 for left, right in zip(boxes, boxes[1:])), "tick labels overlap"

@@ -155,6 +155,32 @@ def test_mean_sq_norm_is_computed_when_the_manifest_has_no_stats(small_dataset):
     assert dataset.mean_sq_norm() == pytest.approx(expected, rel=1e-9) == pytest.approx(recorded, rel=1e-9)
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("row, column", [(0, 0), (13, 2), (39, 5)])
+def test_non_finite_value_names_the_shard_and_the_first_bad_row(tmp_path, dtype, value, row, column):
+    acts = torch.randn(80, 6, generator=torch.Generator().manual_seed(4))  # [80, 6]; shards of 40
+    acts[40 + row, column] = value
+    if row < 39:
+        acts[40 + row + 1, 0] = float("nan")  # a later bad row: the first one is named
+    with DatasetWriter(str(tmp_path), d_model=6, dtype=dtype, shard_rows=40) as writer:
+        writer.add(acts)
+    dataset = ActivationDataset.open(str(tmp_path))
+    assert torch.equal(dataset.read_shard(0), acts[:40].to(dataset.torch_dtype))  # the clean shard reads
+    with pytest.raises(DatasetError) as raised:
+        dataset.read_shard(1)
+    assert str(raised.value).startswith(f"shard train/00001.arrow of {tmp_path}: row {row} holds {value} "
+                                        f"(column {column})")
+
+
+@pytest.mark.parametrize("norm", [float("nan"), float("inf"), 0.0, -2.0])
+def test_manifest_mean_sq_norm_must_be_finite_and_positive(small_dataset, norm):
+    prefix = small_dataset[0]
+    edit_manifest(prefix, lambda m: m.update(stats={"mean_sq_norm": norm}))
+    with pytest.raises(DatasetError, match="field 'stats.mean_sq_norm'"):
+        ActivationDataset.open(str(prefix)).mean_sq_norm()
+
+
 def test_ground_truth_round_trip_and_errors(tmp_path):
     features = torch.nn.functional.normalize(torch.randn(7, 4, generator=torch.Generator().manual_seed(3)), dim=1)
     with DatasetWriter(str(tmp_path), d_model=4) as writer:

@@ -83,7 +83,7 @@ def test_two_hooks_on_two_ray_workers_equal_a_direct_forward_pass(tmp_path, run_
                             "--hook", "encoder.layer.5", "--text", str(text), "--out", str(out),
                             "--context", str(CONTEXT), "--max-tokens", str(MAX_TOKENS), "--dtype", "float16",
                             "--shard-rows", "256", "--shuffle-rows", "512", "--eval-fraction", "0.1",
-                            "--workers", "2", "--no-progress")
+                            "--workers", "2", "--no-progress", "--model-name", "sentence-transformers/all-MiniLM-L6-v2")
     assert code == 0, printed
     assert "encoder.layer.3: " in printed and "encoder.layer.5: " in printed and "tokens/s" in printed
     assert not (out / "manifest.json").exists() and not (out / WORK_DIR).exists()
@@ -98,6 +98,8 @@ def test_two_hooks_on_two_ray_workers_equal_a_direct_forward_pass(tmp_path, run_
         assert (manifest.d_model, manifest.dtype) == (384, "float16")
         assert manifest.source["model"] == MODEL and manifest.source["hook"] == f"encoder.layer.{layer}"
         assert manifest.source["dataset"] == str(text) and manifest.source["context"] == CONTEXT
+        assert manifest.source["model_name"] == "sentence-transformers/all-MiniLM-L6-v2"
+        assert manifest.source["model_type"] == "bert"
         train, columns = read_split(prefix, "train")
         wanted = torch.stack([expected[layer][seq][pos] for seq, pos in zip(columns["seq"], columns["pos"])])
         torch.testing.assert_close(train.float(), wanted.half().float(), rtol=2e-3, atol=2e-3)
@@ -114,6 +116,14 @@ def test_two_hooks_on_two_ray_workers_equal_a_direct_forward_pass(tmp_path, run_
     acts5, columns5 = read_split(layer5, "train")
     assert all(np.array_equal(columns3[name], columns5[name]) for name in ("seq", "pos", "token_id"))
     assert not torch.allclose(read_split(layer3, "train")[0].float(), acts5.float(), atol=0.1)
+
+
+def test_manifest_names_the_model_without_a_local_path(one_hook):
+    cfg, result = one_hook
+    source = result.manifests["encoder.layer.3"].source
+    assert source["model"] == MODEL  # what splicing loads on this machine
+    assert source["model_name"] == "model" and "/" not in source["model_name"]  # the folder's name
+    assert source["model_type"] == "bert"
 
 
 def test_special_tokens_and_padding_are_not_rows(one_hook):

@@ -113,6 +113,7 @@ def test_cli_synth(tmp_path, run_cli):
             "--rows", "300", "--eval-rows", "50", "--shard-rows", "128", "--seed", "1"]
     code, printed = run_cli(*args)
     assert code == 0 and f"wrote 300 train + 50 eval rows (3 + 1 shards, d_model=8, float32) to {out}" in printed
+    assert "writing 300 + 50 synthetic rows to /" in printed  # the step shown while it runs
     assert ActivationDataset.open(out).n_rows == 300
     code, printed = run_cli(*args)
     assert code == 2 and "already holds a dataset" in printed

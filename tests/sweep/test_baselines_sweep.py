@@ -24,6 +24,7 @@ SPEC = {
     "grid": {"architecture": ["relu", "topk"], "n_latents": [32], "l1_coef": [1.0], "k": [3, 6], "lr": [0.003]},
     "train": {"tokens": 12_800, "batch_rows": 256, "lr_warmup_steps": 5, "log_every_tokens": 6400,
               "eval_tokens": 1536, "kernel": "bmm"},
+    "select": {"l0": [0.5, 16], "max_fvu": 2.0, "max_dead_fraction": 1.0},  # 12.8k tokens: lenient bounds
     "stream": {"shuffle_shards": 2},
     "baselines": ["pca", "ica", "random", "identity"],
     "evaluation": {"baseline_rows": 5120, "ica_rows": 2048},

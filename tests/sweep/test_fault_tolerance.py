@@ -97,7 +97,7 @@ def test_killed_reader_skips_and_repeats_nothing(tmp_path, monkeypatch, ray_loca
     from ray.util.state import list_actors
 
     def reader_pid():
-        readers = list_actors(filters=[("class_name", "=", "ShardReader"), ("state", "=", "ALIVE")])
+        readers = list_actors(filters=[("class_name", "=", "WindowReader"), ("state", "=", "ALIVE")])
         return int(readers[0].pid)
 
     def training():

@@ -77,6 +77,7 @@ def job_spec(folder: Path, name: str, tokens: int) -> str:
                                                             "eval_rows": 1024, "shard_rows": 2048}},
             "grid": {"architecture": ["relu"], "n_latents": [32], "l1_coef": [1.0, 3.0], "lr": [0.003]},
             "train": {"tokens": tokens, "batch_rows": 256, "log_every_tokens": 4096, "eval_tokens": 1024, "kernel": "bmm"},
+            "select": {"l0": [0.5, 16], "max_fvu": 2.0, "max_dead_fraction": 1.0},  # a few thousand tokens: lenient bounds
             "tracking": {"uri": f"sqlite:///{folder}/mlflow.db"},
             "storage": {"dir": str(folder / "sweeps" / name)}, "export": {"dir": str(folder / "dictionaries" / name)}}
     path = folder / f"{name}.yaml"

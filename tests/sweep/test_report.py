@@ -47,6 +47,19 @@ def test_pareto_figure_draws_fronts_selection_and_baselines():
     assert lines["baseline: pca"].get_marker() == "s" and lines["baseline: random"].get_marker() == "x"
 
 
+def test_pareto_figure_shades_the_band_and_draws_rejected_points_hollow():
+    saes = SAES + [{"architecture": "relu", "n_latents": 64, "l0": 40.0, "fvu": 0.05, "selected": False,
+                    "rejected": True}]
+    [axes] = pareto_figure(saes, [], band=(2.0, 21.0)).axes
+    lines = labelled(axes)
+    assert set(lines) == {"relu n=64", "topk n=64", "rejected (band or bounds)"}
+    hollow = [line for line in axes.get_lines() if line.get_markerfacecolor() == "none" and len(line.get_xdata())]
+    assert [(list(line.get_xdata()), list(line.get_ydata())) for line in hollow] == [([40.0], [0.05])]
+    [band] = [patch for patch in axes.patches if patch.get_label().startswith("L0 band")]
+    assert band.get_label() == "L0 band [2, 21]"
+    assert band.get_x() == 2.0 and band.get_width() == pytest.approx(19.0)
+
+
 def test_pareto_plot_is_a_png():
     image = matplotlib.image.imread(io.BytesIO(pareto_plot(SAES, BASELINES, title="t")), format="png")
     assert image.shape[:2] == (550, 1000)

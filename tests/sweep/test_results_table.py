@@ -19,8 +19,7 @@ def result_of(*points: GridPoint, failed: dict | None = None) -> SweepResult:
 
 
 def header(printed: str) -> list[str]:
-    line = next(line for line in printed.splitlines() if "n_latents" in line)
-    return [cell.strip() for cell in line.strip("┃ ").split("┃")]
+    return next(line for line in printed.splitlines() if "n_latents" in line).split()
 
 
 def test_relu_sweep_table(capsys):
@@ -28,10 +27,29 @@ def test_relu_sweep_table(capsys):
     print_sweep(result_of(*relu, failed={"relu-n64-l1_4-lr0.003-s0": "trainer w0-t0 failed: NaN\nmore"}))
     printed = capsys.readouterr().out
     assert header(printed) == ["arch", "n_latents", "l1_coef", "l0", "fvu", "dead", "mmcs_gt", "sel"]
-    assert printed.count("│ relu │") == 2 and "12.50" in printed and "0.950" in printed
+    rows = [line.split() for line in printed.splitlines() if line.strip().startswith("relu ")]
+    assert rows == [["relu", "64", "1", "12.50", "0.2500", "0.000", "0.950", "*"],
+                    ["relu", "64", "2", "12.50", "0.2500", "0.000", "0.950"]]
     assert "failed relu-n64-l1_4-lr0.003-s0: trainer w0-t0 failed: NaN" in printed
     assert "/out/dictionaries" in printed and "mlflow ui --backend-store-uri sqlite:///m.db" in printed
     assert all(len(line) <= 80 for line in printed.splitlines())
+
+
+def test_widest_table_fits_80_columns_and_reasons_wrap_below(capsys):
+    """Every optional column, the longest architecture name and sizes: nothing cut; the reasons
+    (`why`) go under the table and wrap there."""
+    points = [GridPoint("batchtopk", 1_048_576, 0.003, 0, k=128), GridPoint("jumprelu", 65_536, 0.003, 0, l1_coef=0.25)]
+    result = result_of(*points)
+    for outcome in result.finished.values():
+        outcome.metrics.update(l0=1234.56, loss_recovered=0.876)
+    result.why = {points[0].name: "Pareto-best of its size at L0 1234.56 within the band 1000-1500 asked for"}
+    print_sweep(result)
+    printed = capsys.readouterr().out
+    lines = printed.splitlines()
+    assert all(len(line) <= 80 for line in lines) and "…" not in printed
+    assert header(printed) == ["arch", "n_latents", "l1/k", "l0", "fvu", "dead", "mmcs_gt", "loss_rec", "sel"]
+    assert any(line.split()[:2] == ["batchtopk", "1048576"] and line.split()[-1] == "*" for line in lines)
+    assert f"* {points[0].name}: Pareto-best of its size" in printed and "asked for" in printed
 
 
 def test_mixed_sweep_names_both_sparsity_settings(capsys):

@@ -28,6 +28,7 @@ BASE = {
     "train": {"tokens": 12_800, "batch_rows": 256, "lr_warmup_steps": 5, "log_every_tokens": 2560,
               "eval_tokens": 2048, "kernel": "bmm"},
     "stream": {"shuffle_shards": 2},
+    "select": {"l0": [1, 16], "max_fvu": 1.0, "max_dead_fraction": 1.0},  # 12.8k tokens: lenient bounds
 }
 
 
@@ -43,18 +44,27 @@ def eval_fvu(dictionary, dataset):
     return float(residual / (rows - rows.mean(0)).pow(2).sum())
 
 
-def test_sweep_end_to_end(tmp_path, monkeypatch, ray_local):
+def test_sweep_end_to_end(tmp_path, monkeypatch, ray_local, capsys):
     monkeypatch.chdir(tmp_path)
     spec = load_spec(write_spec(tmp_path, "e2e"))
     result = run_sweep(spec)
 
+    # the console showed every step, the training bar's time left and the best and worst SAE
+    printed = capsys.readouterr().out
+    for shown in ("writing 20,000 + 2,048 synthetic rows to", "wave 1/1 evaluating", "100%", "0:00:00 left",
+                  "best  ", "worst ", f"exporting {len(result.selected)} dictionaries to", "recording in MLflow"):
+        assert shown in printed, shown
+    assert "warning:" not in printed and "View run" not in printed
     assert len(result.finished) == 6 and not result.failed  # 2 sizes x (2 relu l1 + 1 topk k)
     index = json.loads((tmp_path / "dictionaries/e2e/index.json").read_text())
     assert {entry["path"] for entry in index} == result.selected and all(e["selected"] for e in index)
-    # per size, the selection is the Pareto front: nothing selected is beaten on both l0 and fvu
+    # per size, the selection is the lowest fvu among the SAEs inside the L0 band, with its reason
+    assert sorted(entry["n_latents"] for entry in index) == [32, 64]
     for entry in index:
-        same_size = [r.metrics for r in result.finished.values() if r.point.n_latents == entry["n_latents"]]
-        assert not any(m["l0"] < entry["metrics"]["l0"] and m["fvu"] < entry["metrics"]["fvu"] for m in same_size)
+        same_size = [r.metrics for r in result.finished.values() if r.point.n_latents == entry["n_latents"]
+                     and 1 <= r.metrics["l0"] <= 16]
+        assert entry["metrics"]["fvu"] == min(m["fvu"] for m in same_size)
+        assert entry["why"].startswith(f"best fvu {entry['metrics']['fvu']:.3g} of n={entry['n_latents']} inside L0 [1, 16]")
         assert {"fvu", "mse", "l0", "dead_fraction", "mmcs_ground_truth", "mmcs_learned", "decoder_norm_mean",
                 "decoder_norm_std", "decoder_norm_min", "decoder_norm_max"} == set(entry["metrics"])
         assert entry["k"] is None if entry["architecture"] == "relu" else entry["l1_coef"] is None
@@ -78,11 +88,24 @@ def test_sweep_end_to_end(tmp_path, monkeypatch, ray_local):
     history = client.get_metric_history(child.info.run_id, "fvu")
     assert [m.step for m in history] == [2560, 5120, 7680, 10240, 12800]
     assert {"eval/fvu", "eval/l0", "eval/mmcs_ground_truth", "dead_fraction", "loss"} <= set(child.data.metrics)
+    # training curves in the eval metrics' units: the last batches' mse is near the eval mse (raw, per element)
+    last_mse = client.get_metric_history(child.info.run_id, "mse")[-1].value
+    assert 0.5 < last_mse / child.data.metrics["eval/mse"] < 2
+    # every SAE says why it was or was not selected
+    assert {r.data.tags["dictsweep.why"] for r in children} == set(result.why.values())
+    assert all(r.data.tags["dictsweep.why"] == result.why[r.data.tags["dictsweep.point"]] for r in children)
     assert [a.path for a in client.list_artifacts(child.info.run_id)] == ["dictionary", "plots"]
     assert [a.path for a in client.list_artifacts(child.info.run_id, "plots")] == ["plots/density_and_norms.png"]
     assert {"eval/decoder_norm_mean", "eval/decoder_norm_max"} <= set(child.data.metrics)
     parent = [r for r in runs if r.data.tags.get("dictsweep.role") == "sweep"][0]
     assert any(key.startswith("mmcs_sizes.relu.n32_in_n64") for key in parent.data.metrics)
+    # the sweep's run compares its SAEs; the experiment opens as model training at the printed address
+    assert {"saes.csv", "saes.json", "pareto.png"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
+    table = json.loads(open(client.download_artifacts(parent.info.run_id, "saes.json", str(tmp_path))).read())
+    assert sorted(row["name"] for row in table) == sorted(result.finished)
+    assert {row["name"] for row in table if row["selected"]} == result.selected
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert result.tracking_url.startswith(f"http://127.0.0.1:5000/#/experiments/{experiment.experiment_id}/runs?")
     versions = client.search_model_versions("name = 'e2e'")
     assert len(versions) == len(result.selected)
 
@@ -92,6 +115,7 @@ def test_sweep_end_to_end(tmp_path, monkeypatch, ray_local):
     by_path = {entry["path"]: entry for entry in index}
     for entry in entries:
         assert (tmp_path / "pulled" / entry["path"] / "sae_weights.safetensors").exists()
+        assert entry["why"] == result.why[entry["path"]]
         if entry["path"] in by_path:  # pull's index.json says what the run's said
             assert entry["metrics"] == pytest.approx(by_path[entry["path"]]["metrics"])
 
@@ -178,3 +202,22 @@ def test_bad_spec_field_exits_2_naming_it(tmp_path):
     out = subprocess.run([sys.executable, "-m", "dictsweep.cli", "run", path, "--set", "grid.n_latents=[8]",
                           "--set", "train=3"], capture_output=True, text=True)
     assert out.returncode == 2 and "field 'train'" in out.stderr
+
+
+def test_l0_targets_end_to_end(tmp_path, monkeypatch, ray_local):
+    """relu SAEs steered to L0 targets: index.json and MLflow give the target and the final coefficient."""
+    monkeypatch.chdir(tmp_path)
+    spec = load_spec(write_spec(tmp_path, "targets", grid__architecture=["relu"], grid__n_latents=[32],
+                                grid__target_l0=[2.0, 6.0], grid__lr=None, train__tokens=51_200))
+    result = run_sweep(spec)
+    assert sorted(r.point.target_l0 for r in result.finished.values()) == [2.0, 6.0]
+    coefficients = {name: r.point.l1_coef for name, r in result.finished.items()}
+    assert all(value is not None and value != 1.0 for value in coefficients.values())  # steered from 1
+    by_target = {r.point.target_l0: r.point.l1_coef for r in result.finished.values()}
+    assert by_target[2.0] > by_target[6.0]  # the sparser target needed the larger coefficient
+    entries = pull("targets", str(tmp_path / "pulled"), include_all=True)
+    for entry in entries:
+        assert entry["target_l0"] in (2.0, 6.0)
+        assert entry["l1_coef"] == pytest.approx(coefficients[entry["path"]])
+    [selected] = json.loads((tmp_path / "dictionaries/targets/index.json").read_text())
+    assert selected["target_l0"] in (2.0, 6.0) and selected["l1_coef"] == pytest.approx(coefficients[selected["path"]])

@@ -186,10 +186,11 @@ def test_compile_is_tried_only_when_the_planned_steps_repay_it():
 
 def test_choose_kernel_weighs_the_build_against_the_planned_steps(monkeypatch):
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
-    kernel, timings = kernels.choose_kernel("relu", 16, 64, MEMBERS, 64, total_steps=10)
+    kernel, decode, timings = kernels.choose_path("relu", 16, 64, MEMBERS, 64, total_steps=10)
     assert set(timings) == {"bmm", "loop"} and kernel == min(timings, key=timings.get)  # not worth trying
-    kernel, timings = kernels.choose_kernel("relu", 16, 64, MEMBERS, 64, candidates=("bmm", "compile"),
-                                            total_steps=10)
+    assert decode == "auto"  # CPUs keep the density rule
+    kernel, _, timings = kernels.choose_path("relu", 16, 64, MEMBERS, 64, candidates=("bmm", "compile"),
+                                             total_steps=10)
     assert timings["compile_seconds"] > 0 and timings["compile"] > 0
     assert kernel == "bmm"  # ten steps never repay a build
 
@@ -216,3 +217,27 @@ def test_bench_train_covers_architectures_and_decoders(architecture):
     assert result["architecture"] == architecture
     assert set(result["candidates"]) == {"bmm/dense", "bmm/sparse"}
     assert result["max_abs_weight_diff_vs_reference"] < 1e-5
+
+
+def test_a_candidate_that_raises_is_dropped_with_a_note(monkeypatch, capsys):
+    step = EnsembleTrainer.step
+
+    def loop_fails(trainer, batch):
+        if trainer.ensemble.kernel == "loop":
+            raise RuntimeError("no such kernel here\nsecond line")
+        step(trainer, batch)
+
+    monkeypatch.setattr(EnsembleTrainer, "step", loop_fails)
+    kernel, decode, timings = kernels.choose_path("relu", 16, 64, MEMBERS, 64, total_steps=10)
+    assert (kernel, decode) == ("bmm", "auto") and set(timings) == {"bmm"}
+    assert capsys.readouterr().out == "kernel choice: loop dropped (RuntimeError: no such kernel here)\n"
+    monkeypatch.setattr(EnsembleTrainer, "step", lambda trainer, batch: 1 / 0)
+    with pytest.raises(ZeroDivisionError):  # nothing can run: the error is the sweep's
+        kernels.choose_path("relu", 16, 64, MEMBERS, 64, total_steps=10)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
+def test_bench_train_on_a_missing_device_is_invalid_input():
+    out = subprocess.run([sys.executable, "-m", "dictsweep.cli", "bench", "train", "--device", "cuda"],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and "--device: 'cuda' is not available here" in out.stderr

@@ -19,8 +19,10 @@ def grid_keys() -> dict[str, HyperParameter]:
 
 
 def member_from_params(params: dict) -> Member:
-    """The `Member` of a grid point's params (`GridPoint.params()`): unset keys are 0."""
-    settings = {key: parameter.kind(params.get(key) or 0) for key, parameter in grid_keys().items()}
+    """The `Member` of a grid point's params (`GridPoint.params()`): unset keys are 0 (a key that replaces
+    another is the steering trainer's, not the member's)."""
+    settings = {key: parameter.kind(params.get(key) or 0) for key, parameter in grid_keys().items()
+                if parameter.replaces is None}
     return Member(lr=params["lr"], seed=params["seed"], **settings)
 
 

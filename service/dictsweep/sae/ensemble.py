@@ -20,8 +20,9 @@ from typing import ClassVar, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from dictsweep.sae.hyperparameters import L1_COEF, HyperParameter
+from dictsweep.sae.hyperparameters import L1_COEF, TARGET_L0, HyperParameter
 from dictsweep.sae.metrics import fvu, l0_from_counts, squared_error
+from dictsweep.sae.sparse_decode import sparse_decode, triton_available
 
 SPARSE_DECODE_MAX_DENSITY = 1 / 32  # decode="auto": gather when k <= this fraction of n_latents (CPU crossover)
 AUXK_COEF = 1 / 32  # Gao et al. 2024
@@ -65,6 +66,11 @@ class EnsembleOutput(NamedTuple):
 ARCHITECTURES: dict[str, type["Ensemble"]] = {}
 
 
+def use_triton(values: Tensor) -> bool:
+    """Whether the sparse decode of `values` runs the Triton kernel: on CUDA tensors where Triton imports."""
+    return values.is_cuda and triton_available()
+
+
 def register(name: str):
     """Class decorator: makes an ensemble class available under its architecture name."""
 
@@ -93,7 +99,7 @@ class Ensemble(nn.Module):
     decoder_init_norm: ClassVar[float] = 0.1
     unit_norm_decoder: ClassVar[bool] = False
     dead_latents: ClassVar[str] = "none"  # how training revives dead latents: none, auxk, resample
-    hyperparameters: ClassVar[tuple[HyperParameter, ...]] = (L1_COEF,)  # its grid keys besides lr and seed
+    hyperparameters: ClassVar[tuple[HyperParameter, ...]] = (L1_COEF, TARGET_L0)  # its grid keys besides lr and seed
     sparsity_key: ClassVar[str] = "l1_coef"  # the grid key that sets its sparsity: hyperparameters[0]'s
 
     def __init__(self, d_model: int, n_latents: int, members: list[Member], kernel: str = "bmm",
@@ -167,14 +173,19 @@ class Ensemble(nn.Module):
         """Sum of the selected decoder rows weighted by their values, `[K, B, d_model]`, never
         materialising `[K, B, n_latents]` latents (forward or backward).
 
-        The stack is one table `[K * n_latents, d_model]`; member i's indices are offset by i * n.
+        On GPUs a Triton kernel (`sparse_decode.py`); on CPUs `embedding_bag`, where the stack is
+        one table `[K * n_latents, d_model]`; member i's indices are offset by i * n.
         """
+        if use_triton(values):  # GPUs: the Triton kernel reads the fp32 table, accumulates in fp32
+            return sparse_decode(values, indices, self.W_dec)
         n_members, rows, k = indices.shape
         offsets = torch.arange(n_members, device=indices.device).view(-1, 1, 1) * self.n_latents
-        table = self.W_dec.reshape(-1, self.d_model).to(values.dtype)  # [K * n_latents, d_model]
+        # CUDA's embedding_bag has no bf16 backward: there (no Triton) it gathers in fp32
+        dtype = torch.float32 if values.is_cuda else values.dtype
+        table = self.W_dec.reshape(-1, self.d_model).to(dtype)  # [K * n_latents, d_model]
         out = nn.functional.embedding_bag((indices + offsets).view(-1, k), table, mode="sum",
-                                          per_sample_weights=values.reshape(-1, k))  # [K * B, d_model]
-        return out.view(n_members, rows, self.d_model)
+                                          per_sample_weights=values.reshape(-1, k).to(dtype))  # [K * B, d_model]
+        return out.view(n_members, rows, self.d_model).to(values.dtype)
 
     def densify(self, values: Tensor, indices: Tensor) -> Tensor:
         """Dense `[K, B, n_latents]` latents from `[K, B, k]` values and indices."""

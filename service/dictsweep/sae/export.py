@@ -84,22 +84,102 @@ class Dictionary(nn.Module):
 
 
 def read_dictionary(read: Callable[[str], bytes | None], where: str) -> Dictionary:
-    """A dictionary from its files; `read(name)` gives a file's bytes or None when it is absent."""
-    raw_config = read("cfg.json")
-    if raw_config is None:
-        raise InputError(f"{where} has no cfg.json: not an exported dictionary, or its export did not finish")
-    config = json.loads(raw_config)
-    architecture = config.get("architecture")
-    if architecture not in WEIGHT_NAMES:
-        raise InputError(f"{where}/cfg.json: field 'architecture' is {architecture!r}; "
-                         f"expected one of {sorted(WEIGHT_NAMES)}")
-    raw_weights = read("sae_weights.safetensors")
-    if raw_weights is None:
-        raise InputError(f"{where} has cfg.json but no sae_weights.safetensors")
-    weights = load_safetensors(raw_weights)
-    missing = set(WEIGHT_NAMES[architecture]) - set(weights)
-    if missing:
-        raise InputError(f"{where}/sae_weights.safetensors lacks {sorted(missing)}")
-    raw_sparsity = read("sparsity.safetensors")
-    sparsity = load_safetensors(raw_sparsity)["sparsity"] if raw_sparsity is not None else None
+    """A dictionary from its files; `read(name)` gives a file's bytes or None when it is absent.
+
+    The files may come from anywhere: cfg.json is checked against the tensors (shapes, dtypes, `k`,
+    booleans), and every error is an InputError naming the file and the field.
+    """
+    config = read_config(read("cfg.json"), f"{where}/cfg.json")
+    architecture, d_in, d_sae = config["architecture"], config["d_in"], config["d_sae"]
+    weights = read_tensors(read("sae_weights.safetensors"), f"{where}/sae_weights.safetensors", required=True)
+    shapes = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,), "threshold": (d_sae,)}
+    check_tensors(weights, {name: shapes[name] for name in WEIGHT_NAMES[architecture]},
+                  f"{where}/sae_weights.safetensors", d_in, d_sae)
+    sparsity = read_tensors(read("sparsity.safetensors"), f"{where}/sparsity.safetensors", required=False)
+    if sparsity is not None:
+        check_tensors(sparsity, {"sparsity": (d_sae,)}, f"{where}/sparsity.safetensors", d_in, d_sae, finite=False)
+        sparsity = sparsity["sparsity"]
     return Dictionary(config, weights, sparsity)
+
+
+JSON_KINDS = {bool: "true or false", int: "an integer", str: "a string", dict: "an object"}
+FLOAT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+def read_config(raw: bytes | None, where: str) -> dict:
+    """cfg.json parsed and its fields checked (types and ranges; the tensors are checked after)."""
+    if raw is None:
+        raise InputError(f"{where} is missing: not an exported dictionary, or its export did not finish")
+    try:
+        config = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise InputError(f"{where} is not valid JSON ({error})") from None
+    if not isinstance(config, dict):
+        raise InputError(f"{where}: expected a JSON object, found {type(config).__name__}")
+
+    def field(name: str, kind: type, required: bool = True):
+        value = config.get(name)
+        if value is None:
+            if required:
+                raise InputError(f"{where}: field {name!r} is missing")
+            return None
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise InputError(f"{where}: field {name!r} must be {JSON_KINDS[kind]}, found {value!r}")
+        return value
+
+    architecture = field("architecture", str)
+    if architecture not in WEIGHT_NAMES:
+        raise InputError(f"{where}: field 'architecture' is {architecture!r}; expected one of {sorted(WEIGHT_NAMES)}")
+    for name in ("d_in", "d_sae"):
+        if field(name, int) <= 0:
+            raise InputError(f"{where}: field {name!r} must be > 0, found {config[name]}")
+    dtype = field("dtype", str, required=False)
+    if dtype is not None and dtype.removeprefix("torch.") not in FLOAT_DTYPES:
+        raise InputError(f"{where}: field 'dtype' is {dtype!r}; expected one of {sorted(FLOAT_DTYPES)}")
+    for name in ("apply_b_dec_to_input", "rescale_acts_by_decoder_norm"):
+        field(name, bool, required=False)
+    if config.get("rescale_acts_by_decoder_norm"):
+        raise InputError(f"{where}: field 'rescale_acts_by_decoder_norm' is true, which this loader does not "
+                         "apply; load the folder with SAELens instead")
+    for name in ("normalize_activations", "reshape_activations"):
+        if field(name, str, required=False) not in (None, "none"):
+            raise InputError(f"{where}: field {name!r} is {config[name]!r}; this loader reads only 'none' "
+                             "(dictsweep folds the scale into the weights); load the folder with SAELens instead")
+    field("metadata", dict, required=False)
+    if architecture == "topk":
+        k = field("k", int)
+        if not 0 < k <= config["d_sae"]:
+            raise InputError(f"{where}: field 'k' is {k}; a topk dictionary needs 0 < k <= d_sae ({config['d_sae']})")
+    return config
+
+
+def read_tensors(raw: bytes | None, where: str, required: bool) -> dict[str, Tensor] | None:
+    """The tensors of a safetensors file (None when absent and not required)."""
+    if raw is None:
+        if required:
+            raise InputError(f"{where} is missing: the dictionary has no weights")
+        return None
+    try:
+        return load_safetensors(raw)
+    except Exception as error:  # safetensors raises its own error types for bad files
+        raise InputError(f"{where}: not a readable safetensors file ({error})") from None
+
+
+def check_tensors(tensors: dict[str, Tensor], shapes: dict[str, tuple[int, ...]], where: str, d_in: int,
+                  d_sae: int, finite: bool = True) -> None:
+    """Each named tensor present, floating, of the shape cfg.json implies (and finite); one dtype for all."""
+    missing = sorted(set(shapes) - set(tensors))
+    if missing:
+        raise InputError(f"{where} lacks {missing}")
+    for name, shape in shapes.items():
+        tensor = tensors[name]
+        if tensor.dtype not in FLOAT_DTYPES.values():
+            raise InputError(f"{where}: tensor {name!r} is {tensor.dtype}; expected a float dtype")
+        if tuple(tensor.shape) != shape:
+            raise InputError(f"{where}: tensor {name!r} has shape {list(tensor.shape)}, but cfg.json "
+                             f"(d_in={d_in}, d_sae={d_sae}) implies {list(shape)}")
+        if finite and not bool(torch.isfinite(tensor).all()):
+            raise InputError(f"{where}: tensor {name!r} holds NaN or infinite values")
+    dtypes = {name: str(tensors[name].dtype).removeprefix("torch.") for name in shapes}
+    if len(set(dtypes.values())) > 1:
+        raise InputError(f"{where}: tensors of different dtypes {dtypes}; a dictionary's weights share one dtype")

@@ -10,6 +10,7 @@ import io
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from torch import Tensor
 
 NEVER_FIRED = -10.0  # what `FiringTracker.log10_frequency` gives a latent that never fired
@@ -23,16 +24,24 @@ def decoder_norm_stats(decoder: Tensor) -> dict[str, float]:
 
 
 def histogram_range(values: Tensor) -> tuple[float, float] | None:
-    """A range for `hist` that is never empty: unit-norm decoders give norms all equal to 1."""
+    """A range for `hist` that is never empty: unit-norm decoders give norms all equal to 1, shown
+    within +-5% of that value (a narrower range would need 4-5 digit tick labels that overlap)."""
     if values.numel() == 0:
         return None
     low, high = float(values.min()), float(values.max())
-    pad = max(1e-3 * max(abs(low), abs(high)), 1e-6) if high - low < 1e-6 * max(1.0, abs(high)) else 0.0
+    pad = max(0.05 * max(abs(low), abs(high)), 0.05) if high - low < 1e-3 * max(1.0, abs(high)) else 0.0
     return low - pad, high + pad
 
 
 def member_plot(log10_frequency: Tensor, decoder: Tensor, title: str = "") -> bytes:
-    """PNG of one SAE: histogram of log10 firing frequency (never-fired latents counted apart) and
+    """PNG bytes of `member_figure`."""
+    buffer = io.BytesIO()
+    member_figure(log10_frequency, decoder, title).savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def member_figure(log10_frequency: Tensor, decoder: Tensor, title: str = "") -> Figure:
+    """One SAE: histogram of log10 firing frequency (never-fired latents counted apart) and
     histogram of decoder row norms with their statistics."""
     frequency = log10_frequency.detach().float().cpu()  # [n_latents]
     fired = frequency[frequency > NEVER_FIRED]
@@ -46,12 +55,12 @@ def member_plot(log10_frequency: Tensor, decoder: Tensor, title: str = "") -> by
     density.set_title(f"feature density ({len(frequency) - len(fired)} of {len(frequency)} never fired)")
     norm_axes.hist(norms.numpy(), bins=50, range=histogram_range(norms), color="tab:orange")
     norm_axes.set_xlabel("decoder row norm")
+    norm_axes.xaxis.set_major_locator(MaxNLocator(nbins=5))  # few, short labels: they never overlap
+    norm_axes.ticklabel_format(axis="x", useOffset=False)
     stats = decoder_norm_stats(decoder)
     norm_axes.set_title("mean {decoder_norm_mean:.3g}, std {decoder_norm_std:.2g}, "
                         "min {decoder_norm_min:.3g}, max {decoder_norm_max:.3g}".format(**stats))
     if title:
         figure.suptitle(title)
     figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    return buffer.getvalue()
+    return figure

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 from typing import Literal
 
 import numpy as np
@@ -62,12 +63,14 @@ class ActivationDataset:
         """Where a shard lives."""
         return fs.join(self.uri, info.path)
 
-    def read_shard_bytes(self, index: int, split: Split = "train") -> bytearray:
-        """The bytes of one shard, checked against the manifest's size and sha256."""
+    def read_shard_bytes(self, index: int, split: Split = "train",
+                         buffer: bytearray | None = None) -> bytearray | memoryview:
+        """The bytes of one shard, checked against the manifest's size and sha256 (read into
+        `buffer` when it is large enough: see `fs.read_bytearray`)."""
         info = self.shards(split)[index]
         where = f"shard {info.path} of {self.uri}"
         try:
-            data = fs.read_bytearray(self.shard_uri(info), info.bytes)
+            data = fs.read_bytearray(self.shard_uri(info), info.bytes, buffer)
         except FileNotFoundError:
             raise DatasetError(f"{where} is missing: the dataset is incomplete; "
                                "copy or write it again") from None
@@ -92,6 +95,11 @@ class ActivationDataset:
         if len(acts) != info.rows:
             raise DatasetError(f"shard {info.path} of {self.uri}: {len(acts)} rows, the manifest "
                                f"says {info.rows}: the manifest does not describe this shard")
+        bad = first_non_finite(acts)
+        if bad is not None:
+            row, column, value = bad
+            raise DatasetError(f"shard {info.path} of {self.uri}: row {row} holds {value} (column {column}); "
+                               "activations must be finite: fix what wrote the shard and write it again")
         return (acts, extra) if columns else acts
 
     def read_shard(self, index: int, split: Split = "train",
@@ -102,7 +110,10 @@ class ActivationDataset:
     def mean_sq_norm(self) -> float:
         """Mean squared L2 norm of the train rows (manifest stats, else the first few shards)."""
         stats = self.manifest.stats or {}
-        if isinstance(stats.get("mean_sq_norm"), (int, float)):
+        if isinstance(stats.get("mean_sq_norm"), (int, float)) and not isinstance(stats["mean_sq_norm"], bool):
+            if not 0 < stats["mean_sq_norm"] < math.inf:
+                raise DatasetError(f"{fs.join(self.uri, 'manifest.json')}: field 'stats.mean_sq_norm' is "
+                                   f"{stats['mean_sq_norm']}; it must be a finite number > 0 (or absent)")
             return float(stats["mean_sq_norm"])
         if self._mean_sq_norm is None:
             total, rows = 0.0, 0
@@ -272,6 +283,21 @@ def write_manifest(uri: str, d_model: int, dtype: str, shards: list[ShardInfo], 
                         eval_shards=eval_shards, source=source, stats=stats, ground_truth=ground_truth)
     fs.write_text(fs.join(uri, MANIFEST_NAME), manifest.to_json())
     return manifest
+
+
+def first_non_finite(acts: torch.Tensor) -> tuple[int, int, float] | None:
+    """(row, column, value) of the first NaN or infinite value of `acts` [rows, d_model], else None.
+
+    One pass without a temporary for the usual, finite shard: NaN propagates through min/max and an
+    infinity is the min or the max; only a bad shard pays for finding the place.
+    """
+    if not acts.numel():
+        return None
+    low, high = torch.aminmax(acts)
+    if math.isfinite(float(low)) and math.isfinite(float(high)):
+        return None
+    row, column = (~torch.isfinite(acts)).nonzero()[0].tolist()
+    return row, column, float(acts[row, column])
 
 
 def sum_sq_norms(acts: torch.Tensor, chunk_rows: int = 65536) -> float:

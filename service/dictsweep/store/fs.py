@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import uuid
 
 import fsspec
@@ -24,8 +25,12 @@ class StorageError(InputError):
 
 
 def explain(uri: str, error: BaseException) -> StorageError | None:
-    """A missing bucket or denied access as an error naming the URI and what to do; None otherwise."""
+    """A missing bucket, denied access or missing credentials as an error naming the URI and what to do;
+    None otherwise."""
     text = str(error)
+    if type(error).__name__ in ("NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"):
+        return StorageError(f"{uri}: no storage credentials ({text}); set AWS_ACCESS_KEY_ID and "
+                            "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), or give the machine a role that may read it")
     if isinstance(error, FileNotFoundError) and ("bucket does not exist" in text or "NoSuchBucket" in text):
         bucket = uri.split("://", 1)[-1].split("/", 1)[0]
         return StorageError(f"{uri}: the bucket {bucket!r} does not exist (create it, or correct the URI)")
@@ -38,12 +43,12 @@ def explain(uri: str, error: BaseException) -> StorageError | None:
 
 
 def checked(function):
-    """Turn a missing bucket or denied access in `function(uri, ...)` into a StorageError."""
+    """Turn a missing bucket, denied access or missing credentials in `function(uri, ...)` into a StorageError."""
     @functools.wraps(function)
     def call(uri: str, *args, **kwargs):
         try:
             return function(uri, *args, **kwargs)
-        except OSError as error:
+        except Exception as error:  # OSError, or botocore's own errors (missing credentials)
             problem = explain(uri, error)
             if problem is None:
                 raise
@@ -92,6 +97,22 @@ def join(uri: str, *parts: str) -> str:
 
 
 @checked
+def check_access(uri: str) -> None:
+    """StorageError unless the storage holding `uri` can be used with the credentials at hand: for
+    an object store, its bucket exists and answers (nothing need exist under `uri` yet)."""
+    fs, path = resolve(uri)
+    if isinstance(fs, LocalFileSystem):
+        return
+    bucket = path.split("/", 1)[0]
+    try:
+        fs.ls(path)  # raises for missing credentials or denied access
+    except FileNotFoundError:
+        pass  # nothing there yet
+    if not fs.exists(bucket):
+        raise FileNotFoundError(f"the bucket does not exist: {bucket}")
+
+
+@checked
 def exists(uri: str) -> bool:
     """Whether a file (object) exists at `uri`."""
     fs, path = resolve(uri)
@@ -106,29 +127,37 @@ def read_bytes(uri: str) -> bytes:
 
 
 @checked
-def read_bytearray(uri: str, size: int) -> bytearray:
-    """The whole file at `uri` in a writable buffer (a local file is read into it in place)."""
+def read_bytearray(uri: str, size: int, buffer: bytearray | None = None) -> bytearray | memoryview:
+    """The whole file at `uri` in a writable buffer (a local file is read into it in place).
+
+    With `buffer` (reused by a caller that reads file after file), a file of exactly `size` bytes
+    comes back as a view of its first `size` bytes: touching fresh memory costs more than a copy.
+    """
     fs, path = resolve(uri)
+    reuse = buffer is not None and len(buffer) >= size
     if not isinstance(fs, LocalFileSystem):
         # one GET of the whole object: a remote file object would first ask for its size (HEAD),
         # then fetch it block by block (5 MB ranges on S3), one round trip after another
-        return bytearray(fs.cat_file(path))
-    buffer = bytearray(size)
+        data = fs.cat_file(path)
+        if reuse and len(data) == size:
+            buffer[:size] = data
+            return memoryview(buffer)[:size]
+        return bytearray(data)
+    buffer = buffer if reuse else bytearray(size)
     view = memoryview(buffer)
     filled = 0
     with fs.open(path, "rb") as file:
         while filled < size:
-            count = file.readinto(view[filled:])
+            count = file.readinto(view[filled:size])
             if not count:
                 break
             filled += count
         rest = file.read() if filled == size else b""
+    if filled == size and not rest:
+        return buffer if len(buffer) == size else view[:size]
+    data = bytearray(view[:filled]) + rest  # not the size the caller expected: it reports that
     view.release()
-    if filled < size:
-        del buffer[filled:]
-    elif rest:
-        buffer += rest
-    return buffer
+    return data
 
 
 @checked
@@ -168,6 +197,15 @@ def remove(uri: str) -> None:
         fs.rm_file(path)
 
 
+@checked
+def list_files(uri: str) -> list[str]:
+    """The files under the folder `uri`, as URIs, sorted ([] when there is none)."""
+    fs, path = resolve(uri)
+    if not fs.exists(path):
+        return []
+    return sorted(join(uri, os.path.relpath(found, path)) for found in fs.find(path))
+
+
 def write_files(uri: str, files: dict[str, bytes]) -> None:
     """Write a folder's files in the mapping's order (put the file that marks it complete last)."""
     for name, data in files.items():
@@ -192,3 +230,16 @@ def copy_folder(source: str, destination: str) -> None:
     files.sort(key=lambda path: os.path.basename(path) in ("cfg.json", "manifest.json"))
     for path in files:
         write_bytes(join(destination, os.path.relpath(path, source_path)), source_fs.cat_file(path))
+
+
+FOLDER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+=-]{0,199}")
+
+
+def folder_name(name: object, where: str) -> str:
+    """`name` if it is safe as one folder name (letters, digits, `._+=-`, not starting with a dot or
+    dash), else an InputError naming `where`: a name from outside (an MLflow tag, index.json) never
+    becomes a path separator, `..`, an absolute path or a hidden file."""
+    if not isinstance(name, str) or not FOLDER_NAME.fullmatch(name):
+        raise InputError(f"{where}: the name {name!r} is not a safe folder name (letters, digits and ._+=- only, "
+                         "starting with a letter or digit); refusing to use it as a path")
+    return name

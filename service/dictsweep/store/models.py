@@ -153,3 +153,59 @@ def capture_outputs(model: torch.nn.Module, hooks: list[str], stop_early: bool =
     finally:
         for handle in handles:
             handle.remove()
+
+
+# -- portable names in exports: the hub id and, where the family has one, the TransformerLens hook ----------
+# HF module path (as harvested by AutoModel, with or without the causal-LM wrapper's prefix) -> TL hook,
+# per model family (`config.model_type`); {n} is the layer
+TRANSFORMER_LENS_HOOKS = {
+    "gpt2": (r"(?:transformer\.)?h\.{n}", r"(?:transformer\.)?h\.{n}\.attn", r"(?:transformer\.)?h\.{n}\.mlp",
+             r"(?:transformer\.)?h\.{n}\.mlp\.act", r"(?:transformer\.)?h\.{n}\.ln_1", r"(?:transformer\.)?h\.{n}\.ln_2"),
+    "gpt_neox": (r"(?:gpt_neox\.)?layers\.{n}", r"(?:gpt_neox\.)?layers\.{n}\.attention",
+                 r"(?:gpt_neox\.)?layers\.{n}\.mlp", r"(?:gpt_neox\.)?layers\.{n}\.mlp\.act",
+                 r"(?:gpt_neox\.)?layers\.{n}\.input_layernorm", r"(?:gpt_neox\.)?layers\.{n}\.post_attention_layernorm"),
+    "llama": (r"(?:model\.)?layers\.{n}", r"(?:model\.)?layers\.{n}\.self_attn", r"(?:model\.)?layers\.{n}\.mlp",
+              None, r"(?:model\.)?layers\.{n}\.input_layernorm", r"(?:model\.)?layers\.{n}\.post_attention_layernorm"),
+}
+TRANSFORMER_LENS_HOOKS.update({family: TRANSFORMER_LENS_HOOKS["llama"]
+                               for family in ("gemma", "gemma2", "gemma3", "gemma3_text", "mistral")})
+TL_NAMES = ("blocks.{n}.hook_resid_post", "blocks.{n}.hook_attn_out", "blocks.{n}.hook_mlp_out",
+            "blocks.{n}.mlp.hook_post", "blocks.{n}.ln1.hook_normalized", "blocks.{n}.ln2.hook_normalized")
+
+
+def transformer_lens_hook(hook: str, model_type: str | None) -> str | None:
+    """The TransformerLens hook name of a harvested module path (`transformer.h.3` ->
+    `blocks.3.hook_resid_post`), or None where the family or the module has none. Without a
+    recorded model type (datasets from before it was recorded) the module path alone decides."""
+    import re
+
+    families = [model_type] if model_type else list(TRANSFORMER_LENS_HOOKS)
+    for family in families:
+        for pattern, name in zip(TRANSFORMER_LENS_HOOKS.get(family, ()), TL_NAMES):
+            found = pattern and re.fullmatch(pattern.format(n=r"(\d+)"), hook)
+            if found:
+                return name.format(n=found.group(1))
+    return None
+
+
+def hub_name(name_or_path: str) -> str:
+    """A model's name that means the same on any machine: the hub id as given, the `ORG/NAME` of a
+    folder in the Hugging Face cache (`models--ORG--NAME/snapshots/...`), else the folder's name."""
+    if not is_local(name_or_path) and not name_or_path.startswith((".", "/", "~")):
+        return name_or_path
+    path = os.path.abspath(os.path.expanduser(name_or_path))
+    for part in reversed(path.split(os.sep)):
+        if part.startswith("models--"):
+            return part.removeprefix("models--").replace("--", "/", 1)
+    return os.path.basename(path.rstrip(os.sep))
+
+
+def export_names(source: dict) -> dict:
+    """SAELens `metadata` naming of a dataset's source (manifest `source`): `model_name` (portable),
+    `hook_name` as harvested, and `hook_name_transformer_lens` where there is one."""
+    model, hook = source.get("model"), source.get("hook")
+    names = {"model_name": source.get("model_name") or (hub_name(model) if model else None), "hook_name": hook}
+    lens = transformer_lens_hook(hook, source.get("model_type")) if hook else None
+    if lens:
+        names["hook_name_transformer_lens"] = lens
+    return names

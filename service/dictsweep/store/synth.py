@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Literal, NamedTuple
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
-from dictsweep.errors import option_errors
+from dictsweep.errors import number_not_boolean, option_errors
 
 if TYPE_CHECKING:
     import torch
@@ -30,7 +30,7 @@ CORRELATION_RANK = 8  # rank of the random correlation between features (when co
 class SynthConfig(BaseModel):
     """What `dictsweep synth` generates."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     d_model: int = Field(64, gt=0, description="Width of each activation vector.")
     n_features: int = Field(512, gt=0, description="Number of ground-truth feature directions.")
@@ -46,6 +46,11 @@ class SynthConfig(BaseModel):
     dtype: Literal["float16", "bfloat16", "float32"] = Field(
         "float32", description="Stored dtype: float16, bfloat16 or float32.")
     seed: int = Field(0, ge=0, description="Random seed: the same seed gives the same dataset.")
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _numbers_are_not_booleans(cls, value, info: ValidationInfo):
+        return number_not_boolean(cls, info.field_name, value)
 
     @field_validator("active")
     @classmethod

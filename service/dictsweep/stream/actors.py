@@ -1,113 +1,162 @@
 """Ray actors that move activations from storage to trainers, read once per node.
 
-Readers (CPU) fetch and decode shards concurrently; one broadcaster per node mixes the rows of a
-window of shards (the shuffle buffer) and returns fixed-size batches as numpy arrays. Returned
-arrays live in the node's shared-memory object store, so every trainer on the node reads the same
-batch without a copy. bfloat16 travels as its 16-bit pattern (numpy has no bfloat16).
+A reader produces a whole window (the shuffle buffer: `shuffle_shards` shards) at a time: it
+fetches the window's shards concurrently, verifies and decodes each straight from its fetched
+bytes, and scatters their rows into the window's stream order in one pass. The window it returns
+lives once in the node's shared-memory object store; a batch is a list of `(window, start, stop)`
+pieces (`BatchPieces`), so every trainer on the node cuts its batches from the same bytes without
+a copy. bfloat16 travels as its 16-bit pattern (numpy has no bfloat16).
 """
 
 from __future__ import annotations
 
+import resource
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import pyarrow as pa
 import ray
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from dictsweep.store.dataset import ActivationDataset
 from dictsweep.stream.order import StreamOrder, Window
 
+NUMPY_DTYPES = {"float16": np.float16, "float32": np.float32, "bfloat16": np.int16}  # as stored in a window
+BatchPieces = list  # [(window ObjectRef, start, stop)]: batch = the rows window[start:stop], piece after piece
+
 
 def as_numpy(tensor) -> np.ndarray:
-    """A shard tensor as numpy without a copy (bfloat16 as uint16 bits)."""
+    """A shard tensor as numpy without a copy (bfloat16 as int16 bits)."""
     import torch
 
     return tensor.view(torch.int16).numpy() if tensor.dtype == torch.bfloat16 else tensor.numpy()
 
 
-@ray.remote(num_cpus=0.25)
-class ShardReader:
-    """Fetches, verifies and decodes shards of one dataset."""
+def stream_orders(dataset: ActivationDataset, batch_rows: int, shuffle_shards: int,
+                  seed: int) -> dict[str, StreamOrder | None]:
+    """The train order (shuffled windows) and the eval order (shards in order; None when the eval
+    split has fewer rows than one batch) that every reader and the driver share."""
+    return {
+        "train": StreamOrder([s.rows for s in dataset.shards("train")], batch_rows, shuffle_shards, seed),
+        "eval": StreamOrder([s.rows for s in dataset.shards("eval")], batch_rows, 1, seed, shuffle=False)
+        if dataset.n_eval_rows >= batch_rows else None,
+    }
 
-    def __init__(self, uri: str):
+
+class ReaderMemory:
+    """The buffers a reader fills window after window: touching fresh pages costs more than
+    copying into warm ones (a window and its shards' bytes are hundreds of MB)."""
+
+    def __init__(self):
+        self.window = np.empty(0, np.uint8)
+        self.shards: dict[int, bytearray] = {}  # position in the window -> bytes buffer
+
+    def reserve(self, dataset: ActivationDataset, shuffle_shards: int) -> None:
+        """Take (and touch) the largest buffers the dataset's windows need, before the first window."""
+        infos = dataset.shards("train") + dataset.shards("eval")
+        largest = sorted((info.rows for info in infos), reverse=True)[:shuffle_shards]
+        self.window_rows(sum(largest), dataset.d_model, NUMPY_DTYPES[dataset.dtype]).fill(0)
+        for position in range(min(shuffle_shards, len(infos))):
+            self.shard_bytes(position, max(info.bytes for info in infos))
+
+    def window_rows(self, rows: int, d_model: int, dtype: np.dtype) -> np.ndarray:
+        size = rows * d_model * np.dtype(dtype).itemsize
+        if self.window.nbytes < size:
+            self.window = np.empty(size, np.uint8)
+        return self.window[:size].view(dtype).reshape(rows, d_model)
+
+    def shard_bytes(self, position: int, size: int) -> bytearray:
+        if len(self.shards.get(position, b"")) < size:
+            self.shards[position] = bytearray(size)
+        return self.shards[position]
+
+
+def read_window(dataset: ActivationDataset, order: StreamOrder, window: Window, split: str,
+                pool: ThreadPoolExecutor | None = None, memory: ReaderMemory | None = None) -> tuple[np.ndarray, int]:
+    """A window's rows in stream order `[window.rows, d_model]` (stored dtype) and the bytes read.
+
+    Each shard is fetched, checked (size, sha256, rows, finite values) and decoded as a view of its
+    fetched bytes, then scattered to its rows' places in the window: one copy per row. With `pool`,
+    the shards of the window are handled concurrently (hashing, reads and numpy scatters release
+    the GIL). With `memory`, the result lives in its buffers until the next call.
+    """
+    shards = dataset.shards(split)
+    starts = np.cumsum([0] + [shards[shard].rows for shard in window.shards])
+    permutation = order.row_permutation(window)
+
+    def fetch(position: int) -> tuple[np.ndarray, int]:
+        shard = window.shards[position]
+        buffer = memory.shard_bytes(position, shards[shard].bytes) if memory is not None else None
+        data = dataset.read_shard_bytes(shard, split, buffer)
+        return as_numpy(dataset.decode(data, shard, split)), len(data)  # [shard rows, d_model], a view of `data`
+
+    if permutation is None and len(window.shards) == 1:
+        return fetch(0)  # the decoded shard as it is: no copy at all
+    place = np.arange(window.rows) if permutation is None else np.empty_like(permutation)
+    if permutation is not None:
+        place[permutation] = np.arange(window.rows)  # where each row of the concatenated shards goes
+    dtype, d_model = NUMPY_DTYPES[dataset.dtype], dataset.d_model
+    # [window rows, d_model]
+    rows_out = memory.window_rows(window.rows, d_model, dtype) if memory is not None else np.empty((window.rows, d_model), dtype)
+
+    def fill(position: int) -> int:
+        rows, read = fetch(position)
+        rows_out[place[starts[position]:starts[position + 1]]] = rows
+        return read
+
+    positions = range(len(window.shards))
+    read = sum(pool.map(fill, positions) if pool is not None else map(fill, positions))
+    return rows_out, read
+
+
+def batch_views(pieces: BatchPieces) -> list[np.ndarray]:
+    """The read-only views of a batch's rows, piece after piece (resolves the window references)."""
+    windows = ray.get([window for window, _, _ in pieces])
+    return [rows[start:stop] for rows, (_, start, stop) in zip(windows, pieces)]
+
+
+def whole_batch(pieces: BatchPieces) -> np.ndarray:
+    """A batch as one array `[batch_rows, d_model]`: a read-only view when it is one piece, else a copy."""
+    views = batch_views(pieces)
+    return views[0] if len(views) == 1 else np.concatenate(views)
+
+
+@ray.remote(num_cpus=0)
+class BatchAssembler:
+    """Joins window pieces into whole batches in the object store, for trainers that take a batch
+    as one array (one process per node: a task per batch would start worker after worker)."""
+
+    def batch(self, pieces: BatchPieces) -> np.ndarray:
+        return whole_batch(pieces)
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (shared object-store pages it touched included)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@ray.remote(num_cpus=0.25)
+class WindowReader:
+    """Produces whole windows of one dataset's stream, each read, checked and shuffled once."""
+
+    def __init__(self, uri: str, batch_rows: int, shuffle_shards: int, seed: int):
         self.dataset = ActivationDataset.open(uri)
+        self.orders = stream_orders(self.dataset, batch_rows, shuffle_shards, seed)
+        self.pool = ThreadPoolExecutor(shuffle_shards)
+        self.memory = ReaderMemory()  # a returned window is copied into the object store: reuse is safe
+        self.memory.reserve(self.dataset, shuffle_shards)
         self.bytes_read = 0
+        pa.float16().to_pandas_dtype()  # decoding's dtype lookup imports pandas: now, not in the first window
         self.seconds = 0.0
 
-    def read(self, index: int, split: str = "train") -> np.ndarray:
-        """Rows `[rows, d_model]` of shard `index` (checked against the manifest)."""
+    def window(self, split: str, sequence: int) -> np.ndarray:
+        """The rows `[window rows, d_model]` of window `sequence` of a split's stream, in stream order."""
         start = time.perf_counter()
-        data = self.dataset.read_shard_bytes(index, split)
-        self.bytes_read += len(data)
-        rows = as_numpy(self.dataset.decode(data, index, split))
+        order = self.orders[split]
+        rows, read = read_window(self.dataset, order, order.window(sequence), split, self.pool, self.memory)
+        self.bytes_read += read
         self.seconds += time.perf_counter() - start
         return rows
 
     def stats(self) -> dict:
-        return {"bytes_read": self.bytes_read, "read_seconds": self.seconds}
-
-
-@ray.remote(num_cpus=0.25)
-class Broadcaster:
-    """Produces batch j of the train or eval stream for every trainer on its node."""
-
-    def __init__(self, uri: str, batch_rows: int, shuffle_shards: int, seed: int, readers: int):
-        dataset = ActivationDataset.open(uri)
-        self.orders = {
-            "train": StreamOrder([s.rows for s in dataset.shards("train")], batch_rows, shuffle_shards, seed),
-            "eval": StreamOrder([s.rows for s in dataset.shards("eval")], batch_rows, 1, seed, shuffle=False)
-            if dataset.n_eval_rows >= batch_rows else None,
-        }
-        node = ray.get_runtime_context().get_node_id()
-        here = NodeAffinitySchedulingStrategy(node, soft=False)
-        # a reader that dies is restarted and its read retried: reads are idempotent
-        self.readers = [ShardReader.options(scheduling_strategy=here, max_restarts=-1, max_task_retries=-1).remote(uri)
-                        for _ in range(readers)]
-        self.next_reader = 0
-        self.pending: dict[tuple, list] = {}  # window key -> shard refs being read
-        self.cache: dict[tuple, np.ndarray] = {}  # window key -> its shuffled rows
-
-    def batch(self, index: int, split: str = "train") -> np.ndarray:
-        """Batch `index` of a split, `[batch_rows, d_model]` in the stored dtype."""
-        order = self.orders[split]
-        if order is None:
-            raise ValueError(f"the dataset's {split} split has fewer rows than one batch")
-        pieces = order.pieces(index)
-        self._prefetch(split, order, self._following(order, pieces[-1].window))
-        parts = [self._rows(split, order, piece.window)[piece.start:piece.stop] for piece in pieces]
-        return parts[0] if len(parts) == 1 else np.concatenate(parts)
-
-    def stats(self) -> dict:
-        """Bytes read from storage by this node's readers, and time spent reading."""
-        totals = {"bytes_read": 0, "read_seconds": 0.0}
-        for stats in ray.get([reader.stats.remote() for reader in self.readers]):
-            for key in totals:
-                totals[key] += stats[key]
-        return totals
-
-    # -- windows ---------------------------------------------------------------------------------
-    @staticmethod
-    def _following(order: StreamOrder, window: Window) -> Window:
-        windows = order.windows(window.epoch)
-        return windows[window.index + 1] if window.index + 1 < len(windows) else order.windows(window.epoch + 1)[0]
-
-    def _prefetch(self, split: str, order: StreamOrder, window: Window) -> None:
-        key = (split, window.epoch, window.index)
-        if key in self.cache or key in self.pending:
-            return
-        refs = []
-        for shard in window.shards:
-            refs.append(self.readers[self.next_reader].read.remote(shard, split))
-            self.next_reader = (self.next_reader + 1) % len(self.readers)
-        self.pending[key] = refs
-
-    def _rows(self, split: str, order: StreamOrder, window: Window) -> np.ndarray:
-        key = (split, window.epoch, window.index)
-        if key not in self.cache:
-            self._prefetch(split, order, window)
-            rows = np.concatenate(ray.get(self.pending.pop(key)))
-            permutation = order.row_permutation(window)
-            self.cache[key] = rows if permutation is None else rows[permutation]
-            for old in [k for k in self.cache if k[0] == split and k != key][:-1]:
-                del self.cache[old]  # keep this window and the one before it
-        return self.cache[key]
+        return {"bytes_read": self.bytes_read, "read_seconds": self.seconds, "peak_rss_mb": peak_rss_mb()}

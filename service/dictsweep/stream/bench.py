@@ -1,18 +1,25 @@
-"""`dictsweep bench stream`: how fast the readers move a dataset, against the store's line rate.
+"""`dictsweep bench stream`: how fast the readers and the stream move a dataset, against the store.
 
 In one run over the same shards: (1) a plain concurrent GET of the objects (threads, no checks:
-what the store can deliver), (2) the reader actors fetching, verifying (sha256, rows) and decoding
-them concurrently, and (3) the whole stream as trainers see it: a broadcaster's shuffled batches
-for one pass over the data.
+what the store can deliver, at the readers' concurrency), (2) the readers producing every window
+of one pass (fetch, verify, decode, shuffle, into the object store), and (3) the stream as
+trainers see it: N consumer actors on this node each taking every batch of one pass, as N GPUs
+would, copying its rows into a staging buffer of their own (as a trainer's host-to-device copy
+does), with the driver handing out window pieces under the same budget a sweep uses.
 """
 
 from __future__ import annotations
 
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import ray
 
 from dictsweep.store import fs
 from dictsweep.store.dataset import ActivationDataset
+from dictsweep.stream.actors import NUMPY_DTYPES, BatchPieces, batch_views, peak_rss_mb
 
 
 def plain_get(dataset: ActivationDataset, concurrency: int) -> tuple[int, float]:
@@ -24,48 +31,96 @@ def plain_get(dataset: ActivationDataset, concurrency: int) -> tuple[int, float]
     return total, time.perf_counter() - start
 
 
-def bench_stream(uri: str, readers: int = 4, batch_rows: int = 4096, shuffle_shards: int = 4,
-                 in_flight: int = 8) -> dict:
-    """Measure one dataset; returns the JSON-ready result."""
-    import ray
+@ray.remote(num_cpus=0)
+class Consumer:
+    """A trainer stand-in: takes batches as window pieces and copies their rows into its own buffer."""
 
+    def __init__(self, batch_rows: int, d_model: int, dtype: str):
+        self.staging = np.empty((batch_rows, d_model), NUMPY_DTYPES[dtype])  # [batch_rows, d_model]
+        self.rows = 0
+
+    def step(self, index: int, pieces: BatchPieces) -> int:
+        row = 0
+        for view in batch_views(pieces):
+            self.staging[row:row + len(view)] = view
+            row += len(view)
+        self.rows += row
+        return index
+
+    def stats(self) -> dict:
+        return {"rows": self.rows, "peak_rss_mb": peak_rss_mb()}
+
+
+def bench_stream(uri: str, readers: int = 2, batch_rows: int = 4096, shuffle_shards: int = 4,
+                 consumers: int = 1, windows: int = 3, in_flight: int = 8) -> dict:
+    """Measure one dataset; returns the JSON-ready result."""
+    from dictsweep.stream.actors import WindowReader, stream_orders
+    from dictsweep.stream.windows import WindowStream
     from dictsweep.cluster import start_ray
-    from dictsweep.stream.actors import Broadcaster, ShardReader
 
     dataset = ActivationDataset.open(uri)
     shards = dataset.shards("train")
+    order = stream_orders(dataset, batch_rows, shuffle_shards, 0)["train"]
     start_ray(None)
-    pool = [ShardReader.remote(uri) for _ in range(readers)]
+    pool = [WindowReader.remote(uri, batch_rows, shuffle_shards, 0) for _ in range(readers)]
     ray.get([reader.stats.remote() for reader in pool])  # started before the clock runs
-    plain_get(dataset, readers)  # warm the connections and the store's cache alike for both
+    concurrency = min(len(shards), readers * shuffle_shards)  # as many GETs at once as the readers make
+    plain_get(dataset, concurrency)  # warm the connections and the store's cache alike for both
 
-    total_bytes, get_seconds = plain_get(dataset, readers)
-    start = time.perf_counter()
-    refs = [pool[index % readers].read.remote(index) for index in range(len(shards))]
-    rows = sum(len(rows) for rows in ray.get(refs))
+    total_bytes, get_seconds = plain_get(dataset, concurrency)
+    before = sum(stats["bytes_read"] for stats in ray.get([reader.stats.remote() for reader in pool]))
+    start, pending, rows = time.perf_counter(), deque(), 0
+    for position in range(order.windows_per_epoch):  # every window once, at most `windows` held
+        pending.append(pool[position % readers].window.remote("train", position))
+        if len(pending) >= max(windows, readers):
+            ray.wait([pending[0]], fetch_local=False)
+            pending.popleft()
+    ray.wait(list(pending), num_returns=len(pending), fetch_local=False)
     read_seconds = time.perf_counter() - start
-    for actor in pool:  # the broadcaster starts readers of its own
+    pending.clear()
+    read_bytes = sum(stats["bytes_read"] for stats in ray.get([reader.stats.remote() for reader in pool])) - before
+    rows = sum(window.rows for window in order.windows(0))
+
+    steps = order.epoch_rows // batch_rows
+    team = [Consumer.remote(batch_rows, dataset.d_model, dataset.dtype) for _ in range(consumers)]
+    ray.get([consumer.stats.remote() for consumer in team])
+    stream = WindowStream(pool, order, "train", steps, windows)
+    start = time.perf_counter()
+    cursors, queues, finished = [0] * consumers, [deque() for _ in team], [0.0] * consumers
+    while any(queues) or min(cursors) < steps:
+        for number, consumer in enumerate(team):  # each consumer at most `in_flight` batches ahead
+            while cursors[number] < steps and len(queues[number]) < in_flight:
+                pieces = stream.pieces(cursors[number])
+                if pieces is None:
+                    break  # beyond the window budget: wait for the slowest consumer
+                queues[number].append(consumer.step.remote(cursors[number], pieces))
+                cursors[number] += 1
+        ray.wait([queue[0] for queue in queues if queue], num_returns=1)
+        for number, queue in enumerate(queues):
+            while queue and ray.wait([queue[0]], timeout=0)[0]:
+                ray.get(queue.popleft())
+                if not queue and cursors[number] == steps:
+                    finished[number] = time.perf_counter() - start
+        stream.advance(min(cursor - len(queue) for cursor, queue in zip(cursors, queues)))
+    stream.close()
+    reader_stats = ray.get([reader.stats.remote() for reader in pool])
+    consumer_stats = ray.get([consumer.stats.remote() for consumer in team])
+    for actor in pool + team:
         ray.kill(actor)
 
-    broadcaster = Broadcaster.remote(uri, batch_rows, shuffle_shards, 0, readers)
-    steps = sum(info.rows for info in shards) // batch_rows
-    ray.get(broadcaster.stats.remote())
-    start = time.perf_counter()
-    pending = []
-    for step in range(steps):  # a bounded window of batches in flight, as the driver keeps
-        pending.append(broadcaster.batch.remote(step))
-        if len(pending) >= in_flight:
-            ray.get(pending.pop(0))
-    ray.get(pending)
-    stream_seconds = time.perf_counter() - start
-    ray.kill(broadcaster)
-
-    megabytes = total_bytes / 1e6
+    megabytes, row_bytes = total_bytes / 1e6, dataset.d_model * np.dtype(NUMPY_DTYPES[dataset.dtype]).itemsize
+    per_consumer = [steps * batch_rows / seconds for seconds in finished]
     return {
         "uri": uri, "shards": len(shards), "bytes": total_bytes, "rows": rows, "readers": readers,
+        "consumers": consumers, "batch_rows": batch_rows, "shuffle_shards": shuffle_shards,
+        "windows_per_node": windows, "get_concurrency": concurrency,
         "get_mb_per_s": megabytes / get_seconds,
-        "reader_mb_per_s": megabytes / read_seconds, "reader_rows_per_s": rows / read_seconds,
-        "reader_fraction_of_get": get_seconds / read_seconds,
-        "stream_rows_per_s": steps * batch_rows / stream_seconds,
-        "stream_mb_per_s": steps * batch_rows * dataset.d_model * dataset.torch_dtype.itemsize / 1e6 / stream_seconds,
+        "reader_mb_per_s": read_bytes / 1e6 / read_seconds, "reader_rows_per_s": rows / read_seconds,
+        "reader_fraction_of_get": (read_bytes / 1e6 / read_seconds) / (megabytes / get_seconds),
+        "stream_rows_per_s": min(per_consumer),
+        "stream_mb_per_s": min(per_consumer) * row_bytes / 1e6,
+        "consumer_rows_per_s": per_consumer,
+        "windows_read": stream.requested,
+        "reader_peak_rss_mb": max(stats["peak_rss_mb"] for stats in reader_stats),
+        "consumer_peak_rss_mb": max(stats["peak_rss_mb"] for stats in consumer_stats),
     }

@@ -54,6 +54,24 @@ class StreamOrder:
         return tuple(Window(epoch, index, group, sum(self.shard_rows[s] for s in group))
                      for index, group in enumerate(groups))
 
+    @property
+    def windows_per_epoch(self) -> int:
+        return -(-len(self.shard_rows) // self.shuffle_shards)
+
+    def window(self, sequence: int) -> Window:
+        """The window at position `sequence` of the whole stream (epoch after epoch)."""
+        epoch, index = divmod(sequence, self.windows_per_epoch)
+        return self.windows(epoch)[index]
+
+    def sequence(self, window: Window) -> int:
+        """A window's position in the whole stream: windows are read and released in this order."""
+        return window.epoch * self.windows_per_epoch + window.index
+
+    def span(self, batch: int) -> tuple[int, int]:
+        """The first and last window (stream positions) that batch `batch` takes rows from."""
+        pieces = self.pieces(batch)
+        return self.sequence(pieces[0].window), self.sequence(pieces[-1].window)
+
     def row_permutation(self, window: Window) -> np.ndarray | None:
         """The shuffle of one window's concatenated rows (None: keep them in order)."""
         if not self.shuffle:

@@ -1,49 +1,99 @@
-"""The driver's side of the stream: one broadcaster per node and the batch references it hands out."""
+"""The driver's side of the stream: per node, its readers and the windows they hold; batches go out
+as window pieces (references and row ranges), never as rows.
+
+Every trainer on a node gets the same window references in the same order (`stream.order`), so a
+window is read once per node and every trainer cuts its batches from the same shared memory. At
+most `stream.windows_per_node` windows of a split are held per node, from the slowest trainer's on
+(`advance`); a trainer that runs that far ahead waits (`pieces` says None) until the slowest moves.
+"""
 
 from __future__ import annotations
 
 from dictsweep.config import SweepSpec
 from dictsweep.store.dataset import ActivationDataset
+from dictsweep.stream.actors import BatchPieces, stream_orders
+from dictsweep.stream.windows import WindowStream
 
 
 class Streams:
-    """One broadcaster per node and the batch references handed out, kept while a trainer may need them."""
+    """The readers and window streams of every node that has trainers."""
 
-    def __init__(self, spec: SweepSpec, dataset: ActivationDataset):
+    def __init__(self, spec: SweepSpec, dataset: ActivationDataset, train_batches: int, eval_batches: int):
         self.spec, self.dataset = spec, dataset
-        self.broadcasters: dict[str, object] = {}
-        self.refs: dict[tuple, object] = {}  # (node, split, index) -> batch reference
+        stream = spec.stream
+        self.orders = stream_orders(dataset, spec.train.batch_rows, stream.shuffle_shards, stream.seed)
+        self.batches = {"train": train_batches, "eval": eval_batches}
+        self.readers: dict[str, list] = {}  # node -> its reader actors
+        self.windows: dict[tuple[str, str], WindowStream] = {}  # (node, split) -> its windows
+        self.whole: dict[tuple, object] = {}  # (node, split, index) -> batch assembled for a whole-batch trainer
+        self.assemblers: dict[str, object] = {}  # node -> its BatchAssembler, for whole-batch trainers
 
-    def batch(self, node: str, split: str, index: int):
+    def pieces(self, node: str, split: str, index: int) -> BatchPieces | None:
+        """Batch `index` of a split on `node` as window pieces; None while beyond the window budget."""
+        return self._windows(node, split).pieces(index)
+
+    def batch(self, node: str, split: str, index: int, pieces: BatchPieces):
+        """The same batch as one array in the node's object store, for a trainer that takes whole
+        batches (assembled once per node, kept until the node's slowest trainer passes it)."""
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        from dictsweep.stream.actors import Broadcaster
+        from dictsweep.stream.actors import BatchAssembler
 
-        if node not in self.broadcasters:
-            stream = self.spec.stream
-            self.broadcasters[node] = Broadcaster.options(
+        if node not in self.assemblers:
+            self.assemblers[node] = BatchAssembler.options(
                 scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
-                max_restarts=-1, max_task_retries=-1).remote(
-                self.dataset.uri, self.spec.train.batch_rows, stream.shuffle_shards, stream.seed, stream.readers_per_node)
+                max_restarts=-1, max_task_retries=-1).remote()
         key = (node, split, index)
-        if key not in self.refs:
-            self.refs[key] = self.broadcasters[node].batch.remote(index, split)
-        return self.refs[key]
+        if key not in self.whole:
+            self.whole[key] = self.assemblers[node].batch.remote(pieces)
+        return self.whole[key]
 
-    def forget(self, slowest_task: int) -> None:
-        """Drop references to train batches every trainer has passed (the store can free them)."""
-        for key in [k for k in self.refs if k[1] == "train" and k[2] < slowest_task - 1]:
-            del self.refs[key]
+    def advance(self, node: str, split: str, slowest: int) -> None:
+        """The slowest trainer on `node` still needs batch `slowest` of `split`: release what lies
+        before it and read ahead from there."""
+        if (node, split) in self.windows:
+            self.windows[node, split].advance(slowest)
+        for key in [k for k in self.whole if k[:2] == (node, split) and k[2] < slowest]:
+            del self.whole[key]
 
     def stats(self) -> list[dict]:
+        """Per node: bytes its readers read and seconds they spent."""
         import ray
 
-        return ray.get([b.stats.remote() for b in self.broadcasters.values()])
+        totals = []
+        for readers in self.readers.values():
+            stats = ray.get([reader.stats.remote() for reader in readers])
+            totals.append({"bytes_read": sum(s["bytes_read"] for s in stats),
+                           "read_seconds": sum(s["read_seconds"] for s in stats),
+                           "peak_rss_mb": max(s["peak_rss_mb"] for s in stats)})
+        return totals
 
     def close(self) -> None:
         import ray
 
-        for broadcaster in self.broadcasters.values():
-            ray.kill(broadcaster, no_restart=True)
-        self.refs.clear()
+        for windows in self.windows.values():
+            windows.close()
+        self.whole.clear()
+        for actor in [reader for readers in self.readers.values() for reader in readers] + list(self.assemblers.values()):
+            ray.kill(actor, no_restart=True)
 
+    def _windows(self, node: str, split: str) -> WindowStream:
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        from dictsweep.stream.actors import WindowReader
+
+        stream = self.spec.stream
+        if node not in self.readers:
+            # a reader that dies is restarted and its window read again: reads are idempotent
+            self.readers[node] = [WindowReader.options(
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
+                max_restarts=-1, max_task_retries=-1).remote(
+                self.dataset.uri, self.spec.train.batch_rows, stream.shuffle_shards, stream.seed)
+                for _ in range(stream.readers_per_node)]
+        if (node, split) not in self.windows:
+            order = self.orders[split]
+            if order is None:
+                raise ValueError(f"the dataset's {split} split has fewer rows than one batch")
+            self.windows[node, split] = WindowStream(self.readers[node], order, split, self.batches[split],
+                                                     stream.windows_per_node)
+        return self.windows[node, split]

@@ -39,6 +39,7 @@ from dictsweep.sae.export import Dictionary, dictionary_files
 from dictsweep.sae.metrics import mmcs_ground_truth
 from dictsweep.store import fs
 from dictsweep.store.dataset import ActivationDataset
+from dictsweep.stream.actors import BatchPieces, whole_batch
 from dictsweep.train.actor import batch_tensor
 from dictsweep.train.evaluate import Evaluator
 
@@ -69,10 +70,13 @@ class BaselineSampler:
             self.pca.count, self.pca.sum, self.pca.sum_outer = state["count"], state["sum"], state["sum_outer"]
             self.sample = state["sample"]
 
-    def add(self, index: int, batch: np.ndarray) -> int:
-        """Take planned batch `index` (again: ignored); returns how many planned batches are in."""
+    def add(self, index: int, batch: np.ndarray | BatchPieces) -> int:
+        """Take planned batch `index` (again: ignored); returns how many planned batches are in.
+        The batch comes whole or as window pieces (as trainers get it)."""
         if index in self.planned and index not in self.sample:
             start = time.perf_counter()
+            if isinstance(batch, list):
+                batch = whole_batch(batch)
             x = batch_tensor(batch, self.data_dtype)  # [batch_rows, d_model], read-only shared memory
             self.pca.update(x)
             self.sample[index] = x[:self.sample_per_batch].clone()

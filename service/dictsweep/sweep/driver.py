@@ -2,15 +2,17 @@
 
 Each trainer works through one sequence of tasks: train batches 0..T-1, eval batches 0..E-1, then
 `finish` (metrics and export). The driver keeps at most `batches_in_flight` of them queued per
-trainer (backpressure) and hands every trainer on a node the same batch references from that
-node's broadcaster. A trainer that crashes is restarted by Ray from its checkpoint; the driver asks
-where it stands and sends the batches from there. Every SAE is recorded (`ledger`) as soon as its
+trainer (backpressure) and hands every trainer on a node the same batches as pieces of the windows
+that node's readers hold in its object store (`stream.streams`); a trainer a window budget ahead of
+the slowest one on its node waits for it. A trainer that crashes is restarted by Ray from its
+checkpoint; the driver asks where it stands and sends the batches from there. Every SAE is recorded (`ledger`) as soon as its
 trainer finishes, so a later failure loses nothing that finished, and `--resume` picks a sweep up
 where its driver stopped.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import time
@@ -22,6 +24,7 @@ from dictsweep.errors import InputError, RunError, first_line
 from dictsweep.store import fs
 from dictsweep.store.dataset import ActivationDataset
 from dictsweep.stream.streams import Streams
+from dictsweep.sweep.lease import Lease
 from dictsweep.sweep.ledger import Ledger
 from dictsweep.sweep.plan import GridPoint, Plan, TrainerPlan, ZeroPlan
 
@@ -52,20 +55,23 @@ class Slot:
 class Driver:
     """One run of a sweep's training (or its resumption) on a Ray cluster."""
 
-    def __init__(self, spec: SweepSpec, dataset: ActivationDataset, plan: Plan, run_dir: str, resume: bool):
+    def __init__(self, spec: SweepSpec, dataset: ActivationDataset, plan: Plan, run_dir: str, resume: bool,
+                 lease: Lease | None = None):
         self.spec, self.dataset, self.plan = spec, dataset, plan
         self.storage = run_dir
+        # at least one of each: `preflight` checked the spec against the dataset
         self.total_steps = spec.train.tokens // spec.train.batch_rows
         self.eval_steps = min(spec.train.eval_tokens, dataset.n_eval_rows) // spec.train.batch_rows
-        if self.total_steps == 0:
-            raise InputError(f"train.tokens ({spec.train.tokens}) is less than one batch ({spec.train.batch_rows} rows)")
-        if self.eval_steps == 0:
-            raise InputError(f"{dataset.uri}: the eval split has {dataset.n_eval_rows} rows, fewer than one batch of "
-                             f"{spec.train.batch_rows}; final metrics need held-out rows")
         self.input_scale = math.sqrt(dataset.d_model / dataset.mean_sq_norm())
         truth = dataset.ground_truth()
         self.ground_truth = truth.numpy() if truth is not None else None
-        self.ledger = Ledger(spec, plan, run_dir, resume)
+        if spec.select.metric == "loss_recovered":
+            from dictsweep.sweep.splice import splice_source
+
+            unspliceable = splice_source(dataset)
+            if isinstance(unspliceable, str):
+                raise InputError(f"select.metric: loss_recovered needs a dataset with a source model; {unspliceable}")
+        self.ledger = Ledger(spec, plan, run_dir, resume, lease, self.input_scale)
         self.baseline_feed = None  # sweep.baselines.BaselineFeed, from the first wave this driver runs
 
     # -- waves ------------------------------------------------------------------------------------------
@@ -77,7 +83,7 @@ class Driver:
                 key = f"w{wave_index}-t{trainer.index}"
                 saved = ledger.saved(key)
                 if saved is not None:  # finished before the driver stopped: already recorded
-                    ledger.absorb(saved)
+                    ledger.replay(saved)
                 else:
                     slots.append(key)
             if slots:
@@ -87,7 +93,7 @@ class Driver:
             key = f"zero-{index}"
             saved = ledger.saved(key)
             if saved is not None:
-                ledger.absorb(saved)
+                ledger.replay(saved)
             else:
                 self.run_zero(key, zero)
 
@@ -105,7 +111,7 @@ class Driver:
         except (RunError, InputError) as error:
             self.ledger.record_failure({name: f"ZeRO training failed: {error}"})
             return
-        self.ledger.log_records([{"name": name, **entry} for entry in done["metric_history"]])
+        self.ledger.log_records([{"name": name, **entry} for entry in done["metric_history"]], key)
         self.ledger.record(key, {"finished": {name: {part: done[part] for part in ("metrics", "uri", "plot")}},
                                  "failed": {}})
 
@@ -137,7 +143,9 @@ class Driver:
                 self.input_scale, self.dataset.dtype, plan.device, threads,
                 fs.join(self.storage, "checkpoints", f"{key}.pt"))
             slots.append(Slot(key, plan, actor))
-        streams = Streams(spec, self.dataset)
+        streams = Streams(spec, self.dataset, self.total_steps, self.eval_steps)
+        # a trainer that takes window pieces gets them; one that takes whole batches gets them assembled
+        self.takes_pieces = "upcoming" in inspect.signature(Trainer.step).parameters
         try:
             for slot in slots:
                 self.locate(slot)
@@ -177,17 +185,22 @@ class Driver:
     def drive(self, slots: list[Slot], streams: Streams, label: str) -> None:
         """Send every trainer its tasks in order, at most `batches_in_flight` ahead; collect results."""
         import ray
-        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+        from dictsweep.sweep.progress import RateEstimate, TrainingProgress, clock
 
         limit, total, last = self.spec.stream.batches_in_flight, self.total_steps, self.total_steps + self.eval_steps
-        start, rows = time.perf_counter(), self.spec.train.batch_rows
-        with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
-                      TextColumn("{task.fields[rate]} tok/s"), TimeRemainingColumn()) as progress:
-            bar = progress.add_task(f"{label} training", total=total, rate="-")
+        rows = self.spec.train.batch_rows
+        estimate = RateEstimate(last)  # train and eval steps alike: a batch each
+        with TrainingProgress(self.ledger.board) as progress:
+            bar = progress.add_task(f"{label} training", total=last, rate="-", left=clock(None))
             while any(slot.alive and not slot.done for slot in slots):
                 for slot in slots:
-                    while slot.alive and slot.cursor <= last and len(slot.in_flight) < limit:
-                        slot.in_flight.append((slot.cursor, self.send(slot, slot.cursor, streams)))
+                    while (slot.alive and slot.cursor <= last and len(slot.in_flight) < limit
+                           and not (self.checkpoints_after(slot.cursor) and slot.in_flight)):
+                        task = self.send(slot, slot.cursor, streams)
+                        if task is None:
+                            break  # its batch lies beyond the node's window budget: the slowest goes first
+                        slot.in_flight.append((slot.cursor, task))
                         slot.cursor += 1
                 heads = [slot.in_flight[0][1] for slot in slots if slot.alive and slot.in_flight]
                 if heads:
@@ -196,22 +209,38 @@ class Driver:
                     self.collect(slot)
                 if self.baseline_feed is not None:
                     self.baseline_feed.pump()  # never waits: the trainers go on whatever it does
-                steps = min((min(s.cursor - len(s.in_flight), total) for s in slots if s.alive), default=total)
-                streams.forget(min((s.cursor - len(s.in_flight) for s in slots if s.alive), default=last))
-                seconds = max(time.perf_counter() - start, 1e-9)
-                progress.update(bar, completed=steps, rate=f"{steps * rows / seconds:,.0f}")
+                steps = min((min(s.cursor - len(s.in_flight), last) for s in slots if s.alive), default=last)
+                self.advance(slots, streams)
+                estimate.update(steps)
+                progress.update(bar, completed=steps, left=clock(estimate.seconds_left(steps)),
+                                rate=f"{estimate.rate * rows:,.0f}" if estimate.rate else "-",
+                                description=f"{label} {'training' if steps < total else 'evaluating'}")
         self.ledger.tracker.flush()
 
+    def advance(self, slots: list[Slot], streams: Streams) -> None:
+        """Per node: release the windows its trainers have all passed, and read ahead of the slowest."""
+        for node in {slot.node for slot in slots if slot.alive}:
+            slowest = min(s.cursor - len(s.in_flight) for s in slots if s.alive and s.node == node)
+            streams.advance(node, "train", slowest)
+            if slowest >= self.total_steps:  # eval windows are read once every trainer there needs them
+                streams.advance(node, "eval", slowest - self.total_steps)
+
     def send(self, slot: Slot, task: int, streams: Streams):
-        """Submit task `task` of a trainer: a train step, an eval step, or the final export."""
-        if task < self.total_steps:
-            batch = streams.batch(slot.node, "train", task)
-            if self.baseline_feed is not None:
-                self.baseline_feed.offer(task, batch)  # the same reference: no extra read or copy
-            return slot.actor.step.remote(task, batch)
+        """Submit task `task` of a trainer: a train step, an eval step, or the final export (None: its
+        batch must wait for the node's slowest trainer)."""
         if task < self.total_steps + self.eval_steps:
-            index = task - self.total_steps
-            return slot.actor.eval_step.remote(index, streams.batch(slot.node, "eval", index))
+            split, index = ("train", task) if task < self.total_steps else ("eval", task - self.total_steps)
+            pieces = streams.pieces(slot.node, split, index)
+            if pieces is None:
+                return None
+            if split == "train" and self.baseline_feed is not None:
+                self.baseline_feed.offer(index, pieces)  # the same windows: no extra read or copy
+            method = slot.actor.step if split == "train" else slot.actor.eval_step
+            if not self.takes_pieces:
+                return method.remote(index, streams.batch(slot.node, split, index, pieces))
+            batches = self.total_steps if split == "train" else self.eval_steps
+            upcoming = streams.pieces(slot.node, split, index + 1) if index + 1 < batches else None
+            return method.remote(index, pieces, upcoming)  # the trainer moves `upcoming` while it steps
         metadata = {p.name: self.metadata(p) for p in slot.points}
         return slot.actor.finish.remote(self.storage, metadata, self.ground_truth)
 
@@ -231,21 +260,35 @@ class Driver:
                 self.locate(slot)  # waits for Ray's restart; the checkpoint says where to go on
                 return
             except ray.exceptions.RayTaskError as error:  # a bug or bad data: restarting will not help
+                bad_input = input_error(error)
+                if bad_input is not None:  # a corrupt shard: every trainer would meet it; stop the sweep
+                    raise bad_input from None
                 slot.alive, slot.error = False, f"trainer {slot.key} failed: {first_line(error)}"
                 return
             if task < self.total_steps:
                 for record in [r for r in value if "peak_device_bytes" in r]:
                     self.ledger.check_memory(slot.key, slot.plan, record["peak_device_bytes"])
-                self.ledger.log_records([r for r in value if "name" in r])
+                self.ledger.log_records([r for r in value if "name" in r], slot.key)
             elif task == self.total_steps + self.eval_steps:
                 self.ledger.record(slot.key, value)
                 slot.done = True
 
+    def checkpoints_after(self, task: int) -> bool:
+        """Whether a trainer checkpoints at the end of train step `task` (the trainer's rule). Such a
+        step is sent only once every earlier step's curve points are stored: a checkpoint is where a
+        resumed trainer starts, and it never produces the points before it again."""
+        if task >= self.total_steps:
+            return False
+        rows, every = self.spec.train.batch_rows, self.spec.train.checkpoint_every_tokens
+        tokens = (task + 1) * rows
+        return task + 1 == self.total_steps or bool(every and tokens // every != (tokens - rows) // every)
+
     def metadata(self, point: GridPoint) -> dict:
         """Export metadata of one SAE (SAELens `metadata` keys, our own under `dictsweep`)."""
+        from dictsweep.store.models import export_names
+
         source = self.dataset.manifest.source or {}
-        return {"model_name": source.get("model"), "hook_name": source.get("hook"),
-                "dataset_path": self.spec.data.uri, "context_size": source.get("context"),
+        return {**export_names(source), "dataset_path": self.spec.data.uri, "context_size": source.get("context"),
                 "dictsweep": {"sweep": self.spec.name, "point": point.name, **point.params(),
                               "tokens": self.spec.train.tokens}}
 
@@ -282,6 +325,16 @@ def retire(name: str) -> None:
         except ValueError:
             return
         time.sleep(0.1)
+
+
+def input_error(error: BaseException) -> InputError | None:
+    """The InputError (a corrupt or truncated shard) that a Ray task's failure comes from, if any:
+    Ray wraps it once for each task it passed through (reader, broadcaster, trainer)."""
+    import ray
+
+    while isinstance(error, ray.exceptions.RayTaskError) and error.cause is not None:
+        error = error.cause
+    return error if isinstance(error, InputError) and not isinstance(error, ray.exceptions.RayError) else None
 
 
 def merge_stream_stats(total: dict, readers: list[dict], trainers: list[dict]) -> dict:

@@ -1,6 +1,8 @@
-"""The end of a sweep, once every SAE is trained: select; fit the baselines and splice the selected
-dictionaries into the source model (where asked for); export the selected dictionaries with
-index.json, register them, log the sweep's metrics and the Pareto plot."""
+"""The end of a sweep, once every SAE is trained: splice every finished dictionary into the source
+model (where asked for; or, with `evaluation.splice_selected_only`, the selected ones after the
+selection), so that the selection can rank by loss recovered; select; fit the baselines (and
+splice them); export the selected dictionaries with index.json, register them, tag every SAE with
+why it was or was not selected, log the sweep's metrics and the Pareto plot."""
 
 from __future__ import annotations
 
@@ -14,30 +16,48 @@ from dictsweep.store import fs
 from dictsweep.stream.streams import Streams
 from dictsweep.sweep.driver import Driver
 from dictsweep.sweep.plan import GridPoint
+from dictsweep.sweep.progress import step
 from dictsweep.sweep.results import INDEX_METRICS, BaselineResult, SweepResult
 from dictsweep.sweep.select import select
-from dictsweep.track import SELECTED_TAG
+from dictsweep.track import SELECTED_TAG, WHY_TAG
 
 
 def finish(driver: Driver) -> None:
     """Everything after training, on the driver's records; marks the run complete."""
     spec, ledger = driver.spec, driver.ledger
     tracker, result = ledger.tracker, ledger.result
-    result.selected = select({name: {"n_latents": r.point.n_latents, "metrics": r.metrics}
-                              for name, r in result.finished.items()})
-    result.baselines = fit_baselines(driver)
-    spliced = splice(driver, result.baselines)
+    if not spec.evaluation.splice_selected_only:
+        splice(driver, sorted(result.finished), [])
+    choices = select({name: {"n_latents": r.point.n_latents, "metrics": r.metrics}
+                      for name, r in result.finished.items()}, spec.select, driver.dataset.d_model)
+    result.selected = {name for name, choice in choices.items() if choice.selected}
+    result.why = {name: choice.why for name, choice in choices.items()}
+    result.ruled_out = {name for name, choice in choices.items() if not choice.eligible}
+    result.band = spec.select.l0_band(driver.dataset.d_model)
+    if spec.baselines:
+        with step(f"baselines: fitting {', '.join(spec.baselines)} on the sampled stream"):
+            result.baselines = fit_baselines(driver)
+    late = sorted(result.selected) if spec.evaluation.splice_selected_only else []
+    if late or result.baselines:
+        splice(driver, late, result.baselines)
     entries = []
-    for name in sorted(result.selected):
-        outcome = result.finished[name]
-        fs.copy_folder(outcome.uri, fs.join(spec.export_dir, name))
-        entries.append(index_entry(name, outcome.point, outcome.metrics, selected=True))
-        entries[-1]["metrics"].update(spliced.get(name, {}))
-        if spec.export.registry:
-            tracker.register(spec.name, outcome.run_id, {**outcome.point.params(), **outcome.metrics})
+    with step(f"exporting {len(result.selected)} dictionaries to {spec.export_dir}", total=len(result.selected)) as bar:
+        for name in sorted(result.selected):
+            outcome = result.finished[name]
+            fs.copy_folder(outcome.uri, fs.join(spec.export_dir, name))
+            entries.append(index_entry(name, outcome.point, outcome.metrics, selected=True, why=result.why[name]))
+            if spec.export.registry:
+                tracker.register(spec.name, outcome.run_id, {**outcome.point.params(), **outcome.metrics})
+            bar.advance()
     for name, outcome in result.finished.items():
-        tracker.set_tags(outcome.run_id, {SELECTED_TAG: str(name in result.selected).lower()})
+        tracker.set_tags(outcome.run_id, {SELECTED_TAG: str(name in result.selected).lower(),
+                                          WHY_TAG: result.why[name]})
+    print(f"selected {len(result.selected)} of {len(result.finished)}: per size, the best {spec.select.metric} "
+          f"inside L0 [{result.band[0]:.3g}, {result.band[1]:.3g}]" if spec.select.per_size == "best" else
+          f"selected {len(result.selected)} of {len(result.finished)}: per size, the (L0, {spec.select.metric}) "
+          f"front inside L0 [{result.band[0]:.3g}, {result.band[1]:.3g}]", flush=True)
     fs.write_text(fs.join(spec.export_dir, "index.json"), json.dumps(entries, indent=2))
+    inspect_selected(driver)
     summary = {"saes_finished": len(result.finished), "saes_failed": len(result.failed),
                "saes_selected": len(result.selected), **mmcs_between_sizes(result)}
     if result.stream:
@@ -47,11 +67,24 @@ def finish(driver: Driver) -> None:
               f"data {summary['data_wait_fraction']:.1%} of the time", flush=True)
     tracker.log_metrics(tracker.parent_id, summary, 0)
     plot(driver)
+    tracker.log_comparison(comparison(result))
     for baseline in result.baselines:
         tracker.end_run(baseline.run_id)
     tracker.end_run(tracker.parent_id, failed=bool(result.failed))
-    tracker.flush(patience=600)
+    with step(f"recording in MLflow ({len(tracker.queue)} writes queued)"):
+        tracker.flush(patience=600)
+    result.tracking_url = tracker.experiment_url()
     ledger.complete()
+
+
+def comparison(result: SweepResult) -> list[dict]:
+    """The sweep's table of dictionaries for its MLflow run: every SAE (then every baseline) with its
+    grid point, eval metrics and whether it was selected."""
+    rows = [{"name": name, "role": "sae", **r.point.params(), **r.metrics, "selected": name in result.selected}
+            for name, r in sorted(result.finished.items())]
+    rows += [{"name": b.name, "role": "baseline", "architecture": b.kind, "n_latents": b.n_atoms, "k": b.k,
+              **b.metrics, "selected": False} for b in result.baselines]
+    return rows
 
 
 # -- baselines, spliced evaluation and the Pareto plot (`baselines`, `evaluation`) -----------------------
@@ -69,12 +102,11 @@ def fit_baselines(driver: Driver) -> list[BaselineResult]:
     if fs.exists(saved):
         return [BaselineResult(**baseline) for baseline in json.loads(fs.read_text(saved))]
     driver.start_baseline_feed(None)  # every wave finished before this driver (a resume)
-    feed, streams = driver.baseline_feed, Streams(spec, driver.dataset)
+    feed, streams = driver.baseline_feed, Streams(spec, driver.dataset, driver.total_steps, driver.eval_steps)
 
-    def batch(index: int):  # a planned batch no trainer got; only the sampler holds on to it
-        ref = streams.batch(node, "train", index)
-        streams.forget(index + 2)
-        return ref
+    def batch(index: int):  # a planned batch no trainer got; only the sampler holds on to its windows
+        streams.advance(node, "train", index)
+        return streams.pieces(node, "train", index)
 
     try:
         node = ray.get(feed.actor.status.remote())["node"] if not feed.error else None
@@ -118,21 +150,23 @@ def fit_baselines(driver: Driver) -> list[BaselineResult]:
 
 def baseline_metadata(driver: Driver) -> dict:
     """Export metadata of a baseline: the SAEs' (`metadata`) without a grid point."""
+    from dictsweep.store.models import export_names
+
     source = driver.dataset.manifest.source or {}
-    return {"model_name": source.get("model"), "hook_name": source.get("hook"),
-            "dataset_path": driver.spec.data.uri, "context_size": source.get("context"),
+    return {**export_names(source), "dataset_path": driver.spec.data.uri, "context_size": source.get("context"),
             "dictsweep": {"sweep": driver.spec.name, "tokens": driver.spec.train.tokens}}
 
 
-def splice(driver: Driver, baselines: list[BaselineResult]) -> dict[str, dict]:
-    """Loss recovered of every selected SAE (and baseline) spliced into the dataset's source model,
-    logged to their runs; {} with a printed note where it cannot run (synthetic data)."""
+def splice(driver: Driver, names: list[str], baselines: list[BaselineResult]) -> dict[str, dict]:
+    """Loss recovered of the finished SAEs `names` (and the baselines) spliced into the dataset's
+    source model, logged to their runs and added to their metrics; {} with a printed note where it
+    cannot run (synthetic data)."""
     import ray
 
     from dictsweep.sweep.splice import splice_eval, splice_source
 
     spec, result, tracker = driver.spec, driver.ledger.result, driver.ledger.tracker
-    runs = {name: result.finished[name].run_id for name in sorted(result.selected)}
+    runs = {name: result.finished[name].run_id for name in names}
     uris = {name: result.finished[name].uri for name in runs}
     if spec.evaluation.splice_baselines:
         runs.update({baseline.name: baseline.run_id for baseline in baselines})
@@ -144,11 +178,11 @@ def splice(driver: Driver, baselines: list[BaselineResult]) -> dict[str, dict]:
             tracker.set_tags(tracker.parent_id, {"dictsweep.splice": f"skipped: {source}"})
         return {}
     device, threads = finish_device(driver)
-    print(f"splicing {len(uris)} dictionaries into {source.model} at {source.hook} ...", flush=True)
     task = ray.remote(splice_eval).options(num_gpus=int(device == "cuda"),
                                            num_cpus=spec.resources.cpus_per_trainer, max_retries=0)
     try:
-        outcome = ray.get(task.remote(spec.data.uri, uris, spec.evaluation.splice_tokens, device, threads))
+        with step(f"splicing {len(uris)} dictionaries into {source.model} at {source.hook}"):
+            outcome = ray.get(task.remote(spec.data.uri, uris, spec.evaluation.splice_tokens, device, threads))
     except ray.exceptions.RayError as error:  # e.g. the source model is not loadable here
         print(f"spliced evaluation skipped: {first_line(error)}", flush=True)
         tracker.set_tags(tracker.parent_id, {"dictsweep.splice": f"skipped: {first_line(error)}"})
@@ -165,6 +199,35 @@ def splice(driver: Driver, baselines: list[BaselineResult]) -> dict[str, dict]:
     return outcome.metrics
 
 
+def inspect_selected(driver: Driver) -> None:
+    """`evaluation.inspect`: `dictsweep inspect` over the selected dictionaries, into the export folder's
+    `inspect/` and as artifacts `inspect/` of each one's run; a printed note where it cannot run."""
+    import ray
+
+    from dictsweep.analysis.inspect import inspect_for_sweep
+
+    spec, result, tracker = driver.spec, driver.ledger.result, driver.ledger.tracker
+    if not spec.evaluation.inspect or not result.selected:
+        return
+    uris = {name: result.finished[name].uri for name in sorted(result.selected)}
+    out = fs.join(spec.export_dir, "inspect")
+    device, threads = finish_device(driver)
+    print(f"inspecting {len(uris)} dictionaries over at most {spec.evaluation.inspect_tokens} rows ...", flush=True)
+    task = ray.remote(inspect_for_sweep).options(num_gpus=int(device == "cuda"),
+                                                 num_cpus=spec.resources.cpus_per_trainer, max_retries=0)
+    try:
+        notes = ray.get(task.remote(uris, spec.data.uri, out, spec.evaluation.inspect_tokens, device, threads))
+    except ray.exceptions.RayError as error:  # the SAEs stand without their browsers
+        print(f"inspect failed, nothing recorded: {first_line(error)}", flush=True)
+        tracker.set_tags(tracker.parent_id, {"dictsweep.inspect": f"failed: {first_line(error)}"})
+        return
+    for note in notes:
+        print(f"inspect: {note}", flush=True)
+    for name in uris:
+        tracker.log_folder(result.finished[name].run_id,
+                           lambda local, uri=fs.join(out, name): fs.download_folder(uri, local), "inspect")
+
+
 def finish_device(driver: Driver) -> tuple[str, int]:
     """Where end-of-sweep work runs (the trainers' device kind, now free) and its torch threads
     (0: every core of the node it lands on)."""
@@ -179,10 +242,11 @@ def plot(driver: Driver) -> None:
 
     result, tracker = driver.ledger.result, driver.ledger.tracker
     saes = [{**r.point.params(), "l0": r.metrics["l0"], "fvu": r.metrics["fvu"],
-             "selected": name in result.selected} for name, r in result.finished.items()]
+             "selected": name in result.selected, "rejected": name in result.ruled_out}
+            for name, r in result.finished.items()]
     baselines = [{"kind": b.kind, "k": b.k, "l0": b.metrics["l0"], "fvu": b.metrics["fvu"]}
                  for b in result.baselines]
-    png = pareto_plot(saes, baselines, title=f"{driver.spec.name}: eval L0 against FVU")
+    png = pareto_plot(saes, baselines, title=f"{driver.spec.name}: eval L0 against FVU", band=result.band)
     fs.write_bytes(fs.join(driver.spec.export_dir, "pareto.png"), png)
     tracker.log_bytes(tracker.parent_id, png, "pareto.png")
 
@@ -214,8 +278,8 @@ def mmcs_between_sizes(result: SweepResult) -> dict[str, float]:
     return metrics
 
 
-def index_entry(name: str, point: GridPoint, metrics: dict, selected: bool) -> dict:
-    """One entry of index.json (DESIGN.md): folder, grid point, selected, eval metrics (the DESIGN's
-    keys always, null where not measured, then any others measured, such as loss_recovered)."""
-    return {"path": name, **point.params(), "selected": selected,
+def index_entry(name: str, point: GridPoint, metrics: dict, selected: bool, why: str | None = None) -> dict:
+    """One entry of index.json (DESIGN.md): folder, grid point, selected and why, eval metrics (the
+    DESIGN's keys always, null where not measured, then any others measured, such as loss_recovered)."""
+    return {"path": name, **point.params(), "selected": selected, "why": why,
             "metrics": {**{metric.index_name: metrics.get(metric.key) for metric in INDEX_METRICS}, **metrics}}

@@ -1,22 +1,32 @@
 """The sweep's records: its storage folder and its MLflow runs.
 
-Storage under `<storage.dir>/`: `latest.json` names the newest run folder; each run folder
-(`runs/<started>/`) holds `runs.json` (the MLflow run ids), `plan.json`, `results/<key>.json` (one
-trainer's finished and failed SAEs, written as it finishes) and `complete.json` once the sweep is
-done. `--resume` reads them back and logs nothing twice.
+Storage under `<storage.dir>/`: `lease.json` (the driver writing it, `lease`), `latest.json` names
+the newest run folder; each run folder (`runs/<started>-<random>/`) holds `runs.json` (the MLflow run
+ids), `plan.json`, `results/<key>.json` (one trainer's finished and failed SAEs, written as it
+finishes), `points/<trainer>/<tokens>.json` (training-curve points, stored before MLflow is sent
+them) and `complete.json` once the sweep is done. `--resume` reads them back, sends MLflow what an
+earlier driver did not, and logs nothing twice.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 
 from dictsweep.config import SweepSpec
+from dictsweep.errors import RunError
 from dictsweep.store import fs
+from dictsweep.sweep.lease import Lease
 from dictsweep.sweep.plan import Plan, TrainerPlan, plan_from_dict
+from dictsweep.sweep.points import store_points, stored_points
+from dictsweep.sweep.progress import SaeBoard
 from dictsweep.sweep.results import SAEResult, SweepResult
 from dictsweep.track import STATUS_TAG, Tracker
+from dictsweep.train.evaluate import in_eval_units
+
+STOP_PATIENCE_SECONDS = 30.0  # a stopped driver waits this long for MLflow to take what it holds
 
 log = logging.getLogger(__name__)
 
@@ -42,14 +52,44 @@ def saved_plan(run_dir: str) -> Plan:
 class Ledger:
     """One run's records: `result` gathers every SAE recorded, in storage and MLflow alike."""
 
-    def __init__(self, spec: SweepSpec, plan: Plan, run_dir: str, resume: bool):
-        self.spec, self.plan, self.storage = spec, plan, run_dir
+    def __init__(self, spec: SweepSpec, plan: Plan, run_dir: str, resume: bool, lease: Lease | None = None,
+                 input_scale: float = 1.0):
+        self.spec, self.plan, self.storage, self.lease = spec, plan, run_dir, lease
+        self.input_scale = input_scale  # training scale / raw: training curves are logged in raw units
         self.points = {p.name: p for p in plan.points}
         self.result = SweepResult(plan, export_dir=spec.export_dir)
         self.tracker = Tracker(spec.tracking.uri, spec.experiment)
         self.result.tracking_uri = self.tracker.uri
         self.runs = self.start_runs(resume)
-        self.logged_tokens: dict[str, int] = {}
+        self.logged_tokens: dict[str, int] = {}  # SAE name -> tokens of its last point stored and queued
+        self.open_runs: set[str] = set()  # runs an earlier driver of this run left open in MLflow
+        self.board = SaeBoard()  # the console's best and worst SAE, from the same records
+        if resume:
+            self.catch_up()
+
+    def catch_up(self) -> None:
+        """Resuming: reopen the runs a stopped driver marked KILLED, and send MLflow every stored curve
+        point that an earlier driver did not (runs it ended got everything: the queue is in order)."""
+        tracker = self.tracker
+        statuses = tracker.statuses()
+        self.open_runs = {run for run, status in statuses.items() if status not in ("FINISHED", "FAILED")}
+        for run in self.open_runs:
+            if statuses[run] != "RUNNING":
+                tracker.reopen(run)
+        sent = 0
+        for name, points in stored_points(self.storage).items():
+            if name in self.runs:
+                self.logged_tokens[name] = max(points)
+                if self.runs[name] in self.open_runs:
+                    sent += tracker.log_missing(self.runs[name], points)
+        if sent:
+            print(f"resuming: {sent} stored curve points that MLflow never got are sent now", flush=True)
+        tracker.flush()
+
+    def check_lease(self) -> None:
+        """RunError once another driver took the sweep over: this one writes nothing more."""
+        if self.lease is not None:
+            self.lease.check()
 
     def start_runs(self, resume: bool) -> dict[str, str]:
         """MLflow runs of the sweep and of every SAE (reused when resuming); saved in storage."""
@@ -79,13 +119,19 @@ class Ledger:
             log.warning(note)
             self.tracker.set_tags(self.tracker.parent_id, {f"dictsweep.memory.{key}": note})
 
-    def log_records(self, records: list[dict]) -> None:
-        """Training metrics from a trainer; records replayed after a restart are not logged twice."""
-        for record in records:
-            name, tokens = record["name"], record["tokens"]
-            if tokens > self.logged_tokens.get(name, 0):
-                self.logged_tokens[name] = tokens
-                self.tracker.log_metrics(self.runs[name], record["metrics"], tokens)
+    def log_records(self, records: list[dict], trainer: str) -> None:
+        """Training metrics from a trainer: stored, then queued for MLflow; records a restarted trainer
+        replays are neither stored nor logged twice."""
+        new = [record for record in records if record["tokens"] > self.logged_tokens.get(record["name"], 0)]
+        new = [{**record, "metrics": in_eval_units(record["metrics"], self.plan.d_model, self.input_scale)}
+               for record in new]
+        self.board.add(new)
+        if new:
+            self.check_lease()
+            store_points(self.storage, trainer, new)  # before MLflow: a driver that dies loses none
+        for record in new:
+            self.logged_tokens[record["name"]] = record["tokens"]
+            self.tracker.log_metrics(self.runs[record["name"]], record["metrics"], record["tokens"])
         if len(self.tracker.queue) > 200:
             self.tracker.flush()
 
@@ -96,18 +142,38 @@ class Ledger:
 
     def record(self, key: str, outcome: dict) -> None:
         """A trainer's finished and failed SAEs: into storage (for `--resume`), then MLflow."""
+        self.check_lease()
         fs.write_text(fs.join(self.storage, "results", f"{key}.json"), json.dumps(outcome, indent=1))
         self.absorb(outcome)
-        tracker = self.tracker
+        self.send(outcome)
+
+    def replay(self, outcome: dict) -> None:
+        """A trainer's outcome that an earlier driver stored: MLflow gets what that driver did not send."""
+        self.absorb(outcome)
+        self.send(outcome, only=self.open_runs)
+
+    def send(self, outcome: dict, only: set[str] | None = None) -> None:
+        """Queue an outcome's eval metrics, dictionaries, tags and run ends (of the runs in `only`, when
+        given: then only the eval metrics the runs lack)."""
+        tracker, tokens = self.tracker, self.spec.train.tokens
         for name, done in outcome["finished"].items():
             run = self.runs[name]
-            tracker.log_metrics(run, {f"eval/{k}": v for k, v in done["metrics"].items()}, self.spec.train.tokens)
+            if only is not None and run not in only:
+                continue
+            metrics = {f"eval/{k}": v for k, v in done["metrics"].items()}
+            if "l1_coef" in done:  # steered to an L0 target: the coefficient it ended with
+                metrics["l1_coef"] = done["l1_coef"]
+            if only is None:
+                tracker.log_metrics(run, metrics, tokens)
+            else:
+                tracker.log_missing(run, {tokens: metrics})
             tracker.log_folder(run, lambda local, uri=done["uri"]: fs.download_folder(uri, local))
             if done.get("plot"):
                 tracker.log_bytes(run, fs.read_bytes(done["plot"]), "density_and_norms.png", "plots")
             tracker.set_tags(run, {STATUS_TAG: "finished"})
             tracker.end_run(run)
-        self.record_failure(outcome["failed"])
+        self.record_failure({name: why for name, why in outcome["failed"].items()
+                             if only is None or self.runs[name] in only})
 
     def record_failure(self, failed: dict[str, str]) -> None:
         self.result.failed.update(failed)
@@ -116,9 +182,44 @@ class Ledger:
             self.tracker.end_run(self.runs[name], failed=True)
         self.tracker.flush()
 
+    def stop(self, status: str, why: str) -> None:
+        """The driver stops before the end: end the sweep run and every SAE run not recorded yet as
+        `status` (KILLED when stopped by a signal, FAILED on an error) after what the tracker holds,
+        so that none stays RUNNING; storage keeps every curve point for `--resume`."""
+        tracker, result = self.tracker, self.result
+        recorded = set(result.finished) | set(result.failed)
+        for name, run in self.runs.items():
+            if name not in recorded:
+                if status == "FAILED":
+                    tracker.set_tags(run, {"dictsweep.error": why[:4000]})
+                tracker.end_run(run, status=status)
+        tracker.set_tags(tracker.parent_id, {"dictsweep.stopped": why[:4000]})
+        tracker.end_run(tracker.parent_id, status=status)
+        try:
+            tracker.flush(patience=STOP_PATIENCE_SECONDS)
+        except RunError as error:
+            print(f"not recorded in MLflow before stopping: {error}", flush=True)
+
+    def close_abandoned(self, run_dir: str) -> None:
+        """End as KILLED the runs that a dead driver's unfinished run (which this one replaces) left RUNNING."""
+        saved = fs.join(run_dir, "runs.json")
+        if not fs.exists(saved):
+            return
+        parent = json.loads(fs.read_text(saved))["parent"]
+        abandoned = [run for run, status in self.tracker.statuses(parent).items() if status == "RUNNING"]
+        for run in abandoned:
+            self.tracker.end_run(run, status="KILLED")
+        if abandoned:
+            print(f"{len(abandoned)} MLflow runs left RUNNING by the unfinished run {run_dir} are marked KILLED",
+                  flush=True)
+        self.tracker.flush()
+
     def absorb(self, outcome: dict) -> None:
         for name, done in outcome["finished"].items():
-            self.result.finished[name] = SAEResult(self.points[name], done["metrics"], done["uri"], self.runs[name],
+            point = self.points[name]
+            if "l1_coef" in done:  # steered to an L0 target: its point carries the final coefficient
+                point = dataclasses.replace(point, l1_coef=float(done["l1_coef"]))
+            self.result.finished[name] = SAEResult(point, done["metrics"], done["uri"], self.runs[name],
                                                    done.get("plot"))
         self.result.failed.update(outcome["failed"])
 

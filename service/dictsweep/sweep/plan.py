@@ -15,6 +15,7 @@ from dictsweep.config import SweepSpec
 from dictsweep.errors import InputError
 from dictsweep.sae import ARCHITECTURES, Member, grid_keys, member_from_params
 from dictsweep.train.actor import EnsembleSpec
+from dictsweep.train.target_l0 import TargetedMember, initial_coef
 from dictsweep.train.zero import zero_bytes_per_worker
 
 BYTES_PER_FLOAT = 4
@@ -32,31 +33,56 @@ class GridPoint:
     seed: int
     l1_coef: float | None = None
     k: int | None = None
+    target_l0: float | None = None  # set: l1_coef is steered to this L0 during training
 
     @property
     def name(self) -> str:
         sparsity = "-".join(parameter.name_part(getattr(self, parameter.key))
-                            for parameter in ARCHITECTURES[self.architecture].hyperparameters)
-        return f"{self.architecture}-n{self.n_latents}-{sparsity}-lr{self.lr:g}-s{self.seed}"
+                            for parameter in ARCHITECTURES[self.architecture].hyperparameters
+                            if getattr(self, parameter.key) is not None)
+        return f"{self.architecture}-n{self.n_latents}-{sparsity}-lr{self.lr:.3g}-s{self.seed}"
 
     def member(self) -> Member:
+        if self.target_l0 is not None:
+            return TargetedMember(lr=self.lr, seed=self.seed, l1_coef=initial_coef(self.architecture),
+                                  target_l0=self.target_l0)
         return member_from_params(self.params())
 
     def params(self) -> dict:
-        """MLflow params and index.json keys: every architecture's grid keys, None where not its own."""
-        return {"architecture": self.architecture, "n_latents": self.n_latents,
-                **{key: getattr(self, key) for key in grid_keys()}, "lr": self.lr, "seed": self.seed}
+        """MLflow params and index.json keys: every architecture's grid keys (None where not its own), and
+        a key that replaces another only where it is set."""
+        settings = {key: getattr(self, key) for key, parameter in grid_keys().items()
+                    if parameter.replaces is None or getattr(self, key) is not None}
+        return {"architecture": self.architecture, "n_latents": self.n_latents, **settings, "lr": self.lr,
+                "seed": self.seed}
+
+
+def default_lr(architecture: str, n_latents: int) -> float:
+    """The learning rate of an SAE whose grid sets none: Gao et al. 2024's lr = 2e-4 * sqrt(2^14 /
+    n_latents) for the top-k family; 3x that for relu and jumprelu, whose free decoder rows start
+    at norm 0.1 and need the larger steps to recover features within 1M tokens (measured on the
+    synthetic datasets of tests/sae/test_defaults.py); at most 1e-2."""
+    scale = 1.0 if ARCHITECTURES[architecture].sparsity_key == "k" else 3.0
+    return min(1e-2, scale * 2e-4 * math.sqrt(2**14 / n_latents))
+
+
+def applying_keys(grid, architecture: str) -> list:
+    """The grid keys that set `architecture`'s points: its declared ones, where a key the grid sets takes
+    the place of the key it replaces (e.g. target_l0 that of l1_coef; topk has neither)."""
+    declared = ARCHITECTURES[architecture].hyperparameters
+    replaced = {p.replaces for p in declared if p.replaces is not None and getattr(grid, p.key) is not None}
+    return [p for p in declared if p.key not in replaced and (p.replaces is None or getattr(grid, p.key) is not None)]
 
 
 def grid_points(spec: SweepSpec) -> list[GridPoint]:
     """Every point of the grid: per architecture, the product of the keys that apply to it."""
     grid, points = spec.grid, []
     for architecture in grid.architecture:
-        declared = ARCHITECTURES[architecture].hyperparameters  # the grid keys that apply to it
+        declared = applying_keys(grid, architecture)
         for n_latents in grid.n_latents:
             for values in itertools.product(*(getattr(grid, parameter.key) for parameter in declared)):
                 settings = {parameter.key: parameter.kind(value) for parameter, value in zip(declared, values)}
-                for lr in grid.lr:
+                for lr in grid.lr or [default_lr(architecture, n_latents)]:
                     for seed in grid.seed:
                         for parameter in declared:
                             if problem := parameter.problem(settings[parameter.key], n_latents):
@@ -162,6 +188,8 @@ def make_plan(points: list[GridPoint], d_model: int, batch_rows: int, device: st
         per_member = member_bytes(d_model, point.n_latents, batch_rows)
         try:
             if zero == "always" or (per_member > budget and zero == "auto"):
+                if point.target_l0 is not None:
+                    raise InputError("needs DeepSpeed ZeRO, which trains with a fixed l1_coef (no grid.target_l0)")
                 zero_plans.append(plan_zero(point, d_model, batch_rows, device, n_devices, budget,
                                             zero_stage, zero_offload, zero_workers))
                 continue

@@ -2,7 +2,8 @@
 
 Per (architecture, dictionary size), every SAE is a dot and a curve joins that group's own Pareto
 front (no other point of the group is at least as good on both L0 and FVU); selected SAEs are
-ringed; each baseline kind is a dotted row of markers at its k's. FVU is shown up to max(1, the
+ringed, SAEs the selection rejected outright (outside the L0 band or a quality bound) are hollow,
+and the L0 band is shaded; each baseline kind is a dotted row of markers at its k's. FVU is shown up to max(1, the
 worst SAE's); a baseline worse than that (random directions at small k can exceed 1) sits on the top
 edge as a triangle labelled with its value. Built on matplotlib's Agg canvas directly (no pyplot,
 no global state), like `sae.plots`.
@@ -21,18 +22,21 @@ BASELINE_STYLES = {"pca": ("s", "black"), "ica": ("D", "tab:brown"), "random": (
                    "identity": ("P", "tab:olive")}  # marker, colour
 
 
-def pareto_plot(saes: list[dict], baselines: list[dict], title: str = "") -> bytes:
+def pareto_plot(saes: list[dict], baselines: list[dict], title: str = "",
+                band: tuple[float, float] | None = None) -> bytes:
     """PNG bytes of `pareto_figure`."""
     buffer = io.BytesIO()
-    pareto_figure(saes, baselines, title).savefig(buffer, format="png")
+    pareto_figure(saes, baselines, title, band).savefig(buffer, format="png")
     return buffer.getvalue()
 
 
-def pareto_figure(saes: list[dict], baselines: list[dict], title: str = "") -> Figure:
+def pareto_figure(saes: list[dict], baselines: list[dict], title: str = "",
+                  band: tuple[float, float] | None = None) -> Figure:
     """Eval FVU against eval L0.
 
-    `saes`: {"architecture", "n_latents", "l0", "fvu", "selected"} per finished SAE;
-    `baselines`: {"kind", "k", "l0", "fvu"} per baseline dictionary.
+    `saes`: {"architecture", "n_latents", "l0", "fvu", "selected", and optionally "rejected": True
+    for one the selection ruled out whatever its neighbours} per finished SAE;
+    `baselines`: {"kind", "k", "l0", "fvu"} per baseline dictionary; `band`: the selection's L0 band.
     """
     figure = Figure(figsize=(10, 5.5), dpi=100)
     FigureCanvasAgg(figure)
@@ -42,7 +46,11 @@ def pareto_figure(saes: list[dict], baselines: list[dict], title: str = "") -> F
         curves.setdefault((sae["architecture"], sae["n_latents"]), []).append(sae)
     colors = [f"C{i % 10}" for i in range(len(curves))]
     for color, ((architecture, n_latents), points) in zip(colors, sorted(curves.items())):
-        axes.plot([p["l0"] for p in points], [p["fvu"] for p in points], "o", color=color, markersize=4)
+        candidates = [p for p in points if not p.get("rejected")]
+        rejected = [p for p in points if p.get("rejected")]
+        axes.plot([p["l0"] for p in candidates], [p["fvu"] for p in candidates], "o", color=color, markersize=4)
+        axes.plot([p["l0"] for p in rejected], [p["fvu"] for p in rejected], "o", color=color, markersize=6,
+                  markerfacecolor="none")
         best = pareto_front({i: (p["l0"], p["fvu"]) for i, p in enumerate(points)})
         front = sorted((points[i] for i in best), key=lambda point: (point["l0"], point["fvu"]))
         axes.plot([p["l0"] for p in front], [p["fvu"] for p in front], "o-", color=color, markersize=4,
@@ -69,7 +77,12 @@ def pareto_figure(saes: list[dict], baselines: list[dict], title: str = "") -> F
     if l0s and max(l0s) / min(l0s) > 20:
         axes.set_xscale("log")
     if saes and any(p["selected"] for p in saes):
-        axes.scatter([], [], s=110, facecolors="none", edgecolors="black", label="selected (Pareto per size)")
+        axes.scatter([], [], s=110, facecolors="none", edgecolors="black", label="selected")
+    if any(p.get("rejected") for p in saes):
+        axes.plot([], [], "o", color="0.3", markersize=6, markerfacecolor="none", label="rejected (band or bounds)")
+    if band is not None:
+        axes.axvspan(band[0], band[1], color="tab:green", alpha=0.08,
+                     label=f"L0 band [{band[0]:.3g}, {band[1]:.3g}]")
     axes.set_xlabel("L0 (mean active latents per token, eval)")
     axes.set_ylabel("FVU (fraction of variance unexplained, eval)")
     axes.set_ylim(0, top)

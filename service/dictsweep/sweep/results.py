@@ -67,5 +67,9 @@ class SweepResult:
     selected: set[str] = field(default_factory=set)
     export_dir: str = ""
     tracking_uri: str = ""
+    tracking_url: str = ""  # where a person sees the sweep's runs table (MLflow UI)
     stream: dict = field(default_factory=dict)
     baselines: list[BaselineResult] = field(default_factory=list)
+    why: dict[str, str] = field(default_factory=dict)  # name -> why it was or was not selected
+    ruled_out: set[str] = field(default_factory=set)  # not selected whatever their neighbours (band, bounds)
+    band: tuple[float, float] | None = None  # the selection's L0 band

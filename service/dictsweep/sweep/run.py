@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import secrets
+import signal
+import threading
 import time
 
-from dictsweep.cluster import cluster_devices, given_devices, start_ray
-from dictsweep.config import SweepSpec
-from dictsweep.errors import InputError, RunError
+from dictsweep.cluster import cluster_devices, given_devices, local_devices, start_ray
+from dictsweep.config import SweepSpec, spec_warnings
+from dictsweep.errors import InputError, Interrupted, RunError, first_line
 from dictsweep.store import fs
 from dictsweep.store.dataset import ActivationDataset
 from dictsweep.sweep.driver import Driver
 from dictsweep.sweep.finish import finish
+from dictsweep.sweep.lease import Lease
 from dictsweep.sweep.ledger import is_complete, latest_run, mark_latest, saved_plan
 from dictsweep.sweep.plan import Plan, plan_sweep
+from dictsweep.sweep.preflight import open_dataset, preflight, warn
 from dictsweep.sweep.results import SweepResult
 
 
@@ -31,28 +37,52 @@ def pin_paths(spec: SweepSpec) -> SweepSpec:
     return spec
 
 
-def open_dataset(spec: SweepSpec) -> ActivationDataset:
-    """The sweep's dataset; with `data.synth` set, write it first if the prefix holds none."""
-    if spec.data.synth is not None and not fs.exists(fs.join(spec.data.uri, "manifest.json")):
-        from dictsweep.store.synth import synth_dataset
+def to_write(spec: SweepSpec) -> bool:
+    """Whether the sweep writes its (synthetic) dataset first: `data.synth` set and none at `data.uri`."""
+    return spec.data.synth is not None and not fs.exists(fs.join(spec.data.uri, "manifest.json"))
 
-        print(f"writing synthetic dataset to {spec.data.uri} ...", flush=True)
-        synth_dataset(spec.data.uri, spec.data.synth)
-    return ActivationDataset.open(spec.data.uri)
+
+def plan_without_running(spec: SweepSpec, address: str | None, resume: bool) -> Plan:
+    """The plan, without writing anything, and without Ray unless a cluster's address is given (and
+    the spec does not settle the devices): the local machine is where a local Ray would run."""
+    latest = latest_run(spec.storage_dir)
+    if resume and latest and not is_complete(latest):
+        return saved_plan(latest)
+    if to_write(spec):
+        d_model = spec.data.synth.d_model
+        warn(spec_warnings(spec, spec.data.synth.eval_rows))
+    else:
+        d_model = open_dataset(spec).d_model
+    if given_devices(spec):  # planning for a cluster this machine need not be part of
+        return plan_sweep(spec, d_model, *given_devices(spec))
+    if spec.resources.device == "cpu" or not (address or os.environ.get("RAY_ADDRESS")):
+        return plan_sweep(spec, d_model, *local_devices(spec))
+    start_ray(address)
+    return plan_sweep(spec, d_model, *cluster_devices(spec))
 
 
 def run_sweep(spec: SweepSpec, address: str | None = None, plan_only: bool = False,
-              resume: bool = False) -> SweepResult | Plan:
+              resume: bool = False, force: bool = False) -> SweepResult | Plan:
     """Run (or only plan, or resume) a sweep. Raises RunError, with what finished, if any SAE failed.
 
-    Each run keeps its working files in `<storage.dir>/runs/<started>/`; `latest.json` names the
-    newest, which `resume` continues unless it completed.
+    Each run keeps its working files in `<storage.dir>/runs/<started>-<random>/`; `latest.json`
+    names the newest, which `resume` continues unless it completed. Everything that can be checked
+    in seconds is checked before Ray starts (`preflight`); the sweep's lease is taken before anything
+    is written, so that one driver at a time writes a sweep (`force` takes a dead driver's).
     """
     spec = pin_paths(spec)
-    dataset = open_dataset(spec)
-    if plan_only and given_devices(spec):  # planning for a cluster this machine is not part of
-        return plan_sweep(spec, dataset.d_model, *given_devices(spec))
-    start_ray(address)
+    if plan_only:
+        return plan_without_running(spec, address, resume)
+    dataset = preflight(spec)
+    lease = Lease(spec.storage_dir).take(force)
+    try:
+        start_ray(address)
+        return run_under_lease(spec, dataset, resume, lease)
+    finally:
+        lease.release()
+
+
+def run_under_lease(spec: SweepSpec, dataset: ActivationDataset, resume: bool, lease: Lease) -> SweepResult:
     latest = latest_run(spec.storage_dir)
     if resume and latest and not is_complete(latest):
         run_dir, plan = latest, saved_plan(latest)
@@ -60,21 +90,29 @@ def run_sweep(spec: SweepSpec, address: str | None = None, plan_only: bool = Fal
         if resume:
             print(f"nothing to resume under {spec.storage_dir}: starting the sweep afresh", flush=True)
         resume = False
-        run_dir = fs.join(spec.storage_dir, "runs", time.strftime("%Y%m%d-%H%M%S", time.gmtime()))
+        run_dir = fs.join(spec.storage_dir, "runs", run_id())
         plan = plan_sweep(spec, dataset.d_model, *cluster_devices(spec))
-    if plan_only:
-        return plan
     if plan.unplaced:
         raise InputError("grid: these SAEs fit no device: " + "; ".join(
             f"{name} {why}" for name, why in sorted(plan.unplaced.items())))
-    driver = Driver(spec, dataset, plan, run_dir, resume)
-    mark_latest(spec.storage_dir, run_dir)
+    driver = Driver(spec, dataset, plan, run_dir, resume, lease)
     ledger = driver.ledger
+    if not resume and latest and not is_complete(latest):
+        ledger.close_abandoned(latest)  # a dead driver's run that this one replaces
+    mark_latest(spec.storage_dir, run_dir)
     try:
-        driver.run()
-        finish(driver)
-    except BaseException:
-        ledger.tracker.flush()
+        with stopped_by_signals():
+            driver.run()
+            finish(driver)
+    except Interrupted as stop:
+        ledger.stop("KILLED", f"the driver was stopped by {stop.name}")
+        raise Interrupted(stop.signum, f"stopped by {stop.name}: {len(ledger.result.finished)} of "
+                                       f"{len(ledger.points)} SAEs were finished and recorded, the others are "
+                                       "marked KILLED in MLflow; every curve point taken so far is in "
+                                       f"{run_dir}. Continue the sweep with --resume") from None
+    except BaseException as error:
+        if lease.taken_by is None:  # a driver that took over the sweep owns its runs now
+            ledger.stop("FAILED", f"the driver stopped: {first_line(error)}")
         raise
     result = ledger.result
     if result.failed:
@@ -82,3 +120,28 @@ def run_sweep(spec: SweepSpec, address: str | None = None, plan_only: bool = Fal
                        + "; ".join(f"{name}: {why[:200]}" for name, why in sorted(result.failed.items()))
                        + f". The {len(result.finished)} finished ones are exported and logged.", result=result)
     return result
+
+
+def run_id() -> str:
+    """A run folder's name: when it started (UTC, to the second) and a random part, so that two runs
+    started in the same second never share a folder."""
+    return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(3)
+
+
+@contextlib.contextmanager
+def stopped_by_signals():
+    """SIGTERM and SIGINT raise Interrupted in the driver (Ray's own SIGTERM handler would exit at
+    once), so that it records what it holds before it goes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signals reach the main thread only
+        return
+
+    def stop(signum, frame):
+        raise Interrupted(signum, f"stopped by {signal.Signals(signum).name}")
+
+    previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

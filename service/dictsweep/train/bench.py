@@ -72,7 +72,8 @@ def bench_train(d_model: int, n_latents: int, batch_rows: int, n_members: int, s
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     members = bench_members(architecture, n_members, n_latents, k)
-    batches = sparse_batches(d_model, batch_rows, steps + warmup)
+    # on the device already: the trainer overlaps the copy with the previous step (train/device.py)
+    batches = [batch.to(device) for batch in sparse_batches(d_model, batch_rows, steps + warmup)]
     total_steps = warmup + steps * rounds
     config = TrainConfig(tokens=batch_rows * total_steps, batch_rows=batch_rows, lr_warmup_steps=1)
     samples = n_members * batch_rows  # SAE-samples per step

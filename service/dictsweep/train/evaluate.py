@@ -17,6 +17,17 @@ from dictsweep.sae.plots import decoder_norm_stats, member_plot
 from dictsweep.store import fs
 
 
+SCALED_LOSSES = ("loss", "mse", "sparsity_loss", "aux_loss")  # training metrics summed over the scaled d_model
+
+
+def in_eval_units(metrics: dict[str, float], d_model: int, input_scale: float) -> dict[str, float]:
+    """Training metrics of one SAE in the eval metrics' units: the loss terms (summed over d_model
+    on the training scale) as per-element squared error on raw activations, like `eval/mse`; fvu,
+    l0 and fractions are unit-free and stay as they are."""
+    per_element = d_model * input_scale ** 2
+    return {key: value / per_element if key in SCALED_LOSSES else value for key, value in metrics.items()}
+
+
 class Evaluator:
     """Sums over eval batches for one ensemble; `results()` gives per-member metrics."""
 
@@ -66,8 +77,16 @@ def export_member(ensemble: Ensemble, member: int, log10_frequency: Tensor, metr
     plot = fs.join(storage_uri, "plots", f"{name}.png")
     fs.write_bytes(plot, member_plot(log10_frequency, decoder, title=name))
     folder = fs.join(storage_uri, "dictionaries", name)
+    steered = final_coefficient(ensemble, member)
     info = dict(metadata)
     info["dictsweep"] = {**info.get("dictsweep", {}), "metrics": metrics, "input_scale": float(ensemble.input_scale),
-                         **(extra or {})}
+                         **steered, **(extra or {})}
     fs.write_files(folder, member_files(ensemble, member, log10_frequency, info))
-    return {"metrics": metrics, "uri": folder, "plot": plot}
+    return {"metrics": metrics, "uri": folder, "plot": plot, **steered}
+
+
+def final_coefficient(ensemble: Ensemble, member: int) -> dict:
+    """{"l1_coef": the coefficient training ended with} for a member steered to an L0 target, else {}."""
+    if getattr(ensemble.members[member], "target_l0", 0.0) <= 0:
+        return {}
+    return {"l1_coef": float(ensemble.l1_coef[member])}

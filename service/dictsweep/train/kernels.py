@@ -1,10 +1,15 @@
-"""Choosing the ensemble's matmul kernel by measurement on the device it will run on.
+"""Choosing the ensemble's matmul kernel (and, on GPUs, its top-k decoder) by measurement on the
+device it will run on, at the sweep's shapes.
 
 Which is fastest (one batched matmul, one matmul per member, or a torch.compile'd forward) depends
 on the device and the sizes: small SAEs leave a GPU idle between kernel launches and favour the
 stacked or compiled forms; on a few CPU cores per-member matmuls can win at some sizes. Compiling
 costs tens of seconds before the first step, so it is only tried when the planned steps could
 repay a typical gain, and only chosen when they repay the build time actually measured.
+On GPUs the top-k family's `decode: auto` is measured too (dense matmul against the Triton
+gather); on CPUs it keeps its density rule. A candidate that raises (a kernel that cannot run
+there, out of memory) is dropped with a one-line note; only when every candidate fails does the
+error reach the sweep.
 """
 
 from __future__ import annotations
@@ -38,6 +43,22 @@ def synchronize(device: torch.device | str) -> None:
         torch.cuda.synchronize(device)
 
 
+def decode_candidates(architecture: str, device: torch.device | str, decode: str = "auto") -> tuple[str, ...]:
+    """Decoders worth measuring: on GPUs, dense and sparse for the top-k family under `auto`;
+    otherwise the one configured (on CPUs `auto` keeps its density rule)."""
+    from dictsweep.sae.ensemble import ARCHITECTURES
+
+    if decode != "auto" or torch.device(device).type != "cuda" or ARCHITECTURES[architecture].sparsity_key != "k":
+        return (decode,)
+    return ("dense", "sparse")
+
+
+def drop_note(name: str, error: BaseException) -> None:
+    """The one-line note of a candidate that could not run."""
+    first = (str(error).strip().splitlines() or [""])[0][:200]
+    print(f"kernel choice: {name} dropped ({type(error).__name__}: {first})", flush=True)
+
+
 def time_steps(trainer, batches: list[torch.Tensor], warmup: int = 2) -> float:
     """Seconds per step of `trainer` over `batches`, after `warmup` untimed steps."""
     for batch in batches[:warmup]:
@@ -53,45 +74,79 @@ def time_steps(trainer, batches: list[torch.Tensor], warmup: int = 2) -> float:
 def median_seconds(trainers: dict, batches: list[torch.Tensor], rounds: int = 3) -> dict[str, float]:
     """Median seconds per step of each trainer, timed in turn in every round on the same batches
     (after one warm-up step each), so a busy machine slows all of them alike."""
-    for trainer in trainers.values():
-        time_steps(trainer, batches[:1], warmup=1)
+    trainers, failed = dict(trainers), None
     seconds = {name: [] for name in trainers}
-    for _ in range(rounds):
-        for name, trainer in trainers.items():
-            seconds[name].append(time_steps(trainer, batches, warmup=0))
-    return {name: statistics.median(values) for name, values in seconds.items()}
+    for round_index in range(rounds + 1):  # round 0: one warm-up step each
+        for name, trainer in list(trainers.items()):
+            try:
+                if round_index == 0:
+                    time_steps(trainer, batches[:1], warmup=1)
+                else:
+                    seconds[name].append(time_steps(trainer, batches, warmup=0))
+            except Exception as error:  # noqa: BLE001 - a candidate that cannot run here is dropped
+                drop_note(name, error)
+                failed, seconds[name] = error, []
+                del trainers[name]
+    if failed is not None and not trainers:
+        raise failed
+    return {name: statistics.median(values) for name, values in seconds.items() if values}
 
 
-def choose_kernel(architecture: str, d_model: int, n_latents: int, members: list[Member],
-                  batch_rows: int, device: torch.device | str = "cpu",
-                  candidates: tuple[str, ...] | None = None, steps: int = 4,
-                  total_steps: int | None = None) -> tuple[str, dict[str, float]]:
-    """The fastest kernel for this ensemble shape on `device` over `total_steps` planned steps (None:
-    unknown), and what was measured: seconds per step of each kernel tried (and `compile_seconds`)."""
+def choose_path(architecture: str, d_model: int, n_latents: int, members: list[Member],
+                batch_rows: int, device: torch.device | str = "cpu",
+                candidates: tuple[str, ...] | None = None, steps: int = 4, total_steps: int | None = None,
+                decode: str = "auto") -> tuple[str, str, dict[str, float]]:
+    """The fastest kernel and decoder for this ensemble shape on `device` over `total_steps` planned
+    steps (None: unknown), and what was measured: seconds per step of each candidate tried (named
+    `kernel`, or `kernel/decode` when decoders are measured too) and `compile_seconds`."""
     from dictsweep.train.loop import EnsembleTrainer
 
-    if candidates is not None and len(candidates) == 1:
-        return candidates[0], {}
+    decodes = decode_candidates(architecture, device, decode)
+    if candidates is not None and len(candidates) == 1 and len(decodes) == 1:
+        return candidates[0], decodes[0], {}
     generator = torch.Generator().manual_seed(0)
-    batches = [torch.randn(batch_rows, d_model, generator=generator) for _ in range(steps)]
+    batches = [torch.randn(batch_rows, d_model, generator=generator).to(device) for _ in range(steps)]
     config = TrainConfig(tokens=batch_rows * 1000, batch_rows=batch_rows)
 
-    def trainer(kernel: str) -> EnsembleTrainer:
-        return EnsembleTrainer(build_ensemble(architecture, d_model, n_latents, members, kernel=kernel),
-                               config, 1000, device)
+    def name(kernel: str, decoder: str) -> str:
+        return kernel if len(decodes) == 1 else f"{kernel}/{decoder}"
 
-    eager = [kernel for kernel in (candidates or EAGER_KERNELS) if kernel != "compile"]
-    timings = median_seconds({kernel: trainer(kernel) for kernel in eager}, batches) if eager else {}
+    def trainers(pairs: list[tuple[str, str]]) -> dict[str, EnsembleTrainer]:
+        made = {}
+        for kernel, decoder in pairs:
+            try:
+                ensemble = build_ensemble(architecture, d_model, n_latents, members, kernel=kernel, decode=decoder)
+                made[name(kernel, decoder)] = EnsembleTrainer(ensemble, config, 1000, device)
+            except Exception as error:  # noqa: BLE001 - e.g. out of memory: this candidate is dropped
+                drop_note(name(kernel, decoder), error)
+        return made
+
+    def pair(chosen: str) -> tuple[str, str]:
+        return (chosen, decodes[0]) if len(decodes) == 1 else tuple(chosen.split("/"))
+
+    eager = [(kernel, decoder) for kernel in (candidates or EAGER_KERNELS) if kernel != "compile"
+             for decoder in decodes]
+    timings = median_seconds(trainers(eager), batches) if eager else {}
     best = min(timings, key=timings.get) if timings else None
     if "compile" not in (candidates or default_candidates(device, total_steps, timings.get(best))):
-        return best, timings
-    compiled = trainer("compile")
-    start = time.perf_counter()
-    compiled.step(batches[0])  # builds the compiled forward and backward
-    synchronize(device)
+        return (*pair(best), timings)
+    best_decode = pair(best)[1] if best else decodes[0]
+    compile_name = name("compile", best_decode)
+    compiled = trainers([("compile", best_decode)])
+    try:
+        start = time.perf_counter()
+        compiled[compile_name].step(batches[0])  # builds the compiled forward and backward
+        synchronize(device)
+    except Exception as error:  # noqa: BLE001 - a compiler that fails here leaves the eager choice
+        if best is None:
+            raise
+        drop_note(compile_name, error)
+        return (*pair(best), timings)
     timings["compile_seconds"] = time.perf_counter() - start
-    rivals = {"compile": compiled} | ({best: trainer(best)} if best else {})
+    rivals = compiled | (trainers([pair(best)]) if best else {})
     timings.update(median_seconds(rivals, batches))
-    saving = timings[best] - timings["compile"] if best else float("inf")  # per step
+    if compile_name not in timings:
+        return (*pair(best), timings)
+    saving = timings[best] - timings[compile_name] if best else float("inf")  # per step
     repaid = total_steps is None or saving * total_steps > timings["compile_seconds"]
-    return ("compile" if saving > 0 and repaid else best), timings
+    return (*pair(compile_name if saving > 0 and repaid else best), timings)

@@ -18,6 +18,7 @@ from dictsweep.config import TrainConfig
 from dictsweep.sae.ensemble import Ensemble, EnsembleOutput
 from dictsweep.sae.metrics import FiringTracker
 from dictsweep.train.optim import StackedAdam, clip_divisor, grad_norm_per_member
+from dictsweep.train.target_l0 import L0Controller
 
 STEP_METRICS = ("loss", "mse", "fvu", "l0", "sparsity_loss", "aux_loss")
 
@@ -67,6 +68,13 @@ class MetricSums:
             self.sums[name] = self.sums.get(name, 0) + value.detach().float()
         self.steps += 1
 
+    def state_dict(self) -> dict:
+        return {"sums": dict(self.sums), "steps": self.steps}
+
+    def load_state_dict(self, state: dict, device: torch.device | str = "cpu") -> None:
+        self.sums = {name: total.to(device) for name, total in state["sums"].items()}
+        self.steps = state["steps"]
+
     def mean_and_reset(self) -> dict[str, list[float]]:
         means = {name: (total / max(self.steps, 1)).tolist() for name, total in self.sums.items()}
         self.sums, self.steps = {}, 0
@@ -75,7 +83,13 @@ class MetricSums:
 
 class DeadLatents:
     """When dead latents get AuxK or resampling, from the firing statistics and the schedule (shared by
-    `EnsembleTrainer` and the ZeRO trainer: `ensemble`, `config`, `firing`, `step_count`, `total_steps`)."""
+    `EnsembleTrainer` and the ZeRO trainer: `ensemble`, `config`, `firing`, `step_count`, `total_steps`).
+
+    Whether anything is dead is a host-device synchronisation: on CPUs (where it is free) it is asked
+    every step; on GPUs only at logging points (`check_dead`), and AuxK runs from the next step on."""
+
+    check_dead_every_step: bool = True
+    any_dead: bool = False  # on GPUs: something was dead at the last logging point
 
     def auxk_dead_mask(self) -> Tensor | None:
         """Latents dead for a window `[K, n]`, for architectures trained with AuxK; None when none is."""
@@ -83,8 +97,15 @@ class DeadLatents:
             return None
         if self.firing.tokens_seen < self.firing.window_tokens:
             return None  # no window has passed: nothing can be dead yet (and no device sync)
+        if not self.check_dead_every_step:
+            return self.firing.dead_mask() if self.any_dead else None
         dead = self.firing.dead_mask()
         return dead if bool(dead.any()) else None
+
+    def check_dead(self) -> None:
+        """At a logging point (a synchronisation anyway): note whether anything is dead, for AuxK."""
+        if not self.check_dead_every_step and self.firing.tokens_seen >= self.firing.window_tokens:
+            self.any_dead = bool(self.firing.dead_mask().any())
 
     def resample_due(self, rows: int) -> Tensor | None:
         """The dead mask `[K, n]` when the batch of `rows` just counted crossed a resampling point in
@@ -94,8 +115,7 @@ class DeadLatents:
             return None
         if self.step_count > self.config.resample_until_fraction * self.total_steps:
             return None
-        dead = self.firing.dead_mask()
-        return dead if bool(dead.any()) else None
+        return self.firing.dead_mask()  # no `any()` here: resampling nothing changes nothing
 
 
 class EnsembleTrainer(DeadLatents):
@@ -119,6 +139,8 @@ class EnsembleTrainer(DeadLatents):
         # resampling draws rows from each member's own stream, so a member's draws ignore its neighbours
         self.generators = [torch.Generator().manual_seed(member.seed + 2**32) for member in ensemble.members]
         self.forward = torch.compile(ensemble.forward) if ensemble.kernel == "compile" else ensemble.forward
+        self.check_dead_every_step = self.device.type != "cuda"
+        self.l0_controller = L0Controller.for_ensemble(ensemble, config, total_steps)  # None: no L0 targets
 
     def scale(self, batch: Tensor) -> Tensor:
         """Raw activations `[B, d_model]` to the training scale (E|x|^2 = d_model), float32 on device."""
@@ -128,7 +150,8 @@ class EnsembleTrainer(DeadLatents):
         """One optimizer step of every member on a raw batch `[B, d_model]`."""
         x = self.scale(batch)
         # a tensor, not a float, so a compiled forward is not specialised on every warm-up value
-        warmup = torch.tensor(sparsity_factor(self.step_count, self.total_steps, self.config), device=self.device)
+        # (a fill, not torch.tensor: copying a host scalar to a GPU waits for the stream)
+        warmup = torch.full((), sparsity_factor(self.step_count, self.total_steps, self.config), device=self.device)
         with torch.autocast(self.device.type, torch.bfloat16, enabled=self.bf16):
             out = self.forward(x, warmup, self.auxk_dead_mask(), self.config.auxk_coef, self.config.auxk_k)
         out.loss.sum().backward()
@@ -139,6 +162,8 @@ class EnsembleTrainer(DeadLatents):
         self.ensemble.constrain_weights()
         self.firing.update(out.fire_counts.detach(), x.shape[0])
         self.metrics.add({name: getattr(out, name) for name in STEP_METRICS})
+        if self.l0_controller is not None:
+            self.l0_controller.update(out.l0.detach(), self.step_count)
         self.step_count += 1
         self.resample_dead(x, out)
 
@@ -157,25 +182,36 @@ class EnsembleTrainer(DeadLatents):
     def log_metrics(self) -> dict[str, list[float]]:
         """Per-member means since the last call, with the current dead and dense fractions and the
         latents resampled so far: name -> [K] values."""
+        self.check_dead()
         means = self.metrics.mean_and_reset()
         means["dead_fraction"] = self.firing.dead_fraction().tolist()
         means["dense_fraction"] = self.firing.dense_fraction().tolist()
         means["resampled_latents"] = self.resampled.tolist()
+        if self.l0_controller is not None:  # the steered coefficients
+            means["l1_coef"] = self.ensemble.l1_coef.tolist()
         return means
 
     def state_dict(self) -> dict:
+        """Tensors and plain data only (checkpoints are safetensors + JSON)."""
         return {"ensemble": self.ensemble.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "firing": self.firing.state_dict(), "step_count": self.step_count, "resampled": self.resampled,
-                "generators": [generator.get_state() for generator in self.generators]}
+                "generators": [generator.get_state() for generator in self.generators],
+                "any_dead": self.any_dead,
+                **({"l0_controller": self.l0_controller.state_dict()} if self.l0_controller else {})}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore a `state_dict`, whose tensors may be on any device (checkpoints load on the CPU)."""
         self.ensemble.load_state_dict(state["ensemble"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.firing.load_state_dict(state["firing"])
+        self.firing.load_state_dict({key: value.to(self.device) if isinstance(value, Tensor) else value
+                                     for key, value in state["firing"].items()})
         self.step_count = state["step_count"]
-        self.resampled = state.get("resampled", self.resampled)
+        self.resampled = state.get("resampled", self.resampled).to(self.device)
         for generator, saved in zip(self.generators, state.get("generators", [])):
-            generator.set_state(saved)
+            generator.set_state(saved.cpu())
+        self.any_dead = state.get("any_dead", False)
+        if self.l0_controller is not None:
+            self.l0_controller.load_state_dict(state["l0_controller"])
 
 
 class DeviceTrainer:

@@ -36,6 +36,7 @@ class HarvestConfig(BaseModel):
     workers: int = Field(0, ge=0, description="Workers (Ray actors); 0 = one per GPU, or 1 on CPU. One worker without --address runs in this process.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the model runs: cuda, cpu, or cuda where available (auto).")
     address: str | None = Field(None, description="Ray cluster address; default: a local Ray when more than one worker is needed.")
+    model_name: str | None = Field(None, description="The model's name in the dataset and in exported dictionaries (cfg.json model_name); default: --model when it is a hub id, else the hub id of a Hugging Face cache folder, else the folder's name.")
 
     @field_validator("hooks")
     @classmethod

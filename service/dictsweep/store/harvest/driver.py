@@ -55,12 +55,14 @@ def harvest(config: HarvestConfig, overwrite: bool = False, progress: bool = Tru
     """Harvest `config.hooks` of `config.model` over `config.text` into datasets (see the module doc)."""
     from dictsweep.store import fs
     from dictsweep.store.manifest import MANIFEST_NAME
-    from dictsweep.store.models import is_local
+    from dictsweep.store.models import hub_name, is_local
 
     check_text_source(config)
     # workers (Ray actors) may start elsewhere than this process's working directory
     if "://" not in config.out:
         config = config.model_copy(update={"out": os.path.abspath(os.path.expanduser(config.out))})
+    if not config.model_name:  # named before a local folder becomes an absolute path
+        config = config.model_copy(update={"model_name": hub_name(config.model)})
     if is_local(config.model):
         config = config.model_copy(update={"model": os.path.abspath(os.path.expanduser(config.model))})
     structure = _check_model(config)
@@ -92,7 +94,7 @@ def harvest(config: HarvestConfig, overwrite: bool = False, progress: bool = Tru
     started = time.perf_counter()
     done_tokens, rate = _run(config, plan, prefixes, pending, tokens_total, progress)
     seconds = time.perf_counter() - started
-    manifests = _write_manifests(config, root, prefixes, blocks, plan)
+    manifests = _write_manifests(config, root, prefixes, blocks, plan, getattr(structure.config, "model_type", None))
     filesystem, path = fs.resolve(fs.join(root, WORK_DIR))
     if filesystem.exists(path):
         filesystem.rm(path, recursive=True)
@@ -315,8 +317,9 @@ def _worker_error(error: BaseException) -> BaseException:
 
 
 def _write_manifests(config: HarvestConfig, root: str, prefixes: dict[str, str], blocks: list[Block],
-                     plan: dict) -> dict[str, Manifest]:
-    """Every hook's manifest from the blocks' progress records (the last write of a harvest)."""
+                     plan: dict, model_type: str | None = None) -> dict[str, Manifest]:
+    """Every hook's manifest from the blocks' progress records (the last write of a harvest);
+    `model_type`: the model's family (`config.model_type`), for portable hook names in exports."""
     from dictsweep.store import fs
     from dictsweep.store.dataset import write_manifest
     from dictsweep.store.manifest import ShardInfo
@@ -341,7 +344,7 @@ def _write_manifests(config: HarvestConfig, root: str, prefixes: dict[str, str],
         if len(d_models) != 1:
             raise RunError(f"--hook {hook}: blocks report output widths {sorted(d_models)}; expected one")
         n_rows = sum(shard.rows for shard in shards["train"])
-        source = {"model": config.model, "hook": hook, "dataset": config.text, "context": config.context,
+        source = {"model": config.model, "model_name": config.model_name, "model_type": model_type, "hook": hook, "dataset": config.text, "context": config.context,
                   "created": created, "max_tokens": config.max_tokens, "seed": config.seed,
                   "include_special": config.include_special, "n_contexts": plan["n_contexts"],
                   "template": plan["template"]}

@@ -1,0 +1,53 @@
+"""What a sweep needs that can be checked in seconds, checked before Ray starts (which takes a
+minute on a cluster): the storage it writes to, the tracking server, the dataset's manifest, and
+the spec against the dataset. Each problem is one line and exit 2."""
+
+from __future__ import annotations
+
+from dictsweep.config import SweepSpec, spec_warnings
+from dictsweep.errors import InputError
+from dictsweep.store import fs
+from dictsweep.store.dataset import ActivationDataset
+from dictsweep.track import check_tracking
+
+
+def open_dataset(spec: SweepSpec) -> ActivationDataset:
+    """The sweep's dataset (with `data.synth` set and none at `data.uri`, written first), with a
+    warning for each setting the dataset keeps from doing what it says."""
+    if spec.data.synth is not None and not fs.exists(fs.join(spec.data.uri, "manifest.json")):
+        from dictsweep.store.synth import synth_dataset
+        from dictsweep.sweep.progress import step
+
+        synth = spec.data.synth
+        with step(f"writing {synth.rows:,} + {synth.eval_rows:,} synthetic rows to {spec.data.uri}"):
+            synth_dataset(spec.data.uri, synth)
+    dataset = ActivationDataset.open(spec.data.uri)
+    warn(spec_warnings(spec, dataset.n_eval_rows))
+    return dataset
+
+
+def warn(notes: list[str]) -> None:
+    for note in notes:
+        print(f"warning: {note}", flush=True)
+
+
+def preflight(spec: SweepSpec) -> ActivationDataset:
+    """Check `spec` (its local paths made absolute) and return its dataset (written first when it is
+    synthetic and absent); InputError naming the field at the first problem."""
+    for field, uri in (("data.uri", spec.data.uri), ("storage.dir", spec.storage_dir), ("export.dir", spec.export_dir)):
+        try:
+            fs.check_access(uri)
+        except fs.StorageError as error:
+            raise fs.StorageError(f"{field}: {error}") from None
+    check_tracking(spec.tracking.uri)
+    dataset = open_dataset(spec)
+    rows = spec.train.batch_rows
+    if spec.train.tokens < rows:
+        raise InputError(f"train.tokens ({spec.train.tokens}) is less than one batch ({rows} rows, train.batch_rows)")
+    eval_rows = min(spec.train.eval_tokens, dataset.n_eval_rows)
+    if eval_rows < rows:
+        raise InputError(f"{dataset.uri}: the eval split has {dataset.n_eval_rows} rows and train.eval_tokens is "
+                         f"{spec.train.eval_tokens}: fewer than one batch of {rows} (train.batch_rows); final "
+                         "metrics need held-out rows")
+    dataset.mean_sq_norm()  # the input scale: read now (first shards, when the manifest has no stats)
+    return dataset

@@ -1,0 +1,79 @@
+"""L0 targets: steer each member's sparsity coefficient until its L0 sits at a target, then hold it.
+
+A sweep that sets `grid.target_l0` (relu and jumprelu) gives each member a target instead of a
+coefficient. After the sparsity warm-up, every step moves the logarithm of the member's
+coefficient by `GAIN * log(batch L0 / target)`, the error clipped to +-MAX_ERROR (an integral
+controller on log-coefficient, the batch L0 being the measurement), until
+`train.target_l0_fraction` of the steps; from there the coefficient is held. All on the device: no
+host-device sync per step. The final coefficient is the member's `l1_coef` in the export.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from dictsweep.config import TrainConfig
+from dictsweep.sae.ensemble import Ensemble, Member
+
+INITIAL_COEF = {"relu": 1.0, "jumprelu": 0.1}  # where a targeted member starts (training scale, E|x|^2 = d_model)
+GAIN = 0.05  # per step; measured on synthetic data: higher oscillates while the weights catch up
+MAX_ERROR = 0.3  # |log(L0 / target)| counted at most this much per step: at most x1.015 per step far from target
+
+
+@dataclass(frozen=True)
+class TargetedMember(Member):
+    """A member whose `l1_coef` is only where it starts: the controller steers it to `target_l0`."""
+
+    target_l0: float = 0.0
+
+
+def initial_coef(architecture: str) -> float:
+    """The coefficient a targeted member of `architecture` starts from."""
+    if architecture not in INITIAL_COEF:
+        raise ValueError(f"target_l0 applies to {sorted(INITIAL_COEF)}, not {architecture!r}")
+    return INITIAL_COEF[architecture]
+
+
+class L0Controller:
+    """Steers `ensemble.l1_coef` (in place) of the members with a target; the others are untouched."""
+
+    def __init__(self, ensemble: Ensemble, config: TrainConfig, total_steps: int):
+        device = ensemble.l1_coef.device
+        self.coef = ensemble.l1_coef  # [K], the buffer the forward reads
+        self.targets = torch.tensor([getattr(m, "target_l0", 0.0) for m in ensemble.members],
+                                    dtype=torch.float32, device=device)  # [K]; 0: no target
+        self.steered = self.targets > 0  # [K]
+        warmup_steps = config.l1_warmup_fraction * total_steps
+        self.first_step = math.ceil(warmup_steps)  # the penalty is whole from here
+        self.last_step = max(self.first_step, int(config.target_l0_fraction * total_steps))
+        self.log_target = self.targets.clamp(min=1e-6).log()  # [K]
+
+    @classmethod
+    def for_ensemble(cls, ensemble: Ensemble, config: TrainConfig, total_steps: int) -> "L0Controller | None":
+        """A controller when some member has a target, else None (nothing to do per step)."""
+        if not any(getattr(member, "target_l0", 0.0) > 0 for member in ensemble.members):
+            return None
+        return cls(ensemble, config, total_steps)
+
+    @torch.no_grad()
+    def update(self, batch_l0: Tensor, step: int) -> None:
+        """After step `step` (0-based) measured `batch_l0 [K]`: move each steered coefficient."""
+        if not self.first_step <= step < self.last_step:
+            return
+        error = (batch_l0.float().clamp(min=1e-3).log() - self.log_target).clamp(-MAX_ERROR, MAX_ERROR)  # [K]
+        step_factor = (GAIN * error * self.steered).exp()  # [K]; 1 for members without a target
+        self.coef.mul_(step_factor)
+
+    def state_dict(self) -> dict:
+        return {"targets": self.targets.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """The coefficients themselves live in the ensemble's state (its `l1_coef` buffer); check
+        that the checkpoint steered the same targets."""
+        if not torch.equal(state["targets"].to(self.targets.device), self.targets):
+            raise ValueError(f"checkpoint's L0 targets {state['targets'].tolist()} differ from "
+                             f"this ensemble's {self.targets.tolist()}")
