@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from dictsweep.sae.ensemble import AUXK_COEF, EnsembleOutput, register
+from dictsweep.sae.hyperparameters import K
 from dictsweep.sae.topk import TopKEnsemble
 
 THRESHOLD_RATE = 0.01  # moving-average rate of the threshold (SAELens' topk_threshold_lr)
@@ -21,7 +22,7 @@ THRESHOLD_RATE = 0.01  # moving-average rate of the threshold (SAELens' topk_thr
 @register("batchtopk")
 class BatchTopKEnsemble(TopKEnsemble):
     saelens_architecture = "jumprelu"
-    sparsity_key = "k"
+    hyperparameters = (K,)
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

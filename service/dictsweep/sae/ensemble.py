@@ -20,8 +20,9 @@ from typing import ClassVar, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from dictsweep.sae.sparse_decode import sparse_decode, triton_available
+from dictsweep.sae.hyperparameters import L1_COEF, TARGET_L0, HyperParameter
 from dictsweep.sae.metrics import fvu, l0_from_counts, squared_error
+from dictsweep.sae.sparse_decode import sparse_decode, triton_available
 
 SPARSE_DECODE_MAX_DENSITY = 1 / 32  # decode="auto": gather when k <= this fraction of n_latents (CPU crossover)
 AUXK_COEF = 1 / 32  # Gao et al. 2024
@@ -75,6 +76,7 @@ def register(name: str):
 
     def add(cls: type[Ensemble]) -> type[Ensemble]:
         cls.architecture = name
+        cls.sparsity_key = cls.hyperparameters[0].key
         ARCHITECTURES[name] = cls
         return cls
 
@@ -97,7 +99,8 @@ class Ensemble(nn.Module):
     decoder_init_norm: ClassVar[float] = 0.1
     unit_norm_decoder: ClassVar[bool] = False
     dead_latents: ClassVar[str] = "none"  # how training revives dead latents: none, auxk, resample
-    sparsity_key: ClassVar[str] = "l1_coef"  # the grid key that sets this architecture's sparsity
+    hyperparameters: ClassVar[tuple[HyperParameter, ...]] = (L1_COEF, TARGET_L0)  # its grid keys besides lr and seed
+    sparsity_key: ClassVar[str] = "l1_coef"  # the grid key that sets its sparsity: hyperparameters[0]'s
 
     def __init__(self, d_model: int, n_latents: int, members: list[Member], kernel: str = "bmm",
                  decode: str = "auto"):

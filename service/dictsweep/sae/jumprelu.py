@@ -9,12 +9,16 @@ Initial threshold, bandwidth and decoder norm are SAELens' defaults for inputs o
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import Tensor, nn
 
 from dictsweep.sae.ensemble import AUXK_COEF, Ensemble, EnsembleOutput, register
+from dictsweep.sae.hyperparameters import L1_COEF, TARGET_L0
 
 BANDWIDTH = 0.05
+L0_COEF = replace(L1_COEF, typical=0.1)  # `l1_coef` weighs an L0 penalty here: a tenth of relu's L1 trains alike
 INITIAL_THRESHOLD = 0.01
 
 
@@ -41,6 +45,7 @@ class JumpReLU(torch.autograd.Function):
 
 @register("jumprelu")
 class JumpReLUEnsemble(Ensemble):
+    hyperparameters = (L0_COEF, TARGET_L0)
     saelens_architecture = "jumprelu"
     decoder_init_norm = 0.1
 

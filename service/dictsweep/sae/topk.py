@@ -11,13 +11,14 @@ import torch
 from torch import Tensor
 
 from dictsweep.sae.ensemble import AUXK_COEF, Ensemble, EnsembleOutput, register
+from dictsweep.sae.hyperparameters import K
 from dictsweep.sae.metrics import squared_error, variance
 
 
 @register("topk")
 class TopKEnsemble(Ensemble):
     saelens_architecture = "topk"
-    sparsity_key = "k"
+    hyperparameters = (K,)
     decoder_init_norm = 1.0
     unit_norm_decoder = True
     dead_latents = "auxk"

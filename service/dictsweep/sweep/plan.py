@@ -7,12 +7,13 @@ has room (largest first). What does not fit at once runs in a later wave on the 
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import asdict, dataclass, field
 
 from dictsweep.config import SweepSpec
 from dictsweep.errors import InputError
-from dictsweep.sae import ARCHITECTURES, Member
+from dictsweep.sae import ARCHITECTURES, Member, grid_keys, member_from_params
 from dictsweep.train.actor import EnsembleSpec
 from dictsweep.train.target_l0 import TargetedMember, initial_coef
 from dictsweep.train.zero import zero_bytes_per_worker
@@ -36,20 +37,24 @@ class GridPoint:
 
     @property
     def name(self) -> str:
-        sparsity = (f"k{self.k}" if self.k is not None else f"l0_{self.target_l0:g}" if self.target_l0 is not None
-                    else f"l1_{self.l1_coef:g}")
+        sparsity = "-".join(parameter.name_part(getattr(self, parameter.key))
+                            for parameter in ARCHITECTURES[self.architecture].hyperparameters
+                            if getattr(self, parameter.key) is not None)
         return f"{self.architecture}-n{self.n_latents}-{sparsity}-lr{self.lr:.3g}-s{self.seed}"
 
     def member(self) -> Member:
         if self.target_l0 is not None:
             return TargetedMember(lr=self.lr, seed=self.seed, l1_coef=initial_coef(self.architecture),
                                   target_l0=self.target_l0)
-        return Member(lr=self.lr, seed=self.seed, l1_coef=self.l1_coef or 0.0, k=self.k or 0)
+        return member_from_params(self.params())
 
     def params(self) -> dict:
-        params = {"architecture": self.architecture, "n_latents": self.n_latents, "l1_coef": self.l1_coef,
-                  "k": self.k, "lr": self.lr, "seed": self.seed}
-        return {**params, "target_l0": self.target_l0} if self.target_l0 is not None else params
+        """MLflow params and index.json keys: every architecture's grid keys (None where not its own), and
+        a key that replaces another only where it is set."""
+        settings = {key: getattr(self, key) for key, parameter in grid_keys().items()
+                    if parameter.replaces is None or getattr(self, key) is not None}
+        return {"architecture": self.architecture, "n_latents": self.n_latents, **settings, "lr": self.lr,
+                "seed": self.seed}
 
 
 def default_lr(architecture: str, n_latents: int) -> float:
@@ -61,24 +66,28 @@ def default_lr(architecture: str, n_latents: int) -> float:
     return min(1e-2, scale * 2e-4 * math.sqrt(2**14 / n_latents))
 
 
+def applying_keys(grid, architecture: str) -> list:
+    """The grid keys that set `architecture`'s points: its declared ones, where a key the grid sets takes
+    the place of the key it replaces (e.g. target_l0 that of l1_coef; topk has neither)."""
+    declared = ARCHITECTURES[architecture].hyperparameters
+    replaced = {p.replaces for p in declared if p.replaces is not None and getattr(grid, p.key) is not None}
+    return [p for p in declared if p.key not in replaced and (p.replaces is None or getattr(grid, p.key) is not None)]
+
+
 def grid_points(spec: SweepSpec) -> list[GridPoint]:
     """Every point of the grid: per architecture, the product of the keys that apply to it."""
     grid, points = spec.grid, []
     for architecture in grid.architecture:
-        uses_k = ARCHITECTURES[architecture].sparsity_key == "k"
-        targeted = not uses_k and grid.target_l0 is not None
-        if targeted and architecture not in ("relu", "jumprelu"):
-            raise InputError(f"grid.target_l0: applies to relu and jumprelu, not {architecture}")
+        declared = applying_keys(grid, architecture)
         for n_latents in grid.n_latents:
-            for sparsity in (grid.k if uses_k else grid.target_l0 if targeted else grid.l1_coef):
+            for values in itertools.product(*(getattr(grid, parameter.key) for parameter in declared)):
+                settings = {parameter.key: parameter.kind(value) for parameter, value in zip(declared, values)}
                 for lr in grid.lr or [default_lr(architecture, n_latents)]:
                     for seed in grid.seed:
-                        if uses_k and sparsity >= n_latents:
-                            raise InputError(f"grid.k: k={sparsity} is not below n_latents={n_latents}")
-                        points.append(GridPoint(architecture, n_latents, lr, seed,
-                                                l1_coef=None if uses_k or targeted else float(sparsity),
-                                                k=int(sparsity) if uses_k else None,
-                                                target_l0=float(sparsity) if targeted else None))
+                        for parameter in declared:
+                            if problem := parameter.problem(settings[parameter.key], n_latents):
+                                raise InputError(problem)
+                        points.append(GridPoint(architecture, n_latents, lr, seed, **settings))
     names = [point.name for point in points]
     if len(set(names)) != len(names):
         raise InputError("grid: the same point appears twice (repeated values in a grid list?)")

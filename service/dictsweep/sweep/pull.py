@@ -14,6 +14,7 @@ import shutil
 import tempfile
 
 from dictsweep.errors import InputError
+from dictsweep.sae import grid_keys
 from dictsweep.store import fs
 from dictsweep.sweep.results import INDEX_METRICS
 from dictsweep.track import SELECTED_TAG, WHY_TAG, download_dictionary, find_sweep
@@ -28,8 +29,9 @@ def point_params(params: dict, metrics: dict | None = None) -> dict:
         return kind(params[key]) if key in params and params[key] not in ("", "None") else None
 
     point = {"architecture": params.get("architecture"), "n_latents": number("n_latents", int),
-             "l1_coef": number("l1_coef", float), "k": number("k", int), "lr": number("lr", float),
-             "seed": number("seed", int)}
+             **{key: parameter.parse(params.get(key)) for key, parameter in grid_keys().items()
+                if parameter.replaces is None},
+             "lr": number("lr", float), "seed": number("seed", int)}
     target = number("target_l0", float)
     if target is not None:
         steered = (metrics or {}).get("l1_coef")

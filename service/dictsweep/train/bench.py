@@ -16,16 +16,18 @@ import time
 import torch
 
 from dictsweep.config import TrainConfig
-from dictsweep.sae.ensemble import Member, build_ensemble
+from dictsweep.sae.ensemble import ARCHITECTURES, Member, build_ensemble
+from dictsweep.sae.hyperparameters import K, L1_COEF
 from dictsweep.train.kernels import default_candidates, synchronize, time_steps
 from dictsweep.train.loop import DeviceTrainer, EnsembleTrainer
 
 
 def bench_members(architecture: str, n_members: int, n_latents: int, k: int = 0) -> list[Member]:
     """K members with distinct seeds and sparsity settings, as a sweep would have."""
-    k = k or max(1, min(32, n_latents // 16))
-    return [Member(lr=1e-3, seed=index, l1_coef=(1.0 + index) * (0.1 if architecture == "jumprelu" else 1.0), k=k)
-            for index in range(n_members)]
+    k = k or max(1, min(K.typical, n_latents // 16))
+    l1_coef = next((p.typical for p in ARCHITECTURES[architecture].hyperparameters if p.key == "l1_coef"),
+                   L1_COEF.typical)
+    return [Member(lr=1e-3, seed=index, l1_coef=(1.0 + index) * l1_coef, k=k) for index in range(n_members)]
 
 
 def sparse_batches(d_model: int, batch_rows: int, count: int, seed: int = 0) -> list[torch.Tensor]:

@@ -19,7 +19,7 @@ import time
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Sequence, Union
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -35,7 +35,7 @@ from dictsweep.train.loop import DeviceTrainer, EnsembleTrainer
 
 # a batch: one array, pieces whose rows concatenate to it, or a function giving the pieces (called
 # by the prefetching thread, e.g. to resolve object-store references off the step's path)
-Pieces = Union[np.ndarray, Sequence[np.ndarray], Callable[[], Sequence[np.ndarray]]]
+Pieces = np.ndarray | Sequence[np.ndarray] | Callable[[], Sequence[np.ndarray]]
 DECODES = ("auto", "dense", "sparse")
 
 

@@ -42,7 +42,7 @@ from torch.nn import functional as F
 
 from dictsweep.config import TrainConfig
 from dictsweep.errors import InputError, RunError
-from dictsweep.sae import Member, build_ensemble
+from dictsweep.sae import build_ensemble, member_from_params
 from dictsweep.sae.ensemble import Ensemble, EnsembleOutput
 from dictsweep.sae.metrics import FiringTracker, variance, variance_from_moments
 from dictsweep.store import fs
@@ -146,7 +146,7 @@ def zero_worker(config: dict) -> None:
     device = ray.train.torch.get_device() if use_gpu else torch.device("cpu")
     train, point = config["train"], config["point"]
     dataset = ActivationDataset.open(config["dataset_uri"])
-    member = Member(lr=point["lr"], seed=point["seed"], l1_coef=point.get("l1_coef") or 0.0, k=point.get("k") or 0)
+    member = member_from_params(point)
     kernel = train.kernel if train.kernel in ("bmm", "loop") else "bmm"  # one member: the kernels agree
     ensemble = build_ensemble(point["architecture"], dataset.d_model, point["n_latents"], [member], kernel=kernel,
                               decode=train.decode)
