@@ -208,7 +208,7 @@ def print_sweep(result, experiment: str | None = None) -> None:
 
     for r in rows:
         point, metrics = r.point, r.metrics
-        cells = [point.architecture, str(point.n_latents), f"{point.l1_coef:g}" if point.k is None else str(point.k),
+        cells = [point.architecture, str(point.n_latents), number(point.l1_coef, "g") if point.k is None else str(point.k),
                  *(number(metrics.get(metric.key), metric.format) for metric in shown)]
         table.add_row(*cells, "*" if point.name in result.selected else "")
     console = Console()
