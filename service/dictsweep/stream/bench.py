@@ -120,6 +120,7 @@ def bench_stream(uri: str, readers: int = 2, batch_rows: int = 4096, shuffle_sha
         "stream_rows_per_s": min(per_consumer),
         "stream_mb_per_s": min(per_consumer) * row_bytes / 1e6,
         "consumer_rows_per_s": per_consumer,
+        "consumer_rows": [stats["rows"] for stats in consumer_stats],
         "windows_read": stream.requested,
         "reader_peak_rss_mb": max(stats["peak_rss_mb"] for stats in reader_stats),
         "consumer_peak_rss_mb": max(stats["peak_rss_mb"] for stats in consumer_stats),
