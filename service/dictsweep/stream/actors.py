@@ -121,15 +121,6 @@ def whole_batch(pieces: BatchPieces) -> np.ndarray:
     return views[0] if len(views) == 1 else np.concatenate(views)
 
 
-@ray.remote(num_cpus=0)
-class BatchAssembler:
-    """Joins window pieces into whole batches in the object store, for trainers that take a batch
-    as one array (one process per node: a task per batch would start worker after worker)."""
-
-    def batch(self, pieces: BatchPieces) -> np.ndarray:
-        return whole_batch(pieces)
-
-
 def peak_rss_mb() -> float:
     """This process's peak resident memory (shared object-store pages it touched included)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -25,36 +25,16 @@ class Streams:
         self.batches = {"train": train_batches, "eval": eval_batches}
         self.readers: dict[str, list] = {}  # node -> its reader actors
         self.windows: dict[tuple[str, str], WindowStream] = {}  # (node, split) -> its windows
-        self.whole: dict[tuple, object] = {}  # (node, split, index) -> batch assembled for a whole-batch trainer
-        self.assemblers: dict[str, object] = {}  # node -> its BatchAssembler, for whole-batch trainers
 
     def pieces(self, node: str, split: str, index: int) -> BatchPieces | None:
         """Batch `index` of a split on `node` as window pieces; None while beyond the window budget."""
         return self._windows(node, split).pieces(index)
-
-    def batch(self, node: str, split: str, index: int, pieces: BatchPieces):
-        """The same batch as one array in the node's object store, for a trainer that takes whole
-        batches (assembled once per node, kept until the node's slowest trainer passes it)."""
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-        from dictsweep.stream.actors import BatchAssembler
-
-        if node not in self.assemblers:
-            self.assemblers[node] = BatchAssembler.options(
-                scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
-                max_restarts=-1, max_task_retries=-1).remote()
-        key = (node, split, index)
-        if key not in self.whole:
-            self.whole[key] = self.assemblers[node].batch.remote(pieces)
-        return self.whole[key]
 
     def advance(self, node: str, split: str, slowest: int) -> None:
         """The slowest trainer on `node` still needs batch `slowest` of `split`: release what lies
         before it and read ahead from there."""
         if (node, split) in self.windows:
             self.windows[node, split].advance(slowest)
-        for key in [k for k in self.whole if k[:2] == (node, split) and k[2] < slowest]:
-            del self.whole[key]
 
     def stats(self) -> list[dict]:
         """Per node: bytes its readers read and seconds they spent."""
@@ -73,8 +53,7 @@ class Streams:
 
         for windows in self.windows.values():
             windows.close()
-        self.whole.clear()
-        for actor in [reader for readers in self.readers.values() for reader in readers] + list(self.assemblers.values()):
+        for actor in [reader for readers in self.readers.values() for reader in readers]:
             ray.kill(actor, no_restart=True)
 
     def _windows(self, node: str, split: str) -> WindowStream:

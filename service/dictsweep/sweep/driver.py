@@ -12,7 +12,6 @@ where its driver stopped.
 
 from __future__ import annotations
 
-import inspect
 import math
 import os
 import time
@@ -144,8 +143,6 @@ class Driver:
                 fs.join(self.storage, "checkpoints", f"{key}.pt"))
             slots.append(Slot(key, plan, actor))
         streams = Streams(spec, self.dataset, self.total_steps, self.eval_steps)
-        # a trainer that takes window pieces gets them; one that takes whole batches gets them assembled
-        self.takes_pieces = "upcoming" in inspect.signature(Trainer.step).parameters
         try:
             for slot in slots:
                 self.locate(slot)
@@ -236,8 +233,6 @@ class Driver:
             if split == "train" and self.baseline_feed is not None:
                 self.baseline_feed.offer(index, pieces)  # the same windows: no extra read or copy
             method = slot.actor.step if split == "train" else slot.actor.eval_step
-            if not self.takes_pieces:
-                return method.remote(index, streams.batch(slot.node, split, index, pieces))
             batches = self.total_steps if split == "train" else self.eval_steps
             upcoming = streams.pieces(slot.node, split, index + 1) if index + 1 < batches else None
             return method.remote(index, pieces, upcoming)  # the trainer moves `upcoming` while it steps
