@@ -54,6 +54,7 @@ def test_a_sweep_with_evaluation_inspect_leaves_browsers_for_its_selected_saes(m
                       "eval_tokens": 256, "kernel": "bmm"},
             "stream": {"shuffle_shards": 2},
             "evaluation": {"splice": False, "inspect": True, "inspect_tokens": 1000},
+            "select": {"max_fvu": 10.0, "max_dead_fraction": 1.0},  # 2k tokens: lenient bounds
             "export": {"registry": False}}
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
     result = run_sweep(load_spec(str(tmp_path / "spec.yaml")))
