@@ -307,4 +307,4 @@ def test_minilm_job_spec_loads():
     spec = load_spec(str(Path(__file__).parents[2] / "jobs" / "minilm-layer3.yaml"))
     assert spec.data.uri == "./data/minilm-layer3" and spec.data.synth is None
     assert set(spec.grid.architecture) == {"relu", "topk"} and spec.grid.n_latents == [768, 1536, 3072]
-    assert len(spec.grid.l1_coef) >= 2 and len(spec.grid.k) >= 2
+    assert len(spec.grid.target_l0) >= 2 and len(spec.grid.k) >= 2  # relu steered to L0 targets
