@@ -1,5 +1,5 @@
 """Bad numbers in a spec stop the sweep before anything starts: nan and inf anywhere, true/false
-where a number is meant; the error names the file and the field, exit 2."""
+where a number is meant; the error names where the value came from and the field, exit 2."""
 
 import pytest
 import yaml
@@ -34,7 +34,8 @@ def spec_path(tmp_path):
 ])
 def test_bad_number_exits_2_naming_the_field(spec_path, run_cli, assignment, field):
     code, output = run_cli("run", spec_path, "--set", assignment)
-    assert code == 2 and f"{spec_path}: field '{field}'" in output and "Traceback" not in output, output
+    # a value given by --set is blamed on the --set, naming the field
+    assert code == 2 and f"--set {assignment}: field '{field}'" in output and "Traceback" not in output, output
     assert len(output.strip().splitlines()) == 1
 
 
