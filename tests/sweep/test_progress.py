@@ -38,6 +38,13 @@ def test_no_estimate_during_warm_up():
     assert clock(3725.4) == "1:02:05"
 
 
+def test_nothing_left_once_done_even_before_a_rate():
+    """A sweep shorter than the warm-up ends its bar at 0:00:00 left, not at an unknown time."""
+    estimate = RateEstimate(1000, warmup_seconds=5, now=0.0)
+    estimate.update(1000, now=1.0)
+    assert estimate.seconds_left(999) is None and clock(estimate.seconds_left(1000)) == "0:00:00"
+
+
 def test_board_names_best_and_worst():
     board = SaeBoard()
     assert board.lines() == ["no SAE has logged yet"]

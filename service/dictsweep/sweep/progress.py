@@ -48,7 +48,9 @@ class RateEstimate:
         self.last = (now, done)
 
     def seconds_left(self, done: float) -> float | None:
-        """None until the rate is known (during the warm-up)."""
+        """None until the rate is known (during the warm-up); 0 once everything is done."""
+        if done >= self.total:
+            return 0.0
         if not self.rate or self.rate <= 0:
             return None
         return max(self.total - done, 0) / self.rate
