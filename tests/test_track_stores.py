@@ -1,9 +1,15 @@
 """The one module that talks to MLflow, against real stores: a fresh sqlite store that several
 drivers open at once, and points sent again after a driver died sent once."""
 
+import os
+import signal
 import subprocess
 import sys
 
+import pytest
+from mlflow.entities import Metric
+
+from dictsweep.errors import Interrupted, stopped_by_signals
 from dictsweep.track import Tracker
 
 OPEN = """
@@ -41,3 +47,23 @@ def test_log_missing_sends_only_what_the_run_lacks(tmp_path):
     assert tracker.statuses()[run] == "KILLED"
     tracker.reopen(run)
     assert tracker.statuses()[run] == "RUNNING"
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_signal_during_a_write_lets_the_write_land_then_stops(tmp_path, signum):
+    """MLflow's sqlite store turns any exception inside its session into an MlflowException: a stop
+    raised there would come out as a crash (exit 1, a traceback) with the write half done."""
+    tracker = Tracker(f"sqlite:///{tmp_path}/m.db", "stopped")
+    tracker.start_sweep("stopped", {})
+    run = tracker.start_sae("sae", {})
+
+    def write_while_stopped():
+        os.kill(os.getpid(), signum)  # delivered at once, in the middle of the write
+        tracker.client.log_batch(run, metrics=[Metric("loss", 1.0, 0, 100)])
+
+    tracker.later("the write", write_while_stopped)
+    with stopped_by_signals(), pytest.raises(Interrupted) as stop:
+        tracker.flush()
+    assert stop.value.exit_code == 128 + signum
+    assert [(m.step, m.value) for m in tracker.client.get_metric_history(run, "loss")] == [(100, 1.0)]
+    assert not tracker.queue  # sent, so not sent again by the next flush

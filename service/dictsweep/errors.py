@@ -4,6 +4,10 @@ The CLI maps them to exit codes: InputError -> 2 (invalid spec, manifest, argume
 RunError -> 1 (a failure while running).
 """
 
+import contextlib
+import signal
+import threading
+
 
 class DictsweepError(Exception):
     """Base of the errors the CLI reports without a traceback."""
@@ -51,11 +55,58 @@ class Interrupted(DictsweepError):
     """The driver was stopped by a signal (SIGTERM, SIGINT): exit 128 + its number, as shells do."""
 
     def __init__(self, signum: int, message: str):
-        import signal
-
         super().__init__(message)
         self.signum, self.name = signum, signal.Signals(signum).name
         self.exit_code = 128 + signum
+
+
+class _Stop(threading.local):
+    """The main thread's stop state: how deep it is in `held_stop` blocks, and a signal held there."""
+
+    depth = 0
+    pending: int | None = None
+
+
+_stop = _Stop()
+
+
+@contextlib.contextmanager
+def stopped_by_signals():
+    """SIGTERM and SIGINT raise Interrupted in the main thread (Ray's own SIGTERM handler would exit
+    at once), so that a driver records what it holds before it goes. Inside `held_stop` the signal
+    waits for the block's end."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signals reach the main thread only
+        return
+
+    def stop(signum, frame):
+        if _stop.depth:
+            _stop.pending = signum
+            return
+        raise Interrupted(signum, f"stopped by {signal.Signals(signum).name}")
+
+    previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        _stop.pending = None
+
+
+@contextlib.contextmanager
+def held_stop():
+    """A block that a stop signal must not cut in half: a write to MLflow (whose store turns any
+    exception inside a session into its own, and would hide the stop), a result being recorded.
+    A signal that arrives inside it is raised when the outermost such block ends."""
+    _stop.depth += 1
+    try:
+        yield
+    finally:
+        _stop.depth -= 1
+        if not _stop.depth and _stop.pending is not None:
+            signum, _stop.pending = _stop.pending, None
+            raise Interrupted(signum, f"stopped by {signal.Signals(signum).name}")
 
 
 def first_line(error: BaseException) -> str:

@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from dictsweep.errors import InputError, RunError
+from dictsweep.errors import InputError, RunError, held_stop
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -115,7 +115,8 @@ class Tracker:
         deadline = time.time() + self.patience
         while True:
             try:
-                return operation(*args, **kwargs)
+                with held_stop():
+                    return operation(*args, **kwargs)
             except Exception as error:
                 if not unreachable(error) or time.time() > deadline:
                     if unreachable(error):
@@ -138,7 +139,9 @@ class Tracker:
         while self.queue:
             what, operation = self.queue[0]
             try:
-                operation()
+                with held_stop():  # a stop waits for the write, and does not find it queued still
+                    operation()
+                    self.queue.pop(0)
             except Exception as error:
                 if not unreachable(error):
                     raise
@@ -152,7 +155,6 @@ class Tracker:
                             self.uri, type(error).__name__, len(self.queue))
                 self.retry_at = time.time() + RETRY_SECONDS
                 return False
-            self.queue.pop(0)
         return True
 
     # -- runs --------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from dictsweep.config import SweepSpec
-from dictsweep.errors import InputError, RunError, first_line
+from dictsweep.errors import InputError, RunError, first_line, held_stop
 from dictsweep.store import fs
 from dictsweep.store.dataset import ActivationDataset
 from dictsweep.stream.streams import Streams
@@ -260,13 +260,14 @@ class Driver:
                     raise bad_input from None
                 slot.alive, slot.error = False, f"trainer {slot.key} failed: {first_line(error)}"
                 return
-            if task < self.total_steps:
-                for record in [r for r in value if "peak_device_bytes" in r]:
-                    self.ledger.check_memory(slot.key, slot.plan, record["peak_device_bytes"])
-                self.ledger.log_records([r for r in value if "name" in r], slot.key)
-            elif task == self.total_steps + self.eval_steps:
-                self.ledger.record(slot.key, value)
-                slot.done = True
+            with held_stop():  # a finished task is recorded whole before a stop signal goes on
+                if task < self.total_steps:
+                    for record in [r for r in value if "peak_device_bytes" in r]:
+                        self.ledger.check_memory(slot.key, slot.plan, record["peak_device_bytes"])
+                    self.ledger.log_records([r for r in value if "name" in r], slot.key)
+                elif task == self.total_steps + self.eval_steps:
+                    self.ledger.record(slot.key, value)
+                    slot.done = True
 
     def checkpoints_after(self, task: int) -> bool:
         """Whether a trainer checkpoints at the end of train step `task` (the trainer's rule). Such a

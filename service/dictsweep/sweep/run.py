@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import secrets
-import signal
-import threading
 import time
 
 from dictsweep.cluster import cluster_devices, given_devices, local_devices, start_ray
 from dictsweep.config import SweepSpec, spec_warnings
-from dictsweep.errors import InputError, Interrupted, RunError, first_line
+from dictsweep.errors import InputError, Interrupted, RunError, first_line, stopped_by_signals
 from dictsweep.store import fs
 from dictsweep.store.dataset import ActivationDataset
 from dictsweep.sweep.driver import Driver
@@ -126,22 +123,3 @@ def run_id() -> str:
     """A run folder's name: when it started (UTC, to the second) and a random part, so that two runs
     started in the same second never share a folder."""
     return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(3)
-
-
-@contextlib.contextmanager
-def stopped_by_signals():
-    """SIGTERM and SIGINT raise Interrupted in the driver (Ray's own SIGTERM handler would exit at
-    once), so that it records what it holds before it goes."""
-    if threading.current_thread() is not threading.main_thread():
-        yield  # signals reach the main thread only
-        return
-
-    def stop(signum, frame):
-        raise Interrupted(signum, f"stopped by {signal.Signals(signum).name}")
-
-    previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
