@@ -46,7 +46,8 @@ def test_plan_only_uses_the_local_machine_without_ray(tmp_path):
     assert "d_model=48" in printed and "cpu:0" in printed and "4 SAEs" in printed
     assert not ray_started  # no cluster was started to count devices
     # the default train.eval_tokens asks for more than the synthetic eval split will hold
-    assert "warning: train.eval_tokens (262144) is more than the eval split holds (65536 rows)" in printed
+    words = " ".join(printed.split())  # the log's lines are wrapped to the terminal
+    assert "WARNING train.eval_tokens (262144) is more than the eval split holds (65536 rows)" in words
     assert not (tmp_path / "data").exists() and not (tmp_path / "sweeps").exists()  # nothing written
 
 

@@ -220,7 +220,7 @@ def test_bench_train_covers_architectures_and_decoders(architecture):
     assert result["max_abs_weight_diff_vs_reference"] < 1e-5
 
 
-def test_a_candidate_that_raises_is_dropped_with_a_note(monkeypatch, capsys):
+def test_a_candidate_that_raises_is_dropped_with_a_note(monkeypatch, caplog):
     step = EnsembleTrainer.step
 
     def loop_fails(trainer, batch):
@@ -231,7 +231,8 @@ def test_a_candidate_that_raises_is_dropped_with_a_note(monkeypatch, capsys):
     monkeypatch.setattr(EnsembleTrainer, "step", loop_fails)
     kernel, decode, timings = kernels.choose_path("relu", 16, 64, MEMBERS, 64, total_steps=10)
     assert (kernel, decode) == ("bmm", "auto") and set(timings) == {"bmm"}
-    assert capsys.readouterr().out == "kernel choice: loop dropped (RuntimeError: no such kernel here)\n"
+    assert [(record.levelname, record.getMessage()) for record in caplog.records] == [
+        ("WARNING", "kernel choice: loop dropped (RuntimeError: no such kernel here)")]
     monkeypatch.setattr(EnsembleTrainer, "step", lambda trainer, batch: 1 / 0)
     with pytest.raises(ZeroDivisionError):  # nothing can run: the error is the sweep's
         kernels.choose_path("relu", 16, 64, MEMBERS, 64, total_steps=10)

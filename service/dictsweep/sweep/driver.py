@@ -12,6 +12,7 @@ where its driver stopped.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
@@ -26,6 +27,8 @@ from dictsweep.stream.streams import Streams
 from dictsweep.sweep.lease import Lease
 from dictsweep.sweep.ledger import Ledger
 from dictsweep.sweep.plan import GridPoint, Plan, TrainerPlan, ZeroPlan
+
+log = logging.getLogger(__name__)
 
 
 # -- one trainer, seen from the driver ----------------------------------------------------------------
@@ -101,7 +104,7 @@ class Driver:
         from dictsweep.train.zero import train_zero
 
         spec, name = self.spec, zero.point.name
-        print(f"{name}: ZeRO-{zero.stage} over {zero.workers} {zero.device} workers", flush=True)
+        log.info(f"{name}: ZeRO-{zero.stage} over {zero.workers} {zero.device} workers")
         try:
             done = train_zero(spec.data.uri, zero.point.params(), spec.train, spec.stream.seed,
                               spec.stream.shuffle_shards, zero.workers, storage_uri=self.storage, name=name,

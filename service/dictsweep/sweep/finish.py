@@ -7,6 +7,7 @@ why it was or was not selected, log the sweep's metrics and the Pareto plot."""
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import asdict
 
 import numpy as np
@@ -20,6 +21,8 @@ from dictsweep.sweep.progress import step
 from dictsweep.sweep.results import INDEX_METRICS, BaselineResult, SweepResult
 from dictsweep.sweep.select import select
 from dictsweep.track import SELECTED_TAG, WHY_TAG
+
+log = logging.getLogger(__name__)
 
 
 def finish(driver: Driver) -> None:
@@ -52,10 +55,10 @@ def finish(driver: Driver) -> None:
     for name, outcome in result.finished.items():
         tracker.set_tags(outcome.run_id, {SELECTED_TAG: str(name in result.selected).lower(),
                                           WHY_TAG: result.why[name]})
-    print(f"selected {len(result.selected)} of {len(result.finished)}: per size, the best {spec.select.metric} "
+    log.info(f"selected {len(result.selected)} of {len(result.finished)}: per size, the best {spec.select.metric} "
           f"inside L0 [{result.band[0]:.3g}, {result.band[1]:.3g}]" if spec.select.per_size == "best" else
           f"selected {len(result.selected)} of {len(result.finished)}: per size, the (L0, {spec.select.metric}) "
-          f"front inside L0 [{result.band[0]:.3g}, {result.band[1]:.3g}]", flush=True)
+          f"front inside L0 [{result.band[0]:.3g}, {result.band[1]:.3g}]")
     fs.write_text(fs.join(spec.export_dir, "index.json"), json.dumps(entries, indent=2))
     inspect_selected(driver)
     summary = {"saes_finished": len(result.finished), "saes_failed": len(result.failed),
@@ -63,8 +66,8 @@ def finish(driver: Driver) -> None:
     if result.stream:
         summary["data_wait_fraction"] = result.stream["data_wait_fraction"]
         summary["bytes_read_per_node"] = float(np.mean(result.stream["bytes_read_per_node"]))
-        print(f"stream: {summary['bytes_read_per_node'] / 1e6:,.1f} MB read per node; trainers waited for "
-              f"data {summary['data_wait_fraction']:.1%} of the time", flush=True)
+        log.info(f"stream: {summary['bytes_read_per_node'] / 1e6:,.1f} MB read per node; trainers waited for "
+              f"data {summary['data_wait_fraction']:.1%} of the time")
     tracker.log_metrics(tracker.parent_id, summary, 0)
     plot(driver)
     tracker.log_comparison(comparison(result))
@@ -133,7 +136,7 @@ def fit_baselines(driver: Driver) -> list[BaselineResult]:
             baseline_metadata(driver), driver.storage, driver.ground_truth,
             device, threads))]
     except (RunError, ray.exceptions.RayError) as error:  # the SAEs stand without their baselines
-        print(f"baselines failed, none recorded: {first_line(error)}", flush=True)
+        log.warning(f"baselines failed, none recorded: {first_line(error)}")
         tracker.set_tags(tracker.parent_id, {"dictsweep.baselines": f"failed: {first_line(error)}"})
         return []
     for baseline in baselines:
@@ -174,7 +177,7 @@ def splice(driver: Driver, names: list[str], baselines: list[BaselineResult]) ->
     source = splice_source(driver.dataset)
     if not spec.evaluation.splice or not uris or isinstance(source, str):
         if spec.evaluation.splice and isinstance(source, str):
-            print(f"spliced evaluation skipped: {source}", flush=True)
+            log.warning(f"spliced evaluation skipped: {source}")
             tracker.set_tags(tracker.parent_id, {"dictsweep.splice": f"skipped: {source}"})
         return {}
     device, threads = finish_device(driver)
@@ -184,7 +187,7 @@ def splice(driver: Driver, names: list[str], baselines: list[BaselineResult]) ->
         with step(f"splicing {len(uris)} dictionaries into {source.model} at {source.hook}"):
             outcome = ray.get(task.remote(spec.data.uri, uris, spec.evaluation.splice_tokens, device, threads))
     except ray.exceptions.RayError as error:  # e.g. the source model is not loadable here
-        print(f"spliced evaluation skipped: {first_line(error)}", flush=True)
+        log.warning(f"spliced evaluation skipped: {first_line(error)}")
         tracker.set_tags(tracker.parent_id, {"dictsweep.splice": f"skipped: {first_line(error)}"})
         return {}
     tracker.set_tags(tracker.parent_id, {"dictsweep.splice": f"{outcome.kind} from the {outcome.head}, "
@@ -212,17 +215,17 @@ def inspect_selected(driver: Driver) -> None:
     uris = {name: result.finished[name].uri for name in sorted(result.selected)}
     out = fs.join(spec.export_dir, "inspect")
     device, threads = finish_device(driver)
-    print(f"inspecting {len(uris)} dictionaries over at most {spec.evaluation.inspect_tokens} rows ...", flush=True)
+    log.info(f"inspecting {len(uris)} dictionaries over at most {spec.evaluation.inspect_tokens} rows ...")
     task = ray.remote(inspect_for_sweep).options(num_gpus=int(device == "cuda"),
                                                  num_cpus=spec.resources.cpus_per_trainer, max_retries=0)
     try:
         notes = ray.get(task.remote(uris, spec.data.uri, out, spec.evaluation.inspect_tokens, device, threads))
     except ray.exceptions.RayError as error:  # the SAEs stand without their browsers
-        print(f"inspect failed, nothing recorded: {first_line(error)}", flush=True)
+        log.warning(f"inspect failed, nothing recorded: {first_line(error)}")
         tracker.set_tags(tracker.parent_id, {"dictsweep.inspect": f"failed: {first_line(error)}"})
         return
     for note in notes:
-        print(f"inspect: {note}", flush=True)
+        log.info(f"inspect: {note}")
     for name in uris:
         tracker.log_folder(result.finished[name].run_id,
                            lambda local, uri=fs.join(out, name): fs.download_folder(uri, local), "inspect")

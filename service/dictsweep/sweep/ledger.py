@@ -83,7 +83,7 @@ class Ledger:
                 if self.runs[name] in self.open_runs:
                     sent += tracker.log_missing(self.runs[name], points)
         if sent:
-            print(f"resuming: {sent} stored curve points that MLflow never got are sent now", flush=True)
+            log.info(f"resuming: {sent} stored curve points that MLflow never got are sent now")
         tracker.flush()
 
     def check_lease(self) -> None:
@@ -198,7 +198,7 @@ class Ledger:
         try:
             tracker.flush(patience=STOP_PATIENCE_SECONDS)
         except RunError as error:
-            print(f"not recorded in MLflow before stopping: {error}", flush=True)
+            log.warning(f"not recorded in MLflow before stopping: {error}")
 
     def close_abandoned(self, run_dir: str) -> None:
         """End as KILLED the runs that a dead driver's unfinished run (which this one replaces) left RUNNING."""
@@ -210,8 +210,7 @@ class Ledger:
         for run in abandoned:
             self.tracker.end_run(run, status="KILLED")
         if abandoned:
-            print(f"{len(abandoned)} MLflow runs left RUNNING by the unfinished run {run_dir} are marked KILLED",
-                  flush=True)
+            log.info(f"{len(abandoned)} MLflow runs left RUNNING by the unfinished run {run_dir} are marked KILLED")
         self.tracker.flush()
 
     def absorb(self, outcome: dict) -> None:

@@ -4,11 +4,15 @@ the spec against the dataset. Each problem is one line and exit 2."""
 
 from __future__ import annotations
 
+import logging
+
 from dictsweep.config import SweepSpec, spec_warnings
 from dictsweep.errors import InputError
 from dictsweep.store import fs
 from dictsweep.store.dataset import ActivationDataset
 from dictsweep.track import check_tracking
+
+log = logging.getLogger(__name__)
 
 
 def open_dataset(spec: SweepSpec) -> ActivationDataset:
@@ -28,7 +32,7 @@ def open_dataset(spec: SweepSpec) -> ActivationDataset:
 
 def warn(notes: list[str]) -> None:
     for note in notes:
-        print(f"warning: {note}", flush=True)
+        log.warning(note)
 
 
 def preflight(spec: SweepSpec) -> ActivationDataset:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 import time
@@ -18,6 +19,8 @@ from dictsweep.sweep.ledger import is_complete, latest_run, mark_latest, saved_p
 from dictsweep.sweep.plan import Plan, plan_sweep
 from dictsweep.sweep.preflight import open_dataset, preflight, warn
 from dictsweep.sweep.results import SweepResult
+
+log = logging.getLogger(__name__)
 
 
 def absolute(uri: str) -> str:
@@ -85,7 +88,7 @@ def run_under_lease(spec: SweepSpec, dataset: ActivationDataset, resume: bool, l
         run_dir, plan = latest, saved_plan(latest)
     else:
         if resume:
-            print(f"nothing to resume under {spec.storage_dir}: starting the sweep afresh", flush=True)
+            log.info(f"nothing to resume under {spec.storage_dir}: starting the sweep afresh")
         resume = False
         run_dir = fs.join(spec.storage_dir, "runs", run_id())
         plan = plan_sweep(spec, dataset.d_model, *cluster_devices(spec))

@@ -14,6 +14,7 @@ error reach the sweep.
 
 from __future__ import annotations
 
+import logging
 import statistics
 import time
 
@@ -21,6 +22,8 @@ import torch
 
 from dictsweep.config import TrainConfig
 from dictsweep.sae.ensemble import Member, build_ensemble
+
+log = logging.getLogger(__name__)
 
 KERNELS = ("bmm", "loop", "compile")
 EAGER_KERNELS = ("bmm", "loop")
@@ -56,7 +59,7 @@ def decode_candidates(architecture: str, device: torch.device | str, decode: str
 def drop_note(name: str, error: BaseException) -> None:
     """The one-line note of a candidate that could not run."""
     first = (str(error).strip().splitlines() or [""])[0][:200]
-    print(f"kernel choice: {name} dropped ({type(error).__name__}: {first})", flush=True)
+    log.warning(f"kernel choice: {name} dropped ({type(error).__name__}: {first})")
 
 
 def time_steps(trainer, batches: list[torch.Tensor], warmup: int = 2) -> float:
