@@ -1,7 +1,7 @@
 """The results table the CLI prints at the end of a sweep: one row per SAE, the sparsity column named
 after what the sweep varied, failures and where to look next."""
 
-from dictsweep.cli import print_sweep
+from dictsweep.render import print_sweep
 from dictsweep.sweep.plan import GridPoint, Plan
 from dictsweep.sweep.results import SAEResult, SweepResult
 
