@@ -13,7 +13,8 @@ import yaml
 from dictsweep import load_dictionary
 from dictsweep.config import load_spec
 from dictsweep.store.dataset import ActivationDataset
-from dictsweep.sweep.baselines import BaselineFeed, planned_batches
+from dictsweep.errors import InputError
+from dictsweep.sweep.baselines import BaselineFeed, BaselineSampler, planned_batches
 from dictsweep.sweep.driver import Driver
 from dictsweep.sweep.run import run_sweep
 
@@ -136,6 +137,27 @@ def test_planned_batches_spread_over_the_stream():
                                               47]  # 20 batches: every 2.5th
     assert planned_batches(10, 256, 10**9) == list(range(10))  # fewer batches than the budget: all of them
     assert planned_batches(10, 256, 100) == [0]  # less than a batch: one
+
+
+def test_sampler_state_comes_back_whole_and_a_planted_pickle_runs_nothing(tmp_path):
+    state = tmp_path / "baselines" / "state.pt"
+    batches = {index: np.random.default_rng(index).standard_normal((8, 4)).astype(np.float32) for index in (0, 3)}
+    sampler = BaselineSampler(4, "float32", [0, 3], 5, str(state))
+    for index, batch in batches.items():
+        sampler.add(index, batch)  # the last planned batch saves the state
+    restarted = BaselineSampler(4, "float32", [0, 3], 5, str(state))  # as after an actor restart
+    assert restarted.pca.count == 16 and sorted(restarted.sample) == [0, 3]
+    assert torch.equal(restarted.pca.sum_outer, sampler.pca.sum_outer)
+    assert all(torch.equal(restarted.sample[index], torch.from_numpy(batch[:5])) for index, batch in batches.items())
+
+    class Planted:
+        def __reduce__(self):
+            return (exec, ("open(%r, 'w').write('ran')" % str(tmp_path / "ran"),))
+
+    torch.save({"count": Planted()}, state)  # what torch.load would have run
+    with pytest.raises(InputError, match="state.pt: not a dictsweep checkpoint"):
+        BaselineSampler(4, "float32", [0, 3], 5, str(state))
+    assert not (tmp_path / "ran").exists()
 
 
 def test_feed_never_waits_for_a_slow_sampler(ray_local):

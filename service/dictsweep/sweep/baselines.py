@@ -23,7 +23,6 @@ through `DictionaryStack`, and exported to `<storage>/baselines/<name>/`.
 
 from __future__ import annotations
 
-import io
 import os
 import time
 from collections import deque
@@ -37,10 +36,12 @@ from dictsweep.sae.baselines import (Basis, StreamingPCA, baseline_dictionary, f
                                      identity_basis, matched_k, pca_basis, random_basis)
 from dictsweep.sae.export import Dictionary, dictionary_files
 from dictsweep.sae.metrics import mmcs_ground_truth
+from dictsweep.errors import InputError
 from dictsweep.store import fs
 from dictsweep.store.dataset import ActivationDataset
 from dictsweep.stream.actors import BatchPieces, whole_batch
 from dictsweep.train.actor import batch_tensor
+from dictsweep.train.checkpoint import checkpoint_bytes, read_checkpoint
 from dictsweep.train.evaluate import Evaluator
 
 KINDS = ("pca", "ica", "random", "identity")
@@ -52,6 +53,15 @@ def planned_batches(total_steps: int, batch_rows: int, max_rows: int) -> list[in
     """Indices of the train batches the baselines see: up to `max_rows` rows, spread evenly."""
     count = min(total_steps, max(1, max_rows // batch_rows))
     return [step * total_steps // count for step in range(count)]
+
+
+def read_sampler_state(state_uri: str) -> dict:
+    """A sampler state that `BaselineSampler.save` wrote (an InputError naming the file otherwise)."""
+    state = read_checkpoint(fs.read_bytes(state_uri), state_uri)
+    try:
+        return {**state, "sample": {int(index): rows for index, rows in state["sample"].items()}}
+    except (KeyError, AttributeError, ValueError) as error:
+        raise InputError(f"{state_uri}: not a baseline sampler state ({error!r}); delete it to sample afresh") from None
 
 
 # -- on the cluster: the sampler ------------------------------------------------------------------
@@ -66,7 +76,7 @@ class BaselineSampler:
         self.sample: dict[int, Tensor] = {}  # batch index -> its first rows, stored dtype
         self.busy_seconds = 0.0
         if fs.exists(state_uri):
-            state = torch.load(io.BytesIO(fs.read_bytes(state_uri)), weights_only=True)
+            state = read_sampler_state(state_uri)
             self.pca.count, self.pca.sum, self.pca.sum_outer = state["count"], state["sum"], state["sum_outer"]
             self.sample = state["sample"]
 
@@ -86,10 +96,10 @@ class BaselineSampler:
         return len(self.sample)
 
     def save(self) -> None:
-        buffer = io.BytesIO()
-        torch.save({"count": self.pca.count, "sum": self.pca.sum, "sum_outer": self.pca.sum_outer,
-                    "sample": self.sample}, buffer)
-        fs.write_bytes(self.state_uri, buffer.getvalue())
+        """The sampler's state as a checkpoint file (safetensors + JSON: nothing in it is code)."""
+        fs.write_bytes(self.state_uri, checkpoint_bytes({
+            "count": self.pca.count, "sum": self.pca.sum, "sum_outer": self.pca.sum_outer,
+            "sample": {str(index): rows for index, rows in self.sample.items()}}))
 
     def status(self) -> dict:
         """Planned batches taken, seconds spent on them, and the node."""
@@ -256,7 +266,7 @@ def fit_baselines(state_uri: str, kinds: list[str], target_l0s: list[float], dat
     """Fit, build, evaluate and export every baseline with `threads` torch threads (0: every core
     here); one result per dictionary: {"name", "kind", "k", "n_atoms", "metrics", "uri", "fit"}."""
     torch.set_num_threads(threads or os.cpu_count() or 1)  # a Ray task gets one thread by default
-    state = torch.load(io.BytesIO(fs.read_bytes(state_uri)), weights_only=True)
+    state = read_sampler_state(state_uri)
     bases, info = fit_bases(state, kinds, device)
     dataset = ActivationDataset.open(dataset_uri)
     # a copy: Ray hands the driver's array over read-only
