@@ -152,7 +152,7 @@ def test_sampler_state_comes_back_whole_and_a_planted_pickle_runs_nothing(tmp_pa
 
     class Planted:
         def __reduce__(self):
-            return (exec, ("open(%r, 'w').write('ran')" % str(tmp_path / "ran"),))
+            return (exec, (f"open({str(tmp_path / 'ran')!r}, 'w').write('ran')",))
 
     torch.save({"count": Planted()}, state)  # what torch.load would have run
     with pytest.raises(InputError, match="state.pt: not a dictsweep checkpoint"):
