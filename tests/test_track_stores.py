@@ -67,3 +67,15 @@ def test_a_stop_signal_during_a_write_lets_the_write_land_then_stops(tmp_path, s
     assert stop.value.exit_code == 128 + signum
     assert [(m.step, m.value) for m in tracker.client.get_metric_history(run, "loss")] == [(100, 1.0)]
     assert not tracker.queue  # sent, so not sent again by the next flush
+
+
+def test_registering_a_run_again_adds_no_version(tmp_path):
+    """A driver stopped while finishing registers again on --resume: still one version per run."""
+    tracker = Tracker(f"sqlite:///{tmp_path}/m.db", "registry")
+    tracker.start_sweep("registry", {})
+    first, second = tracker.start_sae("a", {}), tracker.start_sae("b", {})
+    for run in (first, second, first):
+        tracker.register("registry", run, {"l0": 5.0})
+    tracker.flush()
+    versions = tracker.client.search_model_versions("name = 'registry'")
+    assert sorted(version.run_id for version in versions) == sorted([first, second])

@@ -271,6 +271,8 @@ class Tracker:
             except MlflowException as error:
                 if "RESOURCE_ALREADY_EXISTS" not in str(error) and "already exists" not in str(error):
                     raise
+            if self.client.search_model_versions(f"name = '{model_name}' and run_id = '{run_id}'"):
+                return  # registered by a driver that stopped after it: a resumed sweep adds no second version
             self.client.create_model_version(model_name, source=f"runs:/{run_id}/{DICTIONARY_PATH}", run_id=run_id,
                                              tags={key: str(value) for key, value in tags.items()})
 
