@@ -119,6 +119,34 @@ def test_checkpoint_restores_bit_for_bit(tmp_path):
         assert torch.equal(mine, theirs)
 
 
+def test_restored_trainer_hands_back_the_points_of_its_checkpoint_step(tmp_path):
+    """A driver that died between a trainer's checkpoint and storing that step's curve points gets
+    them from the restarted trainer, which resumes after that step and never computes them again."""
+    uri = str(tmp_path / "w0-t0.pt")
+    config = CONFIG.model_copy(update={"checkpoint_every_tokens": CONFIG.log_every_tokens})  # a point per checkpoint
+    first = DeviceLoop(SPECS, D_MODEL, config, STEPS, 1.5, "float32", "cpu", uri)
+    at_checkpoint = train(first, 0, 5, "pieces")  # step 5 logs, then checkpoints
+    assert {r["tokens"] for r in at_checkpoint} == {5 * ROWS} and len(at_checkpoint) == 3
+    restarted = DeviceLoop(SPECS, D_MODEL, config, STEPS, 1.5, "float32", "cpu", uri)
+    assert restarted.position == 5 and restarted.replay == at_checkpoint
+    assert all(r["tokens"] > 5 * ROWS for r in train(restarted, 0, STEPS, "pieces"))  # step 5's are not made again
+    fresh = DeviceLoop(SPECS, D_MODEL, config, STEPS, 1.5, "float32", "cpu", str(tmp_path / "none.pt"))
+    assert fresh.replay == []
+
+
+@pytest.mark.parametrize("record", [{"name": "../../x", "tokens": 5 * ROWS, "metrics": {"loss": 1.0}},
+                                    {"name": "a", "tokens": 7, "metrics": {"loss": 1.0}},
+                                    {"name": "a", "tokens": 5 * ROWS, "metrics": {"loss": "1.0"}}])
+def test_checkpoint_points_that_are_not_this_trainers_name_the_file(tmp_path, record):
+    uri = str(tmp_path / "w0-t0.pt")
+    config = CONFIG.model_copy(update={"checkpoint_every_tokens": CONFIG.log_every_tokens})
+    first = DeviceLoop(SPECS, D_MODEL, config, STEPS, 1.5, "float32", "cpu", uri)
+    train(first, 0, 5, "pieces")
+    first.checkpoint([record])
+    with pytest.raises(InputError, match="w0-t0.pt: checkpoint does not fit this trainer .*curve point"):
+        DeviceLoop(SPECS, D_MODEL, config, STEPS, 1.5, "float32", "cpu", uri)
+
+
 def _plain(state, path, tensors):
     """State with tensors replaced by their paths (collected in `tensors`), for comparing."""
     if isinstance(state, torch.Tensor):

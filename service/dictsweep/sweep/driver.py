@@ -181,6 +181,8 @@ class Driver:
                 return
         slot.node, slot.cursor = status["node"], status["position"]
         slot.in_flight.clear()
+        with held_stop():  # points already stored are skipped: only what a dead driver missed
+            self.ledger.log_records(status["replay"], slot.key)
 
     def drive(self, slots: list[Slot], streams: Streams, label: str) -> None:
         """Send every trainer its tasks in order, at most `batches_in_flight` ahead; collect results."""

@@ -16,8 +16,7 @@ log = logging.getLogger(__name__)
 
 
 def open_dataset(spec: SweepSpec) -> ActivationDataset:
-    """The sweep's dataset (with `data.synth` set and none at `data.uri`, written first), with a
-    warning for each setting the dataset keeps from doing what it says."""
+    """The sweep's dataset (with `data.synth` set and none at `data.uri`, written first)."""
     if spec.data.synth is not None and not fs.exists(fs.join(spec.data.uri, "manifest.json")):
         from dictsweep.store.synth import synth_dataset
         from dictsweep.sweep.progress import step
@@ -25,9 +24,7 @@ def open_dataset(spec: SweepSpec) -> ActivationDataset:
         synth = spec.data.synth
         with step(f"writing {synth.rows:,} + {synth.eval_rows:,} synthetic rows to {spec.data.uri}"):
             synth_dataset(spec.data.uri, synth)
-    dataset = ActivationDataset.open(spec.data.uri)
-    warn(spec_warnings(spec, dataset.n_eval_rows))
-    return dataset
+    return ActivationDataset.open(spec.data.uri)
 
 
 def warn(notes: list[str]) -> None:
@@ -37,7 +34,8 @@ def warn(notes: list[str]) -> None:
 
 def preflight(spec: SweepSpec) -> ActivationDataset:
     """Check `spec` (its local paths made absolute) and return its dataset (written first when it is
-    synthetic and absent); InputError naming the field at the first problem."""
+    synthetic and absent); InputError naming the field at the first problem. A spec that passes gets
+    a warning for each setting the dataset keeps from doing what it says."""
     for field, uri in (("data.uri", spec.data.uri), ("storage.dir", spec.storage_dir), ("export.dir", spec.export_dir)):
         try:
             fs.check_access(uri)
@@ -54,4 +52,5 @@ def preflight(spec: SweepSpec) -> ActivationDataset:
                          f"{spec.train.eval_tokens}: fewer than one batch of {rows} (train.batch_rows); final "
                          "metrics need held-out rows")
     dataset.mean_sq_norm()  # the input scale: read now (first shards, when the manifest has no stats)
+    warn(spec_warnings(spec, dataset.n_eval_rows))  # a spec that passed: what it will not do as it says
     return dataset

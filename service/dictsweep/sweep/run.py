@@ -52,7 +52,9 @@ def plan_without_running(spec: SweepSpec, address: str | None, resume: bool) -> 
         d_model = spec.data.synth.d_model
         warn(spec_warnings(spec, spec.data.synth.eval_rows))
     else:
-        d_model = open_dataset(spec).d_model
+        dataset = open_dataset(spec)
+        d_model = dataset.d_model
+        warn(spec_warnings(spec, dataset.n_eval_rows))
     if given_devices(spec):  # planning for a cluster this machine need not be part of
         return plan_sweep(spec, d_model, *given_devices(spec))
     if spec.resources.device == "cpu" or not (address or os.environ.get("RAY_ADDRESS")):

@@ -49,7 +49,8 @@ class Trainer:
                                checkpoint_uri)
 
     def status(self) -> dict:
-        """Where this trainer is: steps done, restored from a checkpoint, node, process, memory."""
+        """Where this trainer is: steps done, restored from a checkpoint, node, process, memory, and
+        the curve points of its checkpoint's step (for a driver that may not have stored them)."""
         import os
 
         import ray
@@ -57,7 +58,8 @@ class Trainer:
         device = self.loop.device
         peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
         return {"position": self.loop.position, "restored": self.loop.restored, "pid": os.getpid(),
-                "node": ray.get_runtime_context().get_node_id(), "peak_device_bytes": peak}
+                "node": ray.get_runtime_context().get_node_id(), "peak_device_bytes": peak,
+                "replay": self.loop.replay}
 
     def step(self, index: int, pieces, upcoming=None) -> list[dict]:
         """Train every ensemble on batch `index`; at logging points, the metrics of every SAE."""

@@ -155,6 +155,7 @@ class DeviceLoop:
         self.failed: dict[str, str] = {}  # point name -> why it was stopped
         self.busy_seconds = self.wait_seconds = 0.0
         self.last_done: float | None = None
+        self.replay: list[dict] = []  # the curve points of the checkpoint's own step, once restored
         self.restored = self.restore()
 
     # -- start and checkpoints -------------------------------------------------------------------------
@@ -179,14 +180,16 @@ class DeviceLoop:
             fs.write_text(record, json.dumps([{"kernel": kernel, "decode": decode} for kernel, decode in paths]))
         return paths
 
-    def state(self) -> dict:
-        """Everything a restart needs to continue exactly from `position` (tensors and plain data)."""
+    def state(self, records: list[dict] | None = None) -> dict:
+        """Everything a restart needs to continue exactly from `position` (tensors and plain data),
+        with the curve points of the step just done (`records`): a driver that dies before storing
+        them gets them from the restarted trainer (`replay`), which never computes them again."""
         return {"position": self.position, "failed": dict(self.failed), "busy": self.busy_seconds,
-                "wait": self.wait_seconds,
+                "wait": self.wait_seconds, "records": [r for r in records or [] if "name" in r],
                 "trainers": [{"state": t.state_dict(), "metrics": t.metrics.state_dict()} for t in self.trainers]}
 
-    def checkpoint(self) -> None:
-        fs.write_bytes(self.checkpoint_uri, checkpoint_bytes(self.state()))
+    def checkpoint(self, records: list[dict] | None = None) -> None:
+        fs.write_bytes(self.checkpoint_uri, checkpoint_bytes(self.state(records)))
 
     def restore(self) -> bool:
         if not self.checkpoint_uri or not fs.exists(self.checkpoint_uri):
@@ -206,10 +209,13 @@ class DeviceLoop:
             if not all(isinstance(key, str) and isinstance(why, str) for key, why in failed.items()):
                 raise ValueError("failed members must map names to reasons")
             busy, wait = float(state["busy"]), float(state["wait"])
+            replay = checked_records(state.get("records", []), {n for spec in self.specs for n in spec.names},
+                                     position * self.config.batch_rows)
         except (KeyError, TypeError, ValueError, AttributeError, RuntimeError, IndexError) as error:
             why = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
             raise InputError(f"{name}: checkpoint does not fit this trainer ({why})") from None
         self.position, self.failed, self.busy_seconds, self.wait_seconds = position, dict(failed), busy, wait
+        self.replay = replay
 
     # -- training ------------------------------------------------------------------------------------
     def step(self, index: int, pieces: Pieces, upcoming: Pieces | None = None) -> list[dict]:
@@ -242,7 +248,7 @@ class DeviceLoop:
         every = self.config.checkpoint_every_tokens
         if self.checkpoint_uri and (self.position == self.total_steps
                                     or (every and tokens // every != (tokens - rows) // every)):
-            self.checkpoint()
+            self.checkpoint(records)
         return records
 
     @torch.no_grad()
@@ -304,6 +310,20 @@ class DeviceLoop:
                 finished[name] = export_member(trainer.ensemble, member, frequencies[member], metrics[member],
                                                metadata[name], storage_uri, name, features)
         return {"finished": finished, "failed": dict(self.failed)}
+
+
+def checked_records(records, names: set[str], tokens: int) -> list[dict]:
+    """The curve points a checkpoint carries (untrusted): each names one of this trainer's SAEs, at
+    the checkpoint's own tokens, with numeric metrics; a ValueError otherwise."""
+    if not isinstance(records, list):
+        raise ValueError("records must be a list")
+    for record in records:
+        if not (isinstance(record, dict) and record.get("name") in names and record.get("tokens") == tokens
+                and isinstance(record.get("metrics"), dict)
+                and all(isinstance(key, str) and isinstance(value, (int, float)) and not isinstance(value, bool)
+                        for key, value in record["metrics"].items())):
+            raise ValueError(f"a curve point that is not one of this trainer's at {tokens} tokens: {str(record)[:120]}")
+    return records
 
 
 def read_paths(record: str, count: int) -> list[tuple[str, str]]:
