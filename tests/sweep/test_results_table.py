@@ -57,3 +57,18 @@ def test_mixed_sweep_names_both_sparsity_settings(capsys):
     assert header(capsys.readouterr().out)[2] == "l1/k"
     print_sweep(result_of(GridPoint("topk", 64, 0.003, 0, k=8)))
     assert header(capsys.readouterr().out)[2] == "k"
+
+
+def test_sae_steered_to_an_l0_target_keeps_its_name_and_its_star(capsys):
+    """A finished SAE of an L0 target carries its final coefficient (as the ledger records it): its
+    name, and so its selection mark, are still those of its grid point."""
+    import dataclasses
+
+    point = GridPoint("relu", 64, 0.003, 0, target_l0=16.0)
+    steered = dataclasses.replace(point, l1_coef=2.5)
+    assert steered.name == point.name == "relu-n64-l0_16-lr0.003-s0"
+    result = result_of(point)
+    result.finished[point.name] = SAEResult(steered, dict(METRICS), uri="", run_id="")
+    print_sweep(result)
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.strip().startswith("relu ")]
+    assert rows == [["relu", "64", "2.5", "12.50", "0.2500", "0.000", "0.950", "*"]]

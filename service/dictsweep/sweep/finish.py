@@ -176,8 +176,9 @@ def splice(driver: Driver, names: list[str], baselines: list[BaselineResult]) ->
         uris.update({baseline.name: baseline.uri for baseline in baselines})
     source = splice_source(driver.dataset)
     if not spec.evaluation.splice or not uris or isinstance(source, str):
-        if spec.evaluation.splice and isinstance(source, str):
-            log.warning(f"spliced evaluation skipped: {source}")
+        if spec.evaluation.splice and isinstance(source, str):  # synthetic data: expected, not a warning
+            (log.info if driver.dataset.manifest.ground_truth is not None else log.warning)(
+                f"spliced evaluation skipped: {source}")
             tracker.set_tags(tracker.parent_id, {"dictsweep.splice": f"skipped: {source}"})
         return {}
     device, threads = finish_device(driver)

@@ -37,9 +37,12 @@ class GridPoint:
 
     @property
     def name(self) -> str:
-        sparsity = "-".join(parameter.name_part(getattr(self, parameter.key))
-                            for parameter in ARCHITECTURES[self.architecture].hyperparameters
-                            if getattr(self, parameter.key) is not None)
+        """The point's name from what the grid set: a steered key (l1_coef under an L0 target) is not
+        part of it, so a finished SAE that carries its final coefficient keeps its name."""
+        declared = ARCHITECTURES[self.architecture].hyperparameters
+        steered = {p.replaces for p in declared if p.replaces is not None and getattr(self, p.key) is not None}
+        sparsity = "-".join(parameter.name_part(getattr(self, parameter.key)) for parameter in declared
+                            if getattr(self, parameter.key) is not None and parameter.key not in steered)
         return f"{self.architecture}-n{self.n_latents}-{sparsity}-lr{self.lr:.3g}-s{self.seed}"
 
     def member(self) -> Member:
