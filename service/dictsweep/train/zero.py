@@ -44,7 +44,7 @@ from dictsweep.config import TrainConfig
 from dictsweep.errors import InputError, RunError
 from dictsweep.sae import build_ensemble, member_from_params
 from dictsweep.sae.ensemble import Ensemble, EnsembleOutput
-from dictsweep.sae.metrics import variance, variance_from_moments
+from dictsweep.sae.metrics import fvu_from_moments, variance, variance_from_moments
 from dictsweep.store import fs
 from dictsweep.store.dataset import ActivationDataset
 from dictsweep.stream.order import StreamOrder
@@ -319,7 +319,7 @@ class ZeroTrainer(EnsembleTrainer):
         fire_counts = packed[:n_latents].float().view(1, -1)
         values = dict(zip(names, (packed[n_latents:n_latents + len(names)] / self.world).float().view(-1, 1)))
         x_sum, x_sq_sum = packed[n_latents + len(names):-1], packed[-1]
-        values["fvu"] = values["mse"] / variance_from_moments(x_sum, x_sq_sum, rows).float()
+        values["fvu"] = fvu_from_moments(values["mse"], x_sum, x_sq_sum, rows)
         return BatchStatistics(fire_counts, values, rows)
 
     def replace_dead(self, dead: Tensor, x: Tensor, out: EnsembleOutput) -> dict[str, Tensor]:
