@@ -170,7 +170,8 @@ class EnsembleTrainer(DeadLatents):
         return batch.to(self.device, torch.float32, non_blocking=True) * self.ensemble.input_scale
 
     def step(self, batch: Tensor) -> None:
-        """One optimizer step of every member on a raw batch `[B, d_model]`."""
+        """One optimizer step of every member on a raw batch `[B, d_model]` (under ZeRO, this worker's
+        slice of the global batch)."""
         x = self.scale(batch)
         # a tensor, not a float, so a compiled forward is not specialised on every warm-up value
         # (a fill, not torch.tensor: copying a host scalar to a GPU waits for the stream)
@@ -203,7 +204,7 @@ class EnsembleTrainer(DeadLatents):
         self.ensemble.constrain_weights()
 
     def reduce(self, x: Tensor, fire_counts: Tensor, losses: dict[str, Tensor]) -> BatchStatistics:
-        """The batch's statistics; on one device the batch is all there is."""
+        """The batch's fire counts, step metrics and rows: on one device the batch is all there is."""
         return BatchStatistics(fire_counts, losses, len(x))
 
     def resample_dead(self, x: Tensor, out: EnsembleOutput, rows: int) -> None:
