@@ -27,9 +27,10 @@ def squared_error(x: Tensor, x_hat: Tensor) -> Tensor:
     return (x_hat.float() - x).pow(2).sum(-1).mean(-1)
 
 
-def mse(x: Tensor, x_hat: Tensor) -> Tensor:
-    """Mean squared error per element, averaged over rows and dimensions: `[..., B, d] -> [...]`."""
-    return squared_error(x, x_hat) / x.shape[-1]
+def mse(error: Tensor | float, d_model: int, input_scale: float = 1.0) -> Tensor | float:
+    """Mean squared error per element of raw activations (the eval metric `mse`), from a `squared_error`
+    (summed over d_model) on the training scale, where inputs are multiplied by `input_scale`."""
+    return error / (d_model * input_scale ** 2)
 
 
 def fvu(x: Tensor, x_hat: Tensor, error: Tensor | None = None) -> Tensor:
@@ -38,14 +39,15 @@ def fvu(x: Tensor, x_hat: Tensor, error: Tensor | None = None) -> Tensor:
     return (squared_error(x, x_hat) if error is None else error) / variance(x)
 
 
+def fvu_from_moments(error: Tensor, x_sum: Tensor, x_sq_sum: Tensor, rows: int) -> Tensor:
+    """`fvu` from the `squared_error` and the moments of the `rows` rows (`variance_from_moments`), in
+    the error's dtype."""
+    return error / variance_from_moments(x_sum, x_sq_sum, rows).to(error.dtype)
+
+
 def l0_from_counts(fire_counts: Tensor, rows: int) -> Tensor:
     """Mean number of active latents per row from each latent's firing count: `[..., n] -> [...]`."""
     return fire_counts.sum(-1) / rows
-
-
-def l0(latent_acts: Tensor) -> Tensor:
-    """Mean number of non-zero latents per row: `[..., B, n] -> [...]`."""
-    return l0_from_counts((latent_acts != 0).float().sum(-2), latent_acts.shape[-2])
 
 
 def dead_fraction(fire_counts: Tensor) -> Tensor:

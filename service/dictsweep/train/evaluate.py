@@ -11,8 +11,7 @@ from torch import Tensor
 
 from dictsweep.sae.ensemble import Ensemble
 from dictsweep.sae.export import member_files
-from dictsweep.sae.metrics import (dead_fraction, l0_from_counts, mmcs_ground_truth, squared_error,
-                                    variance_from_moments)
+from dictsweep.sae.metrics import dead_fraction, fvu_from_moments, l0_from_counts, mmcs_ground_truth, mse, squared_error
 from dictsweep.sae.plots import decoder_norm_stats, member_plot
 from dictsweep.store import fs
 
@@ -24,8 +23,7 @@ def in_eval_units(metrics: dict[str, float], d_model: int, input_scale: float) -
     """Training metrics of one SAE in the eval metrics' units: the loss terms (summed over d_model
     on the training scale) as per-element squared error on raw activations, like `eval/mse`; fvu,
     l0 and fractions are unit-free and stay as they are."""
-    per_element = d_model * input_scale ** 2
-    return {key: value / per_element if key in SCALED_LOSSES else value for key, value in metrics.items()}
+    return {key: mse(value, d_model, input_scale) if key in SCALED_LOSSES else value for key, value in metrics.items()}
 
 
 class Evaluator:
@@ -56,11 +54,11 @@ class Evaluator:
         """Per member: mse (raw units, per element), fvu, l0, dead_fraction on the eval rows."""
         scale = float(self.ensemble.input_scale)
         error = self.squared_error / self.rows  # [K], per row in scaled units
-        mse = error / (self.ensemble.d_model * scale ** 2)
-        fvu = error / variance_from_moments(self.x_sum, self.x_sq_sum, self.rows)
+        per_element = mse(error, self.ensemble.d_model, scale)
+        fvu = fvu_from_moments(error, self.x_sum, self.x_sq_sum, self.rows)
         l0 = l0_from_counts(self.fires.double(), self.rows)
         dead = dead_fraction(self.fires)
-        return [{"mse": float(mse[i]), "fvu": float(fvu[i]), "l0": float(l0[i]),
+        return [{"mse": float(per_element[i]), "fvu": float(fvu[i]), "l0": float(l0[i]),
                  "dead_fraction": float(dead[i])} for i in range(self.ensemble.n_members)]
 
 

@@ -1,8 +1,10 @@
 """The training step on one device: every ensemble it holds steps on each batch.
 
-Read top to bottom: scale the batch, forward (bf16 autocast on GPUs), backward, per-member
-clipping folded into Adam with the scheduled learning rate, decoder constraints, firing statistics,
-dead-latent resampling.
+Read `EnsembleTrainer.step` top to bottom: scale the batch, forward (bf16 autocast on GPUs), the
+losses, backward with per-member clipping folded into Adam at the scheduled learning rate and the
+decoder constraints, the batch's statistics, firing statistics, metric sums, L0 targets, dead-latent
+resampling. The ZeRO trainer (`zero.py`) runs the same step and overrides its hooks: `losses`,
+`apply`, `reduce` and `replace_dead`.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import functools
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -81,9 +84,18 @@ class MetricSums:
         return means
 
 
+class BatchStatistics(NamedTuple):
+    """What one step adds to the firing statistics and metric sums: of the whole batch (under ZeRO
+    the global batch, of which each worker holds a slice)."""
+
+    fire_counts: Tensor  # [K, n_latents]
+    metrics: dict[str, Tensor]  # each of STEP_METRICS -> [K]
+    rows: int
+
+
 class DeadLatents:
-    """When dead latents get AuxK or resampling, from the firing statistics and the schedule (shared by
-    `EnsembleTrainer` and the ZeRO trainer: `ensemble`, `config`, `firing`, `step_count`, `total_steps`).
+    """When dead latents get AuxK or resampling, from the firing statistics and the schedule (the part
+    of `EnsembleTrainer` that reads its `ensemble`, `config`, `firing`, `step_count`, `total_steps`).
 
     Whether anything is dead is a host-device synchronisation: on CPUs (where it is free) it is asked
     every step; on GPUs only at logging points (`check_dead`), and AuxK runs from the next step on."""
@@ -119,27 +131,38 @@ class DeadLatents:
 
 
 class EnsembleTrainer(DeadLatents):
-    """One ensemble on one device: its optimizer, schedules, firing statistics and dead latents."""
+    """One ensemble on one device: its optimizer, schedules, firing statistics and dead latents.
+
+    `step` is every trainer's step; a trainer that spreads one SAE over devices (`zero.py`) overrides
+    the hooks it calls (`losses`, `apply`, `reduce`, `replace_dead`)."""
 
     def __init__(self, ensemble: Ensemble, config: TrainConfig, total_steps: int,
                  device: torch.device | str = "cpu"):
         self.ensemble = ensemble.to(device)
-        self.config, self.total_steps, self.device = config, total_steps, torch.device(device)
+        self.device = torch.device(device)
         if self.device.type == "cpu":
             keep_freed_memory()
         self.params = list(ensemble.parameters())
         self.optimizer = StackedAdam(self.params, ensemble.lr, (config.adam_beta1, config.adam_beta2),
                                      config.adam_eps)
+        self.forward = torch.compile(ensemble.forward) if ensemble.kernel == "compile" else ensemble.forward
+        self.check_dead_every_step = self.device.type != "cuda"
+        self.start(config, total_steps)
+
+    def start(self, config: TrainConfig, total_steps: int) -> None:
+        """The schedules and what the step keeps besides weights and optimizer state, for `self.ensemble`
+        on `self.device`: firing statistics, metric sums, the step count, latents resampled, the
+        members' resampling generators and the L0 controller."""
+        ensemble, device = self.ensemble, self.device
+        self.config, self.total_steps = config, total_steps
         self.firing = FiringTracker(ensemble.n_members, ensemble.n_latents, config.dead_window_tokens,
                                     config.dense_threshold, device)
         self.metrics = MetricSums()
         self.step_count = 0
-        self.bf16 = uses_bf16(config, self.device)
+        self.bf16 = uses_bf16(config, device)
         self.resampled = torch.zeros(ensemble.n_members, device=device)  # latents resampled so far, [K]
         # resampling draws rows from each member's own stream, so a member's draws ignore its neighbours
         self.generators = [torch.Generator().manual_seed(member.seed + 2**32) for member in ensemble.members]
-        self.forward = torch.compile(ensemble.forward) if ensemble.kernel == "compile" else ensemble.forward
-        self.check_dead_every_step = self.device.type != "cuda"
         self.l0_controller = L0Controller.for_ensemble(ensemble, config, total_steps)  # None: no L0 targets
 
     def scale(self, batch: Tensor) -> Tensor:
@@ -147,37 +170,61 @@ class EnsembleTrainer(DeadLatents):
         return batch.to(self.device, torch.float32, non_blocking=True) * self.ensemble.input_scale
 
     def step(self, batch: Tensor) -> None:
-        """One optimizer step of every member on a raw batch `[B, d_model]`."""
+        """One optimizer step of every member on a raw batch `[B, d_model]` (under ZeRO, this worker's
+        slice of the global batch)."""
         x = self.scale(batch)
         # a tensor, not a float, so a compiled forward is not specialised on every warm-up value
         # (a fill, not torch.tensor: copying a host scalar to a GPU waits for the stream)
         warmup = torch.full((), sparsity_factor(self.step_count, self.total_steps, self.config), device=self.device)
+        dead_mask = self.auxk_dead_mask()
         with torch.autocast(self.device.type, torch.bfloat16, enabled=self.bf16):
-            out = self.forward(x, warmup, self.auxk_dead_mask(), self.config.auxk_coef, self.config.auxk_k)
-        out.loss.sum().backward()
+            out = self.forward(x, warmup, dead_mask, self.config.auxk_coef, self.config.auxk_k)
+        losses = self.losses(x, out, dead_mask)
+        self.apply(losses["loss"])
+        batch_statistics = self.reduce(x, out.fire_counts.detach(), losses)
+        self.firing.update(batch_statistics.fire_counts, batch_statistics.rows)
+        self.metrics.add(batch_statistics.metrics)
+        if self.l0_controller is not None:
+            self.l0_controller.update(batch_statistics.metrics["l0"].detach(), self.step_count)
+        self.step_count += 1
+        self.resample_dead(x, out, batch_statistics.rows)
+
+    # -- the step's hooks ---------------------------------------------------------------------------
+    def losses(self, x: Tensor, out: EnsembleOutput, dead_mask: Tensor | None) -> dict[str, Tensor]:
+        """The step metrics `[K]` by name (`STEP_METRICS`); "loss" is what `apply` back-propagates."""
+        return {name: getattr(out, name) for name in STEP_METRICS}
+
+    def apply(self, loss: Tensor) -> None:
+        """Backward of `loss [K]`, then the optimizer step with the decoder constraints around it."""
+        loss.sum().backward()
         self.ensemble.constrain_gradients()
         divisor = clip_divisor(grad_norm_per_member(self.params), self.config.grad_clip)
         self.optimizer.step(lr_factor(self.step_count, self.total_steps, self.config), divisor)
         self.optimizer.zero_grad()
         self.ensemble.constrain_weights()
-        self.firing.update(out.fire_counts.detach(), x.shape[0])
-        self.metrics.add({name: getattr(out, name) for name in STEP_METRICS})
-        if self.l0_controller is not None:
-            self.l0_controller.update(out.l0.detach(), self.step_count)
-        self.step_count += 1
-        self.resample_dead(x, out)
 
-    def resample_dead(self, x: Tensor, out: EnsembleOutput) -> None:
+    def reduce(self, x: Tensor, fire_counts: Tensor, losses: dict[str, Tensor]) -> BatchStatistics:
+        """The batch's fire counts, step metrics and rows: on one device the batch is all there is."""
+        return BatchStatistics(fire_counts, losses, len(x))
+
+    def resample_dead(self, x: Tensor, out: EnsembleOutput, rows: int) -> None:
         """Every `resample_every_tokens` in the first `resample_until_fraction` of training, give
-        latents dead for a window new weights and fresh Adam moments (architectures that resample)."""
-        dead = self.resample_due(len(x))
+        latents dead for a window new weights and fresh Adam moments (architectures that resample);
+        `rows`: the rows of the batch the firing statistics just counted."""
+        dead = self.resample_due(rows)
         if dead is None:
             return
+        changed = self.replace_dead(dead, x, out)
+        self.firing.revive(changed["b_enc"])
+        self.resampled += changed["b_enc"].sum(-1)
+
+    def replace_dead(self, dead: Tensor, x: Tensor, out: EnsembleOutput) -> dict[str, Tensor]:
+        """New weights and zeroed Adam moments for the `dead [K, n]` latents, drawn from the batch;
+        returns what changed: parameter name -> mask."""
         changed = self.ensemble.resample(dead, x, out.sae_out.detach(), self.generators)
         for name, mask in changed.items():
             self.optimizer.reset(getattr(self.ensemble, name), mask)
-        self.firing.revive(changed["b_enc"])
-        self.resampled += changed["b_enc"].sum(-1)
+        return changed
 
     def log_metrics(self) -> dict[str, list[float]]:
         """Per-member means since the last call, with the current dead and dense fractions and the

@@ -3,8 +3,8 @@
 Worker w of G trains on rows [w * B/G, (w + 1) * B/G) of every global batch j of the sweep's
 stream (`StreamOrder` over the train shards), so the G workers together see exactly the batches a
 single-device trainer sees. Each worker's loss is the mean over its B/G rows and DeepSpeed averages
-gradients over workers: the full-batch mean. The rest is the single-device step (`loop.py`) in
-DeepSpeed's terms:
+gradients over workers: the full-batch mean. The step is the single-device one (`EnsembleTrainer.step`
+in `loop.py`); `ZeroTrainer` overrides its hooks with DeepSpeed's terms:
 
 - Adam: DeepSpeed's optimizer config with `torch_adam` and `fused` (torch's fused kernel, as in
   `StackedAdam`), also with optimizer offload (the moments live on the host, stepped by torch);
@@ -44,12 +44,12 @@ from dictsweep.config import TrainConfig
 from dictsweep.errors import InputError, RunError
 from dictsweep.sae import build_ensemble, member_from_params
 from dictsweep.sae.ensemble import Ensemble, EnsembleOutput
-from dictsweep.sae.metrics import FiringTracker, variance, variance_from_moments
+from dictsweep.sae.metrics import fvu_from_moments, variance, variance_from_moments
 from dictsweep.store import fs
 from dictsweep.store.dataset import ActivationDataset
 from dictsweep.stream.order import StreamOrder
 from dictsweep.train.evaluate import Evaluator, export_member
-from dictsweep.train.loop import STEP_METRICS, DeadLatents, MetricSums, lr_factor, sparsity_factor, uses_bf16
+from dictsweep.train.loop import STEP_METRICS, BatchStatistics, EnsembleTrainer, lr_factor
 
 TORCH_EXTENSIONS_DIR = "~/.cache/dictsweep/torch_extensions"  # DeepSpeed's JIT-built ops (~60 s to build once)
 CPU_WORKER_RESOURCES = {"CPU": 0.5}  # a placement token: CPU workers share the node's cores
@@ -208,15 +208,15 @@ class WorkerSlices:
         return self.windows[key]
 
 
-class ZeroTrainer(DeadLatents):
-    """One single-member ensemble in a DeepSpeed ZeRO engine: the step, schedules, firing statistics,
-    dead latents and evaluation of `EnsembleTrainer`, over the workers' slices of each batch."""
+class ZeroTrainer(EnsembleTrainer):
+    """One single-member ensemble in a DeepSpeed ZeRO engine: `EnsembleTrainer.step` over the workers'
+    slices of each batch, its hooks in DeepSpeed's terms and its statistics over the global batch."""
 
     def __init__(self, ensemble: Ensemble, config: TrainConfig, total_steps: int, stage: int, offload: bool,
                  device: torch.device):
         import deepspeed
 
-        self.config, self.total_steps, self.stage, self.device = config, total_steps, stage, device
+        self.stage, self.device = stage, device
         self.rank, self.world = torch.distributed.get_rank(), torch.distributed.get_world_size()
         self.lr = float(ensemble.lr[0])
         ds_config = deepspeed_config(config, self.lr, ensemble.d_model * ensemble.n_latents, self.world, stage,
@@ -227,38 +227,29 @@ class ZeroTrainer(DeadLatents):
                 setattr(ensemble, name, buffer.to(device))
         self.engine, *_ = deepspeed.initialize(model=ensemble, model_parameters=list(ensemble.parameters()),
                                                config=ds_config)
-        self.ensemble = ensemble
+        self.ensemble, self.forward = ensemble, self.engine
         if ensemble.unit_norm_decoder:
             ensemble.W_dec.register_hook(self.project_decoder_gradient)
-        self.firing = FiringTracker(1, ensemble.n_latents, config.dead_window_tokens, config.dense_threshold, device)
-        self.metrics = MetricSums()
-        self.step_count = 0
-        self.resampled = 0  # latents resampled so far
-        self.bf16 = uses_bf16(config, device)
-        self.generators = [torch.Generator().manual_seed(member.seed + 2**32) for member in ensemble.members]
+        self.check_dead_every_step = True  # on GPUs too: AuxK from the step latents die
+        self.start(config, total_steps)  # after the engine: it may have moved the buffers the L0 controller steers
 
-    def step(self, batch: Tensor) -> None:
-        """One optimizer step on this worker's slice `[B/G, d_model]` (raw) of the global batch."""
-        x = batch.to(self.device, torch.float32, non_blocking=True) * self.ensemble.input_scale
-        warmup = torch.tensor(sparsity_factor(self.step_count, self.total_steps, self.config), device=self.device)
-        dead_mask = self.auxk_dead_mask()
-        with torch.autocast(self.device.type, torch.bfloat16, enabled=self.bf16):
-            out = self.engine(x, warmup, dead_mask, self.config.auxk_coef, self.config.auxk_k)
-        losses = {name: getattr(out, name) for name in STEP_METRICS}  # [1] each
+    def losses(self, x: Tensor, out: EnsembleOutput, dead_mask: Tensor | None) -> dict[str, Tensor]:
+        """The step metrics, with AuxK's weight that of the global batch."""
+        losses = super().losses(x, out, dead_mask)  # [1] each
         if dead_mask is not None:  # AuxK's weight is a ratio of batch variances: make it the global batch's
             scale = self.auxk_variance_correction(x, out)
             losses["loss"] = out.loss + out.aux_loss * (scale - 1)
             losses["aux_loss"] = out.aux_loss * scale
-        self.engine.backward(losses["loss"].sum())
+        return losses
+
+    def apply(self, loss: Tensor) -> None:
+        """DeepSpeed's backward (gradients averaged over workers) and step at the scheduled lr (clipped
+        in DeepSpeed), then the decoder constraint."""
+        self.engine.backward(loss.sum())
         for group in self.engine.optimizer.param_groups:
             group["lr"] = self.lr * lr_factor(self.step_count, self.total_steps, self.config)
         self.engine.step()
         self.constrain_decoder()
-        fire_counts, metrics = self.global_statistics(x, out.fire_counts, losses)
-        self.firing.update(fire_counts, len(x) * self.world)
-        self.metrics.add(metrics)
-        self.step_count += 1
-        self.resample_dead(x, out)
 
     @torch.no_grad()
     def auxk_variance_correction(self, x: Tensor, out: EnsembleOutput) -> Tensor:
@@ -314,8 +305,7 @@ class ZeroTrainer(DeadLatents):
 
     # -- statistics over the global batch ------------------------------------------------------
     @torch.no_grad()
-    def global_statistics(self, x: Tensor, fire_counts: Tensor,
-                          losses: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+    def reduce(self, x: Tensor, fire_counts: Tensor, losses: dict[str, Tensor]) -> BatchStatistics:
         """Fire counts `[1, n]` and step metrics `[1]` of the global batch (one all-reduce).
 
         The metrics are row means, so the mean over equal slices is the global mean; fvu divides
@@ -329,15 +319,12 @@ class ZeroTrainer(DeadLatents):
         fire_counts = packed[:n_latents].float().view(1, -1)
         values = dict(zip(names, (packed[n_latents:n_latents + len(names)] / self.world).float().view(-1, 1)))
         x_sum, x_sq_sum = packed[n_latents + len(names):-1], packed[-1]
-        values["fvu"] = values["mse"] / variance_from_moments(x_sum, x_sq_sum, rows).float()
-        return fire_counts, values
+        values["fvu"] = fvu_from_moments(values["mse"], x_sum, x_sq_sum, rows)
+        return BatchStatistics(fire_counts, values, rows)
 
-    def resample_dead(self, x: Tensor, out: EnsembleOutput) -> None:
-        """As `EnsembleTrainer.resample_dead`, on the gathered global batch: every worker makes the
+    def replace_dead(self, dead: Tensor, x: Tensor, out: EnsembleOutput) -> dict[str, Tensor]:
+        """As `EnsembleTrainer.replace_dead`, on the gathered global batch: every worker makes the
         same draws, writes the same weights (and ZeRO's fp32 master) and zeroes the same moments."""
-        dead = self.resample_due(len(x) * self.world)
-        if dead is None:
-            return
         x_all = gather_rows(x)  # [B, d_model], in global batch order
         sae_out_all = gather_rows(out.sae_out.detach()[0]).unsqueeze(0)  # [1, B, d_model]
         with self.full_weights(modified=True):
@@ -345,8 +332,7 @@ class ZeroTrainer(DeadLatents):
         self.engine.optimizer.refresh_fp32_params()  # the master copy takes the new weights
         for name, mask in changed.items():
             self.reset_moments(getattr(self.ensemble, name), mask)
-        self.firing.revive(changed["b_enc"])
-        self.resampled += int(changed["b_enc"].sum())
+        return changed
 
     def reset_moments(self, param: torch.nn.Parameter, mask: Tensor) -> None:
         """Zero both Adam moments of `param` where `mask` (broadcastable to it) is True."""
@@ -373,20 +359,21 @@ class ZeroTrainer(DeadLatents):
                                                  modifier_rank=0 if modified else None)
 
     def log_metrics(self) -> dict[str, float]:
-        """Means since the last call, the current dead and dense fractions and the latents resampled so
-        far, as `EnsembleTrainer.log_metrics` (of the one member)."""
-        means = {name: values[0] for name, values in self.metrics.mean_and_reset().items()}
-        means["dead_fraction"] = float(self.firing.dead_fraction()[0])
-        means["dense_fraction"] = float(self.firing.dense_fraction()[0])
-        means["resampled_latents"] = float(self.resampled)
-        return means
+        """`EnsembleTrainer.log_metrics` of the one member."""
+        return {name: values[0] for name, values in super().log_metrics().items()}
+
+    def state_dict(self) -> dict:
+        raise NotImplementedError("ZeRO training keeps no checkpoint")
+
+    def load_state_dict(self, state: dict) -> None:
+        raise NotImplementedError("ZeRO training keeps no checkpoint")
 
     @torch.no_grad()
     def evaluate(self, slices: WorkerSlices, steps: int) -> dict[str, float]:
         """`Evaluator` metrics over `steps` eval batches, each worker on its slice, sums all-reduced."""
         evaluator = Evaluator(self.ensemble)
         for step in range(steps):
-            evaluator.add(slices.batch(step).to(self.device, torch.float32) * self.ensemble.input_scale)
+            evaluator.add(self.scale(slices.batch(step)))
         for name in Evaluator.SUMS:
             torch.distributed.all_reduce(getattr(evaluator, name))
         evaluator.rows *= self.world
