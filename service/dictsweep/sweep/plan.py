@@ -16,11 +16,9 @@ from dictsweep.errors import InputError
 from dictsweep.sae import ARCHITECTURES, Member, grid_keys, member_from_params
 from dictsweep.train.actor import EnsembleSpec
 from dictsweep.train.target_l0 import TargetedMember, initial_coef
-from dictsweep.train.zero import zero_bytes_per_worker
+from dictsweep.train.zero import ACTIVATION_COPIES, BYTES_PER_FLOAT, zero_bytes_per_worker
 
-BYTES_PER_FLOAT = 4
-STATE_COPIES = 4  # fp32 weights, gradients, Adam's two moments
-ACTIVATION_COPIES = 4  # [B, n_latents] tensors alive in a step: pre-activations, latents, their gradients
+STATE_COPIES = 4  # fp32 weights, gradients, Adam's two moments (ZeRO partitions all but the weights)
 
 
 @dataclass(frozen=True)

@@ -54,7 +54,8 @@ from dictsweep.train.loop import STEP_METRICS, BatchStatistics, EnsembleTrainer,
 TORCH_EXTENSIONS_DIR = "~/.cache/dictsweep/torch_extensions"  # DeepSpeed's JIT-built ops (~60 s to build once)
 CPU_WORKER_RESOURCES = {"CPU": 0.5}  # a placement token: CPU workers share the node's cores
 BYTES_PER_FLOAT = 4
-ACTIVATION_COPIES = 4  # [B/G, n_latents] tensors alive in a step: pre-activations, latents, their gradients
+ACTIVATION_COPIES = 4  # [rows, n_latents] tensors alive in a step: pre-activations, latents, their gradients
+# (one memory model: the planner's single-device estimate uses these too)
 TRANSIENT_WEIGHT_COPIES = 3  # [d, n] in a step: the forward's [W_enc; bias], [W_dec, norms], one full gradient
 PARTITIONED_COPIES = 4  # per parameter, split over workers: gradient, fp32 master, Adam's two moments
 # losses that are means over rows (topk's AuxK weight is corrected to the global batch); batchtopk
