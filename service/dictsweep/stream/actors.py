@@ -158,4 +158,5 @@ class WindowReader:
         return rows
 
     def stats(self) -> dict:
-        return {"bytes_read": self.bytes_read, "read_seconds": self.seconds, "peak_rss_mb": peak_rss_mb()}
+        return {"bytes_read": self.bytes_read, "read_seconds": self.seconds, "peak_rss_mb": peak_rss_mb(),
+                "cpu_seconds": time.process_time()}
