@@ -56,6 +56,9 @@ class StoreWatch:
 
         state = get_state_from_address(ray.get_runtime_context().gcs_address)  # this cluster, not another
         self.used = lambda: get_memory_info_reply(state).store_stats.object_store_bytes_used
+        deadline = time.monotonic() + 10
+        while self.used() > 1e6 and time.monotonic() < deadline:
+            time.sleep(0.05)  # windows of the readers' pass are freed asynchronously: not this stream's
         self.interval, self.peak, self.stopped = interval, self.used(), threading.Event()
         self.thread = threading.Thread(target=self.watch, daemon=True)
         self.thread.start()
