@@ -4,7 +4,7 @@ import torch
 
 from dictsweep.errors import DatasetError
 from dictsweep.store import fs
-from dictsweep.store.dataset import ActivationDataset, DatasetWriter
+from dictsweep.store.dataset import ActivationDataset, DatasetWriter, any_non_finite
 
 from .conftest import edit_manifest
 
@@ -171,6 +171,25 @@ def test_non_finite_value_names_the_shard_and_the_first_bad_row(tmp_path, dtype,
         dataset.read_shard(1)
     assert str(raised.value).startswith(f"shard train/00001.arrow of {tmp_path}: row {row} holds {value} "
                                         f"(column {column})")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_the_bit_test_knows_every_16_bit_value(dtype):
+    every = torch.arange(-2**15, 2**15, dtype=torch.int32).to(torch.int16).view(dtype)  # [65536] each pattern
+    finite = torch.isfinite(every.float())
+    assert any_non_finite(every) and not any_non_finite(every[finite])
+    for value in every[~finite].split(1):  # each NaN and infinity, alone among finite values
+        assert any_non_finite(torch.cat([every[finite][:100], value, every[finite][-100:]]))
+
+
+def test_the_bit_test_knows_float32_edges():
+    edges = torch.tensor([0x7F7FFFFF, 0xFF7FFFFF, 0x00000001, 0x80000001, 0, 0x80000000],
+                         dtype=torch.int64).to(torch.int32).view(torch.float32)  # largest finite, tiniest, zeros
+    assert not any_non_finite(edges)
+    for bits in (0x7F800000, 0xFF800000, 0x7FC00000, 0xFFFFFFFF, 0x7F800001):  # +-inf, NaNs
+        bad = torch.tensor([bits], dtype=torch.int64).to(torch.int32).view(torch.float32)
+        assert any_non_finite(torch.cat([edges, bad, edges]))
+    assert any_non_finite(torch.tensor([[1.0, float("nan")]]).t())  # not contiguous: the float path
 
 
 @pytest.mark.parametrize("norm", [float("nan"), float("inf"), 0.0, -2.0])

@@ -9,8 +9,8 @@ from dictsweep.errors import DatasetError
 from dictsweep.store import fs
 from dictsweep.store.dataset import ActivationDataset
 from dictsweep.store.synth import SynthConfig, synth_dataset
-from dictsweep.stream.actors import (ReaderMemory, WindowReader, as_numpy, batch_views, read_window, stream_orders,
-                                     whole_batch)
+from dictsweep.stream.actors import (ReaderMemory, WindowReader, as_numpy, as_words, batch_views, read_window,
+                                     stream_orders, whole_batch)
 from dictsweep.stream.windows import WindowStream
 
 BATCH_ROWS = 96  # not a divisor of the shard rows: batches span shards, windows and epochs
@@ -46,6 +46,17 @@ def test_a_window_is_its_shards_rows_in_stream_order(dataset, threads):
         assert np.array_equal(rows, shards[order.row_permutation(window)])
         assert not np.array_equal(rows, shards)  # shuffled across the window
         assert read == sum(dataset.shards("train")[shard].bytes for shard in window.shards)
+
+
+@pytest.mark.parametrize("dtype, d_model, word", [(np.float16, 3, 2), (np.float16, 6, 4), (np.float16, 8, 8),
+                                                   (np.float32, 3, 4), (np.int16, 1, 2)])
+def test_rows_move_as_the_widest_words_that_tile_them(dtype, d_model, word):
+    rows = np.arange(10 * d_model).astype(dtype).reshape(10, d_model)  # [10, d_model]
+    words = as_words(rows)
+    assert words.itemsize == word and words.shape == (10, d_model * rows.itemsize // word)
+    out = np.zeros_like(rows)
+    as_words(out)[[9, 0, 5, 1, 2, 3, 4, 6, 7, 8]] = words  # a scatter of whole rows, bits untouched
+    assert np.array_equal(out[[9, 0, 5, 1, 2, 3, 4, 6, 7, 8]], rows)
 
 
 def test_a_corrupt_shard_fails_its_window_by_name(tmp_path):

@@ -285,19 +285,37 @@ def write_manifest(uri: str, d_model: int, dtype: str, shards: list[ShardInfo], 
     return manifest
 
 
+# float dtype -> its bits as (signed, unsigned) integers, and the bits of +inf: a value is NaN or
+# infinite exactly when its bits without the sign reach those of +inf (the exponent all ones)
+BIT_VIEWS = {torch.float16: (np.int16, np.uint16, 0x7C00), torch.bfloat16: (np.int16, np.uint16, 0x7F80),
+             torch.float32: (np.int32, np.uint32, 0x7F800000)}
+
+
 def first_non_finite(acts: torch.Tensor) -> tuple[int, int, float] | None:
     """(row, column, value) of the first NaN or infinite value of `acts` [rows, d_model], else None.
 
-    One pass without a temporary for the usual, finite shard: NaN propagates through min/max and an
-    infinity is the min or the max; only a bad shard pays for finding the place.
+    The usual, finite shard costs two integer max reductions over its bits (no temporary, and ten
+    times faster than a float16 min/max); only a bad shard pays for finding the place.
     """
     if not acts.numel():
         return None
-    low, high = torch.aminmax(acts)
-    if math.isfinite(float(low)) and math.isfinite(float(high)):
+    if not any_non_finite(acts):
         return None
     row, column = (~torch.isfinite(acts)).nonzero()[0].tolist()
     return row, column, float(acts[row, column])
+
+
+def any_non_finite(acts: torch.Tensor) -> bool:
+    """Whether `acts` holds a NaN or an infinity, from its bits: as signed integers the largest
+    positive value reaches +inf's bits, or as unsigned integers the largest negative one (above
+    every positive one) reaches -inf's."""
+    if acts.dtype not in BIT_VIEWS or not acts.is_contiguous() or acts.device.type != "cpu":
+        low, high = torch.aminmax(acts)
+        return not (math.isfinite(float(low)) and math.isfinite(float(high)))
+    signed, unsigned, inf_bits = BIT_VIEWS[acts.dtype]
+    bits = acts.detach().reshape(-1).view(torch.uint8).numpy()  # the same bytes, no copy
+    sign_bit = 1 << (np.dtype(signed).itemsize * 8 - 1)
+    return bool(bits.view(signed).max() >= inf_bits or bits.view(unsigned).max() >= sign_bit | inf_bits)
 
 
 def sum_sq_norms(acts: torch.Tensor, chunk_rows: int = 65536) -> float:

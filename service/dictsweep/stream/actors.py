@@ -32,6 +32,14 @@ def as_numpy(tensor) -> np.ndarray:
     return tensor.view(torch.int16).numpy() if tensor.dtype == torch.bfloat16 else tensor.numpy()
 
 
+def as_words(rows: np.ndarray) -> np.ndarray:
+    """Rows `[n, d]` as rows of the widest integer words that tile them (same bytes): numpy moves
+    a row of eight-byte words faster than one of two-byte floats."""
+    row_bytes = rows.shape[1] * rows.itemsize
+    word = next(size for size in (8, 4, 2, 1) if row_bytes % size == 0)
+    return rows.view(np.dtype(f"u{word}"))
+
+
 def stream_orders(dataset: ActivationDataset, batch_rows: int, shuffle_shards: int,
                   seed: int) -> dict[str, StreamOrder | None]:
     """The train order (shuffled windows) and the eval order (shards in order; None when the eval
@@ -101,7 +109,7 @@ def read_window(dataset: ActivationDataset, order: StreamOrder, window: Window, 
 
     def fill(position: int) -> int:
         rows, read = fetch(position)
-        rows_out[place[starts[position]:starts[position + 1]]] = rows
+        as_words(rows_out)[place[starts[position]:starts[position + 1]]] = as_words(rows)
         return read
 
     positions = range(len(window.shards))
@@ -150,4 +158,5 @@ class WindowReader:
         return rows
 
     def stats(self) -> dict:
-        return {"bytes_read": self.bytes_read, "read_seconds": self.seconds, "peak_rss_mb": peak_rss_mb()}
+        return {"bytes_read": self.bytes_read, "read_seconds": self.seconds, "peak_rss_mb": peak_rss_mb(),
+                "cpu_seconds": time.process_time()}

@@ -2,14 +2,18 @@
 
 In one run over the same shards: (1) a plain concurrent GET of the objects (threads, no checks:
 what the store can deliver, at the readers' concurrency), (2) the readers producing every window
-of one pass (fetch, verify, decode, shuffle, into the object store), and (3) the stream as
-trainers see it: N consumer actors on this node each taking every batch of one pass, as N GPUs
-would, copying its rows into a staging buffer of their own (as a trainer's host-to-device copy
-does), with the driver handing out window pieces under the same budget a sweep uses.
+of one pass (fetch, verify, decode, shuffle, into the object store; with their CPU time per byte,
+which the machine's other load does not change), and (3) the stream as trainers see it: N
+consumer actors on this node each taking every batch of one pass, as N GPUs would, copying its
+rows into a staging buffer of their own (as a trainer's host-to-device copy does), with the driver
+handing out window pieces under the same budget a sweep uses, and the object store's peak.
+(1) and (2) each run once untimed first, so both meet warm caches and warm memory, as a long
+sweep does after its first windows.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +33,44 @@ def plain_get(dataset: ActivationDataset, concurrency: int) -> tuple[int, float]
     with ThreadPoolExecutor(concurrency) as pool:
         total = sum(len(data) for data in pool.map(fs.read_bytes, uris))
     return total, time.perf_counter() - start
+
+
+def read_pass(pool: list, order, windows: int) -> float:
+    """Seconds for the readers to put every window of epoch 0 in the object store, at most
+    `windows` (or one per reader) in flight."""
+    start, pending = time.perf_counter(), deque()
+    for position in range(order.windows_per_epoch):
+        pending.append(pool[position % len(pool)].window.remote("train", position))
+        if len(pending) >= max(windows, len(pool)):
+            ray.wait([pending[0]], fetch_local=False)
+            pending.popleft()
+    ray.wait(list(pending), num_returns=len(pending), fetch_local=False)
+    return time.perf_counter() - start
+
+
+class StoreWatch:
+    """The most bytes the node's object store held while it ran (sampled every `interval` s)."""
+
+    def __init__(self, interval: float = 0.02):
+        from ray._private.internal_api import get_memory_info_reply, get_state_from_address
+
+        state = get_state_from_address(ray.get_runtime_context().gcs_address)  # this cluster, not another
+        self.used = lambda: get_memory_info_reply(state).store_stats.object_store_bytes_used
+        deadline = time.monotonic() + 10
+        while self.used() > 1e6 and time.monotonic() < deadline:
+            time.sleep(0.05)  # windows of the readers' pass are freed asynchronously: not this stream's
+        self.interval, self.peak, self.stopped = interval, self.used(), threading.Event()
+        self.thread = threading.Thread(target=self.watch, daemon=True)
+        self.thread.start()
+
+    def watch(self) -> None:
+        while not self.stopped.wait(self.interval):
+            self.peak = max(self.peak, self.used())
+
+    def stop(self) -> int:
+        self.stopped.set()
+        self.thread.join()
+        return max(self.peak, self.used())
 
 
 @ray.remote(num_cpus=0)
@@ -68,23 +110,19 @@ def bench_stream(uri: str, readers: int = 2, batch_rows: int = 4096, shuffle_sha
     plain_get(dataset, concurrency)  # warm the connections and the store's cache alike for both
 
     total_bytes, get_seconds = plain_get(dataset, concurrency)
-    before = sum(stats["bytes_read"] for stats in ray.get([reader.stats.remote() for reader in pool]))
-    start, pending, rows = time.perf_counter(), deque(), 0
-    for position in range(order.windows_per_epoch):  # every window once, at most `windows` held
-        pending.append(pool[position % readers].window.remote("train", position))
-        if len(pending) >= max(windows, readers):
-            ray.wait([pending[0]], fetch_local=False)
-            pending.popleft()
-    ray.wait(list(pending), num_returns=len(pending), fetch_local=False)
-    read_seconds = time.perf_counter() - start
-    pending.clear()
-    read_bytes = sum(stats["bytes_read"] for stats in ray.get([reader.stats.remote() for reader in pool])) - before
+    read_pass(pool, order, windows)  # likewise: the object store's pages and the readers' buffers warm
+    before = ray.get([reader.stats.remote() for reader in pool])
+    read_seconds = read_pass(pool, order, windows)  # every window once, at most `windows` held
+    after = ray.get([reader.stats.remote() for reader in pool])
+    read_bytes = sum(stats["bytes_read"] for stats in after) - sum(stats["bytes_read"] for stats in before)
+    read_cpu = sum(stats["cpu_seconds"] for stats in after) - sum(stats["cpu_seconds"] for stats in before)
     rows = sum(window.rows for window in order.windows(0))
 
     steps = order.epoch_rows // batch_rows
     team = [Consumer.remote(batch_rows, dataset.d_model, dataset.dtype) for _ in range(consumers)]
     ray.get([consumer.stats.remote() for consumer in team])
     stream = WindowStream(pool, order, "train", steps, windows)
+    store = StoreWatch()
     start = time.perf_counter()
     cursors, queues, finished = [0] * consumers, [deque() for _ in team], [0.0] * consumers
     while any(queues) or min(cursors) < steps:
@@ -103,6 +141,7 @@ def bench_stream(uri: str, readers: int = 2, batch_rows: int = 4096, shuffle_sha
                     finished[number] = time.perf_counter() - start
         stream.advance(min(cursor - len(queue) for cursor, queue in zip(cursors, queues)))
     stream.close()
+    store_peak = store.stop()
     reader_stats = ray.get([reader.stats.remote() for reader in pool])
     consumer_stats = ray.get([consumer.stats.remote() for consumer in team])
     for actor in pool + team:
@@ -117,11 +156,14 @@ def bench_stream(uri: str, readers: int = 2, batch_rows: int = 4096, shuffle_sha
         "get_mb_per_s": megabytes / get_seconds,
         "reader_mb_per_s": read_bytes / 1e6 / read_seconds, "reader_rows_per_s": rows / read_seconds,
         "reader_fraction_of_get": (read_bytes / 1e6 / read_seconds) / (megabytes / get_seconds),
+        "reader_cpu_ns_per_byte": read_cpu / read_bytes * 1e9,
         "stream_rows_per_s": min(per_consumer),
         "stream_mb_per_s": min(per_consumer) * row_bytes / 1e6,
         "consumer_rows_per_s": per_consumer,
         "consumer_rows": [stats["rows"] for stats in consumer_stats],
-        "windows_read": stream.requested,
+        "windows_read": stream.requested, "most_windows_held": stream.most_held,
+        "window_mb": max(window.rows for window in order.windows(0)) * row_bytes / 1e6,
+        "object_store_peak_mb": store_peak / 1e6,
         "reader_peak_rss_mb": max(stats["peak_rss_mb"] for stats in reader_stats),
         "consumer_peak_rss_mb": max(stats["peak_rss_mb"] for stats in consumer_stats),
     }

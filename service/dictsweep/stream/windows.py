@@ -26,6 +26,7 @@ class WindowStream:
         self.held: dict[int, object] = {}  # window position -> ObjectRef of its rows
         self.floor = 0  # the first window the slowest consumer still needs
         self.requested = 0  # windows asked of the readers (restarted consumers may ask again)
+        self.most_held = 0  # the most windows held at once (the budget, unless a consumer lags behind it)
 
     def pieces(self, batch: int) -> list[tuple] | None:
         """Batch `batch` as `[(window ref, start, stop)]`, or None while it lies beyond the budget."""
@@ -55,6 +56,7 @@ class WindowStream:
             reader = self.readers[position % len(self.readers)]  # consecutive windows on different readers
             self.held[position] = reader.window.remote(self.split, position)
             self.requested += 1
+            self.most_held = max(self.most_held, len(self.held))
 
     def close(self) -> None:
         self.held.clear()
