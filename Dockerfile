@@ -13,9 +13,13 @@ ARG BASE_IMAGE=rayproject/ray:2.60.0-py311-gpu
 FROM ${BASE_IMAGE}
 
 ARG TORCH_VERSION=2.13.0
+# Ray frees released objects every 50 ms rather than once a second, so that a node's object store
+# holds no more stream windows than the spec's budget (as `dictsweep.cluster.LOCAL_RAY_CONFIG`
+# sets for a local Ray); every Ray node started from this image reads it
 ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    RAY_free_objects_period_milliseconds=50
 USER ray
 WORKDIR /home/ray/dictsweep
 

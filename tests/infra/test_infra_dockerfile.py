@@ -145,6 +145,16 @@ def test_copies_no_secrets_and_bakes_none_in():
                 assert not SECRET_WORDS.search(key), f"{name} {key}: secrets come from the environment at run time"
 
 
+def test_every_node_frees_released_windows_as_a_local_ray_does():
+    """The Ray settings a local Ray gets (`LOCAL_RAY_CONFIG`) are the image's too, so that a
+    cluster's object stores keep the stream's window budget as the tests' local Ray does."""
+    from dictsweep.cluster import LOCAL_RAY_CONFIG
+
+    env = {key: value for name, args in instructions() if name == "ENV"
+           for key, value in re.findall(r"(\w+)=(\S+)", args)}
+    assert {key: int(env[f"RAY_{key}"]) for key in LOCAL_RAY_CONFIG if f"RAY_{key}" in env} == LOCAL_RAY_CONFIG
+
+
 def test_dockerignore_keeps_secrets_out_and_lets_the_sources_in():
     for _, args in [step for step in instructions() if step[0] in ("COPY", "ADD")]:
         for source in copy_sources(args):
