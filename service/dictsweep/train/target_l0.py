@@ -6,6 +6,12 @@ coefficient by `GAIN * log(batch L0 / target)`, the error clipped to +-MAX_ERROR
 controller on log-coefficient, the batch L0 being the measurement), until
 `train.target_l0_fraction` of the steps; from there the coefficient is held. All on the device: no
 host-device sync per step. The final coefficient is the member's `l1_coef` in the export.
+
+relu's coefficient weighs its L1 penalty. A jumprelu member with a target is penalised by
+coefficient * (L0 / target - 1)^2 instead of coefficient * L0 (`JumpReLUEnsemble.l0_penalty`, the
+target-L0 loss of Marks et al.'s dictionary_learning): a plain L0 penalty only ever raises the
+thresholds, so once the controller overshoots (the thresholds lag the coefficient by hundreds of
+steps) nothing but reconstruction lowers them again and the L0 settles far below its target.
 """
 
 from __future__ import annotations
@@ -19,7 +25,8 @@ from torch import Tensor
 from dictsweep.config import TrainConfig
 from dictsweep.sae.ensemble import Ensemble, Member
 
-INITIAL_COEF = {"relu": 1.0, "jumprelu": 0.1}  # where a targeted member starts (training scale, E|x|^2 = d_model)
+# where a targeted member starts (training scale, E|x|^2 = d_model); jumprelu's weighs (L0 / target - 1)^2
+INITIAL_COEF = {"relu": 1.0, "jumprelu": 1.0}
 GAIN = 0.05  # per step; measured on synthetic data: higher oscillates while the weights catch up
 MAX_ERROR = 0.3  # |log(L0 / target)| counted at most this much per step: at most x1.015 per step far from target
 
