@@ -57,13 +57,16 @@ class GridPoint:
                 "seed": self.seed}
 
 
+# Gao et al. 2024's lr = 2e-4 * sqrt(2^14 / n_latents), times this per architecture: at our budget of
+# 1M tokens in 1024 steps, 3x recovers more synthetic features for topk (mean max cosine 0.82 -> 0.90,
+# d_model 256, 1024 latents) and 9x for relu, whose free decoder rows start at norm 0.1 (0.81 -> 0.975)
+LR_SCALE = {"topk": 3.0, "batchtopk": 3.0, "jumprelu": 3.0, "relu": 9.0}
+
+
 def default_lr(architecture: str, n_latents: int) -> float:
-    """The learning rate of an SAE whose grid sets none: Gao et al. 2024's lr = 2e-4 * sqrt(2^14 /
-    n_latents) for the top-k family; 3x that for relu and jumprelu, whose free decoder rows start
-    at norm 0.1 and need the larger steps to recover features within 1M tokens (measured on the
-    synthetic datasets of tests/sae/test_defaults.py); at most 1e-2."""
-    scale = 1.0 if ARCHITECTURES[architecture].sparsity_key == "k" else 3.0
-    return min(1e-2, scale * 2e-4 * math.sqrt(2**14 / n_latents))
+    """The learning rate of an SAE whose grid sets none: Gao et al.'s width scaling, 2e-4 *
+    sqrt(2^14 / n_latents), times `LR_SCALE[architecture]`; at most 1e-2."""
+    return min(1e-2, LR_SCALE.get(architecture, 3.0) * 2e-4 * math.sqrt(2**14 / n_latents))
 
 
 def applying_keys(grid, architecture: str) -> list:
