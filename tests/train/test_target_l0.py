@@ -73,6 +73,16 @@ def test_relu_reaches_its_targets_within_15_percent(toy):
     assert trainer.log_metrics()["l1_coef"] == coefficients
 
 
+def test_jumprelu_coefficient_only_grows():
+    """Below its target a jumprelu member's penalty already pulls the L0 up: the controller holds
+    its coefficient there instead of weakening that pull."""
+    members = [TargetedMember(lr=1e-3, seed=i, l1_coef=1.0, target_l0=10.0) for i in range(2)]
+    ensemble = build_ensemble("jumprelu", 8, 16, members)
+    controller = L0Controller(ensemble, TrainConfig(l1_warmup_fraction=0.0), total_steps=100)
+    controller.update(torch.tensor([5.0, 12.0]), step=0)
+    assert ensemble.l1_coef.tolist() == pytest.approx([1.0, math.exp(GAIN * math.log(1.2))], rel=1e-6)
+
+
 def test_jumprelu_target_penalty_lowers_thresholds_when_below_its_target():
     """A plain L0 penalty only raises thresholds, so a member that overshot below its target
     stays there; the target penalty pulls them back down."""
