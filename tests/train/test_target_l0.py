@@ -144,7 +144,7 @@ def test_grid_target_l0_replaces_l1_coef_for_relu_and_jumprelu_only():
     points = grid_points(spec)
     assert sorted(p.name for p in points) == [
         "jumprelu-n64-l0_16-lr0.0096-s0", "jumprelu-n64-l0_32-lr0.0096-s0",
-        "relu-n64-l0_16-lr0.01-s0", "relu-n64-l0_32-lr0.01-s0", "topk-n64-k8-lr0.0096-s0"]
+        "relu-n64-l0_16-lr0.0096-s0", "relu-n64-l0_32-lr0.0096-s0", "topk-n64-k8-lr0.0096-s0"]
     relu = next(p for p in points if p.name.startswith("relu-n64-l0_16"))
     assert relu.params()["target_l0"] == 16.0 and relu.params()["l1_coef"] is None
     assert relu.member() == TargetedMember(lr=relu.lr, seed=0, l1_coef=1.0, target_l0=16.0)
