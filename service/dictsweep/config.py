@@ -75,7 +75,7 @@ class GridConfig(Section):
     l1_coef: list[float] = Field([1.0], min_length=1, description="Sparsity coefficients (relu: L1; jumprelu: L0).")
     target_l0: list[float] | None = Field(None, min_length=1, description="Instead of l1_coef (relu, jumprelu): the L0 each SAE is steered to; its coefficient is adapted early in training, then held (train.target_l0_fraction), and exported as its l1_coef.")
     k: list[int] = Field([32], min_length=1, description="Active latents per row (topk, batchtopk).")
-    lr: list[float] | None = Field(None, min_length=1, description="Learning rates (default: one per SAE from its width, Gao et al. 2024's 2e-4 * sqrt(2^14 / n_latents) for topk and batchtopk, 3x that for relu and jumprelu, at most 1e-2).")
+    lr: list[float] | None = Field(None, min_length=1, description="Learning rates (default: one per SAE from its width, Gao et al. 2024's 2e-4 * sqrt(2^14 / n_latents) times 3, for every architecture, at most 1e-2).")
     seed: list[int] = Field([0], min_length=1, description="Initialisation seeds.")
 
     @field_validator("architecture", "n_latents", "l1_coef", "target_l0", "k", "lr", "seed", mode="before")

@@ -1,5 +1,6 @@
 """`jumprelu`: a latent passes its pre-activation when it exceeds a learned per-latent threshold
-(Rajamanoharan et al. 2024), with an L0 penalty whose coefficient is the member's `l1_coef`.
+(Rajamanoharan et al. 2024), with an L0 penalty whose coefficient is the member's `l1_coef`; a
+member with an L0 target T (`grid.target_l0`) is penalised by `l1_coef` * (L0 / T - 1)^2 instead.
 
 The step has no useful gradient, so the threshold learns through straight-through estimators with
 a rectangle kernel of width `BANDWIDTH`; the encoder gets the plain gradient of pre * H(pre - t).
@@ -52,6 +53,8 @@ class JumpReLUEnsemble(Ensemble):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.threshold = nn.Parameter(torch.full((self.n_members, self.n_latents), INITIAL_THRESHOLD))  # [K, n]
+        targets = [getattr(member, "target_l0", 0.0) for member in self.members]
+        self.register_buffer("target_l0", torch.tensor(targets, dtype=torch.float32), persistent=False)  # [K]; 0: none
 
     def activate(self, pre: Tensor) -> tuple[Tensor, None]:
         return pre * (pre > self.threshold.unsqueeze(1)), None
@@ -61,7 +64,15 @@ class JumpReLUEnsemble(Ensemble):
         latent_acts, fire_counts = JumpReLU.apply(self.pre_acts(x), self.threshold, BANDWIDTH)  # [K, B, n], [K, n]
         sae_out = self.decode(latent_acts)
         l0 = fire_counts.sum(-1) / x.shape[0]  # [K], with straight-through gradients to the thresholds
-        return self.output(x, sae_out, latent_acts, None, fire_counts.detach(), self.l1_coef * sparsity_scale * l0)
+        return self.output(x, sae_out, latent_acts, None, fire_counts.detach(),
+                           self.l1_coef * sparsity_scale * self.l0_penalty(l0))
+
+    def l0_penalty(self, l0: Tensor) -> Tensor:
+        """`[K]`: the L0 itself, or for a member with a target T, (L0 / T - 1)^2: its gradient pulls
+        the thresholds towards T from either side (a plain L0 penalty only ever raises them, and a
+        threshold raised too far has no force but reconstruction to bring it back)."""
+        targeted = self.target_l0 > 0
+        return torch.where(targeted, (l0 / self.target_l0.clamp(min=1e-6) - 1).square(), l0)
 
     @torch.no_grad()
     def constrain_weights(self) -> None:

@@ -58,13 +58,17 @@ class GridPoint:
                 "seed": self.seed}
 
 
+# Gao et al. 2024's lr = 2e-4 * sqrt(2^14 / n_latents) times this: at our budget of 1M tokens in 1024
+# steps, 3x recovers more synthetic features for topk (mean max cosine 0.82 -> 0.90 at d_model 256,
+# 1024 latents) and relu (0.81 -> 0.975 at 9x) alike; relu stays at 3x, as at 9x its L0 drifted
+# 12-17% above its targets on MiniLM once the coefficient was held
+LR_SCALE = 3.0
+
+
 def default_lr(architecture: str, n_latents: int) -> float:
-    """The learning rate of an SAE whose grid sets none: Gao et al. 2024's lr = 2e-4 * sqrt(2^14 /
-    n_latents) for the top-k family; 3x that for relu and jumprelu, whose free decoder rows start
-    at norm 0.1 and need the larger steps to recover features within 1M tokens (measured on the
-    synthetic datasets of tests/sae/test_defaults.py); at most 1e-2."""
-    scale = 1.0 if ARCHITECTURES[architecture].sparsity_key == "k" else 3.0
-    return min(1e-2, scale * 2e-4 * math.sqrt(2**14 / n_latents))
+    """The learning rate of an SAE whose grid sets none (any architecture): Gao et al.'s width
+    scaling, `LR_SCALE` * 2e-4 * sqrt(2^14 / n_latents); at most 1e-2."""
+    return min(1e-2, LR_SCALE * 2e-4 * math.sqrt(2**14 / n_latents))
 
 
 def applying_keys(grid, architecture: str) -> list:

@@ -6,6 +6,13 @@ coefficient by `GAIN * log(batch L0 / target)`, the error clipped to +-MAX_ERROR
 controller on log-coefficient, the batch L0 being the measurement), until
 `train.target_l0_fraction` of the steps; from there the coefficient is held. All on the device: no
 host-device sync per step. The final coefficient is the member's `l1_coef` in the export.
+
+relu's coefficient weighs its L1 penalty. A jumprelu member with a target is penalised by
+coefficient * (L0 / target - 1)^2 instead of coefficient * L0 (`JumpReLUEnsemble.l0_penalty`, the
+target-L0 loss of Marks et al.'s dictionary_learning): a plain L0 penalty only ever raises the
+thresholds, so once the controller overshoots (the thresholds lag the coefficient by hundreds of
+steps) nothing but reconstruction lowers them again and the L0 settles far below its target.
+As that penalty pulls the L0 up by itself below the target, a jumprelu coefficient only grows.
 """
 
 from __future__ import annotations
@@ -19,7 +26,8 @@ from torch import Tensor
 from dictsweep.config import TrainConfig
 from dictsweep.sae.ensemble import Ensemble, Member
 
-INITIAL_COEF = {"relu": 1.0, "jumprelu": 0.1}  # where a targeted member starts (training scale, E|x|^2 = d_model)
+# where a targeted member starts (training scale, E|x|^2 = d_model); jumprelu's weighs (L0 / target - 1)^2
+INITIAL_COEF = {"relu": 1.0, "jumprelu": 1.0}
 GAIN = 0.05  # per step; measured on synthetic data: higher oscillates while the weights catch up
 MAX_ERROR = 0.3  # |log(L0 / target)| counted at most this much per step: at most x1.015 per step far from target
 
@@ -51,6 +59,9 @@ class L0Controller:
         self.first_step = math.ceil(warmup_steps)  # the penalty is whole from here
         self.last_step = max(self.first_step, int(config.target_l0_fraction * total_steps))
         self.log_target = self.targets.clamp(min=1e-6).log()  # [K]
+        # jumprelu's target penalty pulls the L0 up by itself below the target: a smaller coefficient
+        # there would only slow that, so its coefficient only grows (while the L0 is above target)
+        self.min_error = 0.0 if ensemble.architecture == "jumprelu" else -MAX_ERROR
 
     @classmethod
     def for_ensemble(cls, ensemble: Ensemble, config: TrainConfig, total_steps: int) -> "L0Controller | None":
@@ -64,7 +75,7 @@ class L0Controller:
         """After step `step` (0-based) measured `batch_l0 [K]`: move each steered coefficient."""
         if not self.first_step <= step < self.last_step:
             return
-        error = (batch_l0.float().clamp(min=1e-3).log() - self.log_target).clamp(-MAX_ERROR, MAX_ERROR)  # [K]
+        error = (batch_l0.float().clamp(min=1e-3).log() - self.log_target).clamp(self.min_error, MAX_ERROR)  # [K]
         step_factor = (GAIN * error * self.steered).exp()  # [K]; 1 for members without a target
         self.coef.mul_(step_factor)
 
