@@ -16,8 +16,9 @@ print("started")
 def test_local_ray_starts_without_the_token_auth_note(tmp_path):
     env = {key: value for key, value in os.environ.items() if key not in ("RAY_AUTH_MODE", "RAY_ADDRESS")}
     env["HOME"] = str(tmp_path)  # Ray keeps the token it makes for its cluster under ~/.ray
-    done = subprocess.run([sys.executable, "-c", START_AND_STOP], env=env, capture_output=True, text=True,
-                          timeout=300, cwd=tmp_path)
+    done = subprocess.run(
+        [sys.executable, "-c", START_AND_STOP], env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path
+    )
     assert done.returncode == 0 and "started" in done.stdout, done.stderr[-2000:]
     assert "Token authentication" not in done.stderr + done.stdout
     assert (tmp_path / ".ray" / "auth_token").exists()  # Ray's token auth is still on: only the note is gone
@@ -48,7 +49,8 @@ def test_local_ray_frees_released_windows_within_a_fraction_of_a_second(tmp_path
     # Ray's default frees once a second: a released window would be gone within 0.3 s about 3 times in 10
     env = {key: value for key, value in os.environ.items() if key not in ("RAY_AUTH_MODE", "RAY_ADDRESS")}
     env["HOME"] = str(tmp_path)
-    done = subprocess.run([sys.executable, "-c", RELEASE_AND_WATCH], env=env, capture_output=True, text=True,
-                          timeout=300, cwd=tmp_path)
+    done = subprocess.run(
+        [sys.executable, "-c", RELEASE_AND_WATCH], env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert int(done.stdout.split("freed")[-1]) >= 4, done.stdout

@@ -36,23 +36,36 @@ def test_set_errors_name_the_set(tmp_path):
     message = error_of(path, ["grid.n_latents=-64"])
     assert message == "--set grid.n_latents=-64: field 'grid.n_latents': every value must be > 0, got -64"
     assert error_of(path, ["train.tokns=5"]).startswith(
-        "--set train.tokns=5: field 'train.tokns': not a key of this section; did you mean 'tokens'?")
+        "--set train.tokns=5: field 'train.tokns': not a key of this section; did you mean 'tokens'?"
+    )
     assert "expected KEY=VALUE" in error_of(path, ["train.tokens"])
 
 
 def test_one_value_for_a_list_key_is_a_one_item_list(tmp_path):
-    spec = load_spec(write(tmp_path, {**BASE, "grid": {"n_latents": 32, "architecture": "topk", "k": 4}}),
-                     ["grid.lr=0.001", "baselines=pca"])
+    spec = load_spec(
+        write(tmp_path, {**BASE, "grid": {"n_latents": 32, "architecture": "topk", "k": 4}}),
+        ["grid.lr=0.001", "baselines=pca"],
+    )
     assert spec.grid.n_latents == [32] and spec.grid.architecture == ["topk"] and spec.grid.k == [4]
     assert spec.grid.lr == [0.001] and spec.baselines == ["pca"]
     assert "every value must be >= 0, got -0.5" in error_of(write(tmp_path, BASE), ["grid.l1_coef=-0.5"])
 
 
 def test_warnings_for_settings_that_cannot_hold(tmp_path):
-    spec = load_spec(write(tmp_path, {**BASE, "train": {"tokens": 50_000, "batch_rows": 1024,
-                                                        "lr_warmup_steps": 100, "eval_tokens": 65_536}}))
+    spec = load_spec(
+        write(
+            tmp_path,
+            {**BASE, "train": {"tokens": 50_000, "batch_rows": 1024, "lr_warmup_steps": 100, "eval_tokens": 65_536}},
+        )
+    )
     warm_up, eval_split = spec_warnings(spec, eval_rows=2520)
     assert "train.lr_warmup_steps (100) is not shorter than training (48 steps" in warm_up
-    assert "train.eval_tokens (65536) is more than the eval split holds (2520 rows): final metrics use 2048" in eval_split
-    assert spec_warnings(spec.model_copy(update={"train": spec.train.model_copy(update={"lr_warmup_steps": 10})}),
-                         eval_rows=100_000) == []
+    assert (
+        "train.eval_tokens (65536) is more than the eval split holds (2520 rows): final metrics use 2048" in eval_split
+    )
+    assert (
+        spec_warnings(
+            spec.model_copy(update={"train": spec.train.model_copy(update={"lr_warmup_steps": 10})}), eval_rows=100_000
+        )
+        == []
+    )

@@ -6,8 +6,11 @@ import yaml
 
 from dictsweep.config import load_spec
 
-SPEC = {"name": "numbers", "data": {"uri": "data/x", "synth": {"d_model": 8, "rows": 1000}},
-        "grid": {"n_latents": [16], "l1_coef": [1.0], "lr": [0.001]}}
+SPEC = {
+    "name": "numbers",
+    "data": {"uri": "data/x", "synth": {"d_model": 8, "rows": 1000}},
+    "grid": {"n_latents": [16], "l1_coef": [1.0], "lr": [0.001]},
+}
 
 
 @pytest.fixture
@@ -17,21 +20,24 @@ def spec_path(tmp_path):
     return str(path)
 
 
-@pytest.mark.parametrize("assignment, field", [
-    ("grid.l1_coef=[1.0, .nan]", "grid.l1_coef.1"),
-    ("grid.lr=[.inf]", "grid.lr.0"),
-    ("grid.lr=[nan]", "grid.lr.0"),
-    ("train.grad_clip=.inf", "train.grad_clip"),
-    ("train.adam_eps=-.inf", "train.adam_eps"),
-    ("resources.device_memory_gb=.nan", "resources.device_memory_gb"),
-    ("data.synth.noise=.inf", "data.synth.noise"),
-    ("train.tokens=true", "train.tokens"),
-    ("train.lr_decay_fraction=false", "train.lr_decay_fraction"),
-    ("grid.n_latents=[16, true]", "grid.n_latents"),
-    ("grid.seed=[false]", "grid.seed"),
-    ("stream.batches_in_flight=true", "stream.batches_in_flight"),
-    ("data.synth.rows=true", "data.synth.rows"),
-])
+@pytest.mark.parametrize(
+    "assignment, field",
+    [
+        ("grid.l1_coef=[1.0, .nan]", "grid.l1_coef.1"),
+        ("grid.lr=[.inf]", "grid.lr.0"),
+        ("grid.lr=[nan]", "grid.lr.0"),
+        ("train.grad_clip=.inf", "train.grad_clip"),
+        ("train.adam_eps=-.inf", "train.adam_eps"),
+        ("resources.device_memory_gb=.nan", "resources.device_memory_gb"),
+        ("data.synth.noise=.inf", "data.synth.noise"),
+        ("train.tokens=true", "train.tokens"),
+        ("train.lr_decay_fraction=false", "train.lr_decay_fraction"),
+        ("grid.n_latents=[16, true]", "grid.n_latents"),
+        ("grid.seed=[false]", "grid.seed"),
+        ("stream.batches_in_flight=true", "stream.batches_in_flight"),
+        ("data.synth.rows=true", "data.synth.rows"),
+    ],
+)
 def test_bad_number_exits_2_naming_the_field(spec_path, run_cli, assignment, field):
     code, output = run_cli("run", spec_path, "--set", assignment)
     # a value given by --set is blamed on the --set, naming the field

@@ -15,9 +15,17 @@ import pytest
 from dictsweep.track import KIND_TAG, TRAINING_KIND, Tracker
 
 SAES = ["relu-n64-l1_1-lr0.0003-s0", "relu-n64-l1_3-lr0.0003-s0", "topk-n128-k8-lr0.0003-s0"]
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync", "--no-first-run",
-                  "--virtual-time-budget=20000", "--window-size=1600,1000"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--virtual-time-budget=20000",
+    "--window-size=1600,1000",
+]
 
 
 def log_sweep(uri: str, experiment: str) -> Tracker:
@@ -29,8 +37,9 @@ def log_sweep(uri: str, experiment: str) -> Tracker:
     for index, name in enumerate(SAES):
         run = tracker.start_sae(name, {"architecture": name.split("-")[0], "n_latents": 64})
         for tokens in (1024, 2048, 3072, 4096):
-            tracker.log_metrics(run, {"loss": 1.0 / tokens + index, "l0": 10.0 + index, "fvu": 0.5 / (index + 1)},
-                                tokens)
+            tracker.log_metrics(
+                run, {"loss": 1.0 / tokens + index, "l0": 10.0 + index, "fvu": 0.5 / (index + 1)}, tokens
+            )
         final = {"l0": 10.0 + index, "fvu": 0.3 / (index + 1), "dead_fraction": 0.0}
         tracker.log_metrics(run, {f"eval/{key}": value for key, value in final.items()}, 4096)
         tracker.end_run(run)
@@ -42,8 +51,12 @@ def log_sweep(uri: str, experiment: str) -> Tracker:
 
 
 def chromium(*args: str, profile: Path) -> str:
-    done = subprocess.run([shutil.which("chromium"), *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args],
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [shutil.which("chromium"), *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     return done.stdout
 
 
@@ -74,8 +87,10 @@ def test_local_store_url_points_at_mlflow_ui(tmp_path):
     assert tracker.experiment_url().startswith(f"http://127.0.0.1:5000/#/experiments/{tracker.experiment_id}/runs?")
 
 
-@pytest.mark.skipif(shutil.which("chromium") is None,
-                    reason="needs chromium (apt-get install -y chromium) to view the MLflow UI headless")
+@pytest.mark.skipif(
+    shutil.which("chromium") is None,
+    reason="needs chromium (apt-get install -y chromium) to view the MLflow UI headless",
+)
 def test_experiment_opens_on_the_runs_table(mlflow_server, tmp_path):
     tracker = log_sweep(mlflow_server, "track-ui")
     url = tracker.experiment_url()  # what the sweep prints, and the README says to open

@@ -21,8 +21,10 @@ Tracker(sys.argv[1], sys.argv[2]).start_sweep(sys.argv[2], {"x": 1})
 
 def test_drivers_opening_a_fresh_sqlite_store_together_all_succeed(tmp_path):
     uri = f"sqlite:///{tmp_path}/fresh.db"
-    drivers = [subprocess.Popen([sys.executable, "-c", OPEN, uri, name], stderr=subprocess.PIPE, text=True)
-               for name in ("a", "b", "a")]  # two of them make the same experiment
+    drivers = [
+        subprocess.Popen([sys.executable, "-c", OPEN, uri, name], stderr=subprocess.PIPE, text=True)
+        for name in ("a", "b", "a")
+    ]  # two of them make the same experiment
     errors = [driver.communicate(timeout=600)[1] for driver in drivers]
     assert [driver.returncode for driver in drivers] == [0, 0, 0], errors
     tracker = Tracker(uri, "a")

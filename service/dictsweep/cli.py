@@ -9,8 +9,12 @@ import typer
 from dictsweep.errors import DictsweepError, InputError
 from dictsweep.render import print_plan, print_result, print_sweep, show_logs
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
-                  help="Sparse-autoencoder sweeps over language-model activations.")
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    help="Sparse-autoencoder sweeps over language-model activations.",
+)
 bench_app = typer.Typer(no_args_is_help=True, help="Throughput and memory benchmarks (table and JSON).")
 app.add_typer(bench_app, name="bench")
 
@@ -28,8 +32,11 @@ def _print_version(asked: bool) -> None:
 
 
 @app.callback()
-def _main_options(version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version,
-                                               help="Print the version and exit.")) -> None:
+def _main_options(
+    version: bool = typer.Option(
+        False, "--version", is_eager=True, callback=_print_version, help="Print the version and exit."
+    ),
+) -> None:
     """Sparse-autoencoder sweeps over language-model activations."""
 
 
@@ -55,8 +62,7 @@ def synth(
     eval_rows: int = typer.Option(_SYNTH["eval_rows"].default, help=_SYNTH["eval_rows"].description),
     shard_rows: int = typer.Option(_SYNTH["shard_rows"].default, help=_SYNTH["shard_rows"].description),
     decay: float = typer.Option(_SYNTH["decay"].default, help=_SYNTH["decay"].description),
-    correlation: float = typer.Option(_SYNTH["correlation"].default,
-                                      help=_SYNTH["correlation"].description),
+    correlation: float = typer.Option(_SYNTH["correlation"].default, help=_SYNTH["correlation"].description),
     noise: float = typer.Option(_SYNTH["noise"].default, help=_SYNTH["noise"].description),
     dtype: str = typer.Option(_SYNTH["dtype"].default, help=_SYNTH["dtype"].description),
     seed: int = typer.Option(_SYNTH["seed"].default, help=_SYNTH["seed"].description),
@@ -66,25 +72,43 @@ def synth(
     from dictsweep.store.synth import synth_dataset
     from dictsweep.sweep.progress import step
 
-    config = SynthConfig.from_cli(d_model=d_model, n_features=n_features, active=active, rows=rows,
-                                  eval_rows=eval_rows, shard_rows=shard_rows, decay=decay,
-                                  correlation=correlation, noise=noise, dtype=dtype, seed=seed)
+    config = SynthConfig.from_cli(
+        d_model=d_model,
+        n_features=n_features,
+        active=active,
+        rows=rows,
+        eval_rows=eval_rows,
+        shard_rows=shard_rows,
+        decay=decay,
+        correlation=correlation,
+        noise=noise,
+        dtype=dtype,
+        seed=seed,
+    )
     with step(f"writing {config.rows:,} + {config.eval_rows:,} synthetic rows to {out}"):
         manifest = synth_dataset(out, config, overwrite=overwrite)
     eval_rows_written = sum(shard.rows for shard in manifest.eval_shards)
-    typer.echo(f"wrote {manifest.n_rows} train + {eval_rows_written} eval rows "
-               f"({len(manifest.shards)} + {len(manifest.eval_shards)} shards, d_model={manifest.d_model}, "
-               f"{manifest.dtype}) to {out}")
+    typer.echo(
+        f"wrote {manifest.n_rows} train + {eval_rows_written} eval rows "
+        f"({len(manifest.shards)} + {len(manifest.eval_shards)} shards, d_model={manifest.d_model}, "
+        f"{manifest.dtype}) to {out}"
+    )
 
 
 @app.command()
 def run(
     spec_path: str = typer.Argument(..., metavar="SPEC.yaml", help="Sweep spec (YAML)."),
-    overrides: list[str] = typer.Option([], "--set", help="Override a spec key: --set train.tokens=20000 (repeatable)."),
+    overrides: list[str] = typer.Option(
+        [], "--set", help="Override a spec key: --set train.tokens=20000 (repeatable)."
+    ),
     address: str = typer.Option(None, help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)."),
     plan_only: bool = typer.Option(False, "--plan-only", help="Print the placement plan and stop."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the sweep's latest unfinished run from its checkpoints."),
-    force: bool = typer.Option(False, "--force", help="Take the sweep over from a driver that holds its lease but is dead."),
+    resume: bool = typer.Option(
+        False, "--resume", help="Continue the sweep's latest unfinished run from its checkpoints."
+    ),
+    force: bool = typer.Option(
+        False, "--force", help="Take the sweep over from a driver that holds its lease but is dead."
+    ),
 ) -> None:
     """Run a sweep here: train every SAE of the grid, select, export, record in MLflow."""
     import shlex
@@ -114,7 +138,9 @@ def pull(
     sweep: str = typer.Argument(..., help="Sweep name (its MLflow experiment)."),
     out: str = typer.Option(..., help="Folder to download into."),
     include_all: bool = typer.Option(False, "--all", help="Every finished dictionary, not only the selected."),
-    tracking_uri: str = typer.Option(None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else ./mlflow.db)."),
+    tracking_uri: str = typer.Option(
+        None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else ./mlflow.db)."
+    ),
 ) -> None:
     """Download a sweep's selected (or all) dictionaries with index.json."""
     from dictsweep.sweep.pull import pull as pull_sweep
@@ -136,8 +162,10 @@ def submit(
 
 
 @app.command()
-def status(job_id: str = typer.Argument(..., help="Job id printed by submit."),
-           address: str = typer.Option(..., help="Ray Jobs API of the cluster.")) -> None:
+def status(
+    job_id: str = typer.Argument(..., help="Job id printed by submit."),
+    address: str = typer.Option(..., help="Ray Jobs API of the cluster."),
+) -> None:
     """A submitted sweep's status."""
     from dictsweep.sweep.jobs import status as job_status
 
@@ -146,8 +174,10 @@ def status(job_id: str = typer.Argument(..., help="Job id printed by submit."),
 
 
 @app.command()
-def logs(job_id: str = typer.Argument(..., help="Job id printed by submit."),
-         address: str = typer.Option(..., help="Ray Jobs API of the cluster.")) -> None:
+def logs(
+    job_id: str = typer.Argument(..., help="Job id printed by submit."),
+    address: str = typer.Option(..., help="Ray Jobs API of the cluster."),
+) -> None:
     """What a submitted sweep's driver printed so far."""
     from dictsweep.sweep.jobs import logs as job_logs
 
@@ -155,8 +185,10 @@ def logs(job_id: str = typer.Argument(..., help="Job id printed by submit."),
 
 
 @app.command()
-def stop(job_id: str = typer.Argument(..., help="Job id printed by submit."),
-         address: str = typer.Option(..., help="Ray Jobs API of the cluster.")) -> None:
+def stop(
+    job_id: str = typer.Argument(..., help="Job id printed by submit."),
+    address: str = typer.Option(..., help="Ray Jobs API of the cluster."),
+) -> None:
     """Stop a submitted sweep (finished SAEs stay recorded; `run --resume` can continue it)."""
     from dictsweep.sweep.jobs import stop as stop_job
 
@@ -178,11 +210,9 @@ def harvest(
     max_tokens: int = typer.Option(None, help=_HARVEST["max_tokens"].description),
     dtype: str = typer.Option(_HARVEST["dtype"].default, help=_HARVEST["dtype"].description),
     seed: int = typer.Option(_HARVEST["seed"].default, help=_HARVEST["seed"].description),
-    eval_fraction: float = typer.Option(_HARVEST["eval_fraction"].default,
-                                        help=_HARVEST["eval_fraction"].description),
+    eval_fraction: float = typer.Option(_HARVEST["eval_fraction"].default, help=_HARVEST["eval_fraction"].description),
     shard_rows: int = typer.Option(_HARVEST["shard_rows"].default, help=_HARVEST["shard_rows"].description),
-    shuffle_rows: int = typer.Option(_HARVEST["shuffle_rows"].default,
-                                     help=_HARVEST["shuffle_rows"].description),
+    shuffle_rows: int = typer.Option(_HARVEST["shuffle_rows"].default, help=_HARVEST["shuffle_rows"].description),
     batch_size: int = typer.Option(_HARVEST["batch_size"].default, help=_HARVEST["batch_size"].description),
     include_special: bool = typer.Option(False, help=_HARVEST["include_special"].description),
     text_field: str = typer.Option(_HARVEST["text_field"].default, help=_HARVEST["text_field"].description),
@@ -199,18 +229,38 @@ def harvest(
     from dictsweep.store.harvest import harvest as run_harvest
 
     config = HarvestConfig.from_cli(
-        model=model, hooks=hook, text=text, out=out, context=context, max_tokens=max_tokens, dtype=dtype,
-        seed=seed, eval_fraction=eval_fraction, shard_rows=shard_rows, shuffle_rows=shuffle_rows,
-        batch_size=batch_size, include_special=include_special, text_field=text_field,
-        text_split=text_split, workers=workers, device=device, address=address, model_name=model_name)
+        model=model,
+        hooks=hook,
+        text=text,
+        out=out,
+        context=context,
+        max_tokens=max_tokens,
+        dtype=dtype,
+        seed=seed,
+        eval_fraction=eval_fraction,
+        shard_rows=shard_rows,
+        shuffle_rows=shuffle_rows,
+        batch_size=batch_size,
+        include_special=include_special,
+        text_field=text_field,
+        text_split=text_split,
+        workers=workers,
+        device=device,
+        address=address,
+        model_name=model_name,
+    )
     result = run_harvest(config, overwrite=overwrite, progress=progress)
     for hook_name, manifest in result.manifests.items():
         eval_rows = sum(shard.rows for shard in manifest.eval_shards)
-        typer.echo(f"{hook_name}: {manifest.n_rows} train + {eval_rows} eval rows ({len(manifest.shards)} + "
-                   f"{len(manifest.eval_shards)} shards, d_model={manifest.d_model}, {manifest.dtype}) "
-                   f"at {result.prefixes[hook_name]}")
-    typer.echo(f"{result.n_contexts} contexts of {config.context} tokens; this run fed {result.tokens} tokens "
-               f"to the model in {result.seconds:.1f} s ({result.tokens_per_s:,.0f} tokens/s after loading)")
+        typer.echo(
+            f"{hook_name}: {manifest.n_rows} train + {eval_rows} eval rows ({len(manifest.shards)} + "
+            f"{len(manifest.eval_shards)} shards, d_model={manifest.d_model}, {manifest.dtype}) "
+            f"at {result.prefixes[hook_name]}"
+        )
+    typer.echo(
+        f"{result.n_contexts} contexts of {config.context} tokens; this run fed {result.tokens} tokens "
+        f"to the model in {result.seconds:.1f} s ({result.tokens_per_s:,.0f} tokens/s after loading)"
+    )
 
 
 from dictsweep.analysis.config import InspectConfig  # noqa: E402  (light: its fields are the help below)
@@ -225,8 +275,9 @@ def inspect(
     out: str = typer.Option(_INSPECT["out"].default, help=_INSPECT["out"].description),
     tokens: int = typer.Option(None, help=_INSPECT["tokens"].description),
     top: int = typer.Option(_INSPECT["top"].default, help=_INSPECT["top"].description),
-    quantile_contexts: int = typer.Option(_INSPECT["quantile_contexts"].default,
-                                          help=_INSPECT["quantile_contexts"].description),
+    quantile_contexts: int = typer.Option(
+        _INSPECT["quantile_contexts"].default, help=_INSPECT["quantile_contexts"].description
+    ),
     neighbours: int = typer.Option(_INSPECT["neighbours"].default, help=_INSPECT["neighbours"].description),
     token_effects: int = typer.Option(_INSPECT["token_effects"].default, help=_INSPECT["token_effects"].description),
     batch_rows: int = typer.Option(_INSPECT["batch_rows"].default, help=_INSPECT["batch_rows"].description),
@@ -240,24 +291,40 @@ def inspect(
 
     from dictsweep.analysis.inspect import inspect as run_inspect
 
-    config = InspectConfig.from_cli(target=target, data=data, out=out, tokens=tokens, top=top,
-                                    quantile_contexts=quantile_contexts, neighbours=neighbours,
-                                    token_effects=token_effects, batch_rows=batch_rows, device=device,
-                                    tracking_uri=tracking_uri)
+    config = InspectConfig.from_cli(
+        target=target,
+        data=data,
+        out=out,
+        tokens=tokens,
+        top=top,
+        quantile_contexts=quantile_contexts,
+        neighbours=neighbours,
+        token_effects=token_effects,
+        batch_rows=batch_rows,
+        device=device,
+        tracking_uri=tracking_uri,
+    )
     result = run_inspect(config)
     for note in result.notes:
         typer.echo(f"note: {note}")
     for name, folder in result.folders.items():
         typer.echo(f"{name}: {folder}/latents.parquet, {folder}/index.html")
-    timing = {"rows": result.scan.rows, "dictionaries": len(result.folders), "seconds": round(result.scan.seconds, 3),
-              "cpu_seconds": round(result.scan.cpu_seconds, 3),
-              "rows_per_s": round(result.scan.rows_per_s, 1), "peak_rss_mb": round(result.scan.peak_rss_mb, 1),
-              "peak_device_mb": round(result.scan.peak_device_mb, 1)}
+    timing = {
+        "rows": result.scan.rows,
+        "dictionaries": len(result.folders),
+        "seconds": round(result.scan.seconds, 3),
+        "cpu_seconds": round(result.scan.cpu_seconds, 3),
+        "rows_per_s": round(result.scan.rows_per_s, 1),
+        "peak_rss_mb": round(result.scan.peak_rss_mb, 1),
+        "peak_device_mb": round(result.scan.peak_device_mb, 1),
+    }
     if as_json:
         typer.echo(json.dumps(timing))
     else:
-        typer.echo(f"pass: {timing['rows']} rows in {timing['seconds']} s ({timing['rows_per_s']:,.0f} rows/s), "
-                   f"peak RSS {timing['peak_rss_mb']:,.0f} MB")
+        typer.echo(
+            f"pass: {timing['rows']} rows in {timing['seconds']} s ({timing['rows_per_s']:,.0f} rows/s), "
+            f"peak RSS {timing['peak_rss_mb']:,.0f} MB"
+        )
 
 
 @bench_app.command("train")
@@ -294,8 +361,20 @@ def bench_train_command(
     cuda = torch.cuda.is_available()
     if device not in ("cpu", "cuda") or (device == "cuda" and not cuda):
         raise InputError(f"--device: {device!r} is not available here (choose from: cpu{', cuda' if cuda else ''})")
-    result = bench_train(d_model, n_latents, batch_rows, members, steps, architecture, tuple(kernel) or None,
-                         reference, device, decodes=tuple(decode), rounds=rounds, k=k)
+    result = bench_train(
+        d_model,
+        n_latents,
+        batch_rows,
+        members,
+        steps,
+        architecture,
+        tuple(kernel) or None,
+        reference,
+        device,
+        decodes=tuple(decode),
+        rounds=rounds,
+        k=k,
+    )
     print_result(result, as_json, f"bench train: {architecture} d_model={d_model} n_latents={n_latents}")
 
 
@@ -336,12 +415,18 @@ def bench_stream_command(
     """MB/s and rows/s of the readers and of the stream per consumer, beside a plain concurrent GET."""
     from dictsweep.stream.bench import bench_stream
 
-    for name, value in (("--readers", readers), ("--batch-rows", batch_rows), ("--shuffle-shards", shuffle_shards),
-                        ("--consumers", consumers), ("--windows", windows)):
+    for name, value in (
+        ("--readers", readers),
+        ("--batch-rows", batch_rows),
+        ("--shuffle-shards", shuffle_shards),
+        ("--consumers", consumers),
+        ("--windows", windows),
+    ):
         if value < 1:
             raise InputError(f"{name} must be at least 1, got {value}")
-    print_result(bench_stream(uri, readers, batch_rows, shuffle_shards, consumers, windows), as_json,
-                 f"bench stream: {uri}")
+    print_result(
+        bench_stream(uri, readers, batch_rows, shuffle_shards, consumers, windows), as_json, f"bench stream: {uri}"
+    )
 
 
 @bench_app.command("inspect")

@@ -39,8 +39,14 @@ def start_ray(address: str | None, num_cpus: int | None = None, log_to_driver: b
     for attempt in range(2):
         try:
             # address="local" never joins a stale cluster named in Ray's temp folder (ENVIRONMENT.md)
-            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=log_to_driver,
-                     logging_level="warning", _system_config=LOCAL_RAY_CONFIG)
+            ray.init(
+                address="local",
+                num_cpus=num_cpus,
+                include_dashboard=False,
+                log_to_driver=log_to_driver,
+                logging_level="warning",
+                _system_config=LOCAL_RAY_CONFIG,
+            )
             return True
         except Exception as error:  # Ray raises a bare Exception when its node misses the 30 s start-up
             ray.shutdown()
@@ -63,8 +69,14 @@ def local_devices(spec: SweepSpec) -> tuple[str, int, int]:
     import torch
 
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    return devices(spec, gpus, _gpu_memory, "this machine", " (pass --address to plan on a cluster's, or set "
-                   "resources.trainers and resources.device_memory_gb to plan for GPUs elsewhere)")
+    return devices(
+        spec,
+        gpus,
+        _gpu_memory,
+        "this machine",
+        " (pass --address to plan on a cluster's, or set "
+        "resources.trainers and resources.device_memory_gb to plan for GPUs elsewhere)",
+    )
 
 
 def devices(spec: SweepSpec, gpus: int, gpu_memory, where: str, hint: str = "") -> tuple[str, int, int]:

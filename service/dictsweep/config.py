@@ -39,43 +39,91 @@ class TrainConfig(Section):
     tokens: int = Field(2_000_000, gt=0, description="Training tokens (activation rows) per SAE.")
     batch_rows: int = Field(1024, gt=0, description="Rows per training batch, shared by every SAE.")
     lr_warmup_steps: int = Field(100, ge=0, description="Steps of linear learning-rate warm-up from 0.")
-    lr_decay_fraction: float = Field(0.2, ge=0, le=1, description="Final fraction of steps over which the learning rate decays linearly to 0.")
-    l1_warmup_fraction: float = Field(0.05, ge=0, le=1, description="Initial fraction of steps over which the sparsity coefficient ramps up from 0.")
-    target_l0_fraction: float = Field(0.8, gt=0, le=1, description="With grid.target_l0: initial fraction of steps over which each SAE's sparsity coefficient is steered to its L0 target (after the l1 warm-up); then it is held (the default holds it through the learning-rate decay).")
+    lr_decay_fraction: float = Field(
+        0.2, ge=0, le=1, description="Final fraction of steps over which the learning rate decays linearly to 0."
+    )
+    l1_warmup_fraction: float = Field(
+        0.05, ge=0, le=1, description="Initial fraction of steps over which the sparsity coefficient ramps up from 0."
+    )
+    target_l0_fraction: float = Field(
+        0.8,
+        gt=0,
+        le=1,
+        description="With grid.target_l0: initial fraction of steps over which each SAE's sparsity coefficient is steered to its L0 target (after the l1 warm-up); then it is held (the default holds it through the learning-rate decay).",
+    )
     grad_clip: float = Field(1.0, ge=0, description="Gradient norm clip per SAE (0 turns clipping off).")
     adam_beta1: float = Field(0.9, ge=0, lt=1, description="Adam beta1.")
     adam_beta2: float = Field(0.999, ge=0, lt=1, description="Adam beta2.")
     adam_eps: float = Field(1e-8, gt=0, description="Adam epsilon.")
-    dead_window_tokens: int = Field(1_000_000, gt=0, description="A latent that has not fired for this many tokens counts as dead.")
-    dense_threshold: float = Field(0.1, gt=0, le=1, description="A latent firing on more than this fraction of tokens counts as dense.")
-    kernel: Literal["auto", "bmm", "loop", "compile"] = Field("auto", description="Ensemble matmul kernel: batched (bmm), one matmul per member (loop), torch.compile'd, or auto (chosen by measurement on the device; compile only when the planned steps repay its build time).")
-    decode: Literal["auto", "dense", "sparse"] = Field("auto", description="Top-k family decoder: gather the k active decoder rows (sparse; a Triton kernel on GPUs), a dense matmul, or auto (on GPUs chosen by measurement at the sweep's shapes; on CPUs sparse when k <= n_latents / 32).")
-    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="Forward precision: bf16 autocast with fp32 master weights, fp32, or auto (bf16 on GPUs, fp32 on CPU).")
-    auxk_coef: float = Field(1 / 32, ge=0, description="AuxK loss coefficient for dead latents of topk and batchtopk (Gao et al.: 1/32; 0 turns AuxK off).")
+    dead_window_tokens: int = Field(
+        1_000_000, gt=0, description="A latent that has not fired for this many tokens counts as dead."
+    )
+    dense_threshold: float = Field(
+        0.1, gt=0, le=1, description="A latent firing on more than this fraction of tokens counts as dense."
+    )
+    kernel: Literal["auto", "bmm", "loop", "compile"] = Field(
+        "auto",
+        description="Ensemble matmul kernel: batched (bmm), one matmul per member (loop), torch.compile'd, or auto (chosen by measurement on the device; compile only when the planned steps repay its build time).",
+    )
+    decode: Literal["auto", "dense", "sparse"] = Field(
+        "auto",
+        description="Top-k family decoder: gather the k active decoder rows (sparse; a Triton kernel on GPUs), a dense matmul, or auto (on GPUs chosen by measurement at the sweep's shapes; on CPUs sparse when k <= n_latents / 32).",
+    )
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto",
+        description="Forward precision: bf16 autocast with fp32 master weights, fp32, or auto (bf16 on GPUs, fp32 on CPU).",
+    )
+    auxk_coef: float = Field(
+        1 / 32,
+        ge=0,
+        description="AuxK loss coefficient for dead latents of topk and batchtopk (Gao et al.: 1/32; 0 turns AuxK off).",
+    )
     auxk_k: int = Field(0, ge=0, description="Dead latents per row that AuxK uses (0 = d_model // 2).")
-    resample_every_tokens: int = Field(500_000, ge=0, description="relu: tokens between resamplings of latents dead for a window (Anthropic 2023; 0 turns it off).")
-    resample_until_fraction: float = Field(0.5, ge=0, le=1, description="relu: resample only within this initial fraction of training.")
+    resample_every_tokens: int = Field(
+        500_000,
+        ge=0,
+        description="relu: tokens between resamplings of latents dead for a window (Anthropic 2023; 0 turns it off).",
+    )
+    resample_until_fraction: float = Field(
+        0.5, ge=0, le=1, description="relu: resample only within this initial fraction of training."
+    )
     log_every_tokens: int = Field(100_000, gt=0, description="Tokens between training metrics logged per SAE.")
-    eval_tokens: int = Field(262_144, gt=0, description="Held-out tokens (from the eval shards) used for the final metrics of every SAE.")
-    checkpoint_every_tokens: int = Field(0, ge=0, description="Tokens between checkpoints of every trainer to the sweep's storage (0: only at the end).")
+    eval_tokens: int = Field(
+        262_144, gt=0, description="Held-out tokens (from the eval shards) used for the final metrics of every SAE."
+    )
+    checkpoint_every_tokens: int = Field(
+        0, ge=0, description="Tokens between checkpoints of every trainer to the sweep's storage (0: only at the end)."
+    )
 
 
 class DataConfig(Section):
     """The activation dataset every SAE of the sweep trains on."""
 
     uri: str = Field(description="Dataset prefix: a folder, file:// or s3:// URI holding manifest.json.")
-    synth: SynthConfig | None = Field(None, description="If set and no dataset is at `uri`, write a synthetic one with these settings first.")
+    synth: SynthConfig | None = Field(
+        None, description="If set and no dataset is at `uri`, write a synthetic one with these settings first."
+    )
 
 
 class GridConfig(Section):
     """The grid: for each architecture, the product of the keys that apply to it."""
 
-    architecture: list[str] = Field(["relu"], min_length=1, description="Architectures: relu, topk, batchtopk, jumprelu.")
+    architecture: list[str] = Field(
+        ["relu"], min_length=1, description="Architectures: relu, topk, batchtopk, jumprelu."
+    )
     n_latents: list[int] = Field(min_length=1, description="Dictionary sizes (number of latents).")
     l1_coef: list[float] = Field([1.0], min_length=1, description="Sparsity coefficients (relu: L1; jumprelu: L0).")
-    target_l0: list[float] | None = Field(None, min_length=1, description="Instead of l1_coef (relu, jumprelu): the L0 each SAE is steered to; its coefficient is adapted early in training, then held (train.target_l0_fraction), and exported as its l1_coef.")
+    target_l0: list[float] | None = Field(
+        None,
+        min_length=1,
+        description="Instead of l1_coef (relu, jumprelu): the L0 each SAE is steered to; its coefficient is adapted early in training, then held (train.target_l0_fraction), and exported as its l1_coef.",
+    )
     k: list[int] = Field([32], min_length=1, description="Active latents per row (topk, batchtopk).")
-    lr: list[float] | None = Field(None, min_length=1, description="Learning rates (default: one per SAE from its width, Gao et al. 2024's 2e-4 * sqrt(2^14 / n_latents) times 3, for every architecture, at most 1e-2).")
+    lr: list[float] | None = Field(
+        None,
+        min_length=1,
+        description="Learning rates (default: one per SAE from its width, Gao et al. 2024's 2e-4 * sqrt(2^14 / n_latents) times 3, for every architecture, at most 1e-2).",
+    )
     seed: list[int] = Field([0], min_length=1, description="Initialisation seeds.")
 
     @field_validator("architecture", "n_latents", "l1_coef", "target_l0", "k", "lr", "seed", mode="before")
@@ -120,55 +168,116 @@ class GridConfig(Section):
 class StreamConfig(Section):
     """How shards are read, shuffled and broadcast to the trainers."""
 
-    seed: int = Field(0, ge=0, description="Seed of the shard and row order: every SAE sees the same rows in the same order.")
+    seed: int = Field(
+        0, ge=0, description="Seed of the shard and row order: every SAE sees the same rows in the same order."
+    )
     shuffle_shards: int = Field(4, gt=0, description="Shards whose rows are mixed together in the shuffle buffer.")
-    readers_per_node: int = Field(2, gt=0, description="Reader actors per node, each producing one window (shuffle buffer) at a time from its shards fetched concurrently.")
+    readers_per_node: int = Field(
+        2,
+        gt=0,
+        description="Reader actors per node, each producing one window (shuffle buffer) at a time from its shards fetched concurrently.",
+    )
     batches_in_flight: int = Field(8, gt=0, description="Batches queued per trainer ahead of its current step.")
-    windows_per_node: int = Field(3, gt=0, description="Windows (shuffle buffers of shuffle_shards shards) a node's object store holds per split, from the slowest trainer's on: how far the readers work ahead (backpressure bound).")
+    windows_per_node: int = Field(
+        3,
+        gt=0,
+        description="Windows (shuffle buffers of shuffle_shards shards) a node's object store holds per split, from the slowest trainer's on: how far the readers work ahead (backpressure bound).",
+    )
 
 
 class ResourcesConfig(Section):
     """Where the trainers run."""
 
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Train on GPUs (cuda), CPU, or GPUs where the cluster has them (auto).")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Train on GPUs (cuda), CPU, or GPUs where the cluster has them (auto)."
+    )
     trainers: int = Field(0, ge=0, description="Trainer actors; 0 = one per gpus_per_trainer GPUs, or one CPU trainer.")
-    gpus_per_trainer: float = Field(1.0, gt=0, le=1, description="GPUs per trainer actor: 1, or a fraction so that several trainers share a GPU (its memory split among them).")
+    gpus_per_trainer: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="GPUs per trainer actor: 1, or a fraction so that several trainers share a GPU (its memory split among them).",
+    )
     cpus_per_trainer: float = Field(1.0, gt=0, description="Ray CPUs reserved per trainer actor.")
-    torch_threads: int = Field(0, ge=0, description="Torch threads in a CPU trainer (0 = the cores of its node / trainers).")
+    torch_threads: int = Field(
+        0, ge=0, description="Torch threads in a CPU trainer (0 = the cores of its node / trainers)."
+    )
     max_members: int = Field(16, gt=0, description="Most SAEs stacked in one ensemble.")
-    max_restarts: int = Field(3, ge=0, description="Times Ray restarts a crashed trainer (it resumes from its checkpoint) before its SAEs count as failed.")
+    max_restarts: int = Field(
+        3,
+        ge=0,
+        description="Times Ray restarts a crashed trainer (it resumes from its checkpoint) before its SAEs count as failed.",
+    )
     memory_headroom: float = Field(0.2, ge=0, lt=1, description="Fraction of device memory the plan leaves free.")
-    device_memory_gb: float = Field(0, ge=0, description="Memory per device for planning (0 = measured; CPU: a quarter of RAM).")
-    zero: Literal["auto", "always", "never"] = Field("auto", description="DeepSpeed ZeRO data parallelism for SAEs that fit no single device (auto), for every SAE (always), or never.")
+    device_memory_gb: float = Field(
+        0, ge=0, description="Memory per device for planning (0 = measured; CPU: a quarter of RAM)."
+    )
+    zero: Literal["auto", "always", "never"] = Field(
+        "auto",
+        description="DeepSpeed ZeRO data parallelism for SAEs that fit no single device (auto), for every SAE (always), or never.",
+    )
     zero_workers: int = Field(0, ge=0, description="Workers (devices) per ZeRO SAE; 0 = the fewest whose memory fits.")
-    zero_stage: Literal[2, 3] = Field(2, description="DeepSpeed ZeRO stage for an SAE too large for one device, trained data-parallel over several (2: gradients and Adam state partitioned; 3: the weights too between steps, gathered whole for each step).")
-    zero_offload: bool = Field(False, description="With ZeRO, keep the optimizer state (Adam moments, fp32 master weights) in host memory instead of on the devices.")
+    zero_stage: Literal[2, 3] = Field(
+        2,
+        description="DeepSpeed ZeRO stage for an SAE too large for one device, trained data-parallel over several (2: gradients and Adam state partitioned; 3: the weights too between steps, gathered whole for each step).",
+    )
+    zero_offload: bool = Field(
+        False,
+        description="With ZeRO, keep the optimizer state (Adam moments, fp32 master weights) in host memory instead of on the devices.",
+    )
 
 
 class TrackingConfig(Section):
     """Where runs are recorded."""
 
-    uri: str | None = Field(None, description="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory).")
+    uri: str | None = Field(
+        None,
+        description="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory).",
+    )
     experiment: str | None = Field(None, description="MLflow experiment (default: the sweep's name).")
 
 
 class ExportConfig(Section):
     """Which dictionaries are exported, and where."""
 
-    dir: str | None = Field(None, description="Folder or URI for the selected dictionaries and index.json (default ./dictionaries/<name>).")
+    dir: str | None = Field(
+        None, description="Folder or URI for the selected dictionaries and index.json (default ./dictionaries/<name>)."
+    )
     registry: bool = Field(True, description="Register the selected dictionaries in the MLflow model registry.")
 
 
 class EvaluationConfig(Section):
     """What a finished sweep measures beyond the eval-shard metrics: the model with a dictionary spliced in, and baselines."""
 
-    splice: bool = Field(True, description="Splice each finished dictionary into the dataset's source model (manifest `source`) over held-out contexts and report loss recovered; skipped, with a note, when the dataset has no loadable source model (synthetic data).")
-    splice_selected_only: bool = Field(False, description="Splice only the selected dictionaries (for big sweeps) instead of every finished SAE; select.metric loss_recovered needs every one spliced.")
-    splice_tokens: int = Field(65_536, gt=0, description="Held-out tokens (whole eval contexts, from `contexts/`) the spliced evaluation runs over.")
-    splice_baselines: bool = Field(True, description="Splice the baseline dictionaries too, so they can be compared with the SAEs on loss recovered.")
-    baseline_rows: int = Field(1_048_576, gt=0, description="Most training rows the baselines are fitted on: whole train batches spread evenly over the stream (PCA covariance over all of them).")
-    ica_rows: int = Field(65_536, gt=0, description="Most of those rows kept in memory for FastICA (an equal share of each batch).")
-    inspect: bool = Field(False, description="Run `dictsweep inspect` over the selected dictionaries at the end: per-latent statistics, contexts and neighbours as a data file and a feature browser per dictionary, logged as artifacts `inspect/` of its run.")
+    splice: bool = Field(
+        True,
+        description="Splice each finished dictionary into the dataset's source model (manifest `source`) over held-out contexts and report loss recovered; skipped, with a note, when the dataset has no loadable source model (synthetic data).",
+    )
+    splice_selected_only: bool = Field(
+        False,
+        description="Splice only the selected dictionaries (for big sweeps) instead of every finished SAE; select.metric loss_recovered needs every one spliced.",
+    )
+    splice_tokens: int = Field(
+        65_536,
+        gt=0,
+        description="Held-out tokens (whole eval contexts, from `contexts/`) the spliced evaluation runs over.",
+    )
+    splice_baselines: bool = Field(
+        True,
+        description="Splice the baseline dictionaries too, so they can be compared with the SAEs on loss recovered.",
+    )
+    baseline_rows: int = Field(
+        1_048_576,
+        gt=0,
+        description="Most training rows the baselines are fitted on: whole train batches spread evenly over the stream (PCA covariance over all of them).",
+    )
+    ica_rows: int = Field(
+        65_536, gt=0, description="Most of those rows kept in memory for FastICA (an equal share of each batch)."
+    )
+    inspect: bool = Field(
+        False,
+        description="Run `dictsweep inspect` over the selected dictionaries at the end: per-latent statistics, contexts and neighbours as a data file and a feature browser per dictionary, logged as artifacts `inspect/` of its run.",
+    )
     inspect_tokens: int = Field(1_048_576, gt=0, description="Most train rows the end-of-sweep inspect pass reads.")
 
 
@@ -176,11 +285,28 @@ class SelectConfig(Section):
     """Which finished dictionaries are selected (exported, registered, starred): per dictionary size,
     among those inside the L0 band and the quality bounds, the best by `metric` or its Pareto front."""
 
-    l0: list[float] | None = Field(None, min_length=2, max_length=2, description="Eval L0 band [low, high] a selected dictionary lies in (default [1, d_model / 3]: denser codes barely compress).")
-    max_fvu: float = Field(0.5, gt=0, description="Largest eval FVU a selected dictionary may have (1 is no better than predicting the mean).")
-    max_dead_fraction: float = Field(0.5, ge=0, le=1, description="Largest fraction of latents dead on the eval rows a selected dictionary may have.")
-    metric: Literal["fvu", "loss_recovered"] = Field("fvu", description="What `best` ranks by and the front trades against L0: eval fvu (lower is better), or loss_recovered (spliced into the source model; higher is better; needs a dataset with a source model).")
-    per_size: Literal["best", "front"] = Field("best", description="Per dictionary size: the one best dictionary inside the band (best), or every point of the (L0, metric) Pareto front inside it (front).")
+    l0: list[float] | None = Field(
+        None,
+        min_length=2,
+        max_length=2,
+        description="Eval L0 band [low, high] a selected dictionary lies in (default [1, d_model / 3]: denser codes barely compress).",
+    )
+    max_fvu: float = Field(
+        0.5,
+        gt=0,
+        description="Largest eval FVU a selected dictionary may have (1 is no better than predicting the mean).",
+    )
+    max_dead_fraction: float = Field(
+        0.5, ge=0, le=1, description="Largest fraction of latents dead on the eval rows a selected dictionary may have."
+    )
+    metric: Literal["fvu", "loss_recovered"] = Field(
+        "fvu",
+        description="What `best` ranks by and the front trades against L0: eval fvu (lower is better), or loss_recovered (spliced into the source model; higher is better; needs a dataset with a source model).",
+    )
+    per_size: Literal["best", "front"] = Field(
+        "best",
+        description="Per dictionary size: the one best dictionary inside the band (best), or every point of the (L0, metric) Pareto front inside it (front).",
+    )
 
     @field_validator("l0")
     @classmethod
@@ -197,13 +323,18 @@ class SelectConfig(Section):
 class StorageConfig(Section):
     """The sweep's own working storage: checkpoints and every finished SAE."""
 
-    dir: str | None = Field(None, description="Folder or URI for checkpoints and finished SAEs (default ./sweeps/<name>).")
+    dir: str | None = Field(
+        None, description="Folder or URI for checkpoints and finished SAEs (default ./sweeps/<name>)."
+    )
 
 
 class SweepSpec(Section):
     """A sweep: a grid of SAEs over one dataset."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Sweep name: the MLflow experiment, the registered model, the export folder.")
+    name: str = Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        description="Sweep name: the MLflow experiment, the registered model, the export folder.",
+    )
     data: DataConfig = Field(description="The activation dataset.")
     grid: GridConfig = Field(description="The grid of SAEs.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Training settings shared by every SAE.")
@@ -212,9 +343,14 @@ class SweepSpec(Section):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow.")
     export: ExportConfig = Field(default_factory=ExportConfig, description="Export.")
     storage: StorageConfig = Field(default_factory=StorageConfig, description="Working storage.")
-    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig, description="Spliced evaluation and baselines at the end of the sweep.")
+    evaluation: EvaluationConfig = Field(
+        default_factory=EvaluationConfig, description="Spliced evaluation and baselines at the end of the sweep."
+    )
     select: SelectConfig = Field(default_factory=SelectConfig, description="Which dictionaries are selected.")
-    baselines: list[Literal["pca", "ica", "random", "identity"]] = Field([], description="Baselines fitted on the same stream and evaluated and exported like the SAEs, as top-k dictionaries matched to the selected SAEs' L0: pca, ica, random, identity.")
+    baselines: list[Literal["pca", "ica", "random", "identity"]] = Field(
+        [],
+        description="Baselines fitted on the same stream and evaluated and exported like the SAEs, as top-k dictionaries matched to the selected SAEs' L0: pca, ica, random, identity.",
+    )
 
     @field_validator("baselines", mode="before")
     @classmethod
@@ -228,9 +364,13 @@ class SweepSpec(Section):
 
     @model_validator(mode="after")
     def _ranked_by_what_is_measured(self) -> "SweepSpec":
-        if self.select.metric == "loss_recovered" and (not self.evaluation.splice or self.evaluation.splice_selected_only):
-            raise ValueError("select.metric loss_recovered needs every SAE spliced: evaluation.splice true and "
-                             "evaluation.splice_selected_only false")
+        if self.select.metric == "loss_recovered" and (
+            not self.evaluation.splice or self.evaluation.splice_selected_only
+        ):
+            raise ValueError(
+                "select.metric loss_recovered needs every SAE spliced: evaluation.splice true and "
+                "evaluation.splice_selected_only false"
+            )
         return self
 
     @property
@@ -295,8 +435,14 @@ def describe_errors(error: ValidationError, where: str, overrides: dict[tuple, s
     for item in error.errors():
         location = tuple(str(part) for part in item["loc"])
         field = ".".join(location) or "(top level)"
-        source = next((f"--set {assignment}" for path, assignment in (overrides or {}).items()
-                       if location[:len(path)] == path or path[:len(location)] == location), where)
+        source = next(
+            (
+                f"--set {assignment}"
+                for path, assignment in (overrides or {}).items()
+                if location[: len(path)] == path or path[: len(location)] == location
+            ),
+            where,
+        )
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
             message = "not a key of this section"
@@ -327,11 +473,15 @@ def spec_warnings(spec: SweepSpec, eval_rows: int | None = None) -> list[str]:
     train, notes = spec.train, []
     steps = train.tokens // train.batch_rows
     if train.lr_warmup_steps >= steps:
-        notes.append(f"train.lr_warmup_steps ({train.lr_warmup_steps}) is not shorter than training "
-                     f"({steps} steps of {train.batch_rows} rows in train.tokens={train.tokens}): "
-                     f"the learning rate never reaches grid.lr")
+        notes.append(
+            f"train.lr_warmup_steps ({train.lr_warmup_steps}) is not shorter than training "
+            f"({steps} steps of {train.batch_rows} rows in train.tokens={train.tokens}): "
+            f"the learning rate never reaches grid.lr"
+        )
     if eval_rows is not None and train.eval_tokens > eval_rows:
-        notes.append(f"train.eval_tokens ({train.eval_tokens}) is more than the eval split holds ({eval_rows} "
-                     f"rows): final metrics use {eval_rows // train.batch_rows * train.batch_rows} rows "
-                     f"(whole batches of {train.batch_rows})")
+        notes.append(
+            f"train.eval_tokens ({train.eval_tokens}) is more than the eval split holds ({eval_rows} "
+            f"rows): final metrics use {eval_rows // train.batch_rows * train.batch_rows} rows "
+            f"(whole batches of {train.batch_rows})"
+        )
     return notes

@@ -24,9 +24,13 @@ class InputError(DictsweepError):
 def option_errors(error, option) -> InputError:
     """A pydantic ValidationError of CLI options as one InputError naming each wrong option:
     `option(field)` gives the flag of a field (`max_tokens` -> `--max-tokens`)."""
-    return InputError("; ".join(f"{option('.'.join(map(str, item['loc'])))}: "
-                                f"{item['msg'].removeprefix('Value error, ')} (got {item.get('input')!r})"
-                                for item in error.errors()))
+    return InputError(
+        "; ".join(
+            f"{option('.'.join(map(str, item['loc'])))}: "
+            f"{item['msg'].removeprefix('Value error, ')} (got {item.get('input')!r})"
+            for item in error.errors()
+        )
+    )
 
 
 def distinct(values: list[str], what: str) -> list[str]:

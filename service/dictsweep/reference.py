@@ -26,29 +26,48 @@ class EnvVar(NamedTuple):
 
 
 ENVIRONMENT: dict[str, EnvVar] = {
-    "MLFLOW_TRACKING_URI": EnvVar("dictsweep", "MLflow tracking URI when the spec has no `tracking.uri` "
-                                  "(and for `dictsweep pull` without `--tracking-uri`); unset: "
-                                  "`sqlite:///mlflow.db` in the working directory."),
-    "AWS_ENDPOINT_URL": EnvVar("dictsweep", "S3 API endpoint for `s3://` datasets, storage and exports "
-                               "(MinIO: `http://HOST:9000`); unset for AWS S3."),
+    "MLFLOW_TRACKING_URI": EnvVar(
+        "dictsweep",
+        "MLflow tracking URI when the spec has no `tracking.uri` "
+        "(and for `dictsweep pull` without `--tracking-uri`); unset: "
+        "`sqlite:///mlflow.db` in the working directory.",
+    ),
+    "AWS_ENDPOINT_URL": EnvVar(
+        "dictsweep",
+        "S3 API endpoint for `s3://` datasets, storage and exports (MinIO: `http://HOST:9000`); unset for AWS S3.",
+    ),
     "AWS_ENDPOINT_URL_S3": EnvVar("dictsweep", "The same for S3 only; wins over `AWS_ENDPOINT_URL`."),
-    "AWS_ACCESS_KEY_ID": EnvVar("dictsweep", "S3 access key (botocore's default chain: unset, it uses "
-                                "`~/.aws`, an instance role or IRSA)."),
+    "AWS_ACCESS_KEY_ID": EnvVar(
+        "dictsweep", "S3 access key (botocore's default chain: unset, it uses `~/.aws`, an instance role or IRSA)."
+    ),
     "AWS_SECRET_ACCESS_KEY": EnvVar("botocore", "S3 secret key, with `AWS_ACCESS_KEY_ID`."),
     "AWS_DEFAULT_REGION": EnvVar("dictsweep", "S3 region (`us-east-1` for MinIO)."),
     "AWS_PROFILE": EnvVar("dictsweep", "Named profile of `~/.aws/config` for S3 credentials."),
-    "MLFLOW_S3_ENDPOINT_URL": EnvVar("mlflow", "S3 endpoint of MLflow's own artifact uploads: needed by "
-                                     "clients only when the tracking server does not proxy artifacts, "
-                                     "and by a server whose `--artifacts-destination` is in MinIO."),
-    "RAY_ADDRESS": EnvVar("dictsweep", "Ray cluster that `dictsweep run` joins when `--address` is not "
-                          "given (`127.0.0.1:6379` on a head node); unset: a local Ray for the run."),
-    "RAY_AUTH_MODE": EnvVar("ray", "Ray token authentication: `disabled` for a loopback or private dev "
-                            "cluster, set alike on the cluster and where `dictsweep submit` runs; "
-                            "`token` (with `RAY_AUTH_TOKEN`) for a shared one."),
-    "DICTSWEEP_JOB_ID": EnvVar("dictsweep", "Set by `dictsweep submit` for the job's driver; recorded as the "
-                               "sweep run's `dictsweep.job_id` tag (not for users to set)."),
-    "HF_HUB_OFFLINE": EnvVar("dictsweep", "`1`: `dictsweep harvest` loads models and datasets from the "
-                             "local cache only."),
+    "MLFLOW_S3_ENDPOINT_URL": EnvVar(
+        "mlflow",
+        "S3 endpoint of MLflow's own artifact uploads: needed by "
+        "clients only when the tracking server does not proxy artifacts, "
+        "and by a server whose `--artifacts-destination` is in MinIO.",
+    ),
+    "RAY_ADDRESS": EnvVar(
+        "dictsweep",
+        "Ray cluster that `dictsweep run` joins when `--address` is not "
+        "given (`127.0.0.1:6379` on a head node); unset: a local Ray for the run.",
+    ),
+    "RAY_AUTH_MODE": EnvVar(
+        "ray",
+        "Ray token authentication: `disabled` for a loopback or private dev "
+        "cluster, set alike on the cluster and where `dictsweep submit` runs; "
+        "`token` (with `RAY_AUTH_TOKEN`) for a shared one.",
+    ),
+    "DICTSWEEP_JOB_ID": EnvVar(
+        "dictsweep",
+        "Set by `dictsweep submit` for the job's driver; recorded as the "
+        "sweep run's `dictsweep.job_id` tag (not for users to set).",
+    ),
+    "HF_HUB_OFFLINE": EnvVar(
+        "dictsweep", "`1`: `dictsweep harvest` loads models and datasets from the local cache only."
+    ),
     "TRANSFORMERS_OFFLINE": EnvVar("dictsweep", "The same as `HF_HUB_OFFLINE` for transformers."),
 }
 
@@ -126,13 +145,17 @@ def spec_rows(model: type[BaseModel] | None = None, prefix: str = "") -> list[tu
 
 def spec_reference_markdown() -> str:
     """Every key of the sweep spec (YAML) with its type, default and description, as a markdown table."""
-    lines = ["Generated from `dictsweep.config` by `python -m dictsweep.reference --write README.md`; "
-             "every key can also be set with `--set KEY=VALUE`.",
-             "",
-             "| Key | Type | Default | Description |",
-             "| --- | --- | --- | --- |"]
-    lines += [f"| `{key}` | {_cell(kind)} | {_cell(default)} | {_cell(description)} |"
-              for key, kind, default, description in spec_rows()]
+    lines = [
+        "Generated from `dictsweep.config` by `python -m dictsweep.reference --write README.md`; "
+        "every key can also be set with `--set KEY=VALUE`.",
+        "",
+        "| Key | Type | Default | Description |",
+        "| --- | --- | --- | --- |",
+    ]
+    lines += [
+        f"| `{key}` | {_cell(kind)} | {_cell(default)} | {_cell(description)} |"
+        for key, kind, default, description in spec_rows()
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -168,8 +191,10 @@ def write_blocks(path: str) -> list[str]:
     with open(path) as file:
         text = file.read()
     written = []
-    for name, markers, content in (("spec-reference", SPEC_MARKERS, spec_reference_markdown()),
-                                   ("environment", ENVIRONMENT_MARKERS, environment_markdown())):
+    for name, markers, content in (
+        ("spec-reference", SPEC_MARKERS, spec_reference_markdown()),
+        ("environment", ENVIRONMENT_MARKERS, environment_markdown()),
+    ):
         if generated_block(text, markers) is not None:
             text = replace_block(text, markers, content)
             written.append(name)
@@ -179,18 +204,20 @@ def write_blocks(path: str) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dictsweep.reference",
-                                     description="Print the sweep spec reference or the environment table "
-                                                 "(markdown), or rewrite their blocks in a file.")
-    parser.add_argument("what", nargs="?", choices=("spec", "environment"), default="spec",
-                        help="Which table to print (default: spec).")
+    parser = argparse.ArgumentParser(
+        prog="python -m dictsweep.reference",
+        description="Print the sweep spec reference or the environment table "
+        "(markdown), or rewrite their blocks in a file.",
+    )
+    parser.add_argument(
+        "what", nargs="?", choices=("spec", "environment"), default="spec", help="Which table to print (default: spec)."
+    )
     parser.add_argument("--write", metavar="FILE", help="Rewrite the generated blocks of FILE (e.g. README.md).")
     args = parser.parse_args(argv)
     if args.write:
         written = write_blocks(args.write)
         if not written:
-            print(f"{args.write}: no generated block ({SPEC_MARKERS[0]} or {ENVIRONMENT_MARKERS[0]})",
-                  file=sys.stderr)
+            print(f"{args.write}: no generated block ({SPEC_MARKERS[0]} or {ENVIRONMENT_MARKERS[0]})", file=sys.stderr)
             return 2
         print(f"{args.write}: rewrote {', '.join(written)}")
         return 0

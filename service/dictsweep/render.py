@@ -13,9 +13,13 @@ def print_plan(plan) -> None:
 
     from rich import box
 
-    table = Table(title=f"plan: d_model={plan.d_model}, batch_rows={plan.batch_rows}, "
-                        f"{len(plan.points) + len(plan.unplaced)} SAEs",
-                  box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)  # as the results: 80 columns
+    table = Table(
+        title=f"plan: d_model={plan.d_model}, batch_rows={plan.batch_rows}, "
+        f"{len(plan.points) + len(plan.unplaced)} SAEs",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        collapse_padding=True,
+    )  # as the results: 80 columns
     for column in ("wave", "device", "ensemble", "SAEs", "memory GiB", "device share"):
         table.add_column(column, justify="left" if column in ("device", "ensemble") else "right", no_wrap=True)
     for row in plan.rows():
@@ -37,23 +41,33 @@ def print_sweep(result, experiment: str | None = None) -> None:
     from dictsweep.track import sweep_url
 
     finished = result.finished.values()
-    shown = [metric for metric in METRICS if metric.header is not None and (not metric.shown_when_measured or any(
-        metric.key in r.metrics for r in finished))]
+    shown = [
+        metric
+        for metric in METRICS
+        if metric.header is not None
+        and (not metric.shown_when_measured or any(metric.key in r.metrics for r in finished))
+    ]
     uses_k = {r.point.k is not None for r in finished}
     sparsity = "l1/k" if len(uses_k) > 1 else "k" if uses_k == {True} else "l1_coef"
     reasons = {name: why for name, why in (getattr(result, "why", None) or {}).items() if why}
     table = Table(title="sweep results (eval shards)", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
     for column in ("arch", "n_latents", sparsity, *(metric.header for metric in shown), "sel"):
         table.add_column(column, justify="left" if column == "arch" else "right", no_wrap=True)
-    rows = sorted(finished, key=lambda r: (r.point.architecture, r.point.n_latents, r.point.l1_coef or 0, r.point.k or 0))
+    rows = sorted(
+        finished, key=lambda r: (r.point.architecture, r.point.n_latents, r.point.l1_coef or 0, r.point.k or 0)
+    )
 
     def number(value, format: str) -> str:
         return "-" if value is None else f"{value:{format}}"
 
     for r in rows:
         point, metrics = r.point, r.metrics
-        cells = [point.architecture, str(point.n_latents), number(point.l1_coef, "g") if point.k is None else str(point.k),
-                 *(number(metrics.get(metric.key), metric.format) for metric in shown)]
+        cells = [
+            point.architecture,
+            str(point.n_latents),
+            number(point.l1_coef, "g") if point.k is None else str(point.k),
+            *(number(metrics.get(metric.key), metric.format) for metric in shown),
+        ]
         table.add_row(*cells, "*" if point.name in result.selected else "")
     console = Console()
     console.print(table)
@@ -62,8 +76,10 @@ def print_sweep(result, experiment: str | None = None) -> None:
     for name, why in sorted(result.failed.items()):
         console.print(f"[red]failed[/red] {name}: {why.splitlines()[0][:300]}")
     band = f" inside L0 [{result.band[0]:.3g}, {result.band[1]:.3g}]" if result.band else ""
-    console.print(f"dictionaries: {result.export_dir} (index.json; * = selected{band}; each SAE's why: index.json, "
-                  f"MLflow tag dictsweep.why)")
+    console.print(
+        f"dictionaries: {result.export_dir} (index.json; * = selected{band}; each SAE's why: index.json, "
+        f"MLflow tag dictsweep.why)"
+    )
     ui = result.tracking_uri
     url = result.tracking_url or (sweep_url(ui, experiment) if experiment else None)
     if ui.startswith("sqlite:"):

@@ -69,11 +69,15 @@ def check_tracking(uri: str | None, seconds: float = 5.0) -> str:
         try:
             answer = requests.get(resolved.rstrip("/") + "/health", timeout=seconds)
         except requests.RequestException as error:
-            raise InputError(f"tracking.uri {resolved}: no answer within {seconds:g} s ({type(error).__name__}); "
-                             "start the MLflow server, or correct the URI") from None
+            raise InputError(
+                f"tracking.uri {resolved}: no answer within {seconds:g} s ({type(error).__name__}); "
+                "start the MLflow server, or correct the URI"
+            ) from None
         if answer.status_code >= 500:
-            raise InputError(f"tracking.uri {resolved}: the server answered {answer.status_code} "
-                             f"{answer.reason}; is the MLflow server behind it running?")
+            raise InputError(
+                f"tracking.uri {resolved}: the server answered {answer.status_code} "
+                f"{answer.reason}; is the MLflow server behind it running?"
+            )
     elif resolved.startswith("sqlite:///"):
         folder = os.path.dirname(resolved.removeprefix("sqlite:///"))
         if not os.path.isdir(folder):
@@ -149,26 +153,37 @@ class Tracker:
                     time.sleep(2)
                     continue
                 if patience:
-                    raise RunError(f"MLflow at {self.uri} stayed unreachable; {len(self.queue)} writes "
-                                   f"(first: {what}) were not recorded: {error}") from error
-                log.warning("MLflow at %s is unreachable (%s); %d writes kept for later",
-                            self.uri, type(error).__name__, len(self.queue))
+                    raise RunError(
+                        f"MLflow at {self.uri} stayed unreachable; {len(self.queue)} writes "
+                        f"(first: {what}) were not recorded: {error}"
+                    ) from error
+                log.warning(
+                    "MLflow at %s is unreachable (%s); %d writes kept for later",
+                    self.uri,
+                    type(error).__name__,
+                    len(self.queue),
+                )
                 self.retry_at = time.time() + RETRY_SECONDS
                 return False
         return True
 
     # -- runs --------------------------------------------------------------------------------------
     def start_sweep(self, name: str, params: dict, tags: dict | None = None) -> str:
-        run = self.now(self.client.create_run, self.experiment_id, run_name=name,
-                       tags={ROLE_TAG: SWEEP_ROLE, **(tags or {})})
+        run = self.now(
+            self.client.create_run, self.experiment_id, run_name=name, tags={ROLE_TAG: SWEEP_ROLE, **(tags or {})}
+        )
         self.parent_id = run.info.run_id
         self.now(self.log_params, self.parent_id, params)
         return self.parent_id
 
     def start_sae(self, name: str, params: dict, role: str = SAE_ROLE) -> str:
         """A child run of the sweep for one dictionary (an SAE, or a baseline with role="baseline")."""
-        run = self.now(self.client.create_run, self.experiment_id, run_name=name,
-                       tags={"mlflow.parentRunId": self.parent_id, ROLE_TAG: role, POINT_TAG: name})
+        run = self.now(
+            self.client.create_run,
+            self.experiment_id,
+            run_name=name,
+            tags={"mlflow.parentRunId": self.parent_id, ROLE_TAG: role, POINT_TAG: name},
+        )
         self.now(self.log_params, run.info.run_id, params)
         return run.info.run_id
 
@@ -177,7 +192,7 @@ class Tracker:
 
         items = [Param(key, str(value)) for key, value in params.items() if value is not None]
         for start in range(0, len(items), 100):
-            self.client.log_batch(run_id, params=items[start:start + 100])
+            self.client.log_batch(run_id, params=items[start : start + 100])
 
     def set_tags(self, run_id: str, tags: dict) -> None:
         from mlflow.entities import RunTag
@@ -194,8 +209,12 @@ class Tracker:
         """run id -> MLflow status (RUNNING, FINISHED, FAILED, KILLED) of a sweep run (this one's by
         default) and of its children."""
         parent_id = parent_id or self.parent_id
-        found = self.now(self.client.search_runs, [self.experiment_id],
-                         f"tags.`mlflow.parentRunId` = '{parent_id}'", max_results=50_000)
+        found = self.now(
+            self.client.search_runs,
+            [self.experiment_id],
+            f"tags.`mlflow.parentRunId` = '{parent_id}'",
+            max_results=50_000,
+        )
         statuses = {run.info.run_id: run.info.status for run in found}
         statuses[parent_id] = self.now(self.client.get_run, parent_id).info.status
         return statuses
@@ -212,10 +231,13 @@ class Tracker:
         now, missing = int(time.time() * 1000), []
         for key in sorted({key for metrics in points.values() for key in metrics}):
             present = {metric.step for metric in self.now(self.client.get_metric_history, run_id, key)}
-            missing += [Metric(key, float(metrics[key]), now, step) for step, metrics in sorted(points.items())
-                        if key in metrics and step not in present]
+            missing += [
+                Metric(key, float(metrics[key]), now, step)
+                for step, metrics in sorted(points.items())
+                if key in metrics and step not in present
+            ]
         for start in range(0, len(missing), 1000):
-            batch = missing[start:start + 1000]
+            batch = missing[start : start + 1000]
             self.later(f"metrics of {run_id}", lambda batch=batch: self.client.log_batch(run_id, metrics=batch))
         return len(missing)
 
@@ -233,6 +255,7 @@ class Tracker:
     # -- artifacts and registry ----------------------------------------------------------------------
     def log_folder(self, run_id: str, fetch: Callable[[str], str], artifact_path: str = DICTIONARY_PATH) -> None:
         """Queue uploading a folder; `fetch(local_dir)` puts its files in a local folder when it is sent."""
+
         def upload() -> None:
             with tempfile.TemporaryDirectory() as local:
                 self.client.log_artifacts(run_id, fetch(local), artifact_path)
@@ -241,6 +264,7 @@ class Tracker:
 
     def log_bytes(self, run_id: str, data: bytes, name: str, artifact_path: str | None = None) -> None:
         """Queue uploading one file made in memory (a plot, a JSON)."""
+
         def upload() -> None:
             with tempfile.TemporaryDirectory() as local:
                 path = os.path.join(local, name)
@@ -263,18 +287,25 @@ class Tracker:
 
     def register(self, model_name: str, run_id: str, tags: dict) -> None:
         """Queue registering a run's dictionary as a new version of `model_name`."""
+
         def create() -> None:
             from mlflow.exceptions import MlflowException
 
             try:
-                self.client.create_registered_model(model_name, description="dictsweep: a sweep's selected dictionaries")
+                self.client.create_registered_model(
+                    model_name, description="dictsweep: a sweep's selected dictionaries"
+                )
             except MlflowException as error:
                 if "RESOURCE_ALREADY_EXISTS" not in str(error) and "already exists" not in str(error):
                     raise
             if self.client.search_model_versions(f"name = '{model_name}' and run_id = '{run_id}'"):
                 return  # registered by a driver that stopped after it: a resumed sweep adds no second version
-            self.client.create_model_version(model_name, source=f"runs:/{run_id}/{DICTIONARY_PATH}", run_id=run_id,
-                                             tags={key: str(value) for key, value in tags.items()})
+            self.client.create_model_version(
+                model_name,
+                source=f"runs:/{run_id}/{DICTIONARY_PATH}",
+                run_id=run_id,
+                tags={key: str(value) for key, value in tags.items()},
+            )
 
         self.later(f"registering {run_id}", create)
 
@@ -309,6 +340,8 @@ def experiment_id(client, name: str) -> str:
         if "RESOURCE_ALREADY_EXISTS" not in str(error) and "already exists" not in str(error):
             raise
         return client.get_experiment_by_name(name).experiment_id
+
+
 def runs_url(uri: str, experiment_id: str) -> str:
     """The address a person opens to see a sweep's runs table (a local store: once `mlflow ui` runs)."""
     server = uri.rstrip("/") if uri.startswith(("http://", "https://")) else LOCAL_UI
@@ -334,9 +367,19 @@ def unreachable(error: Exception) -> bool:
     if isinstance(error, (requests.exceptions.ConnectionError, requests.exceptions.Timeout, ConnectionError)):
         return True
     text = str(error)
-    return (any(sign in text for sign in ("Max retries exceeded", "Connection refused", "ConnectionError",
-                                          "Read timed out", "RemoteDisconnected"))
-            or re.search(r"error code 50[234]\b", text) is not None)
+    return (
+        any(
+            sign in text
+            for sign in (
+                "Max retries exceeded",
+                "Connection refused",
+                "ConnectionError",
+                "Read timed out",
+                "RemoteDisconnected",
+            )
+        )
+        or re.search(r"error code 50[234]\b", text) is not None
+    )
 
 
 def find_sweep(uri: str | None, sweep: str) -> tuple["Tracker", list[SaeRun]]:
@@ -349,16 +392,30 @@ def find_sweep(uri: str | None, sweep: str) -> tuple["Tracker", list[SaeRun]]:
     experiment = client.get_experiment_by_name(sweep)
     if experiment is None:
         raise InputError(f"no sweep named {sweep!r} at {resolved} (no MLflow experiment of that name)")
-    parents = client.search_runs([experiment.experiment_id], f"tags.`{ROLE_TAG}` = '{SWEEP_ROLE}'",
-                                 order_by=["attributes.start_time DESC"], max_results=1)
+    parents = client.search_runs(
+        [experiment.experiment_id],
+        f"tags.`{ROLE_TAG}` = '{SWEEP_ROLE}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
     if not parents:
         raise InputError(f"experiment {sweep!r} at {resolved} holds no dictsweep sweep run")
     parent = parents[0].info.run_id
-    children = client.search_runs([experiment.experiment_id],
-                                  f"tags.`mlflow.parentRunId` = '{parent}' and tags.`{ROLE_TAG}` = '{SAE_ROLE}'",
-                                  max_results=50_000)
-    runs = [SaeRun(run.info.run_id, run.data.tags.get(POINT_TAG, run.info.run_name), dict(run.data.params),
-                   dict(run.data.metrics), dict(run.data.tags)) for run in children]
+    children = client.search_runs(
+        [experiment.experiment_id],
+        f"tags.`mlflow.parentRunId` = '{parent}' and tags.`{ROLE_TAG}` = '{SAE_ROLE}'",
+        max_results=50_000,
+    )
+    runs = [
+        SaeRun(
+            run.info.run_id,
+            run.data.tags.get(POINT_TAG, run.info.run_name),
+            dict(run.data.params),
+            dict(run.data.metrics),
+            dict(run.data.tags),
+        )
+        for run in children
+    ]
     return client, sorted(runs, key=lambda run: run.name)
 
 
@@ -380,8 +437,9 @@ def download_dictionary(client, run_id: str, local_dir: str) -> str:
         if entry.is_dir:
             raise InputError(f"run {run_id}: artifact {entry.path!r} is a folder; a dictionary holds only files")
         with tempfile.TemporaryDirectory(dir=local_dir, prefix=".artifact-") as scratch:
-            os.replace(client.download_artifacts(run_id, f"{DICTIONARY_PATH}/{name}", scratch),
-                       os.path.join(local_dir, name))
+            os.replace(
+                client.download_artifacts(run_id, f"{DICTIONARY_PATH}/{name}", scratch), os.path.join(local_dir, name)
+            )
     return local_dir
 
 

@@ -10,8 +10,15 @@ from dictsweep.sae.export import dictionary_files, saelens_config
 from dictsweep.store.dataset import ActivationDataset
 
 
-def write_dictionary(folder: Path, directions: torch.Tensor, bias: torch.Tensor, b_dec: torch.Tensor,
-                     architecture: str = "standard", k: int = 0, metadata: dict | None = None) -> Path:
+def write_dictionary(
+    folder: Path,
+    directions: torch.Tensor,
+    bias: torch.Tensor,
+    b_dec: torch.Tensor,
+    architecture: str = "standard",
+    k: int = 0,
+    metadata: dict | None = None,
+) -> Path:
     """A dictionary whose latents read unit `directions` [n_latents, d_model] about `b_dec`, with
     encoder bias `bias` [n_latents], written in the exported format."""
     unit = torch.nn.functional.normalize(directions.float(), dim=-1)  # [n_latents, d_model]

@@ -19,9 +19,22 @@ SCREENSHOTS = Path(os.environ.get("DICTSWEEP_SCREENSHOTS", "/tmp/dictsweep-scree
 def chromium(tmp: Path, url: str, *args: str) -> str:
     """Run headless Chromium on `url` with a fresh profile; what it printed to stdout."""
     profile = tmp / f"profile-{len(list(tmp.glob('profile-*')))}"
-    command = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-               "--disable-background-networking", "--disable-component-update", "--disable-sync",
-               f"--user-data-dir={profile}", "--virtual-time-budget=10000", "--window-size=1400,900", *args, url]
+    command = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={profile}",
+        "--virtual-time-budget=10000",
+        "--window-size=1400,900",
+        *args,
+        url,
+    ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout
@@ -40,8 +53,9 @@ def rendered(tmp: Path, page: Path, hash_part: str = "") -> tuple[dict[str, str]
 def test_browser_opens_from_disk_and_renders_the_list_and_a_latent(minilm_harvest, tmp_path, run_cli):
     uri, _ = minilm_harvest
     folder = data_dictionary(tmp_path / "dictionary", uri, 64, seed=2)
-    code, output = run_cli("inspect", str(folder), "--data", uri, "--out", str(tmp_path / "out"), "--top", "8",
-                           "--device", "cpu")
+    code, output = run_cli(
+        "inspect", str(folder), "--data", uri, "--out", str(tmp_path / "out"), "--top", "8", "--device", "cpu"
+    )
     assert code == 0, output
     page = tmp_path / "out" / "dictionary" / "index.html"
 
@@ -60,12 +74,16 @@ def test_browser_opens_from_disk_and_renders_the_list_and_a_latent(minilm_harves
 
     token = busiest["contexts"][0]["tokens"][busiest["contexts"][0]["center"]].removeprefix("##")
     view, errors = rendered(tmp_path, page, f"#search={token}")
-    expected = sum(1 for r in records if any(c["kind"] == "top" and token in c["tokens"][c["center"]]
-                                             for c in r["contexts"][:8]))
+    expected = sum(
+        1 for r in records if any(c["kind"] == "top" and token in c["tokens"][c["center"]] for c in r["contexts"][:8])
+    )
     assert errors == "" and view["view"] == "list" and 1 <= int(view["rows"]) <= 64
 
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    for name, hash_part in (("inspect-list.png", "#sort=frequency"), ("inspect-latent.png", f"#latent={busiest['latent']}")):
+    for name, hash_part in (
+        ("inspect-list.png", "#sort=frequency"),
+        ("inspect-latent.png", f"#latent={busiest['latent']}"),
+    ):
         chromium(tmp_path, page.as_uri() + hash_part, f"--screenshot={tmp_path / name}")
         assert (tmp_path / name).stat().st_size > 10_000  # a page with content, not a blank one
         shutil.copy(tmp_path / name, SCREENSHOTS / name)
@@ -76,8 +94,20 @@ def test_a_javascript_error_shows_in_the_page(minilm_harvest, tmp_path, run_cli)
     """The check above can fail: a broken latent file is reported in #errors, a missing data file too."""
     uri, _ = minilm_harvest
     folder = data_dictionary(tmp_path / "dictionary", uri, 8)
-    code, output = run_cli("inspect", str(folder), "--data", uri, "--out", str(tmp_path / "out"), "--top", "3",
-                           "--quantile-contexts", "0", "--device", "cpu")
+    code, output = run_cli(
+        "inspect",
+        str(folder),
+        "--data",
+        uri,
+        "--out",
+        str(tmp_path / "out"),
+        "--top",
+        "3",
+        "--quantile-contexts",
+        "0",
+        "--device",
+        "cpu",
+    )
     assert code == 0, output
     out = tmp_path / "out" / "dictionary"
     (out / "latents" / "0000.js").write_text("dictsweepChunk({start: 0, latents: [")  # truncated file

@@ -33,9 +33,24 @@ def inspected(minilm_harvest, tmp_path_factory, run_cli_module):
     data_dictionary(tmp / "dicts" / "n48", uri, 48, seed=0)
     data_dictionary(tmp / "dicts" / "n96", uri, 96, seed=1, architecture="topk", k=12)
     (tmp / "dicts" / "index.json").write_text(json.dumps([{"path": "n48"}, {"path": "n96"}]))
-    code, output = run_cli_module("inspect", str(tmp / "dicts"), "--data", uri, "--out", str(tmp / "out"),
-                                  "--top", str(TOP), "--quantile-contexts", "3", "--neighbours", "3",
-                                  "--batch-rows", "300", "--device", "cpu")
+    code, output = run_cli_module(
+        "inspect",
+        str(tmp / "dicts"),
+        "--data",
+        uri,
+        "--out",
+        str(tmp / "out"),
+        "--top",
+        str(TOP),
+        "--quantile-contexts",
+        "3",
+        "--neighbours",
+        "3",
+        "--batch-rows",
+        "300",
+        "--device",
+        "cpu",
+    )
     assert code == 0, output
     return uri, tmp
 
@@ -111,13 +126,16 @@ def test_a_latent_found_by_inspect_fires_on_the_contexts_top_contexts_returns(in
     assert [(c.seq, c.pos) for c in found] == [(c["seq"], c["pos"]) for c in tops]
     for context in found:
         assert context.act > 0 and context.token_acts[context.center] > 0  # it fires there, in the model too
-        assert context.tokens[context.center] == tops[found.index(context)]["tokens"][tops[found.index(context)]["center"]]
+        assert (
+            context.tokens[context.center] == tops[found.index(context)]["tokens"][tops[found.index(context)]["center"]]
+        )
 
 
 def test_synthetic_data_gets_every_statistic_but_contexts(synthetic, tmp_path, run_cli):
     folder = data_dictionary(tmp_path / "synthetic-sae", synthetic, 40)
-    code, output = run_cli("inspect", str(folder), "--data", synthetic, "--out", str(tmp_path / "out"),
-                           "--top", "4", "--device", "cpu")
+    code, output = run_cli(
+        "inspect", str(folder), "--data", synthetic, "--out", str(tmp_path / "out"), "--top", "4", "--device", "cpu"
+    )
     assert code == 0, output
     assert "no contexts/" in output
     table = pq.read_table(tmp_path / "out" / "synthetic-sae" / "latents.parquet")
@@ -127,7 +145,9 @@ def test_synthetic_data_gets_every_statistic_but_contexts(synthetic, tmp_path, r
     records = table.to_pylist()
     assert [r["fire_count"] for r in records] == (acts > 0).sum(0).tolist()
     assert all(r["contexts"] == [] and r["promoted"] == [] for r in records)
-    assert np.allclose([r["top_acts"][0] for r in records if r["fire_count"]], acts.max(0).values[acts.max(0).values > 0])
+    assert np.allclose(
+        [r["top_acts"][0] for r in records if r["fire_count"]], acts.max(0).values[acts.max(0).values > 0]
+    )
     assert all(len(r["neighbours"]) == 8 for r in records)
     assert (tmp_path / "out" / "synthetic-sae" / "index.html").exists()
 

@@ -7,8 +7,9 @@ from dictsweep.track import SELECTED_TAG, STATUS_TAG, Tracker
 from tests.analysis.conftest import data_dictionary
 
 
-def test_a_sweep_name_inspects_its_selected_dictionaries_and_logs_them(minilm_harvest, mlflow_server, tmp_path,
-                                                                        run_cli):
+def test_a_sweep_name_inspects_its_selected_dictionaries_and_logs_them(
+    minilm_harvest, mlflow_server, tmp_path, run_cli
+):
     uri, _ = minilm_harvest
     tracker = Tracker(mlflow_server, "inspect-sweep")
     tracker.start_sweep("inspect-sweep", {})
@@ -20,8 +21,20 @@ def test_a_sweep_name_inspects_its_selected_dictionaries_and_logs_them(minilm_ha
         tracker.set_tags(runs[name], {SELECTED_TAG: str(selected).lower(), STATUS_TAG: "finished"})
     tracker.flush(patience=60)
 
-    code, output = run_cli("inspect", "inspect-sweep", "--data", uri, "--out", str(tmp_path / "out"),
-                           "--tracking-uri", mlflow_server, "--top", "4", "--device", "cpu")
+    code, output = run_cli(
+        "inspect",
+        "inspect-sweep",
+        "--data",
+        uri,
+        "--out",
+        str(tmp_path / "out"),
+        "--tracking-uri",
+        mlflow_server,
+        "--top",
+        "4",
+        "--device",
+        "cpu",
+    )
     assert code == 0, output
     assert sorted(path.name for path in (tmp_path / "out").iterdir()) == ["index.html", "relu-n16", "relu-n32"]
     matches = pq.read_table(tmp_path / "out" / "relu-n16" / "latents.parquet").column("matches").to_pylist()
@@ -37,8 +50,9 @@ def test_a_sweep_name_inspects_its_selected_dictionaries_and_logs_them(minilm_ha
     assert code == 2 and "no sweep named 'no-such-sweep'" in output
 
 
-def test_a_sweep_with_evaluation_inspect_leaves_browsers_for_its_selected_saes(minilm_harvest, tmp_path,
-                                                                             monkeypatch, ray_local):
+def test_a_sweep_with_evaluation_inspect_leaves_browsers_for_its_selected_saes(
+    minilm_harvest, tmp_path, monkeypatch, ray_local
+):
     import json
 
     import yaml
@@ -48,14 +62,23 @@ def test_a_sweep_with_evaluation_inspect_leaves_browsers_for_its_selected_saes(m
 
     uri, _ = minilm_harvest
     monkeypatch.chdir(tmp_path)
-    spec = {"name": "inspect-end", "data": {"uri": uri},
-            "grid": {"architecture": ["topk"], "n_latents": [64, 128], "k": [8], "lr": [0.001]},
-            "train": {"tokens": 2048, "batch_rows": 256, "lr_warmup_steps": 2, "log_every_tokens": 1024,
-                      "eval_tokens": 256, "kernel": "bmm"},
-            "stream": {"shuffle_shards": 2},
-            "evaluation": {"splice": False, "inspect": True, "inspect_tokens": 1000},
-            "select": {"max_fvu": 10.0, "max_dead_fraction": 1.0},  # 2k tokens: lenient bounds
-            "export": {"registry": False}}
+    spec = {
+        "name": "inspect-end",
+        "data": {"uri": uri},
+        "grid": {"architecture": ["topk"], "n_latents": [64, 128], "k": [8], "lr": [0.001]},
+        "train": {
+            "tokens": 2048,
+            "batch_rows": 256,
+            "lr_warmup_steps": 2,
+            "log_every_tokens": 1024,
+            "eval_tokens": 256,
+            "kernel": "bmm",
+        },
+        "stream": {"shuffle_shards": 2},
+        "evaluation": {"splice": False, "inspect": True, "inspect_tokens": 1000},
+        "select": {"max_fvu": 10.0, "max_dead_fraction": 1.0},  # 2k tokens: lenient bounds
+        "export": {"registry": False},
+    }
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
     result = run_sweep(load_spec(str(tmp_path / "spec.yaml")))
 

@@ -20,7 +20,7 @@ def test_batched_statistics_equal_whole_matrix_ones():
     keys = torch.arange(1000, 1500)  # row keys need not be row indices
     stats = LatentStats(12, top=7, samples=9, device="cpu", seed=0)
     for start in range(0, 500, 64):  # uneven last batch
-        stats.add(acts[start:start + 64], keys[start:start + 64])
+        stats.add(acts[start : start + 64], keys[start : start + 64])
     summary = stats.summary()
     firing = acts > 0
     assert summary.rows == 500
@@ -58,7 +58,7 @@ def test_samples_are_uniform_over_firing_rows():
     for seed in range(200):
         stats = LatentStats(1, top=1, samples=10, device="cpu", seed=seed)
         for start in range(0, 40, 8):
-            stats.add(acts[start:start + 8], torch.arange(start, start + 8))
+            stats.add(acts[start : start + 8], torch.arange(start, start + 8))
         kept[stats.summary().sample_rows[0]] += 1
     assert abs(kept.mean() / 200 - 0.25) < 1e-9
     assert kept.min() > 25 and kept.max() < 75  # binomial(200, 0.25): mean 50, sd 6.1

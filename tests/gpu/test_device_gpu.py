@@ -19,10 +19,12 @@ pytestmark = pytest.mark.cuda
 
 ROWS, STEPS, EVAL_STEPS, WINDOW = 512, 40, 4, 1000
 SYNTH = SynthConfig(d_model=64, n_features=256, active=4, rows=ROWS * STEPS, eval_rows=ROWS * EVAL_STEPS)
-SPECS = [EnsembleSpec("topk", 512, (Member(lr=2e-3, seed=1, k=8), Member(lr=2e-3, seed=2, k=12)), ("topk-a", "topk-b")),
-         EnsembleSpec("batchtopk", 512, (Member(lr=2e-3, seed=3, k=8),), ("btk",)),
-         EnsembleSpec("relu", 256, (Member(lr=2e-3, seed=4, l1_coef=3.0),), ("relu",)),
-         EnsembleSpec("jumprelu", 256, (Member(lr=2e-3, seed=5, l1_coef=0.3),), ("jump",))]
+SPECS = [
+    EnsembleSpec("topk", 512, (Member(lr=2e-3, seed=1, k=8), Member(lr=2e-3, seed=2, k=12)), ("topk-a", "topk-b")),
+    EnsembleSpec("batchtopk", 512, (Member(lr=2e-3, seed=3, k=8),), ("btk",)),
+    EnsembleSpec("relu", 256, (Member(lr=2e-3, seed=4, l1_coef=3.0),), ("relu",)),
+    EnsembleSpec("jumprelu", 256, (Member(lr=2e-3, seed=5, l1_coef=0.3),), ("jump",)),
+]
 
 
 def stream(rows: int, seed: int, dtype=np.float16) -> tuple[list[np.ndarray], np.ndarray]:
@@ -30,7 +32,7 @@ def stream(rows: int, seed: int, dtype=np.float16) -> tuple[list[np.ndarray], np
     model = build_model(SYNTH)
     acts, _ = sample_rows(model, SYNTH, rows, np.random.default_rng(seed))
     data = acts.numpy().astype(dtype)
-    windows = [data[start:start + WINDOW] for start in range(0, rows, WINDOW)]
+    windows = [data[start : start + WINDOW] for start in range(0, rows, WINDOW)]
     for window in windows:
         window.flags.writeable = False
     return windows, model.features.numpy()
@@ -41,7 +43,7 @@ def pieces(windows: list[np.ndarray], index: int) -> list[np.ndarray]:
     for number, window in enumerate(windows):
         low, high = max(start, number * WINDOW), min(stop, (number + 1) * WINDOW)
         if low < high:
-            out.append(window[low - number * WINDOW:high - number * WINDOW])
+            out.append(window[low - number * WINDOW : high - number * WINDOW])
     return out
 
 
@@ -50,9 +52,18 @@ def device_loop(uri: str | None, config: TrainConfig) -> DeviceLoop:
 
 
 def test_device_path_trains_checkpoints_restores_and_exports(tmp_path):
-    config = TrainConfig(tokens=ROWS * STEPS, batch_rows=ROWS, lr_warmup_steps=5, log_every_tokens=ROWS * 10,
-                         dead_window_tokens=ROWS * 8, resample_every_tokens=ROWS * 12, eval_tokens=ROWS * EVAL_STEPS,
-                         checkpoint_every_tokens=ROWS * 25, kernel="auto", decode="auto")
+    config = TrainConfig(
+        tokens=ROWS * STEPS,
+        batch_rows=ROWS,
+        lr_warmup_steps=5,
+        log_every_tokens=ROWS * 10,
+        dead_window_tokens=ROWS * 8,
+        resample_every_tokens=ROWS * 12,
+        eval_tokens=ROWS * EVAL_STEPS,
+        checkpoint_every_tokens=ROWS * 25,
+        kernel="auto",
+        decode="auto",
+    )
     uri = str(tmp_path / "checkpoints" / "w0-t0.pt")
     train, features = stream(ROWS * STEPS, seed=1)
     trainer = device_loop(uri, config)
@@ -114,8 +125,19 @@ def test_auto_measures_kernel_and_decoder_and_drops_what_fails(monkeypatch, caps
 @pytest.mark.parametrize("architecture", ["relu", "topk", "batchtopk", "jumprelu"])
 def test_bench_train_on_cuda(architecture):
     decodes = ("dense", "sparse") if "topk" in architecture else ("auto",)
-    result = bench_train(256, 4096, 1024, 8, steps=5, architecture=architecture, kernels=("bmm", "compile"),
-                         device="cuda", decodes=decodes, rounds=2, k=32)
+    result = bench_train(
+        256,
+        4096,
+        1024,
+        8,
+        steps=5,
+        architecture=architecture,
+        kernels=("bmm", "compile"),
+        device="cuda",
+        decodes=decodes,
+        rounds=2,
+        k=32,
+    )
     assert result["device"].startswith("cuda") and result["sae_samples_per_s"] > 0
     assert len(result["candidates"]) == 2 * len(decodes) and result["peak_gpu_mb"] > 0
     assert result["speedup_vs_reference"] > 0 and result["max_abs_weight_diff_vs_reference"] < 5e-2

@@ -28,8 +28,10 @@ TOLERANCE = {"fp32": 0.05, "bf16": 0.10}
 def members(architecture: str) -> list[Member]:
     """Four SAEs with distinct seeds, sparsity settings and learning rates (k = 8: 1/64 of the latents)."""
     l1 = 0.1 if architecture == "jumprelu" else 0.3
-    return [Member(lr=lr, seed=seed, l1_coef=l1 * (1 + seed), k=8 + 2 * seed)
-            for seed, lr in enumerate((1e-3, 2e-3, 3e-3, 1e-3))]
+    return [
+        Member(lr=lr, seed=seed, l1_coef=l1 * (1 + seed), k=8 + 2 * seed)
+        for seed, lr in enumerate((1e-3, 2e-3, 3e-3, 1e-3))
+    ]
 
 
 @functools.cache
@@ -44,9 +46,16 @@ def input_scale() -> float:
 
 def config(precision: str) -> TrainConfig:
     # dead window and resampling inside the 50 steps, so AuxK and resampling run too
-    return TrainConfig(tokens=ROWS * STEPS, batch_rows=ROWS, lr_warmup_steps=5, precision=precision,
-                       dead_window_tokens=ROWS * 10, resample_every_tokens=ROWS * 20, auxk_k=32,
-                       log_every_tokens=ROWS * 10)
+    return TrainConfig(
+        tokens=ROWS * STEPS,
+        batch_rows=ROWS,
+        lr_warmup_steps=5,
+        precision=precision,
+        dead_window_tokens=ROWS * 10,
+        resample_every_tokens=ROWS * 20,
+        auxk_k=32,
+        log_every_tokens=ROWS * 10,
+    )
 
 
 def losses(architecture: str, device: str, kernel: str, decode: str, precision: str) -> dict[str, torch.Tensor]:
@@ -65,8 +74,9 @@ def losses(architecture: str, device: str, kernel: str, decode: str, precision: 
     result = {}
     for name, values in per_step.items():
         sums = torch.stack(values).cpu()  # [STEPS, K], running sums reset every 10 steps
-        result[name] = torch.cat([torch.diff(block, dim=0, prepend=torch.zeros_like(block[:1]))
-                                  for block in sums.split(10)])
+        result[name] = torch.cat(
+            [torch.diff(block, dim=0, prepend=torch.zeros_like(block[:1])) for block in sums.split(10)]
+        )
     return result
 
 
@@ -84,17 +94,17 @@ def test_trains_on_cuda_as_on_cpu(architecture, decode, kernel, precision):
     cpu = cpu_reference(architecture)
     assert torch.isfinite(gpu["loss"]).all()
     assert (gpu["mse"][-10:].mean(0) < 0.9 * gpu["mse"][:5].mean(0)).all()  # it learns (the penalty warms up)
-    torch.testing.assert_close(gpu["loss"][-10:].mean(0), cpu["loss"][-10:].mean(0), rtol=TOLERANCE[precision],
-                               atol=1e-3)
-    torch.testing.assert_close(gpu["mse"][-10:].mean(0), cpu["mse"][-10:].mean(0), rtol=TOLERANCE[precision],
-                               atol=1e-3)
+    torch.testing.assert_close(
+        gpu["loss"][-10:].mean(0), cpu["loss"][-10:].mean(0), rtol=TOLERANCE[precision], atol=1e-3
+    )
+    torch.testing.assert_close(gpu["mse"][-10:].mean(0), cpu["mse"][-10:].mean(0), rtol=TOLERANCE[precision], atol=1e-3)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_triton_decoder_equals_dense_decode(dtype):
     generator = torch.Generator(device="cuda").manual_seed(0)
     members_, rows, n_latents, d_model, k = 2, 512, 24576, 768, 32
-    table = torch.randn(members_, n_latents, d_model, device="cuda", generator=generator) / d_model ** 0.5
+    table = torch.randn(members_, n_latents, d_model, device="cuda", generator=generator) / d_model**0.5
     table.requires_grad_()
     pre = torch.randn(members_, rows, n_latents, device="cuda", generator=generator)
     values, indices = pre.topk(k, dim=-1)
@@ -112,8 +122,9 @@ def test_triton_decoder_equals_dense_decode(dtype):
     torch.testing.assert_close(table.grad, ref_table.grad, rtol=1e-4, atol=1e-4)  # fp32 atomics
 
 
-@pytest.mark.parametrize("architecture,decode", [("relu", "dense"), ("jumprelu", "dense"), ("topk", "dense"),
-                                                 ("topk", "sparse")])
+@pytest.mark.parametrize(
+    "architecture,decode", [("relu", "dense"), ("jumprelu", "dense"), ("topk", "dense"), ("topk", "sparse")]
+)
 def test_steps_between_logging_points_never_wait_for_the_gpu(architecture, decode):
     """(batchtopk sizes its rows from the batch, a read of the device per step, by design.)"""
     ensemble = build_ensemble(architecture, D_MODEL, N_LATENTS, members(architecture), kernel="bmm", decode=decode)

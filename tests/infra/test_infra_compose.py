@@ -54,7 +54,9 @@ def test_services_and_dependencies(compose):
             assert dependency in services, f"{name} depends on unknown service {dependency}"
             condition = condition["condition"]
             if condition == "service_healthy":
-                assert "healthcheck" in services[dependency], f"{name} waits for {dependency} to be healthy: no healthcheck"
+                assert "healthcheck" in services[dependency], (
+                    f"{name} waits for {dependency} to be healthy: no healthcheck"
+                )
             else:
                 assert condition == "service_completed_successfully"
                 assert services[dependency].get("restart", "no") == "no", f"{dependency} is a one-shot init"
@@ -73,8 +75,15 @@ def test_ray_nodes_get_the_environment_the_package_reads(compose):
     for name in RAY_SERVICES:
         env = services[name]["environment"]
         assert set(env) <= set(ENVIRONMENT), f"{name}: {set(env) - set(ENVIRONMENT)} are not read by dictsweep"
-        assert {"MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-                "AWS_DEFAULT_REGION", "RAY_ADDRESS", "RAY_AUTH_MODE"} <= set(env), name
+        assert {
+            "MLFLOW_TRACKING_URI",
+            "AWS_ENDPOINT_URL",
+            "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY",
+            "AWS_DEFAULT_REGION",
+            "RAY_ADDRESS",
+            "RAY_AUTH_MODE",
+        } <= set(env), name
         assert env["RAY_AUTH_MODE"] == "disabled"  # a loopback dev cluster; clients set the same
         # S3: MinIO's API port, its root credentials
         endpoint = urlparse(env["AWS_ENDPOINT_URL"])
@@ -103,7 +112,10 @@ def test_mlflow_server_uses_postgres_and_minio(compose):
     assert backend.scheme in ("postgresql", "postgresql+psycopg2") and backend.hostname == "postgres"
     assert backend.port == 5432
     assert (backend.username, backend.password, backend.path.lstrip("/")) == (
-        postgres["POSTGRES_USER"], postgres["POSTGRES_PASSWORD"], postgres["POSTGRES_DB"])
+        postgres["POSTGRES_USER"],
+        postgres["POSTGRES_PASSWORD"],
+        postgres["POSTGRES_DB"],
+    )
     # artifacts: proxied by the server into a MinIO bucket that create-buckets makes
     assert params["serve_artifacts"]
     destination = urlparse(params["artifacts_destination"])
@@ -164,6 +176,9 @@ def test_gpu_override_reserves_gpus_for_the_worker(compose, compose_gpu):
 def test_env_example_names_the_variables_compose_uses():
     text = (COMPOSE_DIR / "compose.yaml").read_text()
     used = set(re.findall(r"\$\{([A-Z_][A-Z0-9_]*)", text))
-    example = {line.lstrip("# ").split("=", 1)[0] for line in (COMPOSE_DIR / ".env.example").read_text().splitlines()
-               if re.match(r"#? ?[A-Z][A-Z0-9_]*=", line)}
+    example = {
+        line.lstrip("# ").split("=", 1)[0]
+        for line in (COMPOSE_DIR / ".env.example").read_text().splitlines()
+        if re.match(r"#? ?[A-Z][A-Z0-9_]*=", line)
+    }
     assert used == example, f"compose uses {sorted(used)}, .env.example documents {sorted(example)}"

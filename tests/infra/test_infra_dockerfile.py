@@ -11,9 +11,19 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 REPO = Path(__file__).resolve().parents[2]
-SECRET_PATHS = (".env", "infra/compose/.env", "infra/ray/dictsweep.env", "service/dictsweep/.env",
-                ".aws/credentials", "credentials", "jobs/credentials", "deploy/key.pem", "id_rsa",
-                "service/secrets.env", ".env.production")
+SECRET_PATHS = (
+    ".env",
+    "infra/compose/.env",
+    "infra/ray/dictsweep.env",
+    "service/dictsweep/.env",
+    ".aws/credentials",
+    "credentials",
+    "jobs/credentials",
+    "deploy/key.pem",
+    "id_rsa",
+    "service/secrets.env",
+    ".env.production",
+)
 SECRET_WORDS = re.compile(r"SECRET|PASSWORD|TOKEN|ACCESS_KEY|PRIVATE|CREDENTIAL|API_KEY", re.I)
 
 try:
@@ -85,8 +95,13 @@ def ignore_patterns() -> list[tuple[bool, re.Pattern]]:
             continue
         include = line.startswith("!")
         pattern = line.lstrip("!").strip("/")
-        regex = re.escape(pattern).replace(r"\*\*/", "(.*/)?").replace(r"\*\*", ".*").replace(r"\*", "[^/]*") \
+        regex = (
+            re.escape(pattern)
+            .replace(r"\*\*/", "(.*/)?")
+            .replace(r"\*\*", ".*")
+            .replace(r"\*", "[^/]*")
             .replace(r"\?", "[^/]")
+        )
         patterns.append((include, re.compile(regex + "$")))
     return patterns
 
@@ -129,8 +144,9 @@ def test_dependencies_before_source_then_the_package_installed():
         if name == "RUN" and re.search(r"pip install (--no-deps )?\.(\s|$)", args):
             index.setdefault("install package", position)
     assert list(index) == ["copy requirements", "install requirements", "copy source", "install package"], index
-    assert not any(name == "RUN" and re.search(r"pip install .*-e\b", args) for name, args in steps), \
+    assert not any(name == "RUN" and re.search(r"pip install .*-e\b", args) for name, args in steps), (
         "install the package, not an editable link to a source folder"
+    )
 
 
 def test_copies_no_secrets_and_bakes_none_in():
@@ -150,8 +166,9 @@ def test_every_node_frees_released_windows_as_a_local_ray_does():
     cluster's object stores keep the stream's window budget as the tests' local Ray does."""
     from dictsweep.cluster import LOCAL_RAY_CONFIG
 
-    env = {key: value for name, args in instructions() if name == "ENV"
-           for key, value in re.findall(r"(\w+)=(\S+)", args)}
+    env = {
+        key: value for name, args in instructions() if name == "ENV" for key, value in re.findall(r"(\w+)=(\S+)", args)
+    }
     assert {key: int(env[f"RAY_{key}"]) for key in LOCAL_RAY_CONFIG if f"RAY_{key}" in env} == LOCAL_RAY_CONFIG
 
 
@@ -159,8 +176,13 @@ def test_dockerignore_keeps_secrets_out_and_lets_the_sources_in():
     for _, args in [step for step in instructions() if step[0] in ("COPY", "ADD")]:
         for source in copy_sources(args):
             assert in_context(source), f"COPY {source}: excluded by .dockerignore"
-    for path in SECRET_PATHS + (".venv/bin/python", ".git/config", "mlflow.db", "data/quickstart/manifest.json",
-                                "service/dictsweep/__pycache__/cli.cpython-311.pyc"):
+    for path in SECRET_PATHS + (
+        ".venv/bin/python",
+        ".git/config",
+        "mlflow.db",
+        "data/quickstart/manifest.json",
+        "service/dictsweep/__pycache__/cli.cpython-311.pyc",
+    ):
         assert not in_context(path), f"{path} would be sent to the Docker build"
     assert in_context("service/dictsweep/cli.py") and in_context("jobs/quickstart.yaml")
 
@@ -176,6 +198,7 @@ def test_pins_satisfy_pyproject(extra):
         name = canonicalize_name(requirement.name)
         assert name in pinned, f"{requirement.name} (pyproject) is not pinned in infra/docker/requirements.txt"
         version = pinned_version(pinned[name])
-        assert requirement.specifier.contains(version, prereleases=True), \
+        assert requirement.specifier.contains(version, prereleases=True), (
             f"{requirement.name}=={version} is outside pyproject's {requirement.specifier}"
+        )
         assert set(requirement.extras) <= set(pinned[name].extras), f"{requirement.name}: extras {requirement.extras}"

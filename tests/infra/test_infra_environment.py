@@ -10,7 +10,9 @@ import pytest
 from dictsweep.reference import ENVIRONMENT
 
 PACKAGE = Path(__file__).resolve().parents[2] / "service" / "dictsweep"
-READ = re.compile(r"""(?:environ\.get|environ\.pop|getenv)\(\s*["']([A-Z][A-Z0-9_]*)["']|environ\[\s*["']([A-Z][A-Z0-9_]*)["']\s*\](?!\s*=[^=])""")  # reads, not assignments
+READ = re.compile(
+    r"""(?:environ\.get|environ\.pop|getenv)\(\s*["']([A-Z][A-Z0-9_]*)["']|environ\[\s*["']([A-Z][A-Z0-9_]*)["']\s*\](?!\s*=[^=])"""
+)  # reads, not assignments
 
 
 def package_sources() -> dict[Path, str]:
@@ -32,19 +34,30 @@ def library_mentions(library: str, name: str) -> bool:
 
 
 def test_the_brief_names_are_listed():
-    for name in ("MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID",
-                 "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "MLFLOW_S3_ENDPOINT_URL", "RAY_ADDRESS",
-                 "RAY_AUTH_MODE"):
+    for name in (
+        "MLFLOW_TRACKING_URI",
+        "AWS_ENDPOINT_URL",
+        "AWS_ENDPOINT_URL_S3",
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_DEFAULT_REGION",
+        "MLFLOW_S3_ENDPOINT_URL",
+        "RAY_ADDRESS",
+        "RAY_AUTH_MODE",
+    ):
         assert name in ENVIRONMENT
 
 
 @pytest.mark.parametrize("name", sorted(name for name, var in ENVIRONMENT.items() if var.read_by == "dictsweep"))
 def test_read_by_the_package(name):
     sources = package_sources()
-    readers = [path.relative_to(PACKAGE) for path, text in sources.items()
-               if f'"{name}"' in text or f"'{name}'" in text]
-    assert readers, (f"reference.ENVIRONMENT says dictsweep reads {name}, but no module of "
-                     f"service/dictsweep mentions it: fix the code or the list")
+    readers = [
+        path.relative_to(PACKAGE) for path, text in sources.items() if f'"{name}"' in text or f"'{name}'" in text
+    ]
+    assert readers, (
+        f"reference.ENVIRONMENT says dictsweep reads {name}, but no module of "
+        f"service/dictsweep mentions it: fix the code or the list"
+    )
 
 
 @pytest.mark.parametrize("name", sorted(name for name, var in ENVIRONMENT.items() if var.read_by != "dictsweep"))
@@ -60,9 +73,11 @@ def test_every_variable_the_package_reads_is_listed():
             read.setdefault(match.group(1) or match.group(2), path.relative_to(PACKAGE))
     assert read, "the pattern found no environment reads at all: it is broken"
     missing = {name: str(path) for name, path in read.items() if name not in ENVIRONMENT}
-    assert not missing, (f"the package reads {missing} but service/dictsweep/reference.py ENVIRONMENT does "
-                         f"not list them: add each with what it does, then "
-                         f"`python -m dictsweep.reference --write README.md`")
+    assert not missing, (
+        f"the package reads {missing} but service/dictsweep/reference.py ENVIRONMENT does "
+        f"not list them: add each with what it does, then "
+        f"`python -m dictsweep.reference --write README.md`"
+    )
 
 
 def test_descriptions_are_one_line():

@@ -48,7 +48,7 @@ def test_the_cluster_spec_is_the_minilm_job_on_s3(tmp_path):
     if not job.exists():
         pytest.skip("jobs/minilm-layer3.yaml not written yet")
     local = load_spec(str(job))
-    (where, text), = [item for item in embedded_specs() if "minilm-layer3" in item[0]]
+    ((where, text),) = [item for item in embedded_specs() if "minilm-layer3" in item[0]]
     (tmp_path / "sweep.yaml").write_text(text)
     cluster = load_spec(str(tmp_path / "sweep.yaml"))
     assert cluster.name == local.name, where

@@ -17,8 +17,14 @@ from dictsweep.reference import ENVIRONMENT
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # ray.scripts imports
 SCHEMA = yaml.safe_load((Path(__file__).parent / "kuberay_crd_subset.yaml").read_text())
 # what every Ray container needs to reach MLflow and S3 (README, "Environment")
-NEEDED_ENV = {"MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-              "AWS_DEFAULT_REGION", "RAY_AUTH_MODE"}
+NEEDED_ENV = {
+    "MLFLOW_TRACKING_URI",
+    "AWS_ENDPOINT_URL",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_DEFAULT_REGION",
+    "RAY_AUTH_MODE",
+}
 
 
 def kind_key(obj: dict) -> str:
@@ -37,7 +43,9 @@ def cluster_specs(objects) -> list[tuple[str, dict]]:
 
 
 def groups(spec: dict) -> list[tuple[str, dict]]:
-    return [("head", spec["headGroupSpec"])] + [(group["groupName"], group) for group in spec.get("workerGroupSpecs", [])]
+    return [("head", spec["headGroupSpec"])] + [
+        (group["groupName"], group) for group in spec.get("workerGroupSpecs", [])
+    ]
 
 
 def quantity_bytes(text) -> float:
@@ -66,12 +74,24 @@ def test_the_schema_rejects_what_kuberay_would():
     """Unknown keys, missing required ones and unquoted rayStartParams fail the subset schema."""
     validator = jsonschema.Draft202012Validator({**SCHEMA["kinds"]["ray.io/v1/RayCluster"], "$defs": SCHEMA["$defs"]})
     container = {"name": "ray-head", "image": "x"}
-    good = {"apiVersion": "ray.io/v1", "kind": "RayCluster", "metadata": {"name": "c"},
-            "spec": {"headGroupSpec": {"rayStartParams": {}, "template": {"spec": {"containers": [container]}}}}}
+    good = {
+        "apiVersion": "ray.io/v1",
+        "kind": "RayCluster",
+        "metadata": {"name": "c"},
+        "spec": {"headGroupSpec": {"rayStartParams": {}, "template": {"spec": {"containers": [container]}}}},
+    }
     validator.validate(good)
     typo = copy.deepcopy(good)
-    typo["spec"]["workerGroupSpecs"] = [{"groupName": "g", "minReplicas": 0, "maxReplicas": 1, "rayStartParams": {},
-                                         "template": good["spec"]["headGroupSpec"]["template"], "replica": 1}]
+    typo["spec"]["workerGroupSpecs"] = [
+        {
+            "groupName": "g",
+            "minReplicas": 0,
+            "maxReplicas": 1,
+            "rayStartParams": {},
+            "template": good["spec"]["headGroupSpec"]["template"],
+            "replica": 1,
+        }
+    ]
     unquoted = copy.deepcopy(good)
     unquoted["spec"]["headGroupSpec"]["rayStartParams"]["num-cpus"] = 0
     headless = copy.deepcopy(good)
@@ -81,8 +101,11 @@ def test_the_schema_rejects_what_kuberay_would():
 
 
 def test_env_comes_from_objects_defined_here(k8s_objects):
-    defined = {(obj["kind"], obj["metadata"]["name"]): {**(obj.get("data") or {}), **(obj.get("stringData") or {})}
-               for _, obj in k8s_objects if obj["kind"] in ("ConfigMap", "Secret")}
+    defined = {
+        (obj["kind"], obj["metadata"]["name"]): {**(obj.get("data") or {}), **(obj.get("stringData") or {})}
+        for _, obj in k8s_objects
+        if obj["kind"] in ("ConfigMap", "Secret")
+    }
     for name, spec in cluster_specs(k8s_objects):
         for group_name, group in groups(spec):
             for container in group["template"]["spec"]["containers"]:
@@ -95,9 +118,13 @@ def test_env_comes_from_objects_defined_here(k8s_objects):
                         ref = item.get("valueFrom", {}).get(ref_kind)
                         if ref is None:
                             continue
-                        assert (kind, ref["name"]) in defined, f"{where}: {variable} names {kind} {ref['name']}, not in infra/k8s"
+                        assert (kind, ref["name"]) in defined, (
+                            f"{where}: {variable} names {kind} {ref['name']}, not in infra/k8s"
+                        )
                         if not ref.get("optional"):
-                            assert ref["key"] in defined[(kind, ref["name"])], f"{where}: {variable}: no key {ref['key']}"
+                            assert ref["key"] in defined[(kind, ref["name"])], (
+                                f"{where}: {variable}: no key {ref['key']}"
+                            )
 
 
 def test_configmaps_hold_only_known_variables(k8s_objects):
@@ -140,7 +167,9 @@ def test_ray_containers_and_resources(k8s_objects, version):
                 assert {6379, 8265} <= ports, f"{where}: GCS and dashboard / Jobs API ports"
             else:
                 assert int(limits["nvidia.com/gpu"]) >= 1 and limits["nvidia.com/gpu"] == requests["nvidia.com/gpu"]
-                assert group["rayStartParams"].get("num-gpus", limits["nvidia.com/gpu"]) == str(limits["nvidia.com/gpu"])
+                assert group["rayStartParams"].get("num-gpus", limits["nvidia.com/gpu"]) == str(
+                    limits["nvidia.com/gpu"]
+                )
                 # the sweep plans on the GPUs present at its start: a fixed-size group
                 assert group["minReplicas"] == group["replicas"] == group["maxReplicas"] > 0, where
 
@@ -180,6 +209,7 @@ def test_rayjob_cluster_is_the_raycluster(k8s_objects):
         head = stripped["headGroupSpec"]["template"]["spec"]
         spec_volumes = {v["name"] for v in head["volumes"] if "configMap" in v}
         head["volumes"] = [v for v in head["volumes"] if v["name"] not in spec_volumes]
-        head["containers"][0]["volumeMounts"] = [m for m in head["containers"][0]["volumeMounts"]
-                                                 if m["name"] not in spec_volumes]
+        head["containers"][0]["volumeMounts"] = [
+            m for m in head["containers"][0]["volumeMounts"] if m["name"] not in spec_volumes
+        ]
         assert stripped in clusters, "rayjob.yaml's rayClusterSpec drifted from raycluster.yaml's spec"

@@ -70,8 +70,7 @@ def test_nodes_run_our_image_with_nothing_installed_at_boot(path, version):
 @pytest.mark.parametrize("path", LAUNCHER_FILES, ids=lambda p: p.name)
 def test_gpu_workers_are_a_fixed_set(path):
     config = prepared(load(path))
-    workers = {name: node for name, node in config["available_node_types"].items()
-               if name != config["head_node_type"]}
+    workers = {name: node for name, node in config["available_node_types"].items() if name != config["head_node_type"]}
     assert workers
     for name, node in workers.items():
         # the sweep plans on the GPUs present when it starts: no scale-from-zero
@@ -92,8 +91,11 @@ def test_ray_starts_with_the_environment_file(path):
     source = REPO / mounts[target]
     template = source.with_name(source.name + ".example")
     assert source.exists() or template.exists(), f"neither {source} nor {template}"
-    names = {line.lstrip("# ").split("=", 1)[0] for line in template.read_text().splitlines()
-             if re.match(r"#? ?[A-Z][A-Z0-9_]*=", line)}
+    names = {
+        line.lstrip("# ").split("=", 1)[0]
+        for line in template.read_text().splitlines()
+        if re.match(r"#? ?[A-Z][A-Z0-9_]*=", line)
+    }
     assert names <= set(ENVIRONMENT), f"{template.name}: unknown variables {names - set(ENVIRONMENT)}"
     assert {"MLFLOW_TRACKING_URI", "RAY_AUTH_MODE", "AWS_DEFAULT_REGION"} <= names
     for key in ("head_start_ray_commands", "worker_start_ray_commands"):

@@ -44,7 +44,9 @@ def test_exit_codes_match_the_errors():
 
 def test_paths_in_the_docs_exist():
     for doc in DOCS:
-        for path in set(re.findall(r"(?<![\w/.])((?:infra|jobs)/[\w./-]+\.(?:yaml|md|txt|example))\b", doc.read_text())):
+        for path in set(
+            re.findall(r"(?<![\w/.])((?:infra|jobs)/[\w./-]+\.(?:yaml|md|txt|example))\b", doc.read_text())
+        ):
             if path.startswith("jobs/") and not (REPO / path).exists():
                 continue  # the jobs are written by others; test_infra_jobs validates those that exist
             assert (REPO / path).exists(), f"{doc.name} mentions {path}, which does not exist"
@@ -65,8 +67,14 @@ def test_every_yaml_is_claimed_by_a_validating_test():
 def test_infra_readme_lists_every_file():
     text = (REPO / "infra" / "README.md").read_text()
     listed = set(re.findall(r"^\| `([\w./-]+)` \|", text, re.M))
-    present = {str(path.relative_to(REPO / "infra")) for path in (REPO / "infra").rglob("*")
-               if path.is_file() and path.name != "README.md" and "__pycache__" not in path.parts
-               and not (path.suffix == ".env" or path.name == ".env")}  # a user's own secrets files
-    assert listed == present, f"infra/README.md lists {sorted(listed - present)} that do not exist, " \
-                              f"misses {sorted(present - listed)}"
+    present = {
+        str(path.relative_to(REPO / "infra"))
+        for path in (REPO / "infra").rglob("*")
+        if path.is_file()
+        and path.name != "README.md"
+        and "__pycache__" not in path.parts
+        and not (path.suffix == ".env" or path.name == ".env")
+    }  # a user's own secrets files
+    assert listed == present, (
+        f"infra/README.md lists {sorted(listed - present)} that do not exist, misses {sorted(present - listed)}"
+    )

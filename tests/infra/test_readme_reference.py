@@ -8,9 +8,17 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from dictsweep.config import SweepSpec
-from dictsweep.reference import (ENVIRONMENT, ENVIRONMENT_MARKERS, SPEC_MARKERS, environment_markdown,
-                                 generated_block, replace_block, spec_reference_markdown, spec_rows,
-                                 write_blocks)
+from dictsweep.reference import (
+    ENVIRONMENT,
+    ENVIRONMENT_MARKERS,
+    SPEC_MARKERS,
+    environment_markdown,
+    generated_block,
+    replace_block,
+    spec_reference_markdown,
+    spec_rows,
+    write_blocks,
+)
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 REGENERATE = "out of date: run `python -m dictsweep.reference --write README.md`"
@@ -66,12 +74,15 @@ def test_defaults_and_types_are_the_models():
 
 
 def test_the_module_prints_and_rewrites(tmp_path):
-    printed = subprocess.run([sys.executable, "-m", "dictsweep.reference"], capture_output=True, text=True,
-                             check=True).stdout
+    printed = subprocess.run(
+        [sys.executable, "-m", "dictsweep.reference"], capture_output=True, text=True, check=True
+    ).stdout
     assert printed == spec_reference_markdown()
     stale = tmp_path / "README.md"
-    stale.write_text(f"# x\n\n{SPEC_MARKERS[0]}\nold\n{SPEC_MARKERS[1]}\n\ntext\n\n"
-                     f"{ENVIRONMENT_MARKERS[0]}\n{ENVIRONMENT_MARKERS[1]}\nend\n")
+    stale.write_text(
+        f"# x\n\n{SPEC_MARKERS[0]}\nold\n{SPEC_MARKERS[1]}\n\ntext\n\n"
+        f"{ENVIRONMENT_MARKERS[0]}\n{ENVIRONMENT_MARKERS[1]}\nend\n"
+    )
     assert write_blocks(str(stale)) == ["spec-reference", "environment"]
     text = stale.read_text()
     assert generated_block(text, SPEC_MARKERS) + "\n" == spec_reference_markdown()

@@ -8,8 +8,17 @@ import torch
 from sklearn.decomposition import FastICA as SklearnFastICA
 
 from dictsweep import load_dictionary
-from dictsweep.sae.baselines import (StreamingPCA, baseline_dictionary, fast_ica, fit_pca, ica_basis,
-                                     identity_basis, matched_k, pca_basis, random_basis)
+from dictsweep.sae.baselines import (
+    StreamingPCA,
+    baseline_dictionary,
+    fast_ica,
+    fit_pca,
+    ica_basis,
+    identity_basis,
+    matched_k,
+    pca_basis,
+    random_basis,
+)
 from dictsweep.sae.export import Dictionary, dictionary_files
 from dictsweep.sae.metrics import FiringTracker, fvu
 from dictsweep.train.bench_baselines import ica_mixture, source_recovery
@@ -29,7 +38,7 @@ def uneven_batches(x, sizes=(7, 300, 1)):
     batches, start, index = [], 0, 0
     while start < len(x):
         size = sizes[index % len(sizes)]
-        batches.append(x[start:start + size])
+        batches.append(x[start : start + size])
         start, index = start + size, index + 1
     return batches
 
@@ -91,8 +100,9 @@ def test_fast_ica_agrees_with_sklearn_up_to_sign_and_order():
     order = cosine.abs().argmax(1)
     assert sorted(order.tolist()) == [0, 1, 2, 3]
     signs = cosine[torch.arange(4), order].sign().unsqueeze(1)
-    torch.testing.assert_close(ours.components * signs, reference[order], rtol=0,
-                               atol=1e-3 * float(reference.abs().max()))
+    torch.testing.assert_close(
+        ours.components * signs, reference[order], rtol=0, atol=1e-3 * float(reference.abs().max())
+    )
 
 
 def test_fast_ica_rejects_too_many_components_and_one_shot_streams():
@@ -146,8 +156,10 @@ def test_baseline_exports_load_and_reconstruct_as_the_baseline(tmp_path, kind):
         torch.testing.assert_close(sae(x), expected, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize(("kind", "k"), [("identity", D_MODEL), ("pca", 2 * D_MODEL),
-                                         ("pca", D_MODEL), ("ica", D_MODEL), ("random", D_MODEL)])
+@pytest.mark.parametrize(
+    ("kind", "k"),
+    [("identity", D_MODEL), ("pca", 2 * D_MODEL), ("pca", D_MODEL), ("ica", D_MODEL), ("random", D_MODEL)],
+)
 def test_complete_bases_reconstruct_exactly(kind, k):
     x, _, _ = ica_mixture(2000, D_MODEL, seed=9)
     module = Dictionary(*baseline_dictionary(fitted_basis(kind, x), k))
@@ -157,8 +169,10 @@ def test_complete_bases_reconstruct_exactly(kind, k):
 def test_fvu_falls_with_k_and_pca_beats_random():
     x = correlated(2000, seed=10)
     bases = {kind: fitted_basis(kind, x) for kind in ("pca", "random")}
-    curves = {kind: [float(fvu(x, Dictionary(*baseline_dictionary(bases[kind], k))(x))) for k in (1, 2, 3)]
-              for kind in ("pca", "random")}
+    curves = {
+        kind: [float(fvu(x, Dictionary(*baseline_dictionary(bases[kind], k))(x))) for k in (1, 2, 3)]
+        for kind in ("pca", "random")
+    }
     for curve in curves.values():
         assert curve[0] > curve[1] > curve[2]
     assert all(pca < random for pca, random in zip(curves["pca"], curves["random"]))

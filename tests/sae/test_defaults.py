@@ -34,14 +34,17 @@ def test_default_training_recovers_the_ground_truth(shape, architecture):
     acts, _ = sample_rows(model, synth, TOKENS, np.random.default_rng(synth.seed))
     active = int(synth.active)
     sparsity = {"k": [active, 2 * active]} if architecture == "topk" else {"target_l0": [active, 2 * active]}
-    spec = SweepSpec(name="defaults", data={"uri": "unused"},
-                     grid=GridConfig(architecture=[architecture], n_latents=[synth.n_features], **sparsity))
+    spec = SweepSpec(
+        name="defaults",
+        data={"uri": "unused"},
+        grid=GridConfig(architecture=[architecture], n_latents=[synth.n_features], **sparsity),
+    )
     points = grid_points(spec)
     assert len({point.lr for point in points}) == 1  # one width: one default learning rate
     ensemble = build_ensemble(architecture, synth.d_model, synth.n_features, [p.member() for p in points])
     ensemble.input_scale.fill_(float((synth.d_model / acts[:65536].pow(2).sum(-1).mean()).sqrt()))
     trainer = EnsembleTrainer(ensemble, TrainConfig(tokens=TOKENS, batch_rows=BATCH), TOKENS // BATCH)
     for step in range(TOKENS // BATCH):
-        trainer.step(acts[step * BATCH:(step + 1) * BATCH])
+        trainer.step(acts[step * BATCH : (step + 1) * BATCH])
     recovered = [mmcs_ground_truth(ensemble.W_dec[i], model.features)["mmcs_ground_truth"] for i in range(len(points))]
     assert max(recovered) >= 0.95, dict(zip([p.name for p in points], recovered))

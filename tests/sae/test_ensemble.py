@@ -29,13 +29,22 @@ SPARSITY = {"relu": [1.0, 30.0, 0.3], "jumprelu": [0.1, 0.3, 0.03], "topk": [4, 
 
 def members_of(architecture):
     key = "k" if "topk" in architecture else "l1_coef"
-    return [Member(lr=lr, seed=seed, **{key: value})
-            for lr, seed, value in zip([1e-3, 3e-3, 2e-3], [1, 2, 3], SPARSITY[architecture])]
+    return [
+        Member(lr=lr, seed=seed, **{key: value})
+        for lr, seed, value in zip([1e-3, 3e-3, 2e-3], [1, 2, 3], SPARSITY[architecture])
+    ]
 
 
 # dead latents within a few batches, so AuxK and resampling take part in the comparison
-CONFIG = TrainConfig(tokens=BATCH * STEPS, batch_rows=BATCH, lr_warmup_steps=5, grad_clip=0.5,
-                     dead_window_tokens=BATCH * 2, resample_every_tokens=BATCH * 5, resample_until_fraction=1.0)
+CONFIG = TrainConfig(
+    tokens=BATCH * STEPS,
+    batch_rows=BATCH,
+    lr_warmup_steps=5,
+    grad_clip=0.5,
+    dead_window_tokens=BATCH * 2,
+    resample_every_tokens=BATCH * 5,
+    resample_until_fraction=1.0,
+)
 
 
 def train(architecture, members, kernel="bmm", decode="auto"):
@@ -68,8 +77,7 @@ def test_ensemble_equals_independent_members(architecture, kernel, decode):
         assert_same_member(stacked, index, alone)
         # the members moved away from their start, so the comparison means something
         assert not torch.allclose(alone.W_dec[0], alone.init_member(member.seed)[1], atol=1e-3)
-        torch.testing.assert_close(stacked_trainer.firing.total_counts[index],
-                                   alone_trainer.firing.total_counts[0])
+        torch.testing.assert_close(stacked_trainer.firing.total_counts[index], alone_trainer.firing.total_counts[0])
     metrics = stacked_trainer.log_metrics()
     if stacked.dead_latents == "auxk":  # dead latents appeared and AuxK trained them
         assert max(metrics["aux_loss"]) > 0

@@ -20,10 +20,12 @@ D_MODEL, N_LATENTS, SCALE = 12, 40, 3.5
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-MEMBERS = {"relu": [Member(lr=3e-3, seed=4, l1_coef=0.5), Member(lr=3e-3, seed=5, l1_coef=2.0)],
-           "jumprelu": [Member(lr=3e-3, seed=4, l1_coef=0.05), Member(lr=3e-3, seed=5, l1_coef=0.2)],
-           "topk": [Member(lr=3e-3, seed=4, k=3), Member(lr=3e-3, seed=5, k=6)],
-           "batchtopk": [Member(lr=3e-3, seed=4, k=3), Member(lr=3e-3, seed=5, k=6)]}
+MEMBERS = {
+    "relu": [Member(lr=3e-3, seed=4, l1_coef=0.5), Member(lr=3e-3, seed=5, l1_coef=2.0)],
+    "jumprelu": [Member(lr=3e-3, seed=4, l1_coef=0.05), Member(lr=3e-3, seed=5, l1_coef=0.2)],
+    "topk": [Member(lr=3e-3, seed=4, k=3), Member(lr=3e-3, seed=5, k=6)],
+    "batchtopk": [Member(lr=3e-3, seed=4, k=3), Member(lr=3e-3, seed=5, k=6)],
+}
 SAELENS_ARCHITECTURE = {"relu": "standard", "jumprelu": "jumprelu", "topk": "topk", "batchtopk": "jumprelu"}
 
 
@@ -61,8 +63,15 @@ def test_export_reproduces_trained_module(tmp_path, architecture):
         out = ensemble(x * SCALE)
     for index in range(ensemble.n_members):
         folder = tmp_path / f"member{index}"
-        write(folder, member_files(ensemble, index, trainer.firing.log10_frequency()[index],
-                                   {"model_name": "toy", "hook_name": "h", "dictsweep": {"seed": index}}))
+        write(
+            folder,
+            member_files(
+                ensemble,
+                index,
+                trainer.firing.log10_frequency()[index],
+                {"model_name": "toy", "hook_name": "h", "dictsweep": {"seed": index}},
+            ),
+        )
         loaded = load_dictionary(str(folder))
         torch.testing.assert_close(loaded(x), out.sae_out[index] / SCALE, rtol=1e-5, atol=1e-5)
         latents = loaded.encode(x)
@@ -78,13 +87,18 @@ def test_saelens_loads_export(tmp_path, architecture):
     ensemble, trainer = trained(architecture)
     folder = tmp_path / "sae"
     # the names a GPT-2 harvest from a local Hugging Face cache folder exports
-    source = {"model": "/home/someone/.cache/huggingface/hub/models--openai-community--gpt2/snapshots/607a30d",
-              "model_type": "gpt2", "hook": "transformer.h.3"}
+    source = {
+        "model": "/home/someone/.cache/huggingface/hub/models--openai-community--gpt2/snapshots/607a30d",
+        "model_type": "gpt2",
+        "hook": "transformer.h.3",
+    }
     write(folder, member_files(ensemble, 1, trainer.firing.log10_frequency()[1], export_names(source)))
     sae = sae_lens.SAE.load_from_disk(str(folder))
     assert sae.cfg.metadata.model_name == "openai-community/gpt2" and sae.cfg.metadata.hook_name == "transformer.h.3"
-    assert json.loads((folder / "cfg.json").read_text())["metadata"]["hook_name_transformer_lens"] == \
-        "blocks.3.hook_resid_post"
+    assert (
+        json.loads((folder / "cfg.json").read_text())["metadata"]["hook_name_transformer_lens"]
+        == "blocks.3.hook_resid_post"
+    )
     x = torch.randn(50, D_MODEL, generator=torch.Generator().manual_seed(2)) + 2.0
     with torch.no_grad():
         expected = ensemble(x * SCALE).sae_out[1] / SCALE
@@ -122,34 +136,40 @@ def hostile(files: dict[str, bytes], change: str) -> dict[str, bytes]:
     return {**files, "cfg.json": json.dumps(config).encode(), "sae_weights.safetensors": save(weights)}
 
 
-@pytest.mark.parametrize("change, file, words", [
-    ("garbled cfg.json", "cfg.json", ["not valid JSON"]),
-    ("cfg.json a list", "cfg.json", ["JSON object"]),
-    ("garbled weights", "sae_weights.safetensors", ["not a readable safetensors"]),
-    (f"d_sae={N_LATENTS * 2}", "sae_weights.safetensors", ["'W_enc'", f"[{D_MODEL}, {N_LATENTS}]",
-                                                            f"d_sae={N_LATENTS * 2}"]),
-    (f"d_in={D_MODEL + 1}", "sae_weights.safetensors", ["'W_enc'", f"d_in={D_MODEL + 1}"]),
-    ("transposed W_enc", "sae_weights.safetensors", ["'W_enc'", f"[{N_LATENTS}, {D_MODEL}]"]),
-    ("integer W_dec", "sae_weights.safetensors", ["'W_dec'", "int32"]),
-    ("NaN in b_dec", "sae_weights.safetensors", ["'b_dec'", "NaN"]),
-    ("half b_enc", "sae_weights.safetensors", ["different dtypes", "float16"]),
-    ("no b_dec", "sae_weights.safetensors", ["['b_dec']"]),
-    ("sparsity of another size", "sparsity.safetensors", ["'sparsity'", f"[{N_LATENTS + 1}]"]),
-    ('apply_b_dec_to_input="false"', "cfg.json", ["'apply_b_dec_to_input'", "true or false", "'false'"]),
-    ("rescale_acts_by_decoder_norm=true", "cfg.json", ["'rescale_acts_by_decoder_norm'"]),
-    (f"k={N_LATENTS + 1}", "cfg.json", ["'k'", f"k <= d_sae ({N_LATENTS})"]),
-    ("k=0", "cfg.json", ["'k'"]),
-    ("k=3.0", "cfg.json", ["'k'", "an integer"]),
-    ("k=true", "cfg.json", ["'k'", "an integer"]),
-    ("k=null", "cfg.json", ["'k'", "missing"]),
-    ("d_sae=true", "cfg.json", ["'d_sae'", "an integer"]),
-    ("d_in=-4", "cfg.json", ["'d_in'", "> 0"]),
-    ('architecture="gated"', "cfg.json", ["'architecture'", "'gated'"]),
-    ('architecture=["topk"]', "cfg.json", ["'architecture'", "a string"]),
-    ('dtype="int8"', "cfg.json", ["'dtype'", "'int8'"]),
-    ('normalize_activations="expected_average_only_in"', "cfg.json", ["'normalize_activations'"]),
-    ("metadata=[]", "cfg.json", ["'metadata'", "an object"]),
-])
+@pytest.mark.parametrize(
+    "change, file, words",
+    [
+        ("garbled cfg.json", "cfg.json", ["not valid JSON"]),
+        ("cfg.json a list", "cfg.json", ["JSON object"]),
+        ("garbled weights", "sae_weights.safetensors", ["not a readable safetensors"]),
+        (
+            f"d_sae={N_LATENTS * 2}",
+            "sae_weights.safetensors",
+            ["'W_enc'", f"[{D_MODEL}, {N_LATENTS}]", f"d_sae={N_LATENTS * 2}"],
+        ),
+        (f"d_in={D_MODEL + 1}", "sae_weights.safetensors", ["'W_enc'", f"d_in={D_MODEL + 1}"]),
+        ("transposed W_enc", "sae_weights.safetensors", ["'W_enc'", f"[{N_LATENTS}, {D_MODEL}]"]),
+        ("integer W_dec", "sae_weights.safetensors", ["'W_dec'", "int32"]),
+        ("NaN in b_dec", "sae_weights.safetensors", ["'b_dec'", "NaN"]),
+        ("half b_enc", "sae_weights.safetensors", ["different dtypes", "float16"]),
+        ("no b_dec", "sae_weights.safetensors", ["['b_dec']"]),
+        ("sparsity of another size", "sparsity.safetensors", ["'sparsity'", f"[{N_LATENTS + 1}]"]),
+        ('apply_b_dec_to_input="false"', "cfg.json", ["'apply_b_dec_to_input'", "true or false", "'false'"]),
+        ("rescale_acts_by_decoder_norm=true", "cfg.json", ["'rescale_acts_by_decoder_norm'"]),
+        (f"k={N_LATENTS + 1}", "cfg.json", ["'k'", f"k <= d_sae ({N_LATENTS})"]),
+        ("k=0", "cfg.json", ["'k'"]),
+        ("k=3.0", "cfg.json", ["'k'", "an integer"]),
+        ("k=true", "cfg.json", ["'k'", "an integer"]),
+        ("k=null", "cfg.json", ["'k'", "missing"]),
+        ("d_sae=true", "cfg.json", ["'d_sae'", "an integer"]),
+        ("d_in=-4", "cfg.json", ["'d_in'", "> 0"]),
+        ('architecture="gated"', "cfg.json", ["'architecture'", "'gated'"]),
+        ('architecture=["topk"]', "cfg.json", ["'architecture'", "a string"]),
+        ('dtype="int8"', "cfg.json", ["'dtype'", "'int8'"]),
+        ('normalize_activations="expected_average_only_in"', "cfg.json", ["'normalize_activations'"]),
+        ("metadata=[]", "cfg.json", ["'metadata'", "an object"]),
+    ],
+)
 def test_hostile_folder_is_refused_naming_file_and_field(tmp_path, change, file, words):
     ensemble = build_ensemble("topk", D_MODEL, N_LATENTS, MEMBERS["topk"])
     folder = tmp_path / "sae"
@@ -166,8 +186,9 @@ def test_untouched_folder_loads(tmp_path):
     write(tmp_path / "sae", member_files(ensemble, 0, torch.zeros(N_LATENTS), {"model_name": "toy"}))
     loaded = load_dictionary(str(tmp_path / "sae"))
     assert loaded.k == 3 and loaded.W_enc.shape == (D_MODEL, N_LATENTS)
-    write(tmp_path / "false", hostile(member_files(ensemble, 0, torch.zeros(N_LATENTS), {}),
-                                      "apply_b_dec_to_input=false"))
+    write(
+        tmp_path / "false", hostile(member_files(ensemble, 0, torch.zeros(N_LATENTS), {}), "apply_b_dec_to_input=false")
+    )
     x = torch.randn(5, D_MODEL)
     unshifted = load_dictionary(str(tmp_path / "false"))  # a real false is honoured
     torch.testing.assert_close(unshifted.encode(x), loaded.encode(x + loaded.b_dec))

@@ -3,8 +3,16 @@
 import pytest
 import torch
 
-from dictsweep.sae.metrics import (FiringTracker, fvu, fvu_from_moments, l0_from_counts, mmcs, mmcs_ground_truth,
-                                    mse, squared_error)
+from dictsweep.sae.metrics import (
+    FiringTracker,
+    fvu,
+    fvu_from_moments,
+    l0_from_counts,
+    mmcs,
+    mmcs_ground_truth,
+    mse,
+    squared_error,
+)
 
 
 def test_mse_fvu_l0_on_known_values():
@@ -34,7 +42,7 @@ def test_mmcs_both_directions():
     truth = torch.eye(4)
     learned = torch.cat([torch.eye(4)[:2], torch.tensor([[1.0, 1.0, 0, 0]])])  # 2 exact, 1 between
     over_learned, over_truth = mmcs(learned, truth)
-    assert over_learned == pytest.approx((1 + 1 + 2 ** -0.5) / 3)
+    assert over_learned == pytest.approx((1 + 1 + 2**-0.5) / 3)
     assert over_truth == pytest.approx((1 + 1 + 0 + 0) / 4)
     assert mmcs_ground_truth(learned, truth) == {"mmcs_ground_truth": over_truth, "mmcs_learned": over_learned}
     # scale does not matter, sign does

@@ -44,7 +44,9 @@ def test_decoder_norm_tick_labels_do_not_overlap(spread):
     low, high = norm_axes.get_xlim()
     if spread == 0.0:
         assert (low, high) == pytest.approx((0.95 - 0.005, 1.05 + 0.005), abs=0.01)  # 5% pad, hist margins
-    labels = [label for label in norm_axes.get_xticklabels() if label.get_text() and low <= label.get_position()[0] <= high]
+    labels = [
+        label for label in norm_axes.get_xticklabels() if label.get_text() and low <= label.get_position()[0] <= high
+    ]
     assert 3 <= len(labels) <= 6
     assert all(len(label.get_text()) <= 5 for label in labels), [label.get_text() for label in labels]
     assert norm_axes.xaxis.get_offset_text().get_text() == ""

@@ -24,13 +24,16 @@ def toy():
     return acts, model.features
 
 
-@pytest.mark.parametrize("architecture,n_latents,member", [
-    ("relu", 128, Member(lr=3e-3, seed=0, l1_coef=2.0)),
-    ("topk", 64, Member(lr=3e-3, seed=0, k=4)),
-    ("topk", 128, Member(lr=3e-3, seed=0, k=3)),
-    ("batchtopk", 128, Member(lr=3e-3, seed=0, k=3)),
-    ("jumprelu", 128, Member(lr=3e-3, seed=0, l1_coef=2.0)),
-])
+@pytest.mark.parametrize(
+    "architecture,n_latents,member",
+    [
+        ("relu", 128, Member(lr=3e-3, seed=0, l1_coef=2.0)),
+        ("topk", 64, Member(lr=3e-3, seed=0, k=4)),
+        ("topk", 128, Member(lr=3e-3, seed=0, k=3)),
+        ("batchtopk", 128, Member(lr=3e-3, seed=0, k=3)),
+        ("jumprelu", 128, Member(lr=3e-3, seed=0, l1_coef=2.0)),
+    ],
+)
 def test_recovers_ground_truth(toy, architecture, n_latents, member):
     acts, features = toy
     ensemble = build_ensemble(architecture, 32, n_latents, [member])
@@ -39,7 +42,7 @@ def test_recovers_ground_truth(toy, architecture, n_latents, member):
     trainer = EnsembleTrainer(ensemble, TrainConfig(tokens=ROWS, batch_rows=BATCH, lr_warmup_steps=20), steps)
     before = mmcs_ground_truth(ensemble.W_dec[0], features)["mmcs_ground_truth"]
     for step in range(steps):
-        trainer.step(acts[step * BATCH:(step + 1) * BATCH])
+        trainer.step(acts[step * BATCH : (step + 1) * BATCH])
     recovery = mmcs_ground_truth(ensemble.W_dec[0], features)
     assert before < 0.6  # random directions in 32 dimensions are far from the features
     assert recovery["mmcs_ground_truth"] >= 0.9, recovery

@@ -83,8 +83,8 @@ def test_kernel_under_the_interpreter_equals_the_dense_decode():
     for name in ("out", "values", "table"):
         assert fp32[name] < 1e-4
     # bf16: values and gradients rounded once to 8 bits of mantissa; accumulation in fp32
-    assert bf16["out"] <= 2 ** -7 * bf16["scale"] and bf16["table"] < 1e-4
-    assert bf16["values"] < 2 ** -6 * 20
+    assert bf16["out"] <= 2**-7 * bf16["scale"] and bf16["table"] < 1e-4
+    assert bf16["values"] < 2**-6 * 20
     for architecture in ("topk", "batchtopk"):
         assert results[architecture]["aux_loss"] > 0  # AuxK ran, through the kernel
         assert results[architecture]["loss"] < 1e-4 and results[architecture]["grads"] < 1e-4

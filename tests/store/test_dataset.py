@@ -55,7 +55,9 @@ def test_crash_inside_the_writer_leaves_no_dataset(tmp_path):
             writer.add(torch.zeros(5, 4))  # two full shards are written before the crash
             raise RuntimeError("harvest died")
     assert (tmp_path / "train" / "00001.arrow").exists() and not (tmp_path / "manifest.json").exists()
-    with pytest.raises(DatasetError, match="has no manifest.json: not a dictsweep dataset, or its writer did not finish"):
+    with pytest.raises(
+        DatasetError, match="has no manifest.json: not a dictsweep dataset, or its writer did not finish"
+    ):
         ActivationDataset.open(str(tmp_path))
 
 
@@ -102,8 +104,11 @@ def test_flipped_byte_is_a_sha256_error_naming_the_shard(small_dataset):
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
     dataset = ActivationDataset.open(str(prefix))
-    with pytest.raises(DatasetError, match=r"shard train/00001.arrow of .*: sha256 mismatch \(expected [0-9a-f]{12}\.\., "
-                                           r"got [0-9a-f]{12}\.\.\): the object is corrupt or was rewritten"):
+    with pytest.raises(
+        DatasetError,
+        match=r"shard train/00001.arrow of .*: sha256 mismatch \(expected [0-9a-f]{12}\.\., "
+        r"got [0-9a-f]{12}\.\.\): the object is corrupt or was rewritten",
+    ):
         dataset.read_shard(1)
     assert torch.equal(dataset.read_shard(0), small_dataset[1][:10])  # the others still read
 
@@ -113,8 +118,10 @@ def test_truncated_shard_names_its_sizes(small_dataset):
     path = prefix / "eval" / "00000.arrow"
     size = path.stat().st_size
     path.write_bytes(path.read_bytes()[:100])
-    with pytest.raises(DatasetError, match=f"shard eval/00000.arrow of .*: 100 bytes, the manifest says {size}: "
-                                           "the object is truncated"):
+    with pytest.raises(
+        DatasetError,
+        match=f"shard eval/00000.arrow of .*: 100 bytes, the manifest says {size}: the object is truncated",
+    ):
         ActivationDataset.open(str(prefix)).read_shard(0, split="eval")
 
 
@@ -140,8 +147,10 @@ def test_row_count_differing_from_the_manifest(small_dataset):
 def test_manifest_dtype_differing_from_the_shards(small_dataset):
     prefix = small_dataset[0]
     edit_manifest(prefix, lambda m: m.update(dtype="float16"))
-    with pytest.raises(DatasetError, match="shard train/00000.arrow of .*: column 'act' stores float32 values, "
-                                           "but the manifest says dtype=float16"):
+    with pytest.raises(
+        DatasetError,
+        match="shard train/00000.arrow of .*: column 'act' stores float32 values, but the manifest says dtype=float16",
+    ):
         ActivationDataset.open(str(prefix)).read_shard(0)
 
 
@@ -169,13 +178,14 @@ def test_non_finite_value_names_the_shard_and_the_first_bad_row(tmp_path, dtype,
     assert torch.equal(dataset.read_shard(0), acts[:40].to(dataset.torch_dtype))  # the clean shard reads
     with pytest.raises(DatasetError) as raised:
         dataset.read_shard(1)
-    assert str(raised.value).startswith(f"shard train/00001.arrow of {tmp_path}: row {row} holds {value} "
-                                        f"(column {column})")
+    assert str(raised.value).startswith(
+        f"shard train/00001.arrow of {tmp_path}: row {row} holds {value} (column {column})"
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_the_bit_test_knows_every_16_bit_value(dtype):
-    every = torch.arange(-2**15, 2**15, dtype=torch.int32).to(torch.int16).view(dtype)  # [65536] each pattern
+    every = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)  # [65536] each pattern
     finite = torch.isfinite(every.float())
     assert any_non_finite(every) and not any_non_finite(every[finite])
     for value in every[~finite].split(1):  # each NaN and infinity, alone among finite values
@@ -183,8 +193,11 @@ def test_the_bit_test_knows_every_16_bit_value(dtype):
 
 
 def test_the_bit_test_knows_float32_edges():
-    edges = torch.tensor([0x7F7FFFFF, 0xFF7FFFFF, 0x00000001, 0x80000001, 0, 0x80000000],
-                         dtype=torch.int64).to(torch.int32).view(torch.float32)  # largest finite, tiniest, zeros
+    edges = (
+        torch.tensor([0x7F7FFFFF, 0xFF7FFFFF, 0x00000001, 0x80000001, 0, 0x80000000], dtype=torch.int64)
+        .to(torch.int32)
+        .view(torch.float32)
+    )  # largest finite, tiniest, zeros
     assert not any_non_finite(edges)
     for bits in (0x7F800000, 0xFF800000, 0x7FC00000, 0xFFFFFFFF, 0x7F800001):  # +-inf, NaNs
         bad = torch.tensor([bits], dtype=torch.int64).to(torch.int32).view(torch.float32)

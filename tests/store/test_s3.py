@@ -24,9 +24,32 @@ SMALL = SynthConfig(d_model=8, n_features=16, active=2, rows=3000, eval_rows=500
 
 def test_synth_to_s3_reads_back_like_local(tmp_path, bucket):
     uri = f"s3://{bucket}/toy"
-    out = subprocess.run([sys.executable, "-m", "dictsweep.cli", "synth", "--out", uri, "--d-model", "8",
-                          "--n-features", "16", "--active", "2", "--rows", "3000", "--eval-rows", "500",
-                          "--shard-rows", "1000", "--seed", "4"], capture_output=True, text=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dictsweep.cli",
+            "synth",
+            "--out",
+            uri,
+            "--d-model",
+            "8",
+            "--n-features",
+            "16",
+            "--active",
+            "2",
+            "--rows",
+            "3000",
+            "--eval-rows",
+            "500",
+            "--shard-rows",
+            "1000",
+            "--seed",
+            "4",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stderr
     synth_dataset(str(tmp_path / "local"), SMALL)
     remote, local = ActivationDataset.open(uri), ActivationDataset.open(str(tmp_path / "local"))
@@ -64,9 +87,12 @@ def strict_s3(monkeypatch):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    server = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "moto_server"), "-H", "127.0.0.1",
-                               "-p", str(port)], env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "2"},
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [os.path.join(os.path.dirname(sys.executable), "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "2"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     endpoint = f"http://127.0.0.1:{port}"
     for _ in range(100):
         try:
@@ -74,8 +100,9 @@ def strict_s3(monkeypatch):
             break
         except OSError:
             time.sleep(0.1)
-    iam = boto3.client("iam", endpoint_url=endpoint, aws_access_key_id="x", aws_secret_access_key="y",
-                       region_name="us-east-1")
+    iam = boto3.client(
+        "iam", endpoint_url=endpoint, aws_access_key_id="x", aws_secret_access_key="y", region_name="us-east-1"
+    )
     iam.create_user(UserName="reader")
     key = iam.create_access_key(UserName="reader")["AccessKey"]
     monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
@@ -129,8 +156,9 @@ class FlakyProxy(http.server.ThreadingHTTPServer):
                     return
                 headers = {k: v for k, v in handler.headers.items() if k.lower() not in ("host", "expect")}
                 headers.setdefault("Content-Type", "application/octet-stream")  # not urllib's form default
-                request = urllib.request.Request(self.upstream + handler.path, data=body, method=handler.command,
-                                                 headers=headers)
+                request = urllib.request.Request(
+                    self.upstream + handler.path, data=body, method=handler.command, headers=headers
+                )
                 try:
                     with urllib.request.urlopen(request) as answer:
                         status, headers, payload = answer.status, answer.headers, answer.read()

@@ -67,25 +67,33 @@ def test_several_record_batches_are_concatenated():
     assert torch.equal(acts, torch.cat([_acts(), _acts()]))
 
 
-@pytest.mark.parametrize("data, found", [
-    (bytearray(b"definitely not an arrow file"), "not a readable Arrow IPC file"),
-    (bytearray(encode_shard(_acts(), "float32")[:-100]), "not a readable Arrow IPC file"),
-])
+@pytest.mark.parametrize(
+    "data, found",
+    [
+        (bytearray(b"definitely not an arrow file"), "not a readable Arrow IPC file"),
+        (bytearray(encode_shard(_acts(), "float32")[:-100]), "not a readable Arrow IPC file"),
+    ],
+)
 def test_unreadable_bytes_name_the_shard(data, found):
     with pytest.raises(DatasetError, match=f"shard train/00007.arrow: {found}"):
         decode_shard(data, 5, "float32", "train/00007.arrow")
 
 
 def test_wrong_list_size_names_both_sizes():
-    with pytest.raises(DatasetError, match="shard s: column 'act' holds 5 values per row, but the manifest says d_model=6"):
+    with pytest.raises(
+        DatasetError, match="shard s: column 'act' holds 5 values per row, but the manifest says d_model=6"
+    ):
         decode_shard(bytearray(encode_shard(_acts(), "float32")), 6, "float32", "s")
 
 
-@pytest.mark.parametrize("stored, expected, found", [
-    ("float16", "float32", "stores float16 values, but the manifest says dtype=float32"),
-    ("bfloat16", "float16", "stores bfloat16 values, but the manifest says dtype=float16"),
-    ("float32", "bfloat16", "stores float32 values, but the manifest says dtype=bfloat16"),
-])
+@pytest.mark.parametrize(
+    "stored, expected, found",
+    [
+        ("float16", "float32", "stores float16 values, but the manifest says dtype=float32"),
+        ("bfloat16", "float16", "stores bfloat16 values, but the manifest says dtype=float16"),
+        ("float32", "bfloat16", "stores float32 values, but the manifest says dtype=bfloat16"),
+    ],
+)
 def test_wrong_dtype_names_what_was_found(stored, expected, found):
     with pytest.raises(DatasetError, match=f"shard s: column 'act' {found}"):
         decode_shard(bytearray(encode_shard(_acts(), stored)), 5, expected, "s")

@@ -109,8 +109,25 @@ def test_config_errors_name_the_option():
 
 def test_cli_synth(tmp_path, run_cli):
     out = str(tmp_path / "ds")
-    args = ["synth", "--out", out, "--d-model", "8", "--n-features", "16", "--active", "2",
-            "--rows", "300", "--eval-rows", "50", "--shard-rows", "128", "--seed", "1"]
+    args = [
+        "synth",
+        "--out",
+        out,
+        "--d-model",
+        "8",
+        "--n-features",
+        "16",
+        "--active",
+        "2",
+        "--rows",
+        "300",
+        "--eval-rows",
+        "50",
+        "--shard-rows",
+        "128",
+        "--seed",
+        "1",
+    ]
     code, printed = run_cli(*args)
     assert code == 0 and f"wrote 300 train + 50 eval rows (3 + 1 shards, d_model=8, float32) to {out}" in printed
     assert "writing 300 + 50 synthetic rows to /" in printed  # the step shown while it runs
@@ -125,7 +142,8 @@ def test_cli_synth(tmp_path, run_cli):
 
 def test_cli_entry_point_exits_2_on_a_bad_value(tmp_path):
     executable = Path(sys.executable).parent / "dictsweep"
-    result = subprocess.run([str(executable), "synth", "--out", str(tmp_path), "--rows", "-5"],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [str(executable), "synth", "--out", str(tmp_path), "--rows", "-5"], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 2 and "--rows: Input should be greater than 0" in result.stderr
     assert not (tmp_path / "manifest.json").exists()

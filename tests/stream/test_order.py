@@ -16,7 +16,7 @@ def rows_of(order, batch):
         permutation = order.row_permutation(piece.window)
         if permutation is not None:
             window_ids = window_ids[permutation]
-        ids.extend(map(tuple, window_ids[piece.start:piece.stop]))
+        ids.extend(map(tuple, window_ids[piece.start : piece.stop]))
     return ids
 
 

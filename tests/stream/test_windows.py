@@ -9,8 +9,16 @@ from dictsweep.errors import DatasetError
 from dictsweep.store import fs
 from dictsweep.store.dataset import ActivationDataset
 from dictsweep.store.synth import SynthConfig, synth_dataset
-from dictsweep.stream.actors import (ReaderMemory, WindowReader, as_numpy, as_words, batch_views, read_window,
-                                     stream_orders, whole_batch)
+from dictsweep.stream.actors import (
+    ReaderMemory,
+    WindowReader,
+    as_numpy,
+    as_words,
+    batch_views,
+    read_window,
+    stream_orders,
+    whole_batch,
+)
 from dictsweep.stream.windows import WindowStream
 
 BATCH_ROWS = 96  # not a divisor of the shard rows: batches span shards, windows and epochs
@@ -19,8 +27,12 @@ BATCH_ROWS = 96  # not a divisor of the shard rows: batches span shards, windows
 @pytest.fixture(scope="module", params=["float16", "bfloat16"])
 def dataset(request, tmp_path_factory):
     uri = str(tmp_path_factory.mktemp("windows") / request.param)
-    synth_dataset(uri, SynthConfig(d_model=8, n_features=16, active=2, rows=1000, eval_rows=300, shard_rows=200,
-                                   dtype=request.param, seed=5))
+    synth_dataset(
+        uri,
+        SynthConfig(
+            d_model=8, n_features=16, active=2, rows=1000, eval_rows=300, shard_rows=200, dtype=request.param, seed=5
+        ),
+    )
     return ActivationDataset.open(uri)
 
 
@@ -30,7 +42,7 @@ def expected_batch(dataset, order, split, batch):
     for piece in order.pieces(batch):
         rows = np.concatenate([as_numpy(dataset.read_shard(shard, split)) for shard in piece.window.shards])
         permutation = order.row_permutation(piece.window)
-        parts.append((rows if permutation is None else rows[permutation])[piece.start:piece.stop])
+        parts.append((rows if permutation is None else rows[permutation])[piece.start : piece.stop])
     return np.concatenate(parts)
 
 
@@ -48,8 +60,10 @@ def test_a_window_is_its_shards_rows_in_stream_order(dataset, threads):
         assert read == sum(dataset.shards("train")[shard].bytes for shard in window.shards)
 
 
-@pytest.mark.parametrize("dtype, d_model, word", [(np.float16, 3, 2), (np.float16, 6, 4), (np.float16, 8, 8),
-                                                   (np.float32, 3, 4), (np.int16, 1, 2)])
+@pytest.mark.parametrize(
+    "dtype, d_model, word",
+    [(np.float16, 3, 2), (np.float16, 6, 4), (np.float16, 8, 8), (np.float32, 3, 4), (np.int16, 1, 2)],
+)
 def test_rows_move_as_the_widest_words_that_tile_them(dtype, d_model, word):
     rows = np.arange(10 * d_model).astype(dtype).reshape(10, d_model)  # [10, d_model]
     words = as_words(rows)
@@ -72,7 +86,9 @@ def test_a_corrupt_shard_fails_its_window_by_name(tmp_path):
     with pytest.raises(DatasetError, match="train/00001.arrow.*sha256"):
         read_window(dataset, order, order.window(0), "train", memory=memory)
     fs.write_bytes(path, bytes(data[:-10]))  # truncated: read into the reused buffer all the same
-    with pytest.raises(DatasetError, match=rf"train/00001.arrow.*{len(data) - 10} bytes, the manifest says {len(data)}"):
+    with pytest.raises(
+        DatasetError, match=rf"train/00001.arrow.*{len(data) - 10} bytes, the manifest says {len(data)}"
+    ):
         read_window(dataset, order, order.window(0), "train", memory=memory)
 
 
@@ -111,6 +127,5 @@ def test_eval_windows_are_shards_in_order(dataset, ray_local):
     eval_rows = np.concatenate([as_numpy(dataset.read_shard(index, "eval")) for index in range(2)])
     for batch in range(3):
         pieces = stream.pieces(batch)
-        assert np.array_equal(whole_batch(pieces), eval_rows[batch * BATCH_ROWS:(batch + 1) * BATCH_ROWS])
+        assert np.array_equal(whole_batch(pieces), eval_rows[batch * BATCH_ROWS : (batch + 1) * BATCH_ROWS])
         stream.advance(batch + 1)
-

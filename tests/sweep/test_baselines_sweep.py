@@ -20,11 +20,27 @@ from dictsweep.sweep.run import run_sweep
 
 SPEC = {
     "name": "baselines",
-    "data": {"uri": "data/toy", "synth": {"d_model": 16, "n_features": 32, "active": 3, "rows": 20_000,
-                                          "eval_rows": 2048, "shard_rows": 4096, "seed": 1}},
+    "data": {
+        "uri": "data/toy",
+        "synth": {
+            "d_model": 16,
+            "n_features": 32,
+            "active": 3,
+            "rows": 20_000,
+            "eval_rows": 2048,
+            "shard_rows": 4096,
+            "seed": 1,
+        },
+    },
     "grid": {"architecture": ["relu", "topk"], "n_latents": [32], "l1_coef": [1.0], "k": [3, 6], "lr": [0.003]},
-    "train": {"tokens": 12_800, "batch_rows": 256, "lr_warmup_steps": 5, "log_every_tokens": 6400,
-              "eval_tokens": 1536, "kernel": "bmm"},
+    "train": {
+        "tokens": 12_800,
+        "batch_rows": 256,
+        "lr_warmup_steps": 5,
+        "log_every_tokens": 6400,
+        "eval_tokens": 1536,
+        "kernel": "bmm",
+    },
     "select": {"l0": [0.5, 16], "max_fvu": 2.0, "max_dead_fraction": 1.0},  # 12.8k tokens: lenient bounds
     "stream": {"shuffle_shards": 2},
     "baselines": ["pca", "ica", "random", "identity"],
@@ -70,7 +86,8 @@ def test_sweep_with_baselines(fed_sweep):
     # one top-k variant per selected SAE's eval L0 (rounded, deduplicated) and the complete one, per kind
     ks = sorted({max(1, round(result.finished[name].metrics["l0"])) for name in result.selected} | {16})
     assert sorted((b.kind, b.k) for b in result.baselines) == sorted(
-        (kind, k) for kind in ("pca", "ica", "random", "identity") for k in ks)
+        (kind, k) for kind in ("pca", "ica", "random", "identity") for k in ks
+    )
     baselines = {b.name: b for b in result.baselines}
     dataset = ActivationDataset.open(str(folder.parent / "data/toy"))
     x = eval_rows(dataset, 1536)
@@ -107,8 +124,10 @@ def test_sweep_with_baselines(fed_sweep):
         assert run.data.params["kind"] == baselines[name].kind and run.data.params["k"] == str(baselines[name].k)
         assert run.data.metrics["eval/fvu"] == pytest.approx(baselines[name].metrics["fvu"])
         assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["dictionary"]
-    assert parent.data.tags["dictsweep.splice"].startswith("skipped: ") and "synthetic" in parent.data.tags[
-        "dictsweep.splice"]
+    assert (
+        parent.data.tags["dictsweep.splice"].startswith("skipped: ")
+        and "synthetic" in parent.data.tags["dictsweep.splice"]
+    )
     index = json.loads((folder / "export/index.json").read_text())
     assert all({"fvu", "mse", "l0", "dead_fraction", "mmcs_ground_truth"} <= set(entry["metrics"]) for entry in index)
 
@@ -118,8 +137,9 @@ def test_baselines_fed_after_training_equal_those_fed_during_it(monkeypatch, fed
     fed the planned batches at the end, from a broadcaster of its own. The same batches, so the same
     baselines."""
     original = Driver.start_baseline_feed
-    monkeypatch.setattr(Driver, "start_baseline_feed",
-                        lambda self, node: original(self, node) if node is None else None)  # not during waves
+    monkeypatch.setattr(
+        Driver, "start_baseline_feed", lambda self, node: original(self, node) if node is None else None
+    )  # not during waves
     folder = fed_sweep[0].parent / "alone"
     folder.mkdir()
     monkeypatch.chdir(folder.parent)
@@ -133,8 +153,28 @@ def test_baselines_fed_after_training_equal_those_fed_during_it(monkeypatch, fed
 
 
 def test_planned_batches_spread_over_the_stream():
-    assert planned_batches(50, 256, 5120) == [0, 2, 5, 7, 10, 12, 15, 17, 20, 22, 25, 27, 30, 32, 35, 37, 40, 42, 45,
-                                              47]  # 20 batches: every 2.5th
+    assert planned_batches(50, 256, 5120) == [
+        0,
+        2,
+        5,
+        7,
+        10,
+        12,
+        15,
+        17,
+        20,
+        22,
+        25,
+        27,
+        30,
+        32,
+        35,
+        37,
+        40,
+        42,
+        45,
+        47,
+    ]  # 20 batches: every 2.5th
     assert planned_batches(10, 256, 10**9) == list(range(10))  # fewer batches than the budget: all of them
     assert planned_batches(10, 256, 100) == [0]  # less than a batch: one
 

@@ -15,11 +15,28 @@ from mlflow import MlflowClient
 from tests import conftest
 
 SPEC = {
-    "data": {"uri": "data/toy", "synth": {"d_model": 16, "n_features": 32, "active": 3, "rows": 16_384,
-                                          "eval_rows": 1024, "shard_rows": 2048, "seed": 2}},
+    "data": {
+        "uri": "data/toy",
+        "synth": {
+            "d_model": 16,
+            "n_features": 32,
+            "active": 3,
+            "rows": 16_384,
+            "eval_rows": 1024,
+            "shard_rows": 2048,
+            "seed": 2,
+        },
+    },
     "grid": {"architecture": ["relu"], "n_latents": [32], "l1_coef": [1.0, 3.0], "lr": [0.003], "seed": [0]},
-    "train": {"tokens": 65_536, "batch_rows": 256, "lr_warmup_steps": 5, "log_every_tokens": 2048,
-              "eval_tokens": 1024, "kernel": "bmm", "checkpoint_every_tokens": 8192},
+    "train": {
+        "tokens": 65_536,
+        "batch_rows": 256,
+        "lr_warmup_steps": 5,
+        "log_every_tokens": 2048,
+        "eval_tokens": 1024,
+        "kernel": "bmm",
+        "checkpoint_every_tokens": 8192,
+    },
     "stream": {"shuffle_shards": 2, "batches_in_flight": 4},
     "resources": {"torch_threads": 1},
     "export": {"registry": False},
@@ -53,15 +70,21 @@ def curves(uri, sweep) -> dict[str, dict[str, list[tuple[int, float]]]]:
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name(sweep)
     runs = client.search_runs([experiment.experiment_id], "tags.`dictsweep.role` = 'sae'")
-    return {run.data.tags["dictsweep.point"]: {key: sorted((m.step, m.value) for m in client.get_metric_history(
-        run.info.run_id, key)) for key in KEYS} for run in runs}
+    return {
+        run.data.tags["dictsweep.point"]: {
+            key: sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key)) for key in KEYS
+        }
+        for run in runs
+    }
 
 
 def statuses(uri, sweep) -> dict[str, str]:
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name(sweep)
-    return {run.data.tags.get("dictsweep.point", "sweep"): run.info.status
-            for run in client.search_runs([experiment.experiment_id])}
+    return {
+        run.data.tags.get("dictsweep.point", "sweep"): run.info.status
+        for run in client.search_runs([experiment.experiment_id])
+    }
 
 
 def stored_points(folder, sweep) -> int:
@@ -73,12 +96,16 @@ def test_killed_driver_then_resume_loses_no_curve_point(tmp_path, ray_local):
     straight = driver(tmp_path, ray_local, spec_file(tmp_path, "straight"), wait=True)
     assert straight.returncode == 0, straight.stderr
     expected = curves(uri, "straight")
-    assert all([step for step, _ in curve["loss"]] == list(range(2048, 65_536 + 1, 2048)) for curve in expected.values())
+    assert all(
+        [step for step, _ in curve["loss"]] == list(range(2048, 65_536 + 1, 2048)) for curve in expected.values()
+    )
 
     path = spec_file(tmp_path, "killed")
     first = driver(tmp_path, ray_local, path)
     checkpoints = tmp_path / "sweeps" / "killed"
-    wait_until(first, lambda: stored_points(tmp_path, "killed") >= 12 and list(checkpoints.glob("runs/*/checkpoints/*")))
+    wait_until(
+        first, lambda: stored_points(tmp_path, "killed") >= 12 and list(checkpoints.glob("runs/*/checkpoints/*"))
+    )
     first.kill()  # SIGKILL: no handler runs; what it held in memory is gone
     first.wait()
     assert not list(checkpoints.glob("runs/*/complete.json"))
@@ -90,8 +117,9 @@ def test_killed_driver_then_resume_loses_no_curve_point(tmp_path, ray_local):
     for name, curve in expected.items():
         for key in KEYS:
             assert [step for step, _ in got[name][key]] == [step for step, _ in curve[key]], (name, key)
-            assert [value for _, value in got[name][key]] == pytest.approx([value for _, value in curve[key]],
-                                                                           rel=1e-5, abs=1e-7), (name, key)
+            assert [value for _, value in got[name][key]] == pytest.approx(
+                [value for _, value in curve[key]], rel=1e-5, abs=1e-7
+            ), (name, key)
     assert set(statuses(uri, "killed").values()) == {"FINISHED"}
 
 
@@ -112,8 +140,10 @@ def test_stopped_driver_marks_its_runs_killed_and_says_how_to_resume(tmp_path, r
     resumed = driver(tmp_path, ray_local, path, "--resume", wait=True)
     assert resumed.returncode == 0, resumed.stderr
     assert set(statuses(uri, "stopped").values()) == {"FINISHED"}
-    assert all([step for step, _ in curve["loss"]] == list(range(2048, 65_536 + 1, 2048))
-               for curve in curves(uri, "stopped").values())
+    assert all(
+        [step for step, _ in curve["loss"]] == list(range(2048, 65_536 + 1, 2048))
+        for curve in curves(uri, "stopped").values()
+    )
 
 
 def test_second_driver_of_a_live_sweep_is_refused(tmp_path, ray_local):
@@ -141,14 +171,19 @@ def test_corrupt_shard_is_invalid_input_with_the_whole_message(tmp_path, ray_loc
     synth_dataset(str(tmp_path / "data" / "toy"), SynthConfig(**SPEC["data"]["synth"]))
     shard = tmp_path / "data" / "toy" / "train" / "00005.arrow"
     data = bytearray(shard.read_bytes())
-    shard.write_bytes(data[: len(data) // 2] if damage == "truncated" else data[:100] + bytes([data[100] ^ 1]) + data[101:])
+    shard.write_bytes(
+        data[: len(data) // 2] if damage == "truncated" else data[:100] + bytes([data[100] ^ 1]) + data[101:]
+    )
     out = driver(tmp_path, ray_local, spec_file(tmp_path, f"corrupt{damage}"), wait=True)
     assert out.returncode == 2, out.stderr
     errors = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1, out.stderr
     line = errors[0]
-    expected = ("is truncated or was rewritten after the manifest" if damage == "truncated"
-                else "the object is corrupt or was rewritten after the manifest")
+    expected = (
+        "is truncated or was rewritten after the manifest"
+        if damage == "truncated"
+        else "the object is corrupt or was rewritten after the manifest"
+    )
     assert line.startswith("error: shard train/00005.arrow of ") and line.endswith(expected), out.stderr
     assert "RUNNING" not in statuses(f"sqlite:///{tmp_path}/mlflow.db", f"corrupt{damage}").values()
 
@@ -170,26 +205,44 @@ sys.exit(code)
 
 @pytest.fixture
 def no_credentials(s3_server, tmp_path):
-    env = {key: value for key, value in os.environ.items()
-           if key not in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE", "RAY_ADDRESS")}
-    return {**env, "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"), "AWS_CONFIG_FILE": str(tmp_path / "none"),
-            "AWS_EC2_METADATA_DISABLED": "true"}
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE", "RAY_ADDRESS")
+    }
+    return {
+        **env,
+        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"),
+        "AWS_CONFIG_FILE": str(tmp_path / "none"),
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
 
 
 @pytest.mark.parametrize("case", ["no credentials", "no dataset", "tracking down", "tokens below a batch"])
 def test_bad_sweep_stops_before_ray_with_one_line(tmp_path, bucket, no_credentials, case):
-    changes = {"no credentials": {"data__uri": f"s3://{bucket}/data", "data__synth": None},
-               "no dataset": {"data__synth": None},
-               "tracking down": {"tracking__uri": f"http://127.0.0.1:{conftest.free_port()}"},
-               "tokens below a batch": {"train__tokens": 100}}[case]
+    changes = {
+        "no credentials": {"data__uri": f"s3://{bucket}/data", "data__synth": None},
+        "no dataset": {"data__synth": None},
+        "tracking down": {"tracking__uri": f"http://127.0.0.1:{conftest.free_port()}"},
+        "tokens below a batch": {"train__tokens": 100},
+    }[case]
     spec = {**SPEC, "tracking": {}}
     path = conftest.spec_file(tmp_path, spec, "early", **changes)
-    out = subprocess.run([sys.executable, "-c", RAY_STARTED, path], cwd=tmp_path, env=no_credentials,
-                         capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [sys.executable, "-c", RAY_STARTED, path],
+        cwd=tmp_path,
+        env=no_credentials,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 2 and out.stdout.strip().splitlines()[-1] == "ray not started", out.stdout + out.stderr
     errors = [line for line in out.stderr.splitlines() if line.strip()]
     assert len(errors) == 1 and errors[0].startswith("error: "), out.stderr
-    words = {"no credentials": f"data.uri: s3://{bucket}/data: no storage credentials",
-             "no dataset": "has no manifest.json", "tracking down": "no answer within 5 s",
-             "tokens below a batch": "train.tokens (100) is less than one batch"}[case]
+    words = {
+        "no credentials": f"data.uri: s3://{bucket}/data: no storage credentials",
+        "no dataset": "has no manifest.json",
+        "tracking down": "no answer within 5 s",
+        "tokens below a batch": "train.tokens (100) is less than one batch",
+    }[case]
     assert words in errors[0], errors[0]

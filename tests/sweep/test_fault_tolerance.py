@@ -19,12 +19,35 @@ from dictsweep.sweep.run import run_sweep
 from tests import conftest
 
 SPEC = {
-    "data": {"uri": "data/toy", "synth": {"d_model": 16, "n_features": 32, "active": 3, "rows": 16_384,
-                                          "eval_rows": 1024, "shard_rows": 2048, "seed": 2}},
-    "grid": {"architecture": ["relu", "topk"], "n_latents": [32], "l1_coef": [1.0, 3.0], "k": [3],
-             "lr": [0.003], "seed": [0]},
-    "train": {"tokens": 65_536, "batch_rows": 256, "lr_warmup_steps": 5, "log_every_tokens": 8192,
-              "eval_tokens": 1024, "kernel": "bmm", "checkpoint_every_tokens": 4096},
+    "data": {
+        "uri": "data/toy",
+        "synth": {
+            "d_model": 16,
+            "n_features": 32,
+            "active": 3,
+            "rows": 16_384,
+            "eval_rows": 1024,
+            "shard_rows": 2048,
+            "seed": 2,
+        },
+    },
+    "grid": {
+        "architecture": ["relu", "topk"],
+        "n_latents": [32],
+        "l1_coef": [1.0, 3.0],
+        "k": [3],
+        "lr": [0.003],
+        "seed": [0],
+    },
+    "train": {
+        "tokens": 65_536,
+        "batch_rows": 256,
+        "lr_warmup_steps": 5,
+        "log_every_tokens": 8192,
+        "eval_tokens": 1024,
+        "kernel": "bmm",
+        "checkpoint_every_tokens": 4096,
+    },
     "stream": {"shuffle_shards": 2, "batches_in_flight": 4},
     "resources": {"torch_threads": 1},
     "export": {"registry": False},
@@ -103,8 +126,11 @@ def test_killed_reader_skips_and_repeats_nothing(tmp_path, monkeypatch, ray_loca
     from ray._private.state import actors  # from the GCS: the state API needs a dashboard, which tests run without
 
     def reader_pid():
-        readers = [actor for actor in actors().values()
-                   if actor["ActorClassName"] == "WindowReader" and actor["State"] == "ALIVE"]
+        readers = [
+            actor
+            for actor in actors().values()
+            if actor["ActorClassName"] == "WindowReader" and actor["State"] == "ALIVE"
+        ]
         return int(readers[0]["Pid"])
 
     def training():
@@ -170,9 +196,20 @@ def test_mlflow_outage_loses_no_metric(tmp_path, monkeypatch, ray_local):
     monkeypatch.chdir(tmp_path)
     port = free_port()
     uri = f"http://127.0.0.1:{port}"
-    command = [os.path.join(os.path.dirname(sys.executable), "mlflow"), "server", "--host", "127.0.0.1", "--port",
-               str(port), "--workers", "1", "--backend-store-uri", f"sqlite:///{tmp_path}/outage.db",
-               "--artifacts-destination", str(tmp_path / "artifacts")]
+    command = [
+        os.path.join(os.path.dirname(sys.executable), "mlflow"),
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+        "--backend-store-uri",
+        f"sqlite:///{tmp_path}/outage.db",
+        "--artifacts-destination",
+        str(tmp_path / "artifacts"),
+    ]
 
     def start():
         server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -201,9 +238,19 @@ def test_mlflow_outage_loses_no_metric(tmp_path, monkeypatch, ray_local):
     thread = threading.Thread(target=outage, daemon=True)
     thread.start()
     try:
-        result = run_sweep(load_spec(spec_file(tmp_path, "outage", grid__architecture=["relu"], train__tokens=262_144,
-                                               train__log_every_tokens=8192, train__checkpoint_every_tokens=0),
-                                     [f"tracking.uri={uri}"]))
+        result = run_sweep(
+            load_spec(
+                spec_file(
+                    tmp_path,
+                    "outage",
+                    grid__architecture=["relu"],
+                    train__tokens=262_144,
+                    train__log_every_tokens=8192,
+                    train__checkpoint_every_tokens=0,
+                ),
+                [f"tracking.uri={uri}"],
+            )
+        )
         thread.join()
         assert len(servers) == 2  # there was an outage, and the sweep outlived it
         client = MlflowClient(uri)

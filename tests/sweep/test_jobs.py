@@ -24,16 +24,41 @@ def ray_head(tmp_path_factory):
     temp = tmp_path_factory.mktemp("rayhead")
     port, dashboard = free_port(), free_port()
     # the cluster's nodes run the Python that has dictsweep's dependencies, as a cluster image does
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "disabled",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    }
     # --block keeps `ray start` in the foreground, heading a process group of its own: stopping that
     # group stops this cluster alone (`ray stop` would also stop the session's other local cluster,
     # and with it every test process connected to it)
-    head = subprocess.Popen([RAY, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
-                             "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--num-cpus", "4",
-                             "--temp-dir", str(temp), "--disable-usage-stats", *own_ports()], env=env,
-                            start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    head = subprocess.Popen(
+        [
+            RAY,
+            "start",
+            "--head",
+            "--block",
+            "--node-ip-address",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--dashboard-host",
+            "127.0.0.1",
+            "--dashboard-port",
+            str(dashboard),
+            "--num-cpus",
+            "4",
+            "--temp-dir",
+            str(temp),
+            "--disable-usage-stats",
+            *own_ports(),
+        ],
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     address = f"http://127.0.0.1:{dashboard}"
     try:
         wait_for(address + "/api/version", 120, head)
@@ -45,8 +70,15 @@ def ray_head(tmp_path_factory):
 def own_ports() -> list[str]:
     """Free ports for the head's agents: their defaults (52365, ...) are taken by another local
     cluster when one runs (the session's `ray_local`), and a head without its agent takes no jobs."""
-    options = ["--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--metrics-export-port",
-               "--runtime-env-agent-port", "--ray-client-server-port", "--node-manager-port", "--object-manager-port"]
+    options = [
+        "--dashboard-agent-listen-port",
+        "--dashboard-agent-grpc-port",
+        "--metrics-export-port",
+        "--runtime-env-agent-port",
+        "--ray-client-server-port",
+        "--node-manager-port",
+        "--object-manager-port",
+    ]
     return [part for option in options for part in (option, str(free_port()))]
 
 
@@ -64,22 +96,38 @@ def stop_group(process: subprocess.Popen) -> None:
 
 
 def cli(*args, check=True):
-    out = subprocess.run([sys.executable, "-m", "dictsweep.cli", *args], capture_output=True, text=True,
-                         env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    out = subprocess.run(
+        [sys.executable, "-m", "dictsweep.cli", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "RAY_AUTH_MODE": "disabled"},
+    )
     if check and out.returncode != 0:
         raise AssertionError(out.stderr)
     return out
 
 
 def job_spec(folder: Path, name: str, tokens: int) -> str:
-    spec = {"name": name,
-            "data": {"uri": str(folder / "data"), "synth": {"d_model": 16, "n_features": 32, "active": 3, "rows": 8192,
-                                                            "eval_rows": 1024, "shard_rows": 2048}},
-            "grid": {"architecture": ["relu"], "n_latents": [32], "l1_coef": [1.0, 3.0], "lr": [0.003]},
-            "train": {"tokens": tokens, "batch_rows": 256, "log_every_tokens": 4096, "eval_tokens": 1024, "kernel": "bmm"},
-            "select": {"l0": [0.5, 16], "max_fvu": 2.0, "max_dead_fraction": 1.0},  # a few thousand tokens: lenient bounds
-            "tracking": {"uri": f"sqlite:///{folder}/mlflow.db"},
-            "storage": {"dir": str(folder / "sweeps" / name)}, "export": {"dir": str(folder / "dictionaries" / name)}}
+    spec = {
+        "name": name,
+        "data": {
+            "uri": str(folder / "data"),
+            "synth": {
+                "d_model": 16,
+                "n_features": 32,
+                "active": 3,
+                "rows": 8192,
+                "eval_rows": 1024,
+                "shard_rows": 2048,
+            },
+        },
+        "grid": {"architecture": ["relu"], "n_latents": [32], "l1_coef": [1.0, 3.0], "lr": [0.003]},
+        "train": {"tokens": tokens, "batch_rows": 256, "log_every_tokens": 4096, "eval_tokens": 1024, "kernel": "bmm"},
+        "select": {"l0": [0.5, 16], "max_fvu": 2.0, "max_dead_fraction": 1.0},  # a few thousand tokens: lenient bounds
+        "tracking": {"uri": f"sqlite:///{folder}/mlflow.db"},
+        "storage": {"dir": str(folder / "sweeps" / name)},
+        "export": {"dir": str(folder / "dictionaries" / name)},
+    }
     path = folder / f"{name}.yaml"
     path.write_text(yaml.safe_dump(spec))
     return str(path)
@@ -99,7 +147,9 @@ def test_submit_status_logs(tmp_path, ray_head):
     spec = job_spec(tmp_path, "jobbed", tokens=8192)
     job_id = cli("submit", spec, "--address", ray_head, "--set", "train.tokens=16384").stdout.strip()
     assert job_id.startswith("dictsweep-jobbed-")
-    assert wait_status(job_id, ray_head, {"SUCCEEDED", "FAILED"}) == "SUCCEEDED", cli("logs", job_id, "--address", ray_head).stdout
+    assert wait_status(job_id, ray_head, {"SUCCEEDED", "FAILED"}) == "SUCCEEDED", cli(
+        "logs", job_id, "--address", ray_head
+    ).stdout
     logs = cli("logs", job_id, "--address", ray_head).stdout
     assert "sweep results" in logs and "relu" in logs
     index = json.loads((tmp_path / "dictionaries/jobbed/index.json").read_text())

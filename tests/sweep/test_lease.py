@@ -33,7 +33,11 @@ def holder(storage: str, seconds: float = 120) -> subprocess.Popen:
 
 
 def storages(tmp_path, request):
-    return str(tmp_path / "sweeps" / "s") if request.param == "local" else f"s3://{request.getfixturevalue('bucket')}/sweeps/s"
+    return (
+        str(tmp_path / "sweeps" / "s")
+        if request.param == "local"
+        else f"s3://{request.getfixturevalue('bucket')}/sweeps/s"
+    )
 
 
 @pytest.fixture(params=["local", "s3"])

@@ -10,13 +10,13 @@ GIB = 2**30
 
 
 def spec(**grid):
-    return SweepSpec.model_validate({"name": "p", "data": {"uri": "x"},
-                                     "grid": {"n_latents": [64], **grid}})
+    return SweepSpec.model_validate({"name": "p", "data": {"uri": "x"}, "grid": {"n_latents": [64], **grid}})
 
 
 def test_grid_is_the_product_of_the_keys_that_apply():
-    points = grid_points(spec(architecture=["relu", "topk"], n_latents=[64, 128], l1_coef=[1, 2, 3], k=[4, 8],
-                              lr=[1e-3, 3e-3], seed=[0]))
+    points = grid_points(
+        spec(architecture=["relu", "topk"], n_latents=[64, 128], l1_coef=[1, 2, 3], k=[4, 8], lr=[1e-3, 3e-3], seed=[0])
+    )
     relu = [p for p in points if p.architecture == "relu"]
     topk = [p for p in points if p.architecture == "topk"]
     assert len(relu) == 2 * 3 * 2 and len(topk) == 2 * 2 * 2
@@ -68,7 +68,10 @@ def test_too_large_for_a_device_goes_to_zero_or_fits_nowhere():
     assert list(tiny.unplaced) == ["relu-n65536-l1_1-lr0.0003-s0"]  # not even ZeRO makes it fit
     assert "whole layer" in tiny.unplaced["relu-n65536-l1_1-lr0.0003-s0"]
     never = make_plan(points, 256, 512, "cuda", 4, small_budget, 16, 0.0, zero="never")
-    assert list(never.unplaced) == ["relu-n65536-l1_1-lr0.0003-s0"] and "budget" in never.unplaced["relu-n65536-l1_1-lr0.0003-s0"]
+    assert (
+        list(never.unplaced) == ["relu-n65536-l1_1-lr0.0003-s0"]
+        and "budget" in never.unplaced["relu-n65536-l1_1-lr0.0003-s0"]
+    )
     forced = make_plan(points, 256, 512, "cuda", 4, 64 * GIB, 16, 0.0, zero="always", zero_workers=2)
     assert {z.point.n_latents for z in forced.zero} == {1024, 65536} and not forced.waves
 

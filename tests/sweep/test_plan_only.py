@@ -24,17 +24,20 @@ print("exit", code, "ray started", ray.is_initialized())
 def plan_only(spec_path: str) -> tuple[int, str, bool]:
     """(exit code, what it printed, whether Ray was started) of `dictsweep run SPEC --plan-only`."""
     env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
-    done = subprocess.run([sys.executable, "-c", PLAN, spec_path], capture_output=True, text=True, env=env,
-                          timeout=300)
+    done = subprocess.run([sys.executable, "-c", PLAN, spec_path], capture_output=True, text=True, env=env, timeout=300)
     printed = done.stdout + done.stderr
     last = [line for line in done.stdout.splitlines() if line.startswith("exit ")][-1].split()
     return int(last[1]), printed, last[-1] == "True"
 
 
 def write_spec(tmp_path, **resources) -> str:
-    spec = {"name": "planonly", "data": {"uri": str(tmp_path / "data"), "synth": {"d_model": 48, "rows": 4096}},
-            "grid": {"architecture": ["relu", "topk"], "n_latents": [64, 128], "k": [4]},
-            "storage": {"dir": str(tmp_path / "sweeps")}, "resources": resources}
+    spec = {
+        "name": "planonly",
+        "data": {"uri": str(tmp_path / "data"), "synth": {"d_model": 48, "rows": 4096}},
+        "grid": {"architecture": ["relu", "topk"], "n_latents": [64, 128], "k": [4]},
+        "storage": {"dir": str(tmp_path / "sweeps")},
+        "resources": resources,
+    }
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(spec))
     return str(path)

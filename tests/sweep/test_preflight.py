@@ -14,10 +14,15 @@ SYNTH = {"d_model": 8, "n_features": 16, "active": 2, "rows": 2048, "eval_rows":
 
 
 def spec(tmp_path, **sections) -> SweepSpec:
-    raw = {"name": "early", "data": {"uri": str(tmp_path / "data")}, "grid": {"n_latents": [16]},
-           "train": {"tokens": 1024, "batch_rows": 256, "eval_tokens": 512},
-           "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db"}, "storage": {"dir": str(tmp_path / "sweeps")},
-           "export": {"dir": str(tmp_path / "dictionaries")}}
+    raw = {
+        "name": "early",
+        "data": {"uri": str(tmp_path / "data")},
+        "grid": {"n_latents": [16]},
+        "train": {"tokens": 1024, "batch_rows": 256, "eval_tokens": 512},
+        "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db"},
+        "storage": {"dir": str(tmp_path / "sweeps")},
+        "export": {"dir": str(tmp_path / "dictionaries")},
+    }
     for section, values in sections.items():
         raw[section] = {**raw.get(section, {}), **values}
     return SweepSpec.model_validate(raw)
@@ -53,7 +58,9 @@ def test_s3_dataset_without_credentials(tmp_path, bucket, no_credentials):
 
 @pytest.mark.parametrize("field", ["storage", "export"])
 def test_storage_in_a_bucket_that_does_not_exist(tmp_path, local_data, s3_server, field):
-    with pytest.raises(InputError, match=f"^{field}.dir: s3://no-such-bucket-x/p: the bucket 'no-such-bucket-x' does not exist"):
+    with pytest.raises(
+        InputError, match=f"^{field}.dir: s3://no-such-bucket-x/p: the bucket 'no-such-bucket-x' does not exist"
+    ):
         preflight(spec(tmp_path, **{field: {"dir": "s3://no-such-bucket-x/p"}}))
 
 
@@ -77,13 +84,20 @@ def test_sqlite_store_in_a_missing_folder(tmp_path, local_data):
         preflight(spec(tmp_path, tracking={"uri": f"sqlite:///{tmp_path}/nowhere/mlflow.db"}))
 
 
-@pytest.mark.parametrize("train, words", [({"tokens": 100}, "train.tokens (100) is less than one batch"),
-                                          ({"eval_tokens": 128}, "train.eval_tokens is 128")])
+@pytest.mark.parametrize(
+    "train, words",
+    [
+        ({"tokens": 100}, "train.tokens (100) is less than one batch"),
+        ({"eval_tokens": 128}, "train.eval_tokens is 128"),
+    ],
+)
 def test_too_few_rows_for_one_batch(tmp_path, local_data, train, words):
     with pytest.raises(InputError, match=words.replace("(", r"\(").replace(")", r"\)")):
         preflight(spec(tmp_path, train=train))
 
 
 def test_storage_that_does_not_exist_yet_in_a_bucket_is_fine(tmp_path, local_data, bucket):
-    assert preflight(spec(tmp_path, storage={"dir": f"s3://{bucket}/not/yet"},
-                          export={"dir": f"s3://{bucket}"})).d_model == 8
+    assert (
+        preflight(spec(tmp_path, storage={"dir": f"s3://{bucket}/not/yet"}, export={"dir": f"s3://{bucket}"})).d_model
+        == 8
+    )

@@ -48,9 +48,13 @@ def test_nothing_left_once_done_even_before_a_rate():
 def test_board_names_best_and_worst():
     board = SaeBoard()
     assert board.lines() == ["no SAE has logged yet"]
-    board.add([{"name": "relu-a", "tokens": 10, "metrics": {"loss": 0.5, "l0": 12.0, "dead_fraction": 0.25}},
-               {"name": "topk-b", "tokens": 10, "metrics": {"loss": 0.2, "l0": 8.0, "dead_fraction": 0.0}},
-               {"name": "relu-a", "tokens": 20, "metrics": {"loss": 0.9, "l0": 30.0, "dead_fraction": 0.5}}])
+    board.add(
+        [
+            {"name": "relu-a", "tokens": 10, "metrics": {"loss": 0.5, "l0": 12.0, "dead_fraction": 0.25}},
+            {"name": "topk-b", "tokens": 10, "metrics": {"loss": 0.2, "l0": 8.0, "dead_fraction": 0.0}},
+            {"name": "relu-a", "tokens": 20, "metrics": {"loss": 0.9, "l0": 30.0, "dead_fraction": 0.5}},
+        ]
+    )
     assert board.lines() == ["best  topk-b  loss 0.2  L0 8.0  dead 0%", "worst relu-a  loss 0.9  L0 30.0  dead 50%"]
 
 

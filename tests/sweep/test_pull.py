@@ -83,8 +83,9 @@ def hostile_store(tmp_path_factory):
         for index, tag in enumerate(HOSTILE):
             hostile = str(victim) if tag == "VICTIM_ABSOLUTE" else tag
             name = "../victim" if tag is None else "relu-n16-l1_1-lr0.001-s0"
-            recorded = record_sweep(uri, f"hostile{index}", {"relu-n16-l1_2-lr0.001-s0": "relu-n16-l1_2-lr0.001-s0",
-                                                              name: hostile})
+            recorded = record_sweep(
+                uri, f"hostile{index}", {"relu-n16-l1_2-lr0.001-s0": "relu-n16-l1_2-lr0.001-s0", name: hostile}
+            )
             runs[index] = recorded[name]
     finally:
         os.chdir(cwd)
@@ -96,7 +97,9 @@ def test_pull_refuses_a_hostile_name_and_writes_nothing(monkeypatch, run_cli, ho
     root, uri, runs = hostile_store
     monkeypatch.chdir(root)
     before = tree(root)
-    code, output = run_cli("pull", f"hostile{index}", "--all", "--out", str(root / "out" / "pulled"), "--tracking-uri", uri)
+    code, output = run_cli(
+        "pull", f"hostile{index}", "--all", "--out", str(root / "out" / "pulled"), "--tracking-uri", uri
+    )
     assert code == 2, output
     assert runs[index] in output and "not a safe folder name" in output and "Traceback" not in output
     assert tree(root) == before  # nothing written or deleted anywhere, --out not even made
@@ -130,8 +133,10 @@ def test_pull_replaces_folders_by_renames_and_follows_no_link(tmp_path, sqlite_u
     assert sorted(os.listdir(out)) == ["index.json", name, linked]  # no staging folder left behind
     assert not (out / "index.json").is_symlink()
     assert [entry["path"] for entry in json.loads((out / "index.json").read_text())] == [name, linked]
-    torch.testing.assert_close(load_dictionary(str(out / name)).W_dec.T, build_ensemble(
-        "relu", 8, 16, [Member(lr=1e-3, seed=0, l1_coef=1.0)]).member_state(0)["W_dec"].T)
+    torch.testing.assert_close(
+        load_dictionary(str(out / name)).W_dec.T,
+        build_ensemble("relu", 8, 16, [Member(lr=1e-3, seed=0, l1_coef=1.0)]).member_state(0)["W_dec"].T,
+    )
 
 
 def test_a_dictionary_that_does_not_load_replaces_nothing(tmp_path, sqlite_uri, run_cli):
@@ -166,14 +171,16 @@ def test_pull_through_a_tracking_server_refuses_a_hostile_tag(tmp_path, monkeypa
     (victim / "precious.txt").write_text("keep me")
     runs = record_sweep(mlflow_server, "served-hostile", {good: good, bad: "../../victim"})
     before = tree(tmp_path)
-    code, output = run_cli("pull", "served-hostile", "--all", "--out", str(tmp_path / "a" / "b"),
-                           "--tracking-uri", mlflow_server)
+    code, output = run_cli(
+        "pull", "served-hostile", "--all", "--out", str(tmp_path / "a" / "b"), "--tracking-uri", mlflow_server
+    )
     assert code == 2 and runs[bad] in output and "../../victim" in output, output
     assert tree(tmp_path) == before
     # the same server, the hostile run's tag put right: both dictionaries arrive and load
     Tracker(mlflow_server, "served-hostile").client.set_tag(runs[bad], POINT_TAG, bad)
-    code, output = run_cli("pull", "served-hostile", "--all", "--out", str(tmp_path / "a" / "b"),
-                           "--tracking-uri", mlflow_server)
+    code, output = run_cli(
+        "pull", "served-hostile", "--all", "--out", str(tmp_path / "a" / "b"), "--tracking-uri", mlflow_server
+    )
     assert code == 0, output
     assert sorted(os.listdir(tmp_path / "a" / "b")) == ["index.json", good, bad]
     assert load_dictionary(str(tmp_path / "a" / "b" / bad)).W_dec.shape == (16, 8)

@@ -22,8 +22,10 @@ SAES = [  # relu n=64: three on the front, one dominated; topk n=64: two
     {"architecture": "topk", "n_latents": 64, "l0": 8.0, "fvu": 0.15, "selected": False},
 ]
 BASELINES = [
-    {"kind": "pca", "k": 4, "l0": 4.0, "fvu": 0.6}, {"kind": "pca", "k": 16, "l0": 16.0, "fvu": 0.0},
-    {"kind": "random", "k": 16, "l0": 16.0, "fvu": 0.0}, {"kind": "random", "k": 4, "l0": 4.0, "fvu": 3.5},
+    {"kind": "pca", "k": 4, "l0": 4.0, "fvu": 0.6},
+    {"kind": "pca", "k": 16, "l0": 16.0, "fvu": 0.0},
+    {"kind": "random", "k": 16, "l0": 16.0, "fvu": 0.0},
+    {"kind": "random", "k": 4, "l0": 4.0, "fvu": 3.5},
 ]
 
 
@@ -48,8 +50,9 @@ def test_pareto_figure_draws_fronts_selection_and_baselines():
 
 
 def test_pareto_figure_shades_the_band_and_draws_rejected_points_hollow():
-    saes = SAES + [{"architecture": "relu", "n_latents": 64, "l0": 40.0, "fvu": 0.05, "selected": False,
-                    "rejected": True}]
+    saes = SAES + [
+        {"architecture": "relu", "n_latents": 64, "l0": 40.0, "fvu": 0.05, "selected": False, "rejected": True}
+    ]
     [axes] = pareto_figure(saes, [], band=(2.0, 21.0)).axes
     lines = labelled(axes)
     assert set(lines) == {"relu n=64", "topk n=64", "rejected (band or bounds)"}
@@ -67,13 +70,32 @@ def test_pareto_plot_is_a_png():
 
 def test_sweep_leaves_the_plot_in_export_dir_and_on_its_run(tmp_path, monkeypatch, ray_local):
     monkeypatch.chdir(tmp_path)
-    spec = {"name": "plotted",
-            "data": {"uri": "data/toy", "synth": {"d_model": 8, "n_features": 16, "active": 2, "rows": 4096,
-                                                  "eval_rows": 512, "shard_rows": 2048, "seed": 2}},
-            "grid": {"architecture": ["topk"], "n_latents": [16], "k": [2, 4], "lr": [0.003]},
-            "train": {"tokens": 2048, "batch_rows": 256, "lr_warmup_steps": 2, "log_every_tokens": 1024,
-                      "eval_tokens": 512, "kernel": "bmm"},
-            "baselines": ["pca"], "export": {"registry": False}}
+    spec = {
+        "name": "plotted",
+        "data": {
+            "uri": "data/toy",
+            "synth": {
+                "d_model": 8,
+                "n_features": 16,
+                "active": 2,
+                "rows": 4096,
+                "eval_rows": 512,
+                "shard_rows": 2048,
+                "seed": 2,
+            },
+        },
+        "grid": {"architecture": ["topk"], "n_latents": [16], "k": [2, 4], "lr": [0.003]},
+        "train": {
+            "tokens": 2048,
+            "batch_rows": 256,
+            "lr_warmup_steps": 2,
+            "log_every_tokens": 1024,
+            "eval_tokens": 512,
+            "kernel": "bmm",
+        },
+        "baselines": ["pca"],
+        "export": {"registry": False},
+    }
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
     result = run_sweep(load_spec(str(tmp_path / "spec.yaml")))
 
@@ -82,8 +104,9 @@ def test_sweep_leaves_the_plot_in_export_dir_and_on_its_run(tmp_path, monkeypatc
     from mlflow import MlflowClient
 
     client = MlflowClient(result.tracking_uri)
-    [parent] = client.search_runs([client.get_experiment_by_name("plotted").experiment_id],
-                                  "tags.`dictsweep.role` = 'sweep'")
+    [parent] = client.search_runs(
+        [client.get_experiment_by_name("plotted").experiment_id], "tags.`dictsweep.role` = 'sweep'"
+    )
     # the sweep's run holds the plot beside the comparison of its SAEs
     assert [a.path for a in client.list_artifacts(parent.info.run_id)] == ["pareto.png", "saes.csv", "saes.json"]
     local = client.download_artifacts(parent.info.run_id, "pareto.png", str(tmp_path))

@@ -9,8 +9,9 @@ METRICS = {"l0": 12.5, "fvu": 0.25, "dead_fraction": 0.0, "mmcs_ground_truth": 0
 
 
 def result_of(*points: GridPoint, failed: dict | None = None) -> SweepResult:
-    result = SweepResult(plan=Plan(d_model=16, batch_rows=256, waves=[]), export_dir="/out/dictionaries",
-                         tracking_uri="sqlite:///m.db")
+    result = SweepResult(
+        plan=Plan(d_model=16, batch_rows=256, waves=[]), export_dir="/out/dictionaries", tracking_uri="sqlite:///m.db"
+    )
     for point in points:
         result.finished[point.name] = SAEResult(point, dict(METRICS), uri="", run_id="")
     result.selected = {points[0].name}
@@ -28,8 +29,10 @@ def test_relu_sweep_table(capsys):
     printed = capsys.readouterr().out
     assert header(printed) == ["arch", "n_latents", "l1_coef", "l0", "fvu", "dead", "mmcs_gt", "sel"]
     rows = [line.split() for line in printed.splitlines() if line.strip().startswith("relu ")]
-    assert rows == [["relu", "64", "1", "12.50", "0.2500", "0.000", "0.950", "*"],
-                    ["relu", "64", "2", "12.50", "0.2500", "0.000", "0.950"]]
+    assert rows == [
+        ["relu", "64", "1", "12.50", "0.2500", "0.000", "0.950", "*"],
+        ["relu", "64", "2", "12.50", "0.2500", "0.000", "0.950"],
+    ]
     assert "failed relu-n64-l1_4-lr0.003-s0: trainer w0-t0 failed: NaN" in printed
     assert "/out/dictionaries" in printed and "mlflow ui --backend-store-uri sqlite:///m.db" in printed
     assert all(len(line) <= 80 for line in printed.splitlines())

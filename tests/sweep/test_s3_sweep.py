@@ -18,16 +18,31 @@ from tests.conftest import S3_SECRET
 def test_sweep_on_s3_with_artifacts_in_s3(tmp_path, monkeypatch, capfd, bucket, ray_local, mlflow_server):
     monkeypatch.chdir(tmp_path)
     data = f"s3://{bucket}/datasets/toy"
-    synth_dataset(data, SynthConfig(d_model=16, n_features=32, active=3, rows=12_288, eval_rows=1024,
-                                    shard_rows=2048, seed=5))
+    synth_dataset(
+        data, SynthConfig(d_model=16, n_features=32, active=3, rows=12_288, eval_rows=1024, shard_rows=2048, seed=5)
+    )
     spec_path = tmp_path / "s3.yaml"
-    spec_path.write_text(json.dumps({
-        "name": "ons3", "data": {"uri": data},
-        "grid": {"architecture": ["relu"], "n_latents": [32, 64], "l1_coef": [1.0, 3.0], "lr": [0.003]},
-        "train": {"tokens": 8192, "batch_rows": 256, "log_every_tokens": 4096, "eval_tokens": 1024,
-                  "kernel": "bmm", "checkpoint_every_tokens": 4096},
-        "tracking": {"uri": mlflow_server}, "select": {"l0": [0.5, 16], "max_fvu": 2.0, "max_dead_fraction": 1.0},  # 8k tokens: lenient bounds
-        "storage": {"dir": f"s3://{bucket}/sweeps/ons3"}, "export": {"dir": f"s3://{bucket}/exports/ons3"}}))
+    spec_path.write_text(
+        json.dumps(
+            {
+                "name": "ons3",
+                "data": {"uri": data},
+                "grid": {"architecture": ["relu"], "n_latents": [32, 64], "l1_coef": [1.0, 3.0], "lr": [0.003]},
+                "train": {
+                    "tokens": 8192,
+                    "batch_rows": 256,
+                    "log_every_tokens": 4096,
+                    "eval_tokens": 1024,
+                    "kernel": "bmm",
+                    "checkpoint_every_tokens": 4096,
+                },
+                "tracking": {"uri": mlflow_server},
+                "select": {"l0": [0.5, 16], "max_fvu": 2.0, "max_dead_fraction": 1.0},  # 8k tokens: lenient bounds
+                "storage": {"dir": f"s3://{bucket}/sweeps/ons3"},
+                "export": {"dir": f"s3://{bucket}/exports/ons3"},
+            }
+        )
+    )
     result = run_sweep(load_spec(str(spec_path)))
     assert len(result.finished) == 4 and not result.failed
 

@@ -89,5 +89,6 @@ def test_select_spec_section_is_checked():
     with pytest.raises(ValueError, match="per_size"):
         SweepSpec.model_validate({**base, "select": {"per_size": "all"}})
     with pytest.raises(ValueError, match="needs every SAE spliced"):
-        SweepSpec.model_validate({**base, "select": {"metric": "loss_recovered"},
-                                  "evaluation": {"splice_selected_only": True}})
+        SweepSpec.model_validate(
+            {**base, "select": {"metric": "loss_recovered"}, "evaluation": {"splice_selected_only": True}}
+        )

@@ -35,9 +35,19 @@ def write_topics(path: Path) -> Path:
 
 
 def harvest_to(folder: Path, model: str, hook: str, max_tokens: int) -> str:
-    config = HarvestConfig(model=model, hooks=[hook], text=str(write_topics(folder / "topics.txt")),
-                           out=str(folder / "ds"), context=CONTEXT, max_tokens=max_tokens, dtype="float32",
-                           shard_rows=1024, shuffle_rows=1024, eval_fraction=0.2, batch_size=16)
+    config = HarvestConfig(
+        model=model,
+        hooks=[hook],
+        text=str(write_topics(folder / "topics.txt")),
+        out=str(folder / "ds"),
+        context=CONTEXT,
+        max_tokens=max_tokens,
+        dtype="float32",
+        shard_rows=1024,
+        shuffle_rows=1024,
+        eval_fraction=0.2,
+        batch_size=16,
+    )
     harvest(config, progress=False)
     return config.out
 
@@ -53,11 +63,20 @@ def identity_and_zero(folder: Path, dataset: ActivationDataset) -> dict[str, str
     """The neuron basis at k = d_model (reconstructs exactly) and a dictionary that outputs zeros."""
     d_model = dataset.d_model
     basis = identity_basis(fit_pca([dataset.read_shard(0, "eval").float()]))
-    zeros = {name: torch.zeros(shape) for name, shape in (("W_enc", (d_model, d_model)), ("b_enc", (d_model,)),
-                                                            ("W_dec", (d_model, d_model)), ("b_dec", (d_model,)))}
+    zeros = {
+        name: torch.zeros(shape)
+        for name, shape in (
+            ("W_enc", (d_model, d_model)),
+            ("b_enc", (d_model,)),
+            ("W_dec", (d_model, d_model)),
+            ("b_dec", (d_model,)),
+        )
+    }
     zero_config = saelens_config("topk", d_model, d_model, {"k": 1}, {})
-    return {"identity": write_dictionary(folder / "identity", *baseline_dictionary(basis, d_model)),
-            "zero": write_dictionary(folder / "zero", zero_config, zeros)}
+    return {
+        "identity": write_dictionary(folder / "identity", *baseline_dictionary(basis, d_model)),
+        "zero": write_dictionary(folder / "zero", zero_config, zeros),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -70,10 +89,16 @@ def test_held_out_contexts_are_eval_contexts(minilm_data):
     dataset = ActivationDataset.open(minilm_data)
     contexts = held_out_contexts(dataset, 200)
     every = read_contexts(minilm_data)
-    eval_seqs = np.unique(np.concatenate([dataset.read_shard(i, "eval", columns=True)[1]["seq"]
-                                          for i in range(len(dataset.shards("eval")))]))
-    train_seqs = np.unique(np.concatenate([dataset.read_shard(i, "train", columns=True)[1]["seq"]
-                                           for i in range(len(dataset.shards("train")))]))
+    eval_seqs = np.unique(
+        np.concatenate(
+            [dataset.read_shard(i, "eval", columns=True)[1]["seq"] for i in range(len(dataset.shards("eval")))]
+        )
+    )
+    train_seqs = np.unique(
+        np.concatenate(
+            [dataset.read_shard(i, "train", columns=True)[1]["seq"] for i in range(len(dataset.shards("train")))]
+        )
+    )
     assert len(contexts) == 4 and not set(eval_seqs) & set(train_seqs)  # 4 x 64 tokens >= 200
     for context, seq in zip(contexts, sorted(eval_seqs)):
         np.testing.assert_array_equal(context, every[seq])
@@ -95,21 +120,33 @@ def test_identity_recovers_everything_and_zero_nothing_on_minilm(tmp_path, minil
 def test_sweep_on_minilm_reports_loss_recovered_of_selected_saes(tmp_path, monkeypatch, ray_local, minilm_data):
     """A real (small) top-k SAE and a PCA baseline at its L0 sit between zero ablation and the identity."""
     monkeypatch.chdir(tmp_path)
-    spec = {"name": "minilm-splice", "data": {"uri": minilm_data},
-            "grid": {"architecture": ["topk"], "n_latents": [768], "k": [16], "lr": [0.001]},
-            "train": {"tokens": 8192, "batch_rows": 256, "lr_warmup_steps": 4, "log_every_tokens": 4096,
-                      "eval_tokens": 512, "kernel": "bmm"},
-            "stream": {"shuffle_shards": 2},
-            "baselines": ["pca"], "evaluation": {"splice_tokens": 256, "baseline_rows": 2048, "ica_rows": 512},
-            "select": {"max_fvu": 10.0, "max_dead_fraction": 1.0},  # 8k tokens: lenient bounds
-            "export": {"registry": False}}
+    spec = {
+        "name": "minilm-splice",
+        "data": {"uri": minilm_data},
+        "grid": {"architecture": ["topk"], "n_latents": [768], "k": [16], "lr": [0.001]},
+        "train": {
+            "tokens": 8192,
+            "batch_rows": 256,
+            "lr_warmup_steps": 4,
+            "log_every_tokens": 4096,
+            "eval_tokens": 512,
+            "kernel": "bmm",
+        },
+        "stream": {"shuffle_shards": 2},
+        "baselines": ["pca"],
+        "evaluation": {"splice_tokens": 256, "baseline_rows": 2048, "ica_rows": 512},
+        "select": {"max_fvu": 10.0, "max_dead_fraction": 1.0},  # 8k tokens: lenient bounds
+        "export": {"registry": False},
+    }
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
     result = run_sweep(load_spec(str(tmp_path / "spec.yaml")))
 
     [entry] = json.loads((tmp_path / "dictionaries/minilm-splice/index.json").read_text())
     metrics = entry["metrics"]
     # portable names: the model folder's name, never its path; BERT has no TransformerLens hook name here
-    exported = json.loads((tmp_path / "dictionaries/minilm-splice" / entry["path"] / "cfg.json").read_text())["metadata"]
+    exported = json.loads((tmp_path / "dictionaries/minilm-splice" / entry["path"] / "cfg.json").read_text())[
+        "metadata"
+    ]
     assert exported["model_name"] == "model" and exported["hook_name"] == HOOK
     assert "hook_name_transformer_lens" not in exported
     assert 0.0 < metrics["loss_recovered"] < 1.0
@@ -138,24 +175,34 @@ def test_causal_lm_uses_next_token_cross_entropy(tmp_path):
 
     tokenizer = AutoTokenizer.from_pretrained(MINILM)
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=CONTEXT, n_embd=32, n_layer=2,
-                                       n_head=2)).eval()
+    model = GPT2LMHeadModel(
+        GPT2Config(vocab_size=len(tokenizer), n_positions=CONTEXT, n_embd=32, n_layer=2, n_head=2)
+    ).eval()
     model.save_pretrained(tmp_path / "gpt")
     tokenizer.save_pretrained(tmp_path / "gpt")
     data = harvest_to(tmp_path, str(tmp_path / "gpt"), "h.0", max_tokens=1500)
     dataset = ActivationDataset.open(data)
     assert not isinstance(splice_source(dataset), str)
     assert export_names(dataset.manifest.source) == {  # what its dictionaries' cfg.json would say
-        "model_name": "gpt", "hook_name": "h.0", "hook_name_transformer_lens": "blocks.0.hook_resid_post"}
+        "model_name": "gpt",
+        "hook_name": "h.0",
+        "hook_name_transformer_lens": "blocks.0.hook_resid_post",
+    }
     outcome = splice_eval(data, identity_and_zero(tmp_path / "dictionaries", dataset), tokens=128)
 
     assert outcome.kind == "ce" and outcome.head == "causal LM head"
     contexts = held_out_contexts(dataset, 128)
     with torch.no_grad():
-        losses = [model(input_ids=torch.from_numpy(ids.astype(np.int64))[None],
-                        labels=torch.from_numpy(ids.astype(np.int64))[None]).loss for ids in contexts]
-    expected = float(sum(loss * (len(ids) - 1) for loss, ids in zip(losses, contexts))
-                     / sum(len(ids) - 1 for ids in contexts))
+        losses = [
+            model(
+                input_ids=torch.from_numpy(ids.astype(np.int64))[None],
+                labels=torch.from_numpy(ids.astype(np.int64))[None],
+            ).loss
+            for ids in contexts
+        ]
+    expected = float(
+        sum(loss * (len(ids) - 1) for loss, ids in zip(losses, contexts)) / sum(len(ids) - 1 for ids in contexts)
+    )
     identity, zero = outcome.metrics["identity"], outcome.metrics["zero"]
     assert outcome.tokens == sum(len(ids) - 1 for ids in contexts)
     assert identity["ce_clean"] == pytest.approx(expected, rel=1e-5)
@@ -174,9 +221,16 @@ def test_masked_lm_checkpoint_reads_its_own_head(tmp_path):
 
     tokenizer = AutoTokenizer.from_pretrained(MINILM)
     torch.manual_seed(0)
-    model = BertForMaskedLM(BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2,
-                                       num_attention_heads=2, intermediate_size=64,
-                                       max_position_embeddings=CONTEXT)).eval()
+    model = BertForMaskedLM(
+        BertConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=CONTEXT,
+        )
+    ).eval()
     model.save_pretrained(tmp_path / "bert")
     tokenizer.save_pretrained(tmp_path / "bert")
     data = harvest_to(tmp_path, str(tmp_path / "bert"), "encoder.layer.0", max_tokens=1500)
@@ -210,7 +264,5 @@ def test_masked_lm_checkpoint_reads_its_own_head(tmp_path):
 def test_synthetic_data_cannot_be_spliced(tmp_path):
     from dictsweep.store.synth import SynthConfig, synth_dataset
 
-    synth_dataset(str(tmp_path / "toy"), SynthConfig(d_model=8, n_features=16, rows=512, eval_rows=64,
-                                                     shard_rows=512))
+    synth_dataset(str(tmp_path / "toy"), SynthConfig(d_model=8, n_features=16, rows=512, eval_rows=64, shard_rows=512))
     assert "synthetic" in splice_source(ActivationDataset.open(str(tmp_path / "toy")))
-

@@ -21,12 +21,34 @@ from dictsweep.sweep.pull import pull
 from tests import conftest
 
 BASE = {
-    "data": {"uri": "data/toy", "synth": {"d_model": 16, "n_features": 32, "active": 3, "rows": 20_000,
-                                          "eval_rows": 2048, "shard_rows": 4096, "seed": 1}},
-    "grid": {"architecture": ["relu", "topk"], "n_latents": [32, 64], "l1_coef": [1.0, 4.0], "k": [3],
-             "lr": [0.003], "seed": [0]},
-    "train": {"tokens": 12_800, "batch_rows": 256, "lr_warmup_steps": 5, "log_every_tokens": 2560,
-              "eval_tokens": 2048, "kernel": "bmm"},
+    "data": {
+        "uri": "data/toy",
+        "synth": {
+            "d_model": 16,
+            "n_features": 32,
+            "active": 3,
+            "rows": 20_000,
+            "eval_rows": 2048,
+            "shard_rows": 4096,
+            "seed": 1,
+        },
+    },
+    "grid": {
+        "architecture": ["relu", "topk"],
+        "n_latents": [32, 64],
+        "l1_coef": [1.0, 4.0],
+        "k": [3],
+        "lr": [0.003],
+        "seed": [0],
+    },
+    "train": {
+        "tokens": 12_800,
+        "batch_rows": 256,
+        "lr_warmup_steps": 5,
+        "log_every_tokens": 2560,
+        "eval_tokens": 2048,
+        "kernel": "bmm",
+    },
     "stream": {"shuffle_shards": 2},
     "select": {"l0": [1, 16], "max_fvu": 1.0, "max_dead_fraction": 1.0},  # 12.8k tokens: lenient bounds
 }
@@ -51,8 +73,16 @@ def test_sweep_end_to_end(tmp_path, monkeypatch, ray_local, capsys):
 
     # the console showed every step, the training bar's time left and the best and worst SAE
     printed = capsys.readouterr().out
-    for shown in ("writing 20,000 + 2,048 synthetic rows to", "wave 1/1 evaluating", "100%", "0:00:00 left",
-                  "best  ", "worst ", f"exporting {len(result.selected)} dictionaries to", "recording in MLflow"):
+    for shown in (
+        "writing 20,000 + 2,048 synthetic rows to",
+        "wave 1/1 evaluating",
+        "100%",
+        "0:00:00 left",
+        "best  ",
+        "worst ",
+        f"exporting {len(result.selected)} dictionaries to",
+        "recording in MLflow",
+    ):
         assert shown in printed, shown
     assert "warning:" not in printed and "View run" not in printed
     assert len(result.finished) == 6 and not result.failed  # 2 sizes x (2 relu l1 + 1 topk k)
@@ -61,12 +91,27 @@ def test_sweep_end_to_end(tmp_path, monkeypatch, ray_local, capsys):
     # per size, the selection is the lowest fvu among the SAEs inside the L0 band, with its reason
     assert sorted(entry["n_latents"] for entry in index) == [32, 64]
     for entry in index:
-        same_size = [r.metrics for r in result.finished.values() if r.point.n_latents == entry["n_latents"]
-                     and 1 <= r.metrics["l0"] <= 16]
+        same_size = [
+            r.metrics
+            for r in result.finished.values()
+            if r.point.n_latents == entry["n_latents"] and 1 <= r.metrics["l0"] <= 16
+        ]
         assert entry["metrics"]["fvu"] == min(m["fvu"] for m in same_size)
-        assert entry["why"].startswith(f"best fvu {entry['metrics']['fvu']:.3g} of n={entry['n_latents']} inside L0 [1, 16]")
-        assert {"fvu", "mse", "l0", "dead_fraction", "mmcs_ground_truth", "mmcs_learned", "decoder_norm_mean",
-                "decoder_norm_std", "decoder_norm_min", "decoder_norm_max"} == set(entry["metrics"])
+        assert entry["why"].startswith(
+            f"best fvu {entry['metrics']['fvu']:.3g} of n={entry['n_latents']} inside L0 [1, 16]"
+        )
+        assert {
+            "fvu",
+            "mse",
+            "l0",
+            "dead_fraction",
+            "mmcs_ground_truth",
+            "mmcs_learned",
+            "decoder_norm_mean",
+            "decoder_norm_std",
+            "decoder_norm_min",
+            "decoder_norm_max",
+        } == set(entry["metrics"])
         assert entry["k"] is None if entry["architecture"] == "relu" else entry["l1_coef"] is None
 
     # the export is the trained module: its FVU on the eval shards is the one the trainer measured
@@ -123,8 +168,9 @@ def test_sweep_end_to_end(tmp_path, monkeypatch, ray_local, capsys):
 def test_point_alone_equals_point_in_sweep(tmp_path, monkeypatch, ray_local):
     monkeypatch.chdir(tmp_path)
     wide = run_sweep(load_spec(write_spec(tmp_path, "wide")))
-    alone = run_sweep(load_spec(write_spec(tmp_path, "alone", grid__architecture=["relu"], grid__n_latents=[64],
-                                           grid__l1_coef=[4.0])))
+    alone = run_sweep(
+        load_spec(write_spec(tmp_path, "alone", grid__architecture=["relu"], grid__n_latents=[64], grid__l1_coef=[4.0]))
+    )
     name = "relu-n64-l1_4-lr0.003-s0"
     assert len(wide.finished) == 6 and list(alone.finished) == [name]
     # one read of the data per node, however many SAEs train on it
@@ -138,8 +184,9 @@ def test_point_alone_equals_point_in_sweep(tmp_path, monkeypatch, ray_local):
 
 def test_http_tracking_server_and_pull(tmp_path, monkeypatch, ray_local, mlflow_server):
     monkeypatch.chdir(tmp_path)
-    spec = load_spec(write_spec(tmp_path, "served", grid__architecture=["topk"], grid__k=[2, 4]),
-                     [f"tracking.uri={mlflow_server}"])
+    spec = load_spec(
+        write_spec(tmp_path, "served", grid__architecture=["topk"], grid__k=[2, 4]), [f"tracking.uri={mlflow_server}"]
+    )
     result = run_sweep(spec)
     assert result.tracking_uri == mlflow_server
     entries = pull("served", str(tmp_path / "pulled"), tracking_uri=mlflow_server)
@@ -152,9 +199,12 @@ def test_http_tracking_server_and_pull(tmp_path, monkeypatch, ray_local, mlflow_
 def test_failed_trainer_loses_no_finished_sae(tmp_path, monkeypatch, ray_local):
     """Two trainers; one is killed mid-sweep: its SAEs are reported failed, the others are exported."""
     monkeypatch.chdir(tmp_path)
-    spec = load_spec(write_spec(tmp_path, "halffail", grid__architecture=["relu"], train__tokens=400_000,
-                                train__log_every_tokens=25_600),
-                     ["resources.trainers=2", "resources.torch_threads=1", "export.registry=false"])
+    spec = load_spec(
+        write_spec(
+            tmp_path, "halffail", grid__architecture=["relu"], train__tokens=400_000, train__log_every_tokens=25_600
+        ),
+        ["resources.trainers=2", "resources.torch_threads=1", "export.registry=false"],
+    )
 
     def kill_one_trainer():
         deadline = time.time() + 120
@@ -199,16 +249,28 @@ def test_bad_spec_field_exits_2_naming_it(tmp_path):
     out = subprocess.run([sys.executable, "-m", "dictsweep.cli", "run", path], capture_output=True, text=True)
     assert out.returncode == 2
     assert "field 'grid.n_latents'" in out.stderr and "field 'train.tokns'" in out.stderr and path in out.stderr
-    out = subprocess.run([sys.executable, "-m", "dictsweep.cli", "run", path, "--set", "grid.n_latents=[8]",
-                          "--set", "train=3"], capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "dictsweep.cli", "run", path, "--set", "grid.n_latents=[8]", "--set", "train=3"],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 2 and "field 'train'" in out.stderr
 
 
 def test_l0_targets_end_to_end(tmp_path, monkeypatch, ray_local):
     """relu SAEs steered to L0 targets: index.json and MLflow give the target and the final coefficient."""
     monkeypatch.chdir(tmp_path)
-    spec = load_spec(write_spec(tmp_path, "targets", grid__architecture=["relu"], grid__n_latents=[32],
-                                grid__target_l0=[2.0, 6.0], grid__lr=None, train__tokens=51_200))
+    spec = load_spec(
+        write_spec(
+            tmp_path,
+            "targets",
+            grid__architecture=["relu"],
+            grid__n_latents=[32],
+            grid__target_l0=[2.0, 6.0],
+            grid__lr=None,
+            train__tokens=51_200,
+        )
+    )
     result = run_sweep(spec)
     assert sorted(r.point.target_l0 for r in result.finished.values()) == [2.0, 6.0]
     coefficients = {name: r.point.l1_coef for name, r in result.finished.items()}

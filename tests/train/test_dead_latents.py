@@ -35,7 +35,7 @@ def held_out_dead(data, architecture, n_latents, members, rows, **settings):
     config = TrainConfig(tokens=rows, batch_rows=BATCH, lr_warmup_steps=20, dead_window_tokens=5000, **settings)
     trainer = EnsembleTrainer(ensemble, config, steps)
     for step in range(steps):
-        trainer.step(train_rows[step * BATCH:(step + 1) * BATCH])
+        trainer.step(train_rows[step * BATCH : (step + 1) * BATCH])
     with torch.no_grad():
         return (ensemble(held_out * scale).fire_counts == 0).float().mean(-1)
 
@@ -52,7 +52,8 @@ def test_auxk_lowers_the_dead_fraction(data, architecture):
 def test_resampling_lowers_the_dead_fraction(data):
     members = [Member(lr=5e-2, seed=seed, l1_coef=1.5) for seed in range(2)]
     without = held_out_dead(data, "relu", 512, members, 100_000, resample_every_tokens=0)
-    resampled = held_out_dead(data, "relu", 512, members, 100_000, resample_every_tokens=10_000,
-                              resample_until_fraction=0.8)
+    resampled = held_out_dead(
+        data, "relu", 512, members, 100_000, resample_every_tokens=10_000, resample_until_fraction=0.8
+    )
     assert float(without.mean()) > 0.2
     assert float(resampled.mean()) < 0.8 * float(without.mean()), (without, resampled)

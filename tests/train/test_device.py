@@ -22,18 +22,29 @@ from dictsweep.train.device import DeviceLoop, EnsembleSpec
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 D_MODEL, ROWS, STEPS = 16, 64, 12
-CONFIG = TrainConfig(tokens=ROWS * STEPS, batch_rows=ROWS, lr_warmup_steps=2, dead_window_tokens=ROWS * 2,
-                     resample_every_tokens=ROWS * 3, log_every_tokens=ROWS * 5, eval_tokens=ROWS * 2,
-                     kernel="bmm", decode="sparse", auxk_k=8)
-SPECS = [EnsembleSpec("topk", 64, (Member(lr=3e-3, seed=1, k=4), Member(lr=3e-3, seed=2, k=6)), ("a", "b")),
-         EnsembleSpec("relu", 32, (Member(lr=3e-3, seed=3, l1_coef=1.0),), ("c",))]
+CONFIG = TrainConfig(
+    tokens=ROWS * STEPS,
+    batch_rows=ROWS,
+    lr_warmup_steps=2,
+    dead_window_tokens=ROWS * 2,
+    resample_every_tokens=ROWS * 3,
+    log_every_tokens=ROWS * 5,
+    eval_tokens=ROWS * 2,
+    kernel="bmm",
+    decode="sparse",
+    auxk_k=8,
+)
+SPECS = [
+    EnsembleSpec("topk", 64, (Member(lr=3e-3, seed=1, k=4), Member(lr=3e-3, seed=2, k=6)), ("a", "b")),
+    EnsembleSpec("relu", 32, (Member(lr=3e-3, seed=3, l1_coef=1.0),), ("c",)),
+]
 
 
 def windows(dtype=np.float32) -> list[np.ndarray]:
     """The training stream as read-only windows of 40 rows (batches straddle them, as pieces do)."""
     rng = np.random.default_rng(0)
     data = (rng.standard_normal((ROWS * STEPS, D_MODEL)) * (rng.random((ROWS * STEPS, 1)) < 0.7)).astype(dtype)
-    parts = [data[start:start + 40] for start in range(0, len(data), 40)]
+    parts = [data[start : start + 40] for start in range(0, len(data), 40)]
     for part in parts:
         part.flags.writeable = False
     return parts
@@ -45,7 +56,7 @@ def pieces(parts: list[np.ndarray], index: int) -> list[np.ndarray]:
     for number, part in enumerate(parts):
         low, high = max(start, number * 40), min(stop, (number + 1) * 40)
         if low < high:
-            out.append(part[low - number * 40:high - number * 40])
+            out.append(part[low - number * 40 : high - number * 40])
     return out
 
 
@@ -58,7 +69,7 @@ def train(device_loop: DeviceLoop, start: int, stop: int, form: str) -> list[dic
     whole = np.concatenate(parts)
     for index in range(start, stop):
         if form == "whole":
-            records += device_loop.step(index, whole[index * ROWS:(index + 1) * ROWS])
+            records += device_loop.step(index, whole[index * ROWS : (index + 1) * ROWS])
         else:
             upcoming = (lambda i=index + 1: pieces(parts, i)) if form == "prefetched" else None
             records += device_loop.step(index, pieces(parts, index), upcoming)
@@ -71,8 +82,11 @@ def weights(device_loop: DeviceLoop) -> list[torch.Tensor]:
 
 def test_pieces_with_prefetch_train_as_whole_batches():
     whole, split, prefetched = loop(), loop(), loop()
-    logged = [train(whole, 0, STEPS, "whole"), train(split, 0, STEPS, "pieces"),
-              train(prefetched, 0, STEPS, "prefetched")]
+    logged = [
+        train(whole, 0, STEPS, "whole"),
+        train(split, 0, STEPS, "pieces"),
+        train(prefetched, 0, STEPS, "prefetched"),
+    ]
     assert logged[0] == logged[1] == logged[2] and len(logged[0]) == 2 * 3  # 2 logging points x 3 SAEs
     for other in (split, prefetched):
         for mine, theirs in zip(weights(other), weights(whole)):
@@ -134,9 +148,14 @@ def test_restored_trainer_hands_back_the_points_of_its_checkpoint_step(tmp_path)
     assert fresh.replay == []
 
 
-@pytest.mark.parametrize("record", [{"name": "../../x", "tokens": 5 * ROWS, "metrics": {"loss": 1.0}},
-                                    {"name": "a", "tokens": 7, "metrics": {"loss": 1.0}},
-                                    {"name": "a", "tokens": 5 * ROWS, "metrics": {"loss": "1.0"}}])
+@pytest.mark.parametrize(
+    "record",
+    [
+        {"name": "../../x", "tokens": 5 * ROWS, "metrics": {"loss": 1.0}},
+        {"name": "a", "tokens": 7, "metrics": {"loss": 1.0}},
+        {"name": "a", "tokens": 5 * ROWS, "metrics": {"loss": "1.0"}},
+    ],
+)
 def test_checkpoint_points_that_are_not_this_trainers_name_the_file(tmp_path, record):
     uri = str(tmp_path / "w0-t0.pt")
     config = CONFIG.model_copy(update={"checkpoint_every_tokens": CONFIG.log_every_tokens})
@@ -216,9 +235,11 @@ def test_auxk_on_gpus_starts_at_the_logging_point_after_latents_die():
 
 
 def test_device_path_imports_no_ray_mlflow_or_deepspeed():
-    code = ("import sys, dictsweep.train.device, dictsweep.train.bench, dictsweep.sae.sparse_decode; "
-            "sys.path.insert(0, 'tests'); import gpu.conftest, gpu.test_gpu, gpu.test_device_gpu; "
-            "print(sorted(m for m in ('ray', 'mlflow', 'deepspeed') if m in sys.modules))")
+    code = (
+        "import sys, dictsweep.train.device, dictsweep.train.bench, dictsweep.sae.sparse_decode; "
+        "sys.path.insert(0, 'tests'); import gpu.conftest, gpu.test_gpu, gpu.test_device_gpu; "
+        "print(sorted(m for m in ('ray', 'mlflow', 'deepspeed') if m in sys.modules))"
+    )
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"

@@ -67,8 +67,7 @@ def test_clipping_inside_adam_matches_clipped_gradients():
 
 
 def test_schedules():
-    config = TrainConfig(tokens=1000, batch_rows=10, lr_warmup_steps=10, lr_decay_fraction=0.2,
-                         l1_warmup_fraction=0.05)
+    config = TrainConfig(tokens=1000, batch_rows=10, lr_warmup_steps=10, lr_decay_fraction=0.2, l1_warmup_fraction=0.05)
     assert lr_factor(0, 100, config) == pytest.approx(0.1)
     assert lr_factor(9, 100, config) == 1.0
     assert lr_factor(50, 100, config) == 1.0
@@ -106,8 +105,9 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 def page_faults(keep: bool) -> int:
     """Page faults of ten 64 MB tensors, each allocated after the last was freed, in a fresh process
     (the test process has threads of its own, from Ray and the S3 server, whose faults would count too)."""
-    out = subprocess.run([sys.executable, "-c", FAULTS.replace("KEEP", str(keep))], capture_output=True,
-                         text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", FAULTS.replace("KEEP", str(keep))], capture_output=True, text=True, check=True
+    )
     return int(out.stdout.split()[-1])
 
 
@@ -129,8 +129,14 @@ def batches(count, d_model=16, seed=0):
 
 
 def trained(architecture, steps=6, kernel="bmm", **settings):
-    config = TrainConfig(tokens=64 * steps, batch_rows=64, lr_warmup_steps=2, dead_window_tokens=128,
-                         resample_every_tokens=128, **settings)
+    config = TrainConfig(
+        tokens=64 * steps,
+        batch_rows=64,
+        lr_warmup_steps=2,
+        dead_window_tokens=128,
+        resample_every_tokens=128,
+        **settings,
+    )
     trainer = EnsembleTrainer(build_ensemble(architecture, 16, 64, MEMBERS, kernel=kernel), config, steps)
     for batch in batches(steps):
         trainer.step(batch)
@@ -190,17 +196,40 @@ def test_choose_kernel_weighs_the_build_against_the_planned_steps(monkeypatch):
     kernel, decode, timings = kernels.choose_path("relu", 16, 64, MEMBERS, 64, total_steps=10)
     assert set(timings) == {"bmm", "loop"} and kernel == min(timings, key=timings.get)  # not worth trying
     assert decode == "auto"  # CPUs keep the density rule
-    kernel, _, timings = kernels.choose_path("relu", 16, 64, MEMBERS, 64, candidates=("bmm", "compile"),
-                                             total_steps=10)
+    kernel, _, timings = kernels.choose_path("relu", 16, 64, MEMBERS, 64, candidates=("bmm", "compile"), total_steps=10)
     assert timings["compile_seconds"] > 0 and timings["compile"] > 0
     assert kernel == "bmm"  # ten steps never repay a build
 
 
 def bench(*options):
-    out = subprocess.run([sys.executable, "-m", "dictsweep.cli", "bench", "train", "--d-model", "16",
-                          "--n-latents", "64", "--batch-rows", "128", "--members", "3", "--steps", "2",
-                          "--rounds", "2", "--kernel", "bmm", "--json", *options],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dictsweep.cli",
+            "bench",
+            "train",
+            "--d-model",
+            "16",
+            "--n-latents",
+            "64",
+            "--batch-rows",
+            "128",
+            "--members",
+            "3",
+            "--steps",
+            "2",
+            "--rounds",
+            "2",
+            "--kernel",
+            "bmm",
+            "--json",
+            *options,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return json.loads(out.stdout)
 
 
@@ -213,8 +242,9 @@ def test_bench_train_json():
 
 @pytest.mark.parametrize("architecture", ["topk", "batchtopk", "jumprelu"])
 def test_bench_train_covers_architectures_and_decoders(architecture):
-    result = bench_train(16, 64, 128, 3, steps=2, architecture=architecture, kernels=("bmm",),
-                         decodes=("dense", "sparse"), rounds=2)
+    result = bench_train(
+        16, 64, 128, 3, steps=2, architecture=architecture, kernels=("bmm",), decodes=("dense", "sparse"), rounds=2
+    )
     assert result["architecture"] == architecture
     assert set(result["candidates"]) == {"bmm/dense", "bmm/sparse"}
     assert result["max_abs_weight_diff_vs_reference"] < 1e-5
@@ -232,7 +262,8 @@ def test_a_candidate_that_raises_is_dropped_with_a_note(monkeypatch, caplog):
     kernel, decode, timings = kernels.choose_path("relu", 16, 64, MEMBERS, 64, total_steps=10)
     assert (kernel, decode) == ("bmm", "auto") and set(timings) == {"bmm"}
     assert [(record.levelname, record.getMessage()) for record in caplog.records] == [
-        ("WARNING", "kernel choice: loop dropped (RuntimeError: no such kernel here)")]
+        ("WARNING", "kernel choice: loop dropped (RuntimeError: no such kernel here)")
+    ]
     monkeypatch.setattr(EnsembleTrainer, "step", lambda trainer, batch: 1 / 0)
     with pytest.raises(ZeroDivisionError):  # nothing can run: the error is the sweep's
         kernels.choose_path("relu", 16, 64, MEMBERS, 64, total_steps=10)
@@ -240,6 +271,7 @@ def test_a_candidate_that_raises_is_dropped_with_a_note(monkeypatch, caplog):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
 def test_bench_train_on_a_missing_device_is_invalid_input():
-    out = subprocess.run([sys.executable, "-m", "dictsweep.cli", "bench", "train", "--device", "cuda"],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "dictsweep.cli", "bench", "train", "--device", "cuda"], capture_output=True, text=True
+    )
     assert out.returncode == 2 and "--device: 'cuda' is not available here" in out.stderr

@@ -16,9 +16,11 @@ from dictsweep.train.target_l0 import GAIN, MAX_ERROR, L0Controller, TargetedMem
 
 
 def test_controller_moves_log_coefficient_only_inside_its_window():
-    members = [TargetedMember(lr=1e-3, seed=0, l1_coef=2.0, target_l0=10.0),
-               Member(lr=1e-3, seed=1, l1_coef=3.0),  # no target: never touched
-               TargetedMember(lr=1e-3, seed=2, l1_coef=2.0, target_l0=10.0)]
+    members = [
+        TargetedMember(lr=1e-3, seed=0, l1_coef=2.0, target_l0=10.0),
+        Member(lr=1e-3, seed=1, l1_coef=3.0),  # no target: never touched
+        TargetedMember(lr=1e-3, seed=2, l1_coef=2.0, target_l0=10.0),
+    ]
     ensemble = build_ensemble("relu", 8, 16, members)
     config = TrainConfig(l1_warmup_fraction=0.1, target_l0_fraction=0.5)
     controller = L0Controller(ensemble, config, total_steps=100)
@@ -27,8 +29,11 @@ def test_controller_moves_log_coefficient_only_inside_its_window():
     assert ensemble.l1_coef.tolist() == [2.0, 3.0, 2.0]
     # L0 10x the target counts as MAX_ERROR; half the target as log(0.5)
     controller.update(torch.tensor([100.0, 100.0, 5.0]), step=10)
-    expected = [2.0 * math.exp(GAIN * MAX_ERROR), 3.0, 2.0 * math.exp(GAIN * math.log(0.5) if
-                                                                       abs(math.log(0.5)) < MAX_ERROR else -GAIN * MAX_ERROR)]
+    expected = [
+        2.0 * math.exp(GAIN * MAX_ERROR),
+        3.0,
+        2.0 * math.exp(GAIN * math.log(0.5) if abs(math.log(0.5)) < MAX_ERROR else -GAIN * MAX_ERROR),
+    ]
     assert ensemble.l1_coef.tolist() == pytest.approx(expected, rel=1e-6)
     controller.update(torch.tensor([10.5, 1.0, 10.0]), step=49)
     expected[0] *= math.exp(GAIN * math.log(10.5 / 10))
@@ -55,7 +60,7 @@ def train(acts, members, rows, architecture="relu", batch=1024, steps_from=0, st
     if state is not None:
         trainer.load_state_dict(state)
     for step in range(steps_from, stop if stop is not None else rows // batch):
-        trainer.step(acts[step * batch:(step + 1) * batch])
+        trainer.step(acts[step * batch : (step + 1) * batch])
     return trainer
 
 
@@ -86,8 +91,10 @@ def test_jumprelu_coefficient_only_grows():
 def test_jumprelu_target_penalty_lowers_thresholds_when_below_its_target():
     """A plain L0 penalty only raises thresholds, so a member that overshot below its target
     stays there; the target penalty pulls them back down."""
-    members = [TargetedMember(lr=1e-3, seed=0, l1_coef=1.0, target_l0=30.0),  # L0 here: below target
-               TargetedMember(lr=1e-3, seed=0, l1_coef=1.0, target_l0=1.0)]  # above target
+    members = [
+        TargetedMember(lr=1e-3, seed=0, l1_coef=1.0, target_l0=30.0),  # L0 here: below target
+        TargetedMember(lr=1e-3, seed=0, l1_coef=1.0, target_l0=1.0),
+    ]  # above target
     ensemble = build_ensemble("jumprelu", 8, 16, members)
     x = torch.randn(256, 8, generator=torch.Generator().manual_seed(0))  # [B, d_model]
     with torch.no_grad():
@@ -132,23 +139,32 @@ def test_resumed_trainer_steers_exactly_as_an_uninterrupted_one(toy):
     assert torch.equal(resumed.ensemble.l1_coef, whole.ensemble.l1_coef)
     assert torch.equal(resumed.ensemble.W_enc, whole.ensemble.W_enc)
     assert not torch.equal(whole.ensemble.l1_coef, torch.ones(2))  # it did steer
-    other = train(toy, [TargetedMember(lr=3e-3, seed=0, l1_coef=1.0, target_l0=t) for t in (4.0, 8.0)], rows,
-                  batch=batch, stop=0)
+    other = train(
+        toy, [TargetedMember(lr=3e-3, seed=0, l1_coef=1.0, target_l0=t) for t in (4.0, 8.0)], rows, batch=batch, stop=0
+    )
     with pytest.raises(ValueError, match="L0 targets"):
         other.load_state_dict(state)
 
 
 def test_grid_target_l0_replaces_l1_coef_for_relu_and_jumprelu_only():
-    spec = SweepSpec(name="t", data={"uri": "d"}, grid=GridConfig(
-        architecture=["relu", "jumprelu", "topk"], n_latents=[64], target_l0=[16, 32], l1_coef=[5.0], k=[8]))
+    spec = SweepSpec(
+        name="t",
+        data={"uri": "d"},
+        grid=GridConfig(
+            architecture=["relu", "jumprelu", "topk"], n_latents=[64], target_l0=[16, 32], l1_coef=[5.0], k=[8]
+        ),
+    )
     points = grid_points(spec)
     assert sorted(p.name for p in points) == [
-        "jumprelu-n64-l0_16-lr0.0096-s0", "jumprelu-n64-l0_32-lr0.0096-s0",
-        "relu-n64-l0_16-lr0.0096-s0", "relu-n64-l0_32-lr0.0096-s0", "topk-n64-k8-lr0.0096-s0"]
+        "jumprelu-n64-l0_16-lr0.0096-s0",
+        "jumprelu-n64-l0_32-lr0.0096-s0",
+        "relu-n64-l0_16-lr0.0096-s0",
+        "relu-n64-l0_32-lr0.0096-s0",
+        "topk-n64-k8-lr0.0096-s0",
+    ]
     relu = next(p for p in points if p.name.startswith("relu-n64-l0_16"))
     assert relu.params()["target_l0"] == 16.0 and relu.params()["l1_coef"] is None
     assert relu.member() == TargetedMember(lr=relu.lr, seed=0, l1_coef=1.0, target_l0=16.0)
     assert "target_l0" not in next(p for p in points if p.k == 8).params()
     with pytest.raises(ValueError, match="> 0"):
         GridConfig(n_latents=[8], target_l0=[0])
-

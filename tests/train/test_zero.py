@@ -32,16 +32,25 @@ TOPK = {"architecture": "topk", "n_latents": 33, "l1_coef": None, "k": 2, "lr": 
 @pytest.fixture(scope="module")
 def dataset_uri(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("zero") / "data")
-    synth_dataset(out, SynthConfig(d_model=16, n_features=48, active=3, rows=16384, eval_rows=2048,
-                                   shard_rows=4096, seed=0))
+    synth_dataset(
+        out, SynthConfig(d_model=16, n_features=48, active=3, rows=16384, eval_rows=2048, shard_rows=4096, seed=0)
+    )
     return out
 
 
 def train_config() -> TrainConfig:
     # short dead window and resampling period: relu resamples (step 25), topk trains with AuxK
-    return TrainConfig(tokens=STEPS * BATCH_ROWS, batch_rows=BATCH_ROWS, lr_warmup_steps=20,
-                       log_every_tokens=25 * BATCH_ROWS, eval_tokens=2048, dead_window_tokens=3 * BATCH_ROWS,
-                       resample_every_tokens=25 * BATCH_ROWS, kernel="bmm", precision="fp32")
+    return TrainConfig(
+        tokens=STEPS * BATCH_ROWS,
+        batch_rows=BATCH_ROWS,
+        lr_warmup_steps=20,
+        log_every_tokens=25 * BATCH_ROWS,
+        eval_tokens=2048,
+        dead_window_tokens=3 * BATCH_ROWS,
+        resample_every_tokens=25 * BATCH_ROWS,
+        kernel="bmm",
+        precision="fp32",
+    )
 
 
 def stream_batch(dataset: ActivationDataset, split: str, order: StreamOrder, index: int) -> torch.Tensor:
@@ -51,7 +60,7 @@ def stream_batch(dataset: ActivationDataset, split: str, order: StreamOrder, ind
         rows = torch.cat([dataset.read_shard(shard, split) for shard in piece.window.shards])
         permutation = order.row_permutation(piece.window)
         rows = rows if permutation is None else rows[torch.from_numpy(permutation)]
-        parts.append(rows[piece.start:piece.stop])
+        parts.append(rows[piece.start : piece.stop])
     return torch.cat(parts)
 
 
@@ -80,8 +89,18 @@ def single_device(dataset_uri: str, point: dict, train: TrainConfig):
 
 def run_zero(dataset_uri: str, point: dict, workers: int, stage: int, storage: str) -> dict:
     name = f"{point['architecture']}-g{workers}-s{stage}"
-    return train_zero(dataset_uri, point, train_config(), STREAM_SEED, SHUFFLE_SHARDS, workers, stage=stage,
-                      storage_uri=storage, name=name, metadata={"dictsweep": {"point": name}})
+    return train_zero(
+        dataset_uri,
+        point,
+        train_config(),
+        STREAM_SEED,
+        SHUFFLE_SHARDS,
+        workers,
+        stage=stage,
+        storage_uri=storage,
+        name=name,
+        metadata={"dictsweep": {"point": name}},
+    )
 
 
 def max_weight_diff(result: dict, reference: dict[str, torch.Tensor]) -> float:
@@ -133,11 +152,21 @@ def test_inputs_are_checked_before_any_worker_starts(dataset_uri, tmp_path):
     with pytest.raises(InputError, match="split evenly over 3"):
         train_zero(dataset_uri, RELU, train_config(), 0, 1, 3, storage_uri=str(tmp_path), name="x", metadata={})
     with pytest.raises(InputError, match="supports relu, topk, not 'batchtopk'"):
-        train_zero(dataset_uri, {**TOPK, "architecture": "batchtopk"}, train_config(), 0, 1, 2,
-                   storage_uri=str(tmp_path), name="x", metadata={})
+        train_zero(
+            dataset_uri,
+            {**TOPK, "architecture": "batchtopk"},
+            train_config(),
+            0,
+            1,
+            2,
+            storage_uri=str(tmp_path),
+            name="x",
+            metadata={},
+        )
     with pytest.raises(InputError, match="stage must be 2 or 3"):
-        train_zero(dataset_uri, RELU, train_config(), 0, 1, 2, stage=1, storage_uri=str(tmp_path), name="x",
-                   metadata={})
+        train_zero(
+            dataset_uri, RELU, train_config(), 0, 1, 2, stage=1, storage_uri=str(tmp_path), name="x", metadata={}
+        )
 
 
 def test_zero_bytes_per_worker():

@@ -33,8 +33,9 @@ def bench_dictionary(folder: str, dataset: ActivationDataset, n_latents: int, fi
     return folder
 
 
-def bench_inspect(uri: str, n_latents: int, tokens: int | None, batch_rows: int, device: str, firing: float,
-                  top: int) -> dict:
+def bench_inspect(
+    uri: str, n_latents: int, tokens: int | None, batch_rows: int, device: str, firing: float, top: int
+) -> dict:
     """Time the inspect pass (`scan`: every statistic, top and sampled rows) for one bench dictionary."""
     from dictsweep import load_dictionary
     from dictsweep.analysis.config import SAMPLES
@@ -45,9 +46,18 @@ def bench_inspect(uri: str, n_latents: int, tokens: int | None, batch_rows: int,
         folder = bench_dictionary(os.path.join(scratch, f"bench-n{n_latents}"), dataset, n_latents, firing)
         result = scan({"bench": load_dictionary(folder)}, dataset, tokens, top, SAMPLES, batch_rows, device)
     fired = result.summaries["bench"].fire_count.sum() / max(result.rows * n_latents, 1)
-    return {"n_latents": n_latents, "d_model": dataset.d_model, "rows": result.rows, "device": device,
-            "batch_rows": batch_rows, "threads": torch.get_num_threads(), "firing_fraction": round(float(fired), 5),
-            "pass_seconds": round(result.seconds, 3), "pass_rows_per_s": round(result.rows_per_s, 1),
-            "pass_cpu_seconds": round(result.cpu_seconds, 3),
-            "pass_rows_per_cpu_s": round(result.rows / max(result.cpu_seconds, 1e-9), 1),
-            "pass_peak_rss_mb": round(result.peak_rss_mb, 1), "pass_peak_device_mb": round(result.peak_device_mb, 1)}
+    return {
+        "n_latents": n_latents,
+        "d_model": dataset.d_model,
+        "rows": result.rows,
+        "device": device,
+        "batch_rows": batch_rows,
+        "threads": torch.get_num_threads(),
+        "firing_fraction": round(float(fired), 5),
+        "pass_seconds": round(result.seconds, 3),
+        "pass_rows_per_s": round(result.rows_per_s, 1),
+        "pass_cpu_seconds": round(result.cpu_seconds, 3),
+        "pass_rows_per_cpu_s": round(result.rows / max(result.cpu_seconds, 1e-9), 1),
+        "pass_peak_rss_mb": round(result.peak_rss_mb, 1),
+        "pass_peak_device_mb": round(result.peak_device_mb, 1),
+    }

@@ -42,13 +42,24 @@ def top_tokens(record: dict) -> str:
 def write_browser(folder: str, records: LatentTables, meta: dict) -> str:
     """Write index.html, data.js and latents/*.js into `folder`; returns the entry page's path."""
     os.makedirs(os.path.join(folder, "latents"), exist_ok=True)
-    summary = [[r["latent"], _round(r["frequency"]), _round(r["mean_act"]), _round(r["max_act"]), top_tokens(r)]
-               for r in records]
+    summary = [
+        [r["latent"], _round(r["frequency"]), _round(r["mean_act"]), _round(r["max_act"]), top_tokens(r)]
+        for r in records
+    ]
     with open(os.path.join(folder, "data.js"), "w") as file:
-        file.write(_js("dictsweepData", {"meta": meta, "edges": [_round(e, 3) for e in hist_edges()],
-                                         "chunk": CHUNK_LATENTS, "latents": summary}))
+        file.write(
+            _js(
+                "dictsweepData",
+                {
+                    "meta": meta,
+                    "edges": [_round(e, 3) for e in hist_edges()],
+                    "chunk": CHUNK_LATENTS,
+                    "latents": summary,
+                },
+            )
+        )
     for start in range(0, len(records), CHUNK_LATENTS):
-        details = [detail(r) for r in records[start:start + CHUNK_LATENTS]]
+        details = [detail(r) for r in records[start : start + CHUNK_LATENTS]]
         with open(os.path.join(folder, "latents", f"{start // CHUNK_LATENTS:04d}.js"), "w") as file:
             file.write(_js("dictsweepChunk", {"start": start, "latents": details}))
     path = os.path.join(folder, "index.html")
@@ -59,14 +70,24 @@ def write_browser(folder: str, records: LatentTables, meta: dict) -> str:
 
 def detail(record: dict) -> dict:
     """What the latent view shows, with short keys and rounded numbers."""
-    return {"h": record["hist"],
-            "c": [{"k": c["kind"], "a": _round(c["act"]), "t": c["tokens"],
-                   "v": [_round(v, 3) for v in c["token_acts"]], "i": c["center"]} for c in record["contexts"]],
-            "top": [_round(v) for v in record["top_acts"]],
-            "n": [[n["latent"], _round(n["cosine"], 3)] for n in record["neighbours"]],
-            "m": [[m["dictionary"], m["latent"], _round(m["cosine"], 3)] for m in record["matches"]],
-            "p": [[t["token"], _round(t["logit"], 3)] for t in record["promoted"]],
-            "s": [[t["token"], _round(t["logit"], 3)] for t in record["suppressed"]]}
+    return {
+        "h": record["hist"],
+        "c": [
+            {
+                "k": c["kind"],
+                "a": _round(c["act"]),
+                "t": c["tokens"],
+                "v": [_round(v, 3) for v in c["token_acts"]],
+                "i": c["center"],
+            }
+            for c in record["contexts"]
+        ],
+        "top": [_round(v) for v in record["top_acts"]],
+        "n": [[n["latent"], _round(n["cosine"], 3)] for n in record["neighbours"]],
+        "m": [[m["dictionary"], m["latent"], _round(m["cosine"], 3)] for m in record["matches"]],
+        "p": [[t["token"], _round(t["logit"], 3)] for t in record["promoted"]],
+        "s": [[t["token"], _round(t["logit"], 3)] for t in record["suppressed"]],
+    }
 
 
 def write_overview(out: str, tables: dict[str, LatentTables], notes: list[str]) -> str:
@@ -76,14 +97,16 @@ def write_overview(out: str, tables: dict[str, LatentTables], notes: list[str]) 
     rows = []
     for name, records in sorted(tables.items()):
         alive = sum(1 for r in records if r["fire_count"] > 0)
-        rows.append(f'<tr><td><a href="{html.escape(name)}/index.html">{html.escape(name)}</a></td>'
-                    f"<td>{len(records)}</td><td>{alive}</td></tr>")
+        rows.append(
+            f'<tr><td><a href="{html.escape(name)}/index.html">{html.escape(name)}</a></td>'
+            f"<td>{len(records)}</td><td>{alive}</td></tr>"
+        )
     notes_html = "".join(f"<li>{html.escape(note)}</li>" for note in notes)
     path = os.path.join(out, "index.html")
     with open(path, "w") as file:
         file.write(f"""<!doctype html><html><head><meta charset="utf-8"><title>dictsweep inspect</title>
 <style>body{{font:14px system-ui,sans-serif;margin:2em}}td,th{{padding:4px 12px;text-align:left}}</style></head>
-<body><h1>Dictionaries</h1><table><tr><th>dictionary</th><th>latents</th><th>fired</th></tr>{''.join(rows)}</table>
+<body><h1>Dictionaries</h1><table><tr><th>dictionary</th><th>latents</th><th>fired</th></tr>{"".join(rows)}</table>
 <ul>{notes_html}</ul></body></html>""")
     return path
 

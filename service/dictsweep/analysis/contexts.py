@@ -35,8 +35,9 @@ class Source:
         if fs.exists(fs.join(dataset.uri, "contexts")):
             self.contexts = read_contexts(dataset.uri)
         else:
-            self.notes.append(f"{dataset.uri} has no contexts/ (synthetic or not harvested here): "
-                              "no contexts and no token effects")
+            self.notes.append(
+                f"{dataset.uri} has no contexts/ (synthetic or not harvested here): no contexts and no token effects"
+            )
             return
         name = (dataset.manifest.source or {}).get("model")
         if not name or not load_model:
@@ -47,8 +48,10 @@ class Source:
         try:
             self.model, self.tokenizer = load(name, str(device))
         except (DictsweepError, OSError, ValueError, ImportError) as error:
-            self.notes.append(f"source model {name} could not be loaded ({str(error).splitlines()[0][:200]}): "
-                              "windows show only each row's own activation; no token effects")
+            self.notes.append(
+                f"source model {name} could not be loaded ({str(error).splitlines()[0][:200]}): "
+                "windows show only each row's own activation; no token effects"
+            )
 
     def token_strings(self, token_ids: np.ndarray) -> list[str]:
         """How the tokenizer writes each id (the id itself without a tokenizer)."""
@@ -82,8 +85,9 @@ def window_span(length: int, pos: int) -> tuple[int, int]:
     return max(0, pos - WINDOW_BEFORE), min(length, pos + WINDOW_AFTER + 1)
 
 
-def windows(source: Source, requests: dict[str, list[Request]], dictionaries: dict[str, Dictionary],
-            device: torch.device | str) -> dict[str, list[Window]]:
+def windows(
+    source: Source, requests: dict[str, list[Request]], dictionaries: dict[str, Dictionary], device: torch.device | str
+) -> dict[str, list[Window]]:
     """Each dictionary's windows, in the order of its requests."""
     contexts = source.contexts
     out: dict[str, list[Window | None]] = {name: [None] * len(wanted) for name, wanted in requests.items()}
@@ -92,8 +96,14 @@ def windows(source: Source, requests: dict[str, list[Request]], dictionaries: di
             start, stop = window_span(len(contexts[request.seq]), request.pos)
             acts = np.full(stop - start, np.nan, dtype=np.float32)
             acts[request.pos - start] = request.value
-            out[name][index] = Window(contexts[request.seq][start:stop].astype(np.int32), acts, request.pos - start,
-                                      request.seq, request.pos, request.value)
+            out[name][index] = Window(
+                contexts[request.seq][start:stop].astype(np.int32),
+                acts,
+                request.pos - start,
+                request.seq,
+                request.pos,
+                request.value,
+            )
     if source.model is None:
         return out
     from dictsweep.store.models import capture_outputs
@@ -106,13 +116,13 @@ def windows(source: Source, requests: dict[str, list[Request]], dictionaries: di
     models = {name: sae.to(device) for name, sae in dictionaries.items()}
     with capture_outputs(source.model, [source.hook]) as capture, torch.inference_mode():
         for first in range(0, len(seqs), FORWARD_CONTEXTS):
-            chunk = seqs[first:first + FORWARD_CONTEXTS]
+            chunk = seqs[first : first + FORWARD_CONTEXTS]
             width = max(len(contexts[seq]) for seq in chunk)
             input_ids = torch.zeros((len(chunk), width), dtype=torch.long)  # [B, T]; 0 = padding, masked
             attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)  # [B, T]
             for slot, seq in enumerate(chunk):
-                input_ids[slot, :len(contexts[seq])] = torch.from_numpy(contexts[seq].astype(np.int64))
-                attention_mask[slot, :len(contexts[seq])] = 1
+                input_ids[slot, : len(contexts[seq])] = torch.from_numpy(contexts[seq].astype(np.int64))
+                attention_mask[slot, : len(contexts[seq])] = 1
             hidden = capture.run(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device))
             hidden = hidden[source.hook].float()  # [B, T, d_model]
             for name, sae in models.items():
@@ -125,9 +135,12 @@ def windows(source: Source, requests: dict[str, list[Request]], dictionaries: di
                 starts = torch.tensor([requests[name][i].pos - out[name][i].center for i in wanted])  # [R]
                 latent_ids = torch.tensor([requests[name][i].latent for i in wanted])  # [R]
                 positions = (starts[:, None] + torch.arange(WINDOW_BEFORE + WINDOW_AFTER + 1)).clamp(max=width - 1)
-                values = latents[slots[:, None].to(device), positions.to(device),
-                                 latent_ids[:, None].to(device)].cpu().numpy()  # [R, window]: one copy per chunk
+                values = (
+                    latents[slots[:, None].to(device), positions.to(device), latent_ids[:, None].to(device)]
+                    .cpu()
+                    .numpy()
+                )  # [R, window]: one copy per chunk
                 for row, index in enumerate(wanted):
                     window = out[name][index]
-                    out[name][index] = window._replace(acts=values[row, :len(window.token_ids)].copy())
+                    out[name][index] = window._replace(acts=values[row, : len(window.token_ids)].copy())
     return out

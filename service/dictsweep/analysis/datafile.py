@@ -13,27 +13,51 @@ from dictsweep.analysis.stats import HIST_BINS, Summary, hist_edges
 
 LatentTables = list[dict]  # one record per latent, in SCHEMA's fields
 
-CONTEXT = pa.struct([("kind", pa.string()), ("act", pa.float32()), ("seq", pa.int64()), ("pos", pa.int32()),
-                     ("token_ids", pa.list_(pa.int32())), ("tokens", pa.list_(pa.string())),
-                     ("token_acts", pa.list_(pa.float32())), ("center", pa.int32())])
+CONTEXT = pa.struct(
+    [
+        ("kind", pa.string()),
+        ("act", pa.float32()),
+        ("seq", pa.int64()),
+        ("pos", pa.int32()),
+        ("token_ids", pa.list_(pa.int32())),
+        ("tokens", pa.list_(pa.string())),
+        ("token_acts", pa.list_(pa.float32())),
+        ("center", pa.int32()),
+    ]
+)
 NEIGHBOUR = pa.struct([("latent", pa.int32()), ("cosine", pa.float32())])
 MATCH = pa.struct([("dictionary", pa.string()), ("latent", pa.int32()), ("cosine", pa.float32())])
 TOKEN = pa.struct([("token", pa.string()), ("token_id", pa.int32()), ("logit", pa.float32())])
-SCHEMA = pa.schema([
-    ("latent", pa.int32()), ("fire_count", pa.int64()), ("frequency", pa.float64()),
-    ("mean_act", pa.float32()), ("max_act", pa.float32()), ("hist", pa.list_(pa.int64(), HIST_BINS)),
-    ("top_acts", pa.list_(pa.float32())), ("contexts", pa.list_(CONTEXT)),
-    ("neighbours", pa.list_(NEIGHBOUR)), ("matches", pa.list_(MATCH)),
-    ("promoted", pa.list_(TOKEN)), ("suppressed", pa.list_(TOKEN)),
-])
+SCHEMA = pa.schema(
+    [
+        ("latent", pa.int32()),
+        ("fire_count", pa.int64()),
+        ("frequency", pa.float64()),
+        ("mean_act", pa.float32()),
+        ("max_act", pa.float32()),
+        ("hist", pa.list_(pa.int64(), HIST_BINS)),
+        ("top_acts", pa.list_(pa.float32())),
+        ("contexts", pa.list_(CONTEXT)),
+        ("neighbours", pa.list_(NEIGHBOUR)),
+        ("matches", pa.list_(MATCH)),
+        ("promoted", pa.list_(TOKEN)),
+        ("suppressed", pa.list_(TOKEN)),
+    ]
+)
 
 
 def _finite(values: np.ndarray) -> list[float | None]:
     return [float(value) if np.isfinite(value) else None for value in values]
 
 
-def latent_tables(summary: Summary, windows_by_latent: dict[int, list[tuple[str, object]]], near: Matches,
-                  others: dict[str, Matches], effects: tuple[Matches, Matches] | None, source) -> LatentTables:
+def latent_tables(
+    summary: Summary,
+    windows_by_latent: dict[int, list[tuple[str, object]]],
+    near: Matches,
+    others: dict[str, Matches],
+    effects: tuple[Matches, Matches] | None,
+    source,
+) -> LatentTables:
     """One record per latent from the pass's summary, its windows (kind, Window), its nearest latents,
     its matches in other dictionaries, and the tokens it promotes and suppresses."""
     n_latents = len(summary.fire_count)
@@ -51,30 +75,49 @@ def latent_tables(summary: Summary, windows_by_latent: dict[int, list[tuple[str,
         keep = summary.top_rows[latent] != -1
         contexts = []
         for kind, window in windows_by_latent.get(latent, []):
-            contexts.append({"kind": kind, "act": window.act,
-                             "seq": window.seq, "pos": window.pos, "token_ids": window.token_ids.tolist(),
-                             "tokens": strings(window.token_ids), "token_acts": _finite(window.acts),
-                             "center": window.center})
-        records.append({
-            "latent": latent, "fire_count": int(summary.fire_count[latent]),
-            "frequency": float(summary.fire_count[latent]) / max(summary.rows, 1),
-            "mean_act": float(summary.act_sum[latent] / fired[latent]), "max_act": float(summary.act_max[latent]),
-            "hist": summary.hist[latent].tolist(), "top_acts": summary.top_values[latent][keep].tolist(),
-            "contexts": contexts,
-            "neighbours": [{"latent": int(i), "cosine": float(c)}
-                           for i, c in zip(near.indices[latent], near.scores[latent])],
-            "matches": [{"dictionary": other, "latent": int(i), "cosine": float(c)}
-                        for other, found in sorted(others.items())
-                        for i, c in zip(found.indices[latent], found.scores[latent])],
-            "promoted": _tokens(effects[0], latent, strings) if effects else [],
-            "suppressed": _tokens(effects[1], latent, strings) if effects else []})
+            contexts.append(
+                {
+                    "kind": kind,
+                    "act": window.act,
+                    "seq": window.seq,
+                    "pos": window.pos,
+                    "token_ids": window.token_ids.tolist(),
+                    "tokens": strings(window.token_ids),
+                    "token_acts": _finite(window.acts),
+                    "center": window.center,
+                }
+            )
+        records.append(
+            {
+                "latent": latent,
+                "fire_count": int(summary.fire_count[latent]),
+                "frequency": float(summary.fire_count[latent]) / max(summary.rows, 1),
+                "mean_act": float(summary.act_sum[latent] / fired[latent]),
+                "max_act": float(summary.act_max[latent]),
+                "hist": summary.hist[latent].tolist(),
+                "top_acts": summary.top_values[latent][keep].tolist(),
+                "contexts": contexts,
+                "neighbours": [
+                    {"latent": int(i), "cosine": float(c)} for i, c in zip(near.indices[latent], near.scores[latent])
+                ],
+                "matches": [
+                    {"dictionary": other, "latent": int(i), "cosine": float(c)}
+                    for other, found in sorted(others.items())
+                    for i, c in zip(found.indices[latent], found.scores[latent])
+                ],
+                "promoted": _tokens(effects[0], latent, strings) if effects else [],
+                "suppressed": _tokens(effects[1], latent, strings) if effects else [],
+            }
+        )
     return records
 
 
 def _tokens(matches: Matches, latent: int, strings) -> list[dict]:
     ids = matches.indices[latent].numpy()
-    return [{"token": token, "token_id": int(i), "logit": float(logit)}
-            for token, i, logit in zip(strings(ids), ids, matches.scores[latent].tolist())]
+    return [
+        {"token": token, "token_id": int(i), "logit": float(logit)}
+        for token, i, logit in zip(strings(ids), ids, matches.scores[latent].tolist())
+    ]
 
 
 def write_data_file(path: str, records: LatentTables, meta: dict) -> None:

@@ -34,7 +34,7 @@ def _best(queries: Tensor, keys: Tensor, count: int, exclude_self: bool = False)
     count = min(count, keys.shape[0] - int(exclude_self))
     indices, scores = [], []
     for start in range(0, queries.shape[0], CHUNK_LATENTS):
-        block = queries[start:start + CHUNK_LATENTS] @ keys.t()  # [chunk, n_keys]
+        block = queries[start : start + CHUNK_LATENTS] @ keys.t()  # [chunk, n_keys]
         if exclude_self:
             rows = torch.arange(block.shape[0], device=block.device)
             block[rows, rows + start] = -torch.inf
@@ -68,7 +68,7 @@ def token_effects(W_dec: Tensor, embedding: Tensor, count: int) -> tuple[Matches
     count = min(count, keys.shape[0])
     top, bottom = ([], []), ([], [])
     for start in range(0, unit.shape[0], CHUNK_LATENTS):
-        logits = unit[start:start + CHUNK_LATENTS] @ keys.t()  # [chunk, vocab]: one matmul for both ends
+        logits = unit[start : start + CHUNK_LATENTS] @ keys.t()  # [chunk, vocab]: one matmul for both ends
         for found, largest in ((top, True), (bottom, False)):
             values, index = logits.topk(count, dim=1, largest=largest)
             found[0].append(index)

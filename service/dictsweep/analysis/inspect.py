@@ -57,17 +57,21 @@ def resolve_targets(config: InspectConfig, scratch: str) -> tuple[list[Target], 
     if fs.exists(fs.join(target, "index.json")):
         try:
             entries = json.loads(fs.read_text(fs.join(target, "index.json")))
-            paths = [fs.folder_name(entry["path"], f"{target}/index.json: entry {number}")
-                     for number, entry in enumerate(entries)]
+            paths = [
+                fs.folder_name(entry["path"], f"{target}/index.json: entry {number}")
+                for number, entry in enumerate(entries)
+            ]
         except (ValueError, TypeError, KeyError) as error:
             raise InputError(f"{target}/index.json: expected a list of entries with 'path' ({error})") from None
         if not paths:
             raise InputError(f"{target}/index.json lists no dictionaries")
-        return [Target(path, fs.join(target, path), load_dictionary(fs.join(target, path)), None)
-                for path in paths], None
+        return [
+            Target(path, fs.join(target, path), load_dictionary(fs.join(target, path)), None) for path in paths
+        ], None
     if "/" in target or os.path.exists(target):
-        raise InputError(f"TARGET {config.target}: neither an exported dictionary (cfg.json) nor a folder "
-                         "with index.json")
+        raise InputError(
+            f"TARGET {config.target}: neither an exported dictionary (cfg.json) nor a folder with index.json"
+        )
     from dictsweep.track import SELECTED_TAG, download_dictionary, find_sweep
 
     client, runs = find_sweep(config.tracking_uri, target)
@@ -102,7 +106,9 @@ def inspect(config: InspectConfig) -> InspectResult:
     return result
 
 
-def inspect_for_sweep(uris: dict[str, str], data: str, out: str, tokens: int, device: str, threads: int = 0) -> list[str]:
+def inspect_for_sweep(
+    uris: dict[str, str], data: str, out: str, tokens: int, device: str, threads: int = 0
+) -> list[str]:
     """A finished sweep's `evaluation.inspect`: its selected dictionaries (name -> URI) over `data`,
     written under `out` (a folder or URI); returns the notes. Runs as a Ray task on the sweep's device kind."""
     if threads:
@@ -126,8 +132,10 @@ def inspect_targets(config: InspectConfig, targets: list[Target]) -> InspectResu
     for target in targets:
         d_in = target.sae.W_dec.shape[1]
         if d_in != dataset.d_model:
-            raise InputError(f"dictionary {target.uri} has d_in={d_in} but dataset {config.data} has "
-                             f"d_model={dataset.d_model}: it was trained on other activations")
+            raise InputError(
+                f"dictionary {target.uri} has d_in={d_in} but dataset {config.data} has "
+                f"d_model={dataset.d_model}: it was trained on other activations"
+            )
     dictionaries = {target.name: target.sae for target in targets}
     result = scan(dictionaries, dataset, config.tokens, config.top, SAMPLES, config.batch_rows, device)
     source = Source(dataset, device, load_model=result.keys_are_positions)
@@ -139,11 +147,19 @@ def inspect_targets(config: InspectConfig, targets: list[Target]) -> InspectResu
     for target in targets:
         folder = os.path.join(config.out, target.name)
         os.makedirs(folder, exist_ok=True)
-        meta = {"dictionary": target.name, "dictionary_uri": target.uri, "dataset": config.data,
-                "rows": result.rows, "architecture": target.sae.architecture,
-                "n_latents": int(target.sae.W_dec.shape[0]), "d_in": dataset.d_model,
-                "model": (dataset.manifest.source or {}).get("model"), "hook": source.hook,
-                "notes": notes, "dictionaries": sorted(dictionaries)}
+        meta = {
+            "dictionary": target.name,
+            "dictionary_uri": target.uri,
+            "dataset": config.data,
+            "rows": result.rows,
+            "architecture": target.sae.architecture,
+            "n_latents": int(target.sae.W_dec.shape[0]),
+            "d_in": dataset.d_model,
+            "model": (dataset.manifest.source or {}).get("model"),
+            "hook": source.hook,
+            "notes": notes,
+            "dictionaries": sorted(dictionaries),
+        }
         write_data_file(os.path.join(folder, DATA_FILE), tables[target.name], meta)
         write_browser(folder, tables[target.name], meta)
         folders[target.name] = folder
@@ -152,8 +168,9 @@ def inspect_targets(config: InspectConfig, targets: list[Target]) -> InspectResu
     return InspectResult(folders, notes, result)
 
 
-def describe(config: InspectConfig, dictionaries: dict[str, Dictionary], result: ScanResult, source: Source,
-             device: str) -> dict[str, LatentTables]:
+def describe(
+    config: InspectConfig, dictionaries: dict[str, Dictionary], result: ScanResult, source: Source, device: str
+) -> dict[str, LatentTables]:
     """Every dictionary's per-latent tables: statistics, windows, neighbours, matches, token effects."""
     requests: dict[str, list[Request]] = {}
     kinds: dict[str, list[tuple[int, str, float]]] = {}  # per request: (latent, "top" or quantile label, value)
@@ -173,9 +190,15 @@ def describe(config: InspectConfig, dictionaries: dict[str, Dictionary], result:
     for name, sae in dictionaries.items():
         W_dec = sae.W_dec.detach().to(device)
         near = nearest_latents(W_dec, config.neighbours)
-        others = {other: feature_matches(sae, dictionaries[other], config.neighbours)
-                  for other, other_sae in dictionaries.items()
-                  if other != name and other_sae.W_dec.shape[0] != sae.W_dec.shape[0]} if config.neighbours else {}
+        others = (
+            {
+                other: feature_matches(sae, dictionaries[other], config.neighbours)
+                for other, other_sae in dictionaries.items()
+                if other != name and other_sae.W_dec.shape[0] != sae.W_dec.shape[0]
+            }
+            if config.neighbours
+            else {}
+        )
         effects = token_effects(W_dec, embedding, config.token_effects) if embedding is not None else None
         by_latent: dict[int, list[tuple[str, Window]]] = {}
         for (latent, label, _), window in zip(kinds[name], found.get(name, [])):
@@ -199,7 +222,8 @@ def context_rows(summary: Summary, quantiles: int):
             continue
         order = np.argsort(summary.sample_values[latent][fresh])  # ascending
         rows, values = summary.sample_rows[latent][fresh][order], summary.sample_values[latent][fresh][order]
-        picks = sorted({min(int(fraction * len(rows)), len(rows) - 1)
-                        for fraction in (np.arange(quantiles) + 0.5) / quantiles})
+        picks = sorted(
+            {min(int(fraction * len(rows)), len(rows) - 1) for fraction in (np.arange(quantiles) + 0.5) / quantiles}
+        )
         for pick in picks:
-            yield latent, rows[pick:pick + 1], values[pick:pick + 1], f"q{round(100 * (pick + 0.5) / len(rows))}"
+            yield latent, rows[pick : pick + 1], values[pick : pick + 1], f"q{round(100 * (pick + 0.5) / len(rows))}"

@@ -30,8 +30,9 @@ class TopContext(NamedTuple):
     """Index of the row's own token in `tokens`."""
 
 
-def top_contexts(sae, dataset, latent: int, top: int = 10, tokens: int | None = None, batch_rows: int = 1024,
-                 device: str = "cpu") -> list[TopContext]:
+def top_contexts(
+    sae, dataset, latent: int, top: int = 10, tokens: int | None = None, batch_rows: int = 1024, device: str = "cpu"
+) -> list[TopContext]:
     """The `top` rows of `dataset` (an ActivationDataset or its URI; at most `tokens` train rows) on
     which latent `latent` of `sae` (a loaded dictionary or its path) is largest, best first."""
     from dictsweep import load_dictionary
@@ -48,7 +49,7 @@ def top_contexts(sae, dataset, latent: int, top: int = 10, tokens: int | None = 
     with torch.inference_mode():
         for batch in iter_batches(dataset, tokens, batch_rows, device):
             positions = positions and batch.positions
-            stats.add(sae.encode(batch.acts)[:, latent:latent + 1], batch.row_keys)  # [B, 1]
+            stats.add(sae.encode(batch.acts)[:, latent : latent + 1], batch.row_keys)  # [B, 1]
     summary = stats.summary()
     keep = summary.top_rows[0] != NO_ROW
     values, rows = summary.top_values[0][keep], summary.top_rows[0][keep]
@@ -61,5 +62,14 @@ def top_contexts(sae, dataset, latent: int, top: int = 10, tokens: int | None = 
     seqs, positions = row_key_position(rows)
     requests = [Request(latent, int(seq), int(pos), float(value)) for seq, pos, value in zip(seqs, positions, values)]
     found = windows(source, {"sae": requests}, {"sae": sae}, device)["sae"]
-    return [TopContext(request.value, request.seq, request.pos, source.token_strings(window.token_ids),
-                       window.acts.tolist(), window.center) for request, window in zip(requests, found)]
+    return [
+        TopContext(
+            request.value,
+            request.seq,
+            request.pos,
+            source.token_strings(window.token_ids),
+            window.acts.tolist(),
+            window.center,
+        )
+        for request, window in zip(requests, found)
+    ]

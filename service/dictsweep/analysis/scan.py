@@ -43,7 +43,9 @@ class ScanResult(NamedTuple):
     rows: int
     keys_are_positions: bool  # whether row keys are (seq, pos) (the rows carry seq and pos)
     seconds: float
-    cpu_seconds: float  # this process's CPU time during the pass (all threads): steadier than wall time on a busy machine
+    cpu_seconds: (
+        float  # this process's CPU time during the pass (all threads): steadier than wall time on a busy machine
+    )
     rows_per_s: float
     peak_rss_mb: float
     peak_device_mb: float  # CUDA memory at its peak, 0 on CPU
@@ -55,8 +57,13 @@ def row_key_position(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return keys >> POS_BITS, keys & ((1 << POS_BITS) - 1)
 
 
-def iter_batches(dataset: ActivationDataset, max_rows: int | None, batch_rows: int,
-                 device: torch.device | str, split: Split = "train") -> Iterator[Batch]:
+def iter_batches(
+    dataset: ActivationDataset,
+    max_rows: int | None,
+    batch_rows: int,
+    device: torch.device | str,
+    split: Split = "train",
+) -> Iterator[Batch]:
     """The split's rows in manifest order (at most `max_rows`), every shard read once, next shards
     fetched in a background thread."""
     shards = dataset.shards(split)
@@ -85,16 +92,26 @@ def iter_batches(dataset: ActivationDataset, max_rows: int | None, batch_rows: i
                 keys = np.arange(rows_seen, rows_seen + len(acts), dtype=np.int64)
             for start in range(0, take, batch_rows):
                 stop = min(start + batch_rows, take)
-                yield Batch(acts[start:stop].to(device, torch.float32, non_blocking=True),
-                            torch.from_numpy(keys[start:stop]).to(device), positions)
+                yield Batch(
+                    acts[start:stop].to(device, torch.float32, non_blocking=True),
+                    torch.from_numpy(keys[start:stop]).to(device),
+                    positions,
+                )
             rows_seen += take
 
 
-def scan(dictionaries: dict[str, Dictionary], dataset: ActivationDataset, max_rows: int | None, top: int,
-         samples: int, batch_rows: int, device: torch.device | str, seed: int = 0) -> ScanResult:
+def scan(
+    dictionaries: dict[str, Dictionary],
+    dataset: ActivationDataset,
+    max_rows: int | None,
+    top: int,
+    samples: int,
+    batch_rows: int,
+    device: torch.device | str,
+    seed: int = 0,
+) -> ScanResult:
     """Each dictionary's per-latent statistics over one pass of the dataset's train rows."""
-    stats = {name: LatentStats(sae.W_dec.shape[0], top, samples, device, seed)
-             for name, sae in dictionaries.items()}
+    stats = {name: LatentStats(sae.W_dec.shape[0], top, samples, device, seed) for name, sae in dictionaries.items()}
     models = {name: sae.to(device) for name, sae in dictionaries.items()}
     if str(device).startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(device)
@@ -109,6 +126,13 @@ def scan(dictionaries: dict[str, Dictionary], dataset: ActivationDataset, max_ro
         torch.cuda.synchronize(device)
     seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
     peak_device = torch.cuda.max_memory_allocated(device) / 2**20 if str(device).startswith("cuda") else 0.0
-    return ScanResult({name: value.summary() for name, value in stats.items()}, rows,
-                      positions and rows > 0, seconds, cpu_seconds, rows / seconds if seconds > 0 else 0.0,
-                      resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, peak_device)
+    return ScanResult(
+        {name: value.summary() for name, value in stats.items()},
+        rows,
+        positions and rows > 0,
+        seconds,
+        cpu_seconds,
+        rows / seconds if seconds > 0 else 0.0,
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        peak_device,
+    )

@@ -114,11 +114,19 @@ class LatentStats:
 
     def summary(self) -> Summary:
         """The statistics so far, on the CPU, one row per latent."""
+
         def cpu(tensor: Tensor) -> np.ndarray:
             return tensor.cpu().numpy()
 
         samples = slice(0, self.samples)
-        return Summary(rows=self.rows, fire_count=cpu(self.fire_count), act_sum=cpu(self.act_sum),
-                       act_max=cpu(self.top.values[:, 0]), hist=cpu(self.hist.view(self.n_latents, HIST_BINS)),
-                       top_values=cpu(self.top.values), top_rows=cpu(self.top.rows),
-                       sample_values=cpu(self.sample.values[:, samples]), sample_rows=cpu(self.sample.rows[:, samples]))
+        return Summary(
+            rows=self.rows,
+            fire_count=cpu(self.fire_count),
+            act_sum=cpu(self.act_sum),
+            act_max=cpu(self.top.values[:, 0]),
+            hist=cpu(self.hist.view(self.n_latents, HIST_BINS)),
+            top_values=cpu(self.top.values),
+            top_rows=cpu(self.top.rows),
+            sample_values=cpu(self.sample.values[:, samples]),
+            sample_rows=cpu(self.sample.rows[:, samples]),
+        )

@@ -23,8 +23,9 @@ def steer(model: torch.nn.Module, hook: str, direction: Tensor, scale: float = 1
 
     def shifted(output: Tensor) -> Tensor:
         if output.shape[-1] != direction.shape[0]:
-            raise InputError(f"steer: the direction has {direction.shape[0]} dimensions but {hook} "
-                             f"outputs {output.shape[-1]}")
+            raise InputError(
+                f"steer: the direction has {direction.shape[0]} dimensions but {hook} outputs {output.shape[-1]}"
+            )
         return output + scale * direction.to(output.device, output.dtype)
 
     def add(module, args, output):

@@ -21,10 +21,21 @@ def grid_keys() -> dict[str, HyperParameter]:
 def member_from_params(params: dict) -> Member:
     """The `Member` of a grid point's params (`GridPoint.params()`): unset keys are 0 (a key that replaces
     another is the steering trainer's, not the member's)."""
-    settings = {key: parameter.kind(params.get(key) or 0) for key, parameter in grid_keys().items()
-                if parameter.replaces is None}
+    settings = {
+        key: parameter.kind(params.get(key) or 0)
+        for key, parameter in grid_keys().items()
+        if parameter.replaces is None
+    }
     return Member(lr=params["lr"], seed=params["seed"], **settings)
 
 
-__all__ = ["ARCHITECTURES", "Ensemble", "EnsembleOutput", "HyperParameter", "Member", "build_ensemble",
-           "grid_keys", "member_from_params"]
+__all__ = [
+    "ARCHITECTURES",
+    "Ensemble",
+    "EnsembleOutput",
+    "HyperParameter",
+    "Member",
+    "build_ensemble",
+    "grid_keys",
+    "member_from_params",
+]

@@ -45,8 +45,14 @@ class BatchTopKEnsemble(TopKEnsemble):
         values = values.relu() * (values >= smallest.unsqueeze(-1))
         return values, indices, smallest.squeeze(1)
 
-    def forward(self, x: Tensor, sparsity_scale: Tensor | float = 1.0, dead_mask: Tensor | None = None,
-                auxk_coef: float = AUXK_COEF, auxk_k: int = 0) -> EnsembleOutput:
+    def forward(
+        self,
+        x: Tensor,
+        sparsity_scale: Tensor | float = 1.0,
+        dead_mask: Tensor | None = None,
+        auxk_coef: float = AUXK_COEF,
+        auxk_k: int = 0,
+    ) -> EnsembleOutput:
         pre = self.pre_acts(x)  # [K, B, n_latents]
         if not (self.training and torch.is_grad_enabled()):  # evaluation: as the exported dictionary
             latent_acts, latent_indices = self.activate(pre)
@@ -57,8 +63,15 @@ class BatchTopKEnsemble(TopKEnsemble):
                 self.threshold.copy_(torch.where(self.threshold > 0, estimate, smallest.float()))
         sae_out = self.decode(latent_acts, latent_indices)
         no_penalty = torch.zeros(self.n_members, device=x.device)
-        return self.output(x, sae_out, latent_acts, latent_indices, self.fire_counts(latent_acts, latent_indices),
-                           no_penalty, self.auxk_loss(x, pre, sae_out, dead_mask, auxk_coef, auxk_k))
+        return self.output(
+            x,
+            sae_out,
+            latent_acts,
+            latent_indices,
+            self.fire_counts(latent_acts, latent_indices),
+            no_penalty,
+            self.auxk_loss(x, pre, sae_out, dead_mask, auxk_coef, auxk_k),
+        )
 
     def member_config(self, index: int) -> dict:
         return {}

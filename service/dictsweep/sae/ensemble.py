@@ -83,8 +83,7 @@ def register(name: str):
     return add
 
 
-def build_ensemble(architecture: str, d_model: int, n_latents: int, members: list[Member],
-                   **options) -> "Ensemble":
+def build_ensemble(architecture: str, d_model: int, n_latents: int, members: list[Member], **options) -> "Ensemble":
     """Make an ensemble of the named architecture (one of `ARCHITECTURES`)."""
     if architecture not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {architecture!r}; known: {sorted(ARCHITECTURES)}")
@@ -102,8 +101,7 @@ class Ensemble(nn.Module):
     hyperparameters: ClassVar[tuple[HyperParameter, ...]] = (L1_COEF, TARGET_L0)  # its grid keys besides lr and seed
     sparsity_key: ClassVar[str] = "l1_coef"  # the grid key that sets its sparsity: hyperparameters[0]'s
 
-    def __init__(self, d_model: int, n_latents: int, members: list[Member], kernel: str = "bmm",
-                 decode: str = "auto"):
+    def __init__(self, d_model: int, n_latents: int, members: list[Member], kernel: str = "bmm", decode: str = "auto"):
         super().__init__()
         if not members:
             raise ValueError("an ensemble needs at least one member")
@@ -183,8 +181,9 @@ class Ensemble(nn.Module):
         # CUDA's embedding_bag has no bf16 backward: there (no Triton) it gathers in fp32
         dtype = torch.float32 if values.is_cuda else values.dtype
         table = self.W_dec.reshape(-1, self.d_model).to(dtype)  # [K * n_latents, d_model]
-        out = nn.functional.embedding_bag((indices + offsets).view(-1, k), table, mode="sum",
-                                          per_sample_weights=values.reshape(-1, k).to(dtype))  # [K * B, d_model]
+        out = nn.functional.embedding_bag(
+            (indices + offsets).view(-1, k), table, mode="sum", per_sample_weights=values.reshape(-1, k).to(dtype)
+        )  # [K * B, d_model]
         return out.view(n_members, rows, self.d_model).to(values.dtype)
 
     def densify(self, values: Tensor, indices: Tensor) -> Tensor:
@@ -197,8 +196,14 @@ class Ensemble(nn.Module):
         """Inference latents from pre-activations: dense `[K, B, n]`, or values and indices `[K, B, k]`."""
         raise NotImplementedError
 
-    def forward(self, x: Tensor, sparsity_scale: Tensor | float = 1.0, dead_mask: Tensor | None = None,
-                auxk_coef: float = AUXK_COEF, auxk_k: int = 0) -> EnsembleOutput:
+    def forward(
+        self,
+        x: Tensor,
+        sparsity_scale: Tensor | float = 1.0,
+        dead_mask: Tensor | None = None,
+        auxk_coef: float = AUXK_COEF,
+        auxk_k: int = 0,
+    ) -> EnsembleOutput:
         """Encode, decode and score a scaled batch `[B, d_model]` for every member.
 
         `dead_mask [K, n_latents]` marks latents dead for a window (for AuxK; None: none dead);
@@ -211,16 +216,31 @@ class Ensemble(nn.Module):
         return self.activate(self.pre_acts(x))
 
     # -- what every forward ends with -----------------------------------------------------------
-    def output(self, x: Tensor, sae_out: Tensor, latent_acts: Tensor, latent_indices: Tensor | None,
-               fire_counts: Tensor, sparsity_loss: Tensor, aux_loss: Tensor | None = None) -> EnsembleOutput:
+    def output(
+        self,
+        x: Tensor,
+        sae_out: Tensor,
+        latent_acts: Tensor,
+        latent_indices: Tensor | None,
+        fire_counts: Tensor,
+        sparsity_loss: Tensor,
+        aux_loss: Tensor | None = None,
+    ) -> EnsembleOutput:
         """Losses (float32, also under autocast) and metrics of one forward pass."""
         mse = squared_error(x, sae_out)  # [K]
         aux_loss = torch.zeros_like(mse) if aux_loss is None else aux_loss
         return EnsembleOutput(
-            sae_out=sae_out, latent_acts=latent_acts, latent_indices=latent_indices,
-            fire_counts=fire_counts, mse=mse, fvu=fvu(x, sae_out, error=mse),
-            l0=l0_from_counts(fire_counts, x.shape[0]), sparsity_loss=sparsity_loss, aux_loss=aux_loss,
-            loss=mse + sparsity_loss + aux_loss)
+            sae_out=sae_out,
+            latent_acts=latent_acts,
+            latent_indices=latent_indices,
+            fire_counts=fire_counts,
+            mse=mse,
+            fvu=fvu(x, sae_out, error=mse),
+            l0=l0_from_counts(fire_counts, x.shape[0]),
+            sparsity_loss=sparsity_loss,
+            aux_loss=aux_loss,
+            loss=mse + sparsity_loss + aux_loss,
+        )
 
     def fire_counts(self, latent_acts: Tensor, latent_indices: Tensor | None) -> Tensor:
         """Rows of the batch on which each latent fired, `[K, n_latents]` (latents are >= 0)."""

@@ -21,18 +21,27 @@ from dictsweep.errors import InputError
 from dictsweep.sae.ensemble import Ensemble
 
 SAELENS_VERSION = "6.0.0"
-WEIGHT_NAMES = {"standard": ("W_enc", "b_enc", "W_dec", "b_dec"),
-                "topk": ("W_enc", "b_enc", "W_dec", "b_dec"),
-                "jumprelu": ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")}
+WEIGHT_NAMES = {
+    "standard": ("W_enc", "b_enc", "W_dec", "b_dec"),
+    "topk": ("W_enc", "b_enc", "W_dec", "b_dec"),
+    "jumprelu": ("W_enc", "b_enc", "W_dec", "b_dec", "threshold"),
+}
 
 
 def saelens_config(architecture: str, d_in: int, d_sae: int, extra: dict, metadata: dict) -> dict:
     """The `cfg.json` of one dictionary: SAELens fields, then our own keys under `metadata`."""
-    return {"architecture": architecture, "d_in": d_in, "d_sae": d_sae, "dtype": "float32",
-            "device": "cpu", "apply_b_dec_to_input": True, "normalize_activations": "none",
-            "reshape_activations": "none", **extra,
-            "metadata": {"sae_lens_version": SAELENS_VERSION, "sae_lens_training_version": SAELENS_VERSION,
-                         **metadata}}
+    return {
+        "architecture": architecture,
+        "d_in": d_in,
+        "d_sae": d_sae,
+        "dtype": "float32",
+        "device": "cpu",
+        "apply_b_dec_to_input": True,
+        "normalize_activations": "none",
+        "reshape_activations": "none",
+        **extra,
+        "metadata": {"sae_lens_version": SAELENS_VERSION, "sae_lens_training_version": SAELENS_VERSION, **metadata},
+    }
 
 
 def dictionary_files(config: dict, weights: dict[str, Tensor], log10_frequency: Tensor) -> dict[str, bytes]:
@@ -40,15 +49,18 @@ def dictionary_files(config: dict, weights: dict[str, Tensor], log10_frequency: 
     names = WEIGHT_NAMES[config["architecture"]]
     tensors = {name: weights[name].detach().float().cpu().contiguous() for name in names}
     sparsity = {"sparsity": log10_frequency.detach().float().cpu().contiguous()}
-    return {"sae_weights.safetensors": save_safetensors(tensors),
-            "sparsity.safetensors": save_safetensors(sparsity),
-            "cfg.json": json.dumps(config, indent=2).encode()}
+    return {
+        "sae_weights.safetensors": save_safetensors(tensors),
+        "sparsity.safetensors": save_safetensors(sparsity),
+        "cfg.json": json.dumps(config, indent=2).encode(),
+    }
 
 
 def member_files(ensemble: Ensemble, index: int, log10_frequency: Tensor, metadata: dict) -> dict[str, bytes]:
     """The dictionary folder of member `index` of an ensemble (input scale folded in)."""
-    config = saelens_config(ensemble.saelens_architecture, ensemble.d_model, ensemble.n_latents,
-                            ensemble.member_config(index), metadata)
+    config = saelens_config(
+        ensemble.saelens_architecture, ensemble.d_model, ensemble.n_latents, ensemble.member_config(index), metadata
+    )
     return dictionary_files(config, ensemble.member_state(index), log10_frequency)
 
 
@@ -92,9 +104,20 @@ def read_dictionary(read: Callable[[str], bytes | None], where: str) -> Dictiona
     config = read_config(read("cfg.json"), f"{where}/cfg.json")
     architecture, d_in, d_sae = config["architecture"], config["d_in"], config["d_sae"]
     weights = read_tensors(read("sae_weights.safetensors"), f"{where}/sae_weights.safetensors", required=True)
-    shapes = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,), "threshold": (d_sae,)}
-    check_tensors(weights, {name: shapes[name] for name in WEIGHT_NAMES[architecture]},
-                  f"{where}/sae_weights.safetensors", d_in, d_sae)
+    shapes = {
+        "W_enc": (d_in, d_sae),
+        "b_enc": (d_sae,),
+        "W_dec": (d_sae, d_in),
+        "b_dec": (d_in,),
+        "threshold": (d_sae,),
+    }
+    check_tensors(
+        weights,
+        {name: shapes[name] for name in WEIGHT_NAMES[architecture]},
+        f"{where}/sae_weights.safetensors",
+        d_in,
+        d_sae,
+    )
     sparsity = read_tensors(read("sparsity.safetensors"), f"{where}/sparsity.safetensors", required=False)
     if sparsity is not None:
         check_tensors(sparsity, {"sparsity": (d_sae,)}, f"{where}/sparsity.safetensors", d_in, d_sae, finite=False)
@@ -103,7 +126,12 @@ def read_dictionary(read: Callable[[str], bytes | None], where: str) -> Dictiona
 
 
 JSON_KINDS = {bool: "true or false", int: "an integer", str: "a string", dict: "an object"}
-FLOAT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+FLOAT_DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+}
 
 
 def read_config(raw: bytes | None, where: str) -> dict:
@@ -139,12 +167,16 @@ def read_config(raw: bytes | None, where: str) -> dict:
     for name in ("apply_b_dec_to_input", "rescale_acts_by_decoder_norm"):
         field(name, bool, required=False)
     if config.get("rescale_acts_by_decoder_norm"):
-        raise InputError(f"{where}: field 'rescale_acts_by_decoder_norm' is true, which this loader does not "
-                         "apply; load the folder with SAELens instead")
+        raise InputError(
+            f"{where}: field 'rescale_acts_by_decoder_norm' is true, which this loader does not "
+            "apply; load the folder with SAELens instead"
+        )
     for name in ("normalize_activations", "reshape_activations"):
         if field(name, str, required=False) not in (None, "none"):
-            raise InputError(f"{where}: field {name!r} is {config[name]!r}; this loader reads only 'none' "
-                             "(dictsweep folds the scale into the weights); load the folder with SAELens instead")
+            raise InputError(
+                f"{where}: field {name!r} is {config[name]!r}; this loader reads only 'none' "
+                "(dictsweep folds the scale into the weights); load the folder with SAELens instead"
+            )
     field("metadata", dict, required=False)
     if architecture == "topk":
         k = field("k", int)
@@ -165,8 +197,14 @@ def read_tensors(raw: bytes | None, where: str, required: bool) -> dict[str, Ten
         raise InputError(f"{where}: not a readable safetensors file ({error})") from None
 
 
-def check_tensors(tensors: dict[str, Tensor], shapes: dict[str, tuple[int, ...]], where: str, d_in: int,
-                  d_sae: int, finite: bool = True) -> None:
+def check_tensors(
+    tensors: dict[str, Tensor],
+    shapes: dict[str, tuple[int, ...]],
+    where: str,
+    d_in: int,
+    d_sae: int,
+    finite: bool = True,
+) -> None:
     """Each named tensor present, floating, of the shape cfg.json implies (and finite); one dtype for all."""
     missing = sorted(set(shapes) - set(tensors))
     if missing:
@@ -176,8 +214,10 @@ def check_tensors(tensors: dict[str, Tensor], shapes: dict[str, tuple[int, ...]]
         if tensor.dtype not in FLOAT_DTYPES.values():
             raise InputError(f"{where}: tensor {name!r} is {tensor.dtype}; expected a float dtype")
         if tuple(tensor.shape) != shape:
-            raise InputError(f"{where}: tensor {name!r} has shape {list(tensor.shape)}, but cfg.json "
-                             f"(d_in={d_in}, d_sae={d_sae}) implies {list(shape)}")
+            raise InputError(
+                f"{where}: tensor {name!r} has shape {list(tensor.shape)}, but cfg.json "
+                f"(d_in={d_in}, d_sae={d_sae}) implies {list(shape)}"
+            )
         if finite and not bool(torch.isfinite(tensor).all()):
             raise InputError(f"{where}: tensor {name!r} holds NaN or infinite values")
     dtypes = {name: str(tensors[name].dtype).removeprefix("torch.") for name in shapes}

@@ -59,13 +59,20 @@ class JumpReLUEnsemble(Ensemble):
     def activate(self, pre: Tensor) -> tuple[Tensor, None]:
         return pre * (pre > self.threshold.unsqueeze(1)), None
 
-    def forward(self, x: Tensor, sparsity_scale: Tensor | float = 1.0, dead_mask: Tensor | None = None,
-                auxk_coef: float = AUXK_COEF, auxk_k: int = 0) -> EnsembleOutput:
+    def forward(
+        self,
+        x: Tensor,
+        sparsity_scale: Tensor | float = 1.0,
+        dead_mask: Tensor | None = None,
+        auxk_coef: float = AUXK_COEF,
+        auxk_k: int = 0,
+    ) -> EnsembleOutput:
         latent_acts, fire_counts = JumpReLU.apply(self.pre_acts(x), self.threshold, BANDWIDTH)  # [K, B, n], [K, n]
         sae_out = self.decode(latent_acts)
         l0 = fire_counts.sum(-1) / x.shape[0]  # [K], with straight-through gradients to the thresholds
-        return self.output(x, sae_out, latent_acts, None, fire_counts.detach(),
-                           self.l1_coef * sparsity_scale * self.l0_penalty(l0))
+        return self.output(
+            x, sae_out, latent_acts, None, fire_counts.detach(), self.l1_coef * sparsity_scale * self.l0_penalty(l0)
+        )
 
     def l0_penalty(self, l0: Tensor) -> Tensor:
         """`[K]`: the L0 itself, or for a member with a target T, (L0 / T - 1)^2: its gradient pulls

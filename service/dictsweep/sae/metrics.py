@@ -30,7 +30,7 @@ def squared_error(x: Tensor, x_hat: Tensor) -> Tensor:
 def mse(error: Tensor | float, d_model: int, input_scale: float = 1.0) -> Tensor | float:
     """Mean squared error per element of raw activations (the eval metric `mse`), from a `squared_error`
     (summed over d_model) on the training scale, where inputs are multiplied by `input_scale`."""
-    return error / (d_model * input_scale ** 2)
+    return error / (d_model * input_scale**2)
 
 
 def fvu(x: Tensor, x_hat: Tensor, error: Tensor | None = None) -> Tensor:
@@ -62,8 +62,14 @@ class FiringTracker:
     on more than `dense_threshold` of the tokens of the last completed window.
     """
 
-    def __init__(self, n_members: int, n_latents: int, window_tokens: int,
-                 dense_threshold: float = 0.1, device: torch.device | str = "cpu"):
+    def __init__(
+        self,
+        n_members: int,
+        n_latents: int,
+        window_tokens: int,
+        dense_threshold: float = 0.1,
+        device: torch.device | str = "cpu",
+    ):
         self.window_tokens, self.dense_threshold = window_tokens, dense_threshold
         self.tokens_seen = 0
         self.last_fired = torch.zeros(n_members, n_latents, dtype=torch.long, device=device)  # token index

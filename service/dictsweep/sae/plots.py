@@ -19,8 +19,12 @@ NEVER_FIRED = -10.0  # what `FiringTracker.log10_frequency` gives a latent that 
 def decoder_norm_stats(decoder: Tensor) -> dict[str, float]:
     """Norms of the decoder rows `[n_latents, d_model]`: mean, std, min, max."""
     norms = decoder.detach().float().norm(dim=-1)
-    return {"decoder_norm_mean": float(norms.mean()), "decoder_norm_std": float(norms.std(correction=0)),
-            "decoder_norm_min": float(norms.min()), "decoder_norm_max": float(norms.max())}
+    return {
+        "decoder_norm_mean": float(norms.mean()),
+        "decoder_norm_std": float(norms.std(correction=0)),
+        "decoder_norm_min": float(norms.min()),
+        "decoder_norm_max": float(norms.max()),
+    }
 
 
 def histogram_range(values: Tensor) -> tuple[float, float] | None:
@@ -58,8 +62,10 @@ def member_figure(log10_frequency: Tensor, decoder: Tensor, title: str = "") -> 
     norm_axes.xaxis.set_major_locator(MaxNLocator(nbins=5))  # few, short labels: they never overlap
     norm_axes.ticklabel_format(axis="x", useOffset=False)
     stats = decoder_norm_stats(decoder)
-    norm_axes.set_title("mean {decoder_norm_mean:.3g}, std {decoder_norm_std:.2g}, "
-                        "min {decoder_norm_min:.3g}, max {decoder_norm_max:.3g}".format(**stats))
+    norm_axes.set_title(
+        "mean {decoder_norm_mean:.3g}, std {decoder_norm_std:.2g}, "
+        "min {decoder_norm_min:.3g}, max {decoder_norm_max:.3g}".format(**stats)
+    )
     if title:
         figure.suptitle(title)
     figure.tight_layout()

@@ -24,19 +24,27 @@ class ReluEnsemble(Ensemble):
     def activate(self, pre: Tensor) -> tuple[Tensor, None]:
         return torch.relu(pre), None
 
-    def forward(self, x: Tensor, sparsity_scale: Tensor | float = 1.0, dead_mask: Tensor | None = None,
-                auxk_coef: float = AUXK_COEF, auxk_k: int = 0) -> EnsembleOutput:
+    def forward(
+        self,
+        x: Tensor,
+        sparsity_scale: Tensor | float = 1.0,
+        dead_mask: Tensor | None = None,
+        auxk_coef: float = AUXK_COEF,
+        auxk_k: int = 0,
+    ) -> EnsembleOutput:
         latent_acts = self.pre_acts(x).relu_()  # [K, B, n_latents]; in place: the matmul keeps no output
         sae_out = self.decode(latent_acts)
         # sum over rows first: the backward then broadcasts the norms instead of an outer product
         row_sums = latent_acts.sum(1, dtype=torch.float32)  # [K, n_latents]
         penalty = (row_sums * self.W_dec.norm(dim=-1)).sum(-1) / x.shape[0]  # [K]
-        return self.output(x, sae_out, latent_acts, None, self.fire_counts(latent_acts, None),
-                           self.l1_coef * sparsity_scale * penalty)
+        return self.output(
+            x, sae_out, latent_acts, None, self.fire_counts(latent_acts, None), self.l1_coef * sparsity_scale * penalty
+        )
 
     @torch.no_grad()
-    def resample(self, dead: Tensor, x: Tensor, sae_out: Tensor,
-                 generators: list[torch.Generator]) -> dict[str, Tensor]:
+    def resample(
+        self, dead: Tensor, x: Tensor, sae_out: Tensor, generators: list[torch.Generator]
+    ) -> dict[str, Tensor]:
         """Re-initialise dead latents from badly reconstructed rows (Anthropic, 2023).
 
         Per member, rows of the batch `x [B, d_model]` are drawn with probability proportional to

@@ -44,8 +44,18 @@ def kernels():
     import triton.language as tl
 
     @triton.jit
-    def forward_kernel(values, indices, table, out, n_rows_per_member, n_latents, d_model, k,
-                       BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
+    def forward_kernel(
+        values,
+        indices,
+        table,
+        out,
+        n_rows_per_member,
+        n_latents,
+        d_model,
+        k,
+        BLOCK_J: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):
         # one program: one row (member m, batch row b) x one block of BLOCK_D output columns
         row = tl.program_id(0).to(tl.int64)  # m * B + b
         member = row // n_rows_per_member
@@ -58,15 +68,29 @@ def kernels():
             j_ok = j < k
             index = tl.load(indices + row * k + j, mask=j_ok, other=0).to(tl.int64)
             value = tl.load(values + row * k + j, mask=j_ok, other=0.0).to(tl.float32)
-            rows = tl.load(member_table + index[:, None] * d_model + cols[None, :],
-                           mask=j_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)  # [BLOCK_J, BLOCK_D]
+            rows = tl.load(
+                member_table + index[:, None] * d_model + cols[None, :], mask=j_ok[:, None] & col_ok[None, :], other=0.0
+            ).to(tl.float32)  # [BLOCK_J, BLOCK_D]
             acc += tl.sum(value[:, None] * rows, axis=0)
         tl.store(out + row * d_model + cols, acc.to(out.dtype.element_ty), mask=col_ok)
 
     @triton.jit
-    def backward_kernel(grad_out, values, indices, table, grad_values, grad_table, n_rows_per_member,
-                        n_latents, d_model, k, NEED_VALUES: tl.constexpr, NEED_TABLE: tl.constexpr,
-                        BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
+    def backward_kernel(
+        grad_out,
+        values,
+        indices,
+        table,
+        grad_values,
+        grad_table,
+        n_rows_per_member,
+        n_latents,
+        d_model,
+        k,
+        NEED_VALUES: tl.constexpr,
+        NEED_TABLE: tl.constexpr,
+        BLOCK_J: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):
         # one program: one row x BLOCK_J of its selected entries, looping over all columns
         row = tl.program_id(0).to(tl.int64)
         member = row // n_rows_per_member
@@ -104,8 +128,7 @@ class SparseDecode(torch.autograd.Function):
         out = values.new_empty(n_members, rows, d_model)  # [K, B, d_model]
         forward_kernel, _ = kernels()
         grid = (n_members * rows, -(-d_model // BLOCK_D))
-        forward_kernel[grid](values, indices, table, out, rows, n_latents, d_model, k,
-                             BLOCK_J=BLOCK_J, BLOCK_D=BLOCK_D)
+        forward_kernel[grid](values, indices, table, out, rows, n_latents, d_model, k, BLOCK_J=BLOCK_J, BLOCK_D=BLOCK_D)
         ctx.save_for_backward(values, indices, table)
         return out
 
@@ -119,15 +142,28 @@ class SparseDecode(torch.autograd.Function):
         n_latents, d_model = table.shape[1:]
         grad_out = grad_out.contiguous()
         grad_values = torch.empty_like(values) if need_values else values  # [K, B, k]
-        grad_table = (torch.zeros(table.shape, dtype=torch.float32, device=table.device)
-                      if need_table else table)  # [K, n_latents, d_model], fp32 for the atomics
+        grad_table = (
+            torch.zeros(table.shape, dtype=torch.float32, device=table.device) if need_table else table
+        )  # [K, n_latents, d_model], fp32 for the atomics
         _, backward_kernel = kernels()
         grid = (n_members * rows, -(-k // BLOCK_J))
-        backward_kernel[grid](grad_out, values, indices, table, grad_values, grad_table, rows, n_latents,
-                              d_model, k, NEED_VALUES=need_values, NEED_TABLE=need_table,
-                              BLOCK_J=BLOCK_J, BLOCK_D=BLOCK_D)
-        return (grad_values if need_values else None, None,
-                grad_table.to(table.dtype) if need_table else None)
+        backward_kernel[grid](
+            grad_out,
+            values,
+            indices,
+            table,
+            grad_values,
+            grad_table,
+            rows,
+            n_latents,
+            d_model,
+            k,
+            NEED_VALUES=need_values,
+            NEED_TABLE=need_table,
+            BLOCK_J=BLOCK_J,
+            BLOCK_D=BLOCK_D,
+        )
+        return (grad_values if need_values else None, None, grad_table.to(table.dtype) if need_table else None)
 
 
 @torch.compiler.disable

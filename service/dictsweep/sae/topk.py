@@ -36,17 +36,31 @@ class TopKEnsemble(Ensemble):
         values, indices = pre.topk(k_max, dim=-1, sorted=True)  # [K, B, k_max]
         return self.keep_first_k(torch.relu(values)), indices
 
-    def forward(self, x: Tensor, sparsity_scale: Tensor | float = 1.0, dead_mask: Tensor | None = None,
-                auxk_coef: float = AUXK_COEF, auxk_k: int = 0) -> EnsembleOutput:
+    def forward(
+        self,
+        x: Tensor,
+        sparsity_scale: Tensor | float = 1.0,
+        dead_mask: Tensor | None = None,
+        auxk_coef: float = AUXK_COEF,
+        auxk_k: int = 0,
+    ) -> EnsembleOutput:
         pre = self.pre_acts(x)  # [K, B, n_latents]
         latent_acts, latent_indices = self.activate(pre)  # [K, B, k_max]
         sae_out = self.decode(latent_acts, latent_indices)
         no_penalty = torch.zeros(self.n_members, device=x.device)
-        return self.output(x, sae_out, latent_acts, latent_indices, self.fire_counts(latent_acts, latent_indices),
-                           no_penalty, self.auxk_loss(x, pre, sae_out, dead_mask, auxk_coef, auxk_k))
+        return self.output(
+            x,
+            sae_out,
+            latent_acts,
+            latent_indices,
+            self.fire_counts(latent_acts, latent_indices),
+            no_penalty,
+            self.auxk_loss(x, pre, sae_out, dead_mask, auxk_coef, auxk_k),
+        )
 
-    def auxk_loss(self, x: Tensor, pre: Tensor, sae_out: Tensor, dead_mask: Tensor | None,
-                  coef: float, k_aux: int) -> Tensor | None:
+    def auxk_loss(
+        self, x: Tensor, pre: Tensor, sae_out: Tensor, dead_mask: Tensor | None, coef: float, k_aux: int
+    ) -> Tensor | None:
         """AuxK (Gao et al. 2024), `[K]`: the top k_aux dead latents of each row (ReLU'd), decoded
         without bias, reconstruct the residual e = x - sae_out.
 

@@ -63,8 +63,9 @@ class ActivationDataset:
         """Where a shard lives."""
         return fs.join(self.uri, info.path)
 
-    def read_shard_bytes(self, index: int, split: Split = "train",
-                         buffer: bytearray | None = None) -> bytearray | memoryview:
+    def read_shard_bytes(
+        self, index: int, split: Split = "train", buffer: bytearray | None = None
+    ) -> bytearray | memoryview:
         """The bytes of one shard, checked against the manifest's size and sha256 (read into
         `buffer` when it is large enough: see `fs.read_bytearray`)."""
         info = self.shards(split)[index]
@@ -72,38 +73,46 @@ class ActivationDataset:
         try:
             data = fs.read_bytearray(self.shard_uri(info), info.bytes, buffer)
         except FileNotFoundError:
-            raise DatasetError(f"{where} is missing: the dataset is incomplete; "
-                               "copy or write it again") from None
+            raise DatasetError(f"{where} is missing: the dataset is incomplete; copy or write it again") from None
         except OSError as error:
-            raise DatasetError(f"cannot read {where}: {error} "
-                               "(check the path and your storage credentials)") from None
+            raise DatasetError(f"cannot read {where}: {error} (check the path and your storage credentials)") from None
         if len(data) != info.bytes:
-            raise DatasetError(f"{where}: {len(data)} bytes, the manifest says {info.bytes}: the "
-                               "object is truncated or was rewritten after the manifest")
+            raise DatasetError(
+                f"{where}: {len(data)} bytes, the manifest says {info.bytes}: the "
+                "object is truncated or was rewritten after the manifest"
+            )
         digest = hashlib.sha256(data).hexdigest()
         if digest != info.sha256:
-            raise DatasetError(f"{where}: sha256 mismatch (expected {info.sha256[:12]}.., got "
-                               f"{digest[:12]}..): the object is corrupt or was rewritten after "
-                               "the manifest")
+            raise DatasetError(
+                f"{where}: sha256 mismatch (expected {info.sha256[:12]}.., got "
+                f"{digest[:12]}..): the object is corrupt or was rewritten after "
+                "the manifest"
+            )
         return data
 
-    def decode(self, data: bytearray, index: int, split: Split = "train",
-               columns: bool = False) -> torch.Tensor | tuple[torch.Tensor, dict[str, np.ndarray]]:
+    def decode(
+        self, data: bytearray, index: int, split: Split = "train", columns: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, dict[str, np.ndarray]]:
         """Decode bytes from read_shard_bytes: [rows, d_model] (and the integer columns)."""
         info = self.shards(split)[index]
         acts, extra = decode_shard(data, self.d_model, self.dtype, name=f"{info.path} of {self.uri}")
         if len(acts) != info.rows:
-            raise DatasetError(f"shard {info.path} of {self.uri}: {len(acts)} rows, the manifest "
-                               f"says {info.rows}: the manifest does not describe this shard")
+            raise DatasetError(
+                f"shard {info.path} of {self.uri}: {len(acts)} rows, the manifest "
+                f"says {info.rows}: the manifest does not describe this shard"
+            )
         bad = first_non_finite(acts)
         if bad is not None:
             row, column, value = bad
-            raise DatasetError(f"shard {info.path} of {self.uri}: row {row} holds {value} (column {column}); "
-                               "activations must be finite: fix what wrote the shard and write it again")
+            raise DatasetError(
+                f"shard {info.path} of {self.uri}: row {row} holds {value} (column {column}); "
+                "activations must be finite: fix what wrote the shard and write it again"
+            )
         return (acts, extra) if columns else acts
 
-    def read_shard(self, index: int, split: Split = "train",
-                   columns: bool = False) -> torch.Tensor | tuple[torch.Tensor, dict[str, np.ndarray]]:
+    def read_shard(
+        self, index: int, split: Split = "train", columns: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, dict[str, np.ndarray]]:
         """One verified shard as [rows, d_model] of the stored dtype (and its integer columns)."""
         return self.decode(self.read_shard_bytes(index, split), index, split, columns)
 
@@ -112,8 +121,10 @@ class ActivationDataset:
         stats = self.manifest.stats or {}
         if isinstance(stats.get("mean_sq_norm"), (int, float)) and not isinstance(stats["mean_sq_norm"], bool):
             if not 0 < stats["mean_sq_norm"] < math.inf:
-                raise DatasetError(f"{fs.join(self.uri, 'manifest.json')}: field 'stats.mean_sq_norm' is "
-                                   f"{stats['mean_sq_norm']}; it must be a finite number > 0 (or absent)")
+                raise DatasetError(
+                    f"{fs.join(self.uri, 'manifest.json')}: field 'stats.mean_sq_norm' is "
+                    f"{stats['mean_sq_norm']}; it must be a finite number > 0 (or absent)"
+                )
             return float(stats["mean_sq_norm"])
         if self._mean_sq_norm is None:
             total, rows = 0.0, 0
@@ -138,16 +149,22 @@ class ActivationDataset:
         features = tensors.get("features")
         if features is None or features.ndim != 2 or features.shape[1] != self.d_model:
             found = "no such tensor" if features is None else f"shape {list(features.shape)}"
-            raise DatasetError(f"{uri}: expected tensor 'features' [n_features, {self.d_model}], "
-                               f"found {found}")
+            raise DatasetError(f"{uri}: expected tensor 'features' [n_features, {self.d_model}], found {found}")
         return features.float()
 
 
 class DatasetWriter:
     """Writes shards as rows arrive and `manifest.json` last, so an unfinished write is no dataset."""
 
-    def __init__(self, uri: str, d_model: int, dtype: str = "float32", shard_rows: int = 65536,
-                 source: dict | None = None, overwrite: bool = False):
+    def __init__(
+        self,
+        uri: str,
+        d_model: int,
+        dtype: str = "float32",
+        shard_rows: int = 65536,
+        source: dict | None = None,
+        overwrite: bool = False,
+    ):
         if dtype not in TORCH_DTYPES:
             raise DatasetError(f"dtype {dtype!r} is not one of {', '.join(TORCH_DTYPES)}")
         if d_model <= 0 or shard_rows <= 0:
@@ -157,8 +174,9 @@ class DatasetWriter:
         manifest_uri = fs.join(self.uri, MANIFEST_NAME)
         if fs.exists(manifest_uri):
             if not overwrite:
-                raise DatasetError(f"{self.uri} already holds a dataset ({MANIFEST_NAME}); choose "
-                                   "another location or pass overwrite")
+                raise DatasetError(
+                    f"{self.uri} already holds a dataset ({MANIFEST_NAME}); choose another location or pass overwrite"
+                )
             fs.remove(manifest_uri)  # the old dataset stops being one before its shards change
         # rows waiting for a full shard, per split: [(acts [n, d_model], columns [n])]
         self._pending: dict[str, list] = {"train": [], "eval": []}
@@ -167,27 +185,32 @@ class DatasetWriter:
         self._sum_sq_norms = 0.0  # float64 sum over written train rows
         self._closed = False
 
-    def add(self, acts: torch.Tensor, split: Split = "train",
-            columns: dict[str, np.ndarray] | None = None) -> None:
+    def add(self, acts: torch.Tensor, split: Split = "train", columns: dict[str, np.ndarray] | None = None) -> None:
         """Buffer rows [n, d_model] (and integer columns [n]); write every shard that fills."""
         self._check_open()
         if split not in self._pending:
             raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
-        if not isinstance(acts, torch.Tensor) or acts.ndim != 2 or acts.shape[1] != self.d_model \
-                or not acts.is_floating_point():
-            found = (f"{list(acts.shape)} {acts.dtype}" if isinstance(acts, torch.Tensor)
-                     else type(acts).__name__)
-            raise DatasetError(f"DatasetWriter.add: expected a float tensor of shape [n, {self.d_model}], "
-                               f"got {found}")
+        if (
+            not isinstance(acts, torch.Tensor)
+            or acts.ndim != 2
+            or acts.shape[1] != self.d_model
+            or not acts.is_floating_point()
+        ):
+            found = f"{list(acts.shape)} {acts.dtype}" if isinstance(acts, torch.Tensor) else type(acts).__name__
+            raise DatasetError(f"DatasetWriter.add: expected a float tensor of shape [n, {self.d_model}], got {found}")
         columns = {name: np.array(values) for name, values in (columns or {}).items()}  # copies
         for name, values in columns.items():
             if values.shape != (len(acts),) or values.dtype.kind not in "iu":
-                raise DatasetError(f"DatasetWriter.add: column {name!r} must be integers of shape "
-                                   f"[{len(acts)}], got {values.dtype} {list(values.shape)}")
+                raise DatasetError(
+                    f"DatasetWriter.add: column {name!r} must be integers of shape "
+                    f"[{len(acts)}], got {values.dtype} {list(values.shape)}"
+                )
         pending = self._pending[split]
         if pending and set(pending[0][1]) != set(columns):
-            raise DatasetError(f"DatasetWriter.add: columns {sorted(columns)} differ from the earlier "
-                               f"rows' {sorted(pending[0][1])}; every add to a split needs the same columns")
+            raise DatasetError(
+                f"DatasetWriter.add: columns {sorted(columns)} differ from the earlier "
+                f"rows' {sorted(pending[0][1])}; every add to a split needs the same columns"
+            )
         if len(acts):
             # a copy, so that the caller may reuse its tensor
             pending.append((acts.detach().to("cpu", TORCH_DTYPES[self.dtype], copy=True), columns))
@@ -211,14 +234,20 @@ class DatasetWriter:
         ground_truth_name = None
         if ground_truth is not None:
             if ground_truth.ndim != 2 or ground_truth.shape[1] != self.d_model:
-                raise DatasetError(f"ground truth must be [n_features, {self.d_model}], "
-                                   f"got {list(ground_truth.shape)}")
+                raise DatasetError(f"ground truth must be [n_features, {self.d_model}], got {list(ground_truth.shape)}")
             features = ground_truth.detach().to("cpu", torch.float32).contiguous()
             self.write_file(GROUND_TRUTH_NAME, safetensors.torch.save({"features": features}))
             ground_truth_name = GROUND_TRUTH_NAME
-        manifest = write_manifest(self.uri, self.d_model, self.dtype, self._written["train"],
-                                  self._written["eval"], source=self.source, ground_truth=ground_truth_name,
-                                  stats={"mean_sq_norm": self._sum_sq_norms / n_rows, **(extra_stats or {})})
+        manifest = write_manifest(
+            self.uri,
+            self.d_model,
+            self.dtype,
+            self._written["train"],
+            self._written["eval"],
+            source=self.source,
+            ground_truth=ground_truth_name,
+            stats={"mean_sq_norm": self._sum_sq_norms / n_rows, **(extra_stats or {})},
+        )
         self._closed = True
         return manifest
 
@@ -262,8 +291,9 @@ class DatasetWriter:
             self._sum_sq_norms += sum_sq_norms(acts)
 
 
-def write_shard(uri: str, path: str, acts: torch.Tensor, dtype: str,
-                columns: dict[str, np.ndarray] | None = None) -> ShardInfo:
+def write_shard(
+    uri: str, path: str, acts: torch.Tensor, dtype: str, columns: dict[str, np.ndarray] | None = None
+) -> ShardInfo:
     """Write `acts` [rows, d_model] (cast to `dtype`) and `columns` as the shard `<uri>/<path>`.
 
     For writers that place shards themselves (several workers, one dataset); the manifest entry
@@ -274,21 +304,39 @@ def write_shard(uri: str, path: str, acts: torch.Tensor, dtype: str,
     return ShardInfo(path=path, rows=len(acts), bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
 
 
-def write_manifest(uri: str, d_model: int, dtype: str, shards: list[ShardInfo], eval_shards: list[ShardInfo],
-                   source: dict | None = None, stats: dict | None = None,
-                   ground_truth: str | None = None) -> Manifest:
+def write_manifest(
+    uri: str,
+    d_model: int,
+    dtype: str,
+    shards: list[ShardInfo],
+    eval_shards: list[ShardInfo],
+    source: dict | None = None,
+    stats: dict | None = None,
+    ground_truth: str | None = None,
+) -> Manifest:
     """Write `<uri>/manifest.json` for shards already written: the last step of any writer."""
-    manifest = Manifest(format=FORMAT, d_model=d_model, dtype=dtype,
-                        n_rows=sum(shard.rows for shard in shards), shards=shards,
-                        eval_shards=eval_shards, source=source, stats=stats, ground_truth=ground_truth)
+    manifest = Manifest(
+        format=FORMAT,
+        d_model=d_model,
+        dtype=dtype,
+        n_rows=sum(shard.rows for shard in shards),
+        shards=shards,
+        eval_shards=eval_shards,
+        source=source,
+        stats=stats,
+        ground_truth=ground_truth,
+    )
     fs.write_text(fs.join(uri, MANIFEST_NAME), manifest.to_json())
     return manifest
 
 
 # float dtype -> its bits as (signed, unsigned) integers, and the bits of +inf: a value is NaN or
 # infinite exactly when its bits without the sign reach those of +inf (the exponent all ones)
-BIT_VIEWS = {torch.float16: (np.int16, np.uint16, 0x7C00), torch.bfloat16: (np.int16, np.uint16, 0x7F80),
-             torch.float32: (np.int32, np.uint32, 0x7F800000)}
+BIT_VIEWS = {
+    torch.float16: (np.int16, np.uint16, 0x7C00),
+    torch.bfloat16: (np.int16, np.uint16, 0x7F80),
+    torch.float32: (np.int32, np.uint32, 0x7F800000),
+}
 
 
 def first_non_finite(acts: torch.Tensor) -> tuple[int, int, float] | None:

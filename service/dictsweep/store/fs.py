@@ -29,21 +29,27 @@ def explain(uri: str, error: BaseException) -> StorageError | None:
     None otherwise."""
     text = str(error)
     if type(error).__name__ in ("NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"):
-        return StorageError(f"{uri}: no storage credentials ({text}); set AWS_ACCESS_KEY_ID and "
-                            "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), or give the machine a role that may read it")
+        return StorageError(
+            f"{uri}: no storage credentials ({text}); set AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), or give the machine a role that may read it"
+        )
     if isinstance(error, FileNotFoundError) and ("bucket does not exist" in text or "NoSuchBucket" in text):
         bucket = uri.split("://", 1)[-1].split("/", 1)[0]
         return StorageError(f"{uri}: the bucket {bucket!r} does not exist (create it, or correct the URI)")
-    if isinstance(error, PermissionError) or any(sign in text for sign in (
-            "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "Forbidden")):
-        return StorageError(f"{uri}: access denied ({text.splitlines()[0][:200] if text else type(error).__name__}); "
-                            "check the credentials in AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) "
-                            "and the bucket's policy")
+    if isinstance(error, PermissionError) or any(
+        sign in text for sign in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "Forbidden")
+    ):
+        return StorageError(
+            f"{uri}: access denied ({text.splitlines()[0][:200] if text else type(error).__name__}); "
+            "check the credentials in AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) "
+            "and the bucket's policy"
+        )
     return None
 
 
 def checked(function):
     """Turn a missing bucket, denied access or missing credentials in `function(uri, ...)` into a StorageError."""
+
     @functools.wraps(function)
     def call(uri: str, *args, **kwargs):
         try:
@@ -62,14 +68,23 @@ def _s3_filesystem() -> fsspec.AbstractFileSystem:
     import s3fs
 
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    key = (endpoint, os.environ.get("AWS_ACCESS_KEY_ID"), hash(os.environ.get("AWS_SECRET_ACCESS_KEY")),
-           os.environ.get("AWS_PROFILE"), os.environ.get("AWS_DEFAULT_REGION"))
+    key = (
+        endpoint,
+        os.environ.get("AWS_ACCESS_KEY_ID"),
+        hash(os.environ.get("AWS_SECRET_ACCESS_KEY")),
+        os.environ.get("AWS_PROFILE"),
+        os.environ.get("AWS_DEFAULT_REGION"),
+    )
     if key not in _S3_FILESYSTEMS:
         # credentials, region and profile come from botocore's default chain; listings are not
         # cached so that a manifest written by another process is seen at once; throttling,
         # connection resets and 5xx answers are retried with exponential backoff (botocore standard mode)
-        s3 = s3fs.S3FileSystem(endpoint_url=endpoint, use_listings_cache=False, skip_instance_cache=True,
-                               config_kwargs={"retries": {"max_attempts": S3_RETRIES, "mode": "standard"}})
+        s3 = s3fs.S3FileSystem(
+            endpoint_url=endpoint,
+            use_listings_cache=False,
+            skip_instance_cache=True,
+            config_kwargs={"retries": {"max_attempts": S3_RETRIES, "mode": "standard"}},
+        )
         s3.retries = S3_RETRIES  # s3fs's own retry loop (read errors, dropped connections)
         _S3_FILESYSTEMS[key] = s3
     return _S3_FILESYSTEMS[key]
@@ -240,6 +255,8 @@ def folder_name(name: object, where: str) -> str:
     dash), else an InputError naming `where`: a name from outside (an MLflow tag, index.json) never
     becomes a path separator, `..`, an absolute path or a hidden file."""
     if not isinstance(name, str) or not FOLDER_NAME.fullmatch(name):
-        raise InputError(f"{where}: the name {name!r} is not a safe folder name (letters, digits and ._+=- only, "
-                         "starting with a letter or digit); refusing to use it as a path")
+        raise InputError(
+            f"{where}: the name {name!r} is not a safe folder name (letters, digits and ._+=- only, "
+            "starting with a letter or digit); refusing to use it as a path"
+        )
     return name

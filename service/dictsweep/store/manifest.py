@@ -56,16 +56,20 @@ class Manifest(BaseModel):
     @classmethod
     def _supported(cls, value: str) -> str:
         if value != FORMAT:
-            raise ValueError(f"found {value!r}, this version of dictsweep reads only {FORMAT!r} "
-                             "(upgrade dictsweep, or rewrite the dataset in this format)")
+            raise ValueError(
+                f"found {value!r}, this version of dictsweep reads only {FORMAT!r} "
+                "(upgrade dictsweep, or rewrite the dataset in this format)"
+            )
         return value
 
     @model_validator(mode="after")
     def _rows_add_up(self) -> Manifest:
         train_rows = sum(shard.rows for shard in self.shards)
         if self.n_rows != train_rows:
-            raise ValueError(f"field 'n_rows': {self.n_rows}, but the train shards hold {train_rows} "
-                             "rows (n_rows must equal the sum of shards[].rows)")
+            raise ValueError(
+                f"field 'n_rows': {self.n_rows}, but the train shards hold {train_rows} "
+                "rows (n_rows must equal the sum of shards[].rows)"
+            )
         return self
 
     @classmethod
@@ -75,16 +79,19 @@ class Manifest(BaseModel):
         try:
             text = fs.read_text(manifest_uri)
         except FileNotFoundError:
-            raise DatasetError(f"{uri} has no {MANIFEST_NAME}: not a dictsweep dataset, "
-                               "or its writer did not finish") from None
+            raise DatasetError(
+                f"{uri} has no {MANIFEST_NAME}: not a dictsweep dataset, or its writer did not finish"
+            ) from None
         except (OSError, UnicodeDecodeError) as error:
-            raise DatasetError(f"cannot read {manifest_uri}: {error} "
-                               "(check the path and your storage credentials)") from None
+            raise DatasetError(
+                f"cannot read {manifest_uri}: {error} (check the path and your storage credentials)"
+            ) from None
         try:
             data = json.loads(text)
         except json.JSONDecodeError as error:
-            raise DatasetError(f"{manifest_uri} is not valid JSON ({error}): "
-                               "rewrite it or re-run the dataset's writer") from None
+            raise DatasetError(
+                f"{manifest_uri} is not valid JSON ({error}): rewrite it or re-run the dataset's writer"
+            ) from None
         if not isinstance(data, dict):
             raise DatasetError(f"{manifest_uri}: expected a JSON object, found {type(data).__name__}")
         try:

@@ -33,25 +33,31 @@ def from_pretrained(loader, name_or_path: str, what: str, **kwargs):
         try:
             return loader.from_pretrained(os.path.expanduser(name_or_path), local_files_only=True, **kwargs)
         except (OSError, ValueError) as error:
-            raise InputError(f"--model {name_or_path}: the folder is not a Hugging Face model "
-                             f"({what}: {error})") from None
+            raise InputError(
+                f"--model {name_or_path}: the folder is not a Hugging Face model ({what}: {error})"
+            ) from None
     if name_or_path.startswith((".", "/", "~")):
         raise InputError(f"--model {name_or_path}: no such folder")
     try:
         return loader.from_pretrained(name_or_path, local_files_only=True, **kwargs)
     except (OSError, ValueError) as cached_error:
-        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") or \
-            os.environ.get("TRANSFORMERS_OFFLINE", "") not in ("", "0")
+        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") or os.environ.get(
+            "TRANSFORMERS_OFFLINE", ""
+        ) not in ("", "0")
         if offline:
-            raise InputError(f"--model {name_or_path}: not a local folder and not in the Hugging Face "
-                             f"cache, and HF_HUB_OFFLINE is set ({what}: {cached_error}); download it "
-                             "first or pass a local model folder") from None
+            raise InputError(
+                f"--model {name_or_path}: not a local folder and not in the Hugging Face "
+                f"cache, and HF_HUB_OFFLINE is set ({what}: {cached_error}); download it "
+                "first or pass a local model folder"
+            ) from None
     try:
         return loader.from_pretrained(name_or_path, **kwargs)
     except (OSError, ValueError) as error:
-        raise InputError(f"--model {name_or_path}: not a local folder, not in the Hugging Face cache, "
-                         f"and the hub could not provide it ({what}: {error}); check the name and the "
-                         "network, or pass a local model folder") from None
+        raise InputError(
+            f"--model {name_or_path}: not a local folder, not in the Hugging Face cache, "
+            f"and the hub could not provide it ({what}: {error}); check the name and the "
+            "network, or pass a local model folder"
+        ) from None
 
 
 def load_tokenizer(name_or_path: str):
@@ -97,10 +103,12 @@ def find_module(model: torch.nn.Module, hook: str) -> torch.nn.Module:
     close = difflib.get_close_matches(hook, names, n=SUGGESTIONS, cutoff=0.5)
     suggestions = list(dict.fromkeys(close + children))[:SUGGESTIONS]
     where = f"'{parent}' holds" if parent else "top-level modules are"
-    raise InputError(f"--hook {hook!r}: no such module in {type(model).__name__}; {where} "
-                     f"{', '.join(children[:SUGGESTIONS]) or 'nothing'}; did you mean "
-                     f"{' or '.join(repr(name) for name in suggestions)}? (hooks are paths from "
-                     "model.named_modules(), e.g. 'encoder.layer.3')")
+    raise InputError(
+        f"--hook {hook!r}: no such module in {type(model).__name__}; {where} "
+        f"{', '.join(children[:SUGGESTIONS]) or 'nothing'}; did you mean "
+        f"{' or '.join(repr(name) for name in suggestions)}? (hooks are paths from "
+        "model.named_modules(), e.g. 'encoder.layer.3')"
+    )
 
 
 class StopForward(Exception):
@@ -133,8 +141,10 @@ class Capture:
                 pass
         missing = [hook for hook in self.hooks if hook not in self.outputs]
         if missing:
-            raise InputError(f"--hook {', '.join(missing)}: the module(s) did not run in the model's "
-                             "forward pass; choose modules on the forward path")
+            raise InputError(
+                f"--hook {', '.join(missing)}: the module(s) did not run in the model's "
+                "forward pass; choose modules on the forward path"
+            )
         return self.outputs
 
 
@@ -146,8 +156,12 @@ def capture_outputs(model: torch.nn.Module, hooks: list[str], stop_early: bool =
     layer 3 of a 6-layer model costs half the model.
     """
     capture = Capture(model, hooks, stop_early)
-    handles = [find_module(model, hook).register_forward_hook(
-        lambda module, args, output, hook=hook: capture._record(hook, output)) for hook in hooks]
+    handles = [
+        find_module(model, hook).register_forward_hook(
+            lambda module, args, output, hook=hook: capture._record(hook, output)
+        )
+        for hook in hooks
+    ]
     try:
         yield capture
     finally:
@@ -159,18 +173,42 @@ def capture_outputs(model: torch.nn.Module, hooks: list[str], stop_early: bool =
 # HF module path (as harvested by AutoModel, with or without the causal-LM wrapper's prefix) -> TL hook,
 # per model family (`config.model_type`); {n} is the layer
 TRANSFORMER_LENS_HOOKS = {
-    "gpt2": (r"(?:transformer\.)?h\.{n}", r"(?:transformer\.)?h\.{n}\.attn", r"(?:transformer\.)?h\.{n}\.mlp",
-             r"(?:transformer\.)?h\.{n}\.mlp\.act", r"(?:transformer\.)?h\.{n}\.ln_1", r"(?:transformer\.)?h\.{n}\.ln_2"),
-    "gpt_neox": (r"(?:gpt_neox\.)?layers\.{n}", r"(?:gpt_neox\.)?layers\.{n}\.attention",
-                 r"(?:gpt_neox\.)?layers\.{n}\.mlp", r"(?:gpt_neox\.)?layers\.{n}\.mlp\.act",
-                 r"(?:gpt_neox\.)?layers\.{n}\.input_layernorm", r"(?:gpt_neox\.)?layers\.{n}\.post_attention_layernorm"),
-    "llama": (r"(?:model\.)?layers\.{n}", r"(?:model\.)?layers\.{n}\.self_attn", r"(?:model\.)?layers\.{n}\.mlp",
-              None, r"(?:model\.)?layers\.{n}\.input_layernorm", r"(?:model\.)?layers\.{n}\.post_attention_layernorm"),
+    "gpt2": (
+        r"(?:transformer\.)?h\.{n}",
+        r"(?:transformer\.)?h\.{n}\.attn",
+        r"(?:transformer\.)?h\.{n}\.mlp",
+        r"(?:transformer\.)?h\.{n}\.mlp\.act",
+        r"(?:transformer\.)?h\.{n}\.ln_1",
+        r"(?:transformer\.)?h\.{n}\.ln_2",
+    ),
+    "gpt_neox": (
+        r"(?:gpt_neox\.)?layers\.{n}",
+        r"(?:gpt_neox\.)?layers\.{n}\.attention",
+        r"(?:gpt_neox\.)?layers\.{n}\.mlp",
+        r"(?:gpt_neox\.)?layers\.{n}\.mlp\.act",
+        r"(?:gpt_neox\.)?layers\.{n}\.input_layernorm",
+        r"(?:gpt_neox\.)?layers\.{n}\.post_attention_layernorm",
+    ),
+    "llama": (
+        r"(?:model\.)?layers\.{n}",
+        r"(?:model\.)?layers\.{n}\.self_attn",
+        r"(?:model\.)?layers\.{n}\.mlp",
+        None,
+        r"(?:model\.)?layers\.{n}\.input_layernorm",
+        r"(?:model\.)?layers\.{n}\.post_attention_layernorm",
+    ),
 }
-TRANSFORMER_LENS_HOOKS.update({family: TRANSFORMER_LENS_HOOKS["llama"]
-                               for family in ("gemma", "gemma2", "gemma3", "gemma3_text", "mistral")})
-TL_NAMES = ("blocks.{n}.hook_resid_post", "blocks.{n}.hook_attn_out", "blocks.{n}.hook_mlp_out",
-            "blocks.{n}.mlp.hook_post", "blocks.{n}.ln1.hook_normalized", "blocks.{n}.ln2.hook_normalized")
+TRANSFORMER_LENS_HOOKS.update(
+    {family: TRANSFORMER_LENS_HOOKS["llama"] for family in ("gemma", "gemma2", "gemma3", "gemma3_text", "mistral")}
+)
+TL_NAMES = (
+    "blocks.{n}.hook_resid_post",
+    "blocks.{n}.hook_attn_out",
+    "blocks.{n}.hook_mlp_out",
+    "blocks.{n}.mlp.hook_post",
+    "blocks.{n}.ln1.hook_normalized",
+    "blocks.{n}.ln2.hook_normalized",
+)
 
 
 def transformer_lens_hook(hook: str, model_type: str | None) -> str | None:

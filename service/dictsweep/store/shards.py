@@ -37,8 +37,10 @@ def encode_shard(acts: torch.Tensor, dtype: str, columns: dict[str, np.ndarray] 
     for name, column in (columns or {}).items():
         column = np.asarray(column)
         if name == "act" or column.shape != (rows,) or column.dtype.kind not in "iu":
-            raise ValueError(f"column {name!r} must be integers of shape [{rows}] named other than "
-                             f"'act', got {column.dtype} {list(column.shape)}")
+            raise ValueError(
+                f"column {name!r} must be integers of shape [{rows}] named other than "
+                f"'act', got {column.dtype} {list(column.shape)}"
+            )
         arrays.append(pa.array(np.ascontiguousarray(column)))
         fields.append(pa.field(name, arrays[-1].type, nullable=False))
     batch = pa.record_batch(arrays, schema=pa.schema(fields))
@@ -48,8 +50,9 @@ def encode_shard(acts: torch.Tensor, dtype: str, columns: dict[str, np.ndarray] 
     return sink.getvalue().to_pybytes()
 
 
-def decode_shard(data: bytes | bytearray, d_model: int, dtype: str,
-                 name: str) -> tuple[torch.Tensor, dict[str, np.ndarray]]:
+def decode_shard(
+    data: bytes | bytearray, d_model: int, dtype: str, name: str
+) -> tuple[torch.Tensor, dict[str, np.ndarray]]:
     """The `act` tensor [rows, d_model] (a view of `data`) and the integer columns of one shard."""
     if isinstance(data, bytes):
         data = bytearray(data)  # one copy; pass a bytearray to avoid it (tensors must be writable)
@@ -58,8 +61,10 @@ def decode_shard(data: bytes | bytearray, d_model: int, dtype: str,
         batch = _single_batch(reader)
         batch.validate()
     except (pa.ArrowException, OSError, ValueError) as error:
-        raise DatasetError(f"shard {name}: not a readable Arrow IPC file ({error}); the object is "
-                           "truncated or is not a dictsweep shard: re-run its writer") from None
+        raise DatasetError(
+            f"shard {name}: not a readable Arrow IPC file ({error}); the object is "
+            "truncated or is not a dictsweep shard: re-run its writer"
+        ) from None
 
     _check_act_field(batch.schema, d_model, dtype, name)
     act = batch.column("act")
@@ -78,9 +83,11 @@ def decode_shard(data: bytes | bytearray, d_model: int, dtype: str,
         if field.name == "act":
             continue
         if not pa.types.is_integer(field.type) or column.null_count:
-            raise DatasetError(f"shard {name}: column {field.name!r} is {field.type} with "
-                               f"{column.null_count} nulls; besides 'act' a shard holds only integer "
-                               "columns without nulls (token_id, seq, pos)")
+            raise DatasetError(
+                f"shard {name}: column {field.name!r} is {field.type} with "
+                f"{column.null_count} nulls; besides 'act' a shard holds only integer "
+                "columns without nulls (token_id, seq, pos)"
+            )
         columns[field.name] = _numpy_view(data, column)
     return tensor, columns
 
@@ -90,8 +97,7 @@ def _single_batch(reader: pa.ipc.RecordBatchFileReader) -> pa.RecordBatch:
     if reader.num_record_batches == 1:
         return reader.get_batch(0)
     table = reader.read_all()
-    return pa.RecordBatch.from_arrays([column.combine_chunks() for column in table.columns],
-                                      schema=table.schema)
+    return pa.RecordBatch.from_arrays([column.combine_chunks() for column in table.columns], schema=table.schema)
 
 
 def _check_act_field(schema: pa.Schema, d_model: int, dtype: str, name: str) -> None:
@@ -104,13 +110,17 @@ def _check_act_field(schema: pa.Schema, d_model: int, dtype: str, name: str) -> 
     if not pa.types.is_fixed_size_list(field.type):
         raise DatasetError(f"shard {name}: column 'act' is {field.type}, {wanted}")
     if field.type.list_size != d_model:
-        raise DatasetError(f"shard {name}: column 'act' holds {field.type.list_size} values per row, "
-                           f"but the manifest says d_model={d_model}")
+        raise DatasetError(
+            f"shard {name}: column 'act' holds {field.type.list_size} values per row, "
+            f"but the manifest says d_model={d_model}"
+        )
     stored = (field.metadata or {}).get(DTYPE_KEY, b"").decode()
     if field.type.value_type != ARROW_TYPES[dtype] or (stored and stored != dtype):
         found = stored or ARROW_NAMES.get(str(field.type.value_type), str(field.type.value_type))
-        raise DatasetError(f"shard {name}: column 'act' stores {found} values, but the manifest says "
-                           f"dtype={dtype} ({wanted}); fix the manifest's dtype or rewrite the shard")
+        raise DatasetError(
+            f"shard {name}: column 'act' stores {found} values, but the manifest says "
+            f"dtype={dtype} ({wanted}); fix the manifest's dtype or rewrite the shard"
+        )
 
 
 def _numpy_view(data: bytearray, array: pa.Array) -> np.ndarray:

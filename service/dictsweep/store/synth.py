@@ -38,13 +38,23 @@ class SynthConfig(BaseModel):
     rows: int = Field(1_000_000, gt=0, description="Rows in the train split.")
     eval_rows: int = Field(65_536, ge=0, description="Rows in the eval split (same distribution).")
     shard_rows: int = Field(65_536, gt=0, description="Rows per shard file.")
-    decay: float = Field(0.99, gt=0, le=1, description="Feature i fires with probability "
-                         "proportional to decay**i (1 = all features equally often).")
-    correlation: float = Field(0.0, ge=0, lt=1, description="Strength of correlated firing "
-                               "(Gaussian copula over a random low-rank correlation; 0 = independent).")
+    decay: float = Field(
+        0.99,
+        gt=0,
+        le=1,
+        description="Feature i fires with probability proportional to decay**i (1 = all features equally often).",
+    )
+    correlation: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Strength of correlated firing "
+        "(Gaussian copula over a random low-rank correlation; 0 = independent).",
+    )
     noise: float = Field(0.0, ge=0, description="Std of isotropic Gaussian noise added to each row.")
     dtype: Literal["float16", "bfloat16", "float32"] = Field(
-        "float32", description="Stored dtype: float16, bfloat16 or float32.")
+        "float32", description="Stored dtype: float16, bfloat16 or float32."
+    )
     seed: int = Field(0, ge=0, description="Random seed: the same seed gives the same dataset.")
 
     @field_validator("*", mode="before")
@@ -57,8 +67,7 @@ class SynthConfig(BaseModel):
     def _at_most_all(cls, active: float, info: ValidationInfo) -> float:
         n_features = info.data.get("n_features")
         if n_features is not None and active > n_features:
-            raise ValueError(f"{active} active features on average needs n_features >= {active}, "
-                             f"got {n_features}")
+            raise ValueError(f"{active} active features on average needs n_features >= {active}, got {n_features}")
         return active
 
     @classmethod
@@ -100,12 +109,16 @@ def build_model(config: SynthConfig) -> SynthModel:
     loadings = rng.standard_normal((config.n_features, CORRELATION_RANK))
     features /= np.linalg.norm(features, axis=1, keepdims=True)
     loadings /= np.linalg.norm(loadings, axis=1, keepdims=True)
-    return SynthModel(features=torch.from_numpy(features.astype(np.float32)),
-                      probabilities=firing_probabilities(config), loadings=loadings.astype(np.float32))
+    return SynthModel(
+        features=torch.from_numpy(features.astype(np.float32)),
+        probabilities=firing_probabilities(config),
+        loadings=loadings.astype(np.float32),
+    )
 
 
-def sample_rows(model: SynthModel, config: SynthConfig, rows: int,
-                rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_rows(
+    model: SynthModel, config: SynthConfig, rows: int, rng: np.random.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     """`rows` activations [rows, d_model] (float32) and their sparse coefficients [rows, n_features]."""
     import torch
 
@@ -114,17 +127,18 @@ def sample_rows(model: SynthModel, config: SynthConfig, rows: int,
     else:
         row_index, feature_index, magnitude = _independent_fires(model.probabilities, rows, rng)
     indices = torch.from_numpy(np.stack([row_index, feature_index]))  # [2, fires]
-    coefficients = torch.sparse_coo_tensor(indices, torch.from_numpy(magnitude),
-                                           size=(rows, config.n_features), check_invariants=True)
+    coefficients = torch.sparse_coo_tensor(
+        indices, torch.from_numpy(magnitude), size=(rows, config.n_features), check_invariants=True
+    )
     acts = torch.sparse.mm(coefficients, model.features)  # [rows, d_model]
     if config.noise > 0:
-        acts += config.noise * torch.from_numpy(rng.standard_normal((rows, config.d_model),
-                                                                    dtype=np.float32))
+        acts += config.noise * torch.from_numpy(rng.standard_normal((rows, config.d_model), dtype=np.float32))
     return acts, coefficients
 
 
-def _independent_fires(probabilities: np.ndarray, rows: int,
-                       rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _independent_fires(
+    probabilities: np.ndarray, rows: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Row, feature and magnitude of each firing: every feature picks its rows independently."""
     counts = rng.binomial(rows, probabilities)  # [n_features] rows each feature fires in
     row_index = np.concatenate([rng.choice(rows, count, replace=False) for count in counts])
@@ -132,8 +146,9 @@ def _independent_fires(probabilities: np.ndarray, rows: int,
     return row_index, feature_index, rng.random(len(row_index), dtype=np.float32)
 
 
-def _correlated_fires(model: SynthModel, config: SynthConfig, rows: int,
-                      rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _correlated_fires(
+    model: SynthModel, config: SynthConfig, rows: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Row, feature and magnitude of each firing through a Gaussian copula (dense latents)."""
     import torch
 
@@ -158,8 +173,12 @@ def synth_dataset(out: str, config: SynthConfig, overwrite: bool = False) -> Man
     chunk_rows = CHUNK_ROWS  # not shard_rows: the same data whatever the shard size
     if config.correlation > 0:
         chunk_rows = max(1, min(CHUNK_ROWS, CORRELATED_CHUNK_CELLS // config.n_features))
-    source = {"model": "synthetic", "hook": "toy-superposition", "dataset": describe(config),
-              "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    source = {
+        "model": "synthetic",
+        "hook": "toy-superposition",
+        "dataset": describe(config),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
     with DatasetWriter(out, config.d_model, config.dtype, config.shard_rows, source, overwrite) as writer:
         for stream, split, rows in ((1, "train", config.rows), (2, "eval", config.eval_rows)):
             rng = np.random.default_rng([config.seed, stream])
@@ -171,7 +190,9 @@ def synth_dataset(out: str, config: SynthConfig, overwrite: bool = False) -> Man
 
 def describe(config: SynthConfig) -> str:
     """A one-line description of the generating config (the manifest's source.dataset)."""
-    values = " ".join(f"{name}={value}" for name, value in config.model_dump().items()
-                      if name not in ("rows", "eval_rows", "shard_rows", "dtype"))
+    values = " ".join(
+        f"{name}={value}"
+        for name, value in config.model_dump().items()
+        if name not in ("rows", "eval_rows", "shard_rows", "dtype")
+    )
     return f"synthetic toy superposition: {values}"
-

@@ -40,14 +40,16 @@ def as_words(rows: np.ndarray) -> np.ndarray:
     return rows.view(np.dtype(f"u{word}"))
 
 
-def stream_orders(dataset: ActivationDataset, batch_rows: int, shuffle_shards: int,
-                  seed: int) -> dict[str, StreamOrder | None]:
+def stream_orders(
+    dataset: ActivationDataset, batch_rows: int, shuffle_shards: int, seed: int
+) -> dict[str, StreamOrder | None]:
     """The train order (shuffled windows) and the eval order (shards in order; None when the eval
     split has fewer rows than one batch) that every reader and the driver share."""
     return {
         "train": StreamOrder([s.rows for s in dataset.shards("train")], batch_rows, shuffle_shards, seed),
         "eval": StreamOrder([s.rows for s in dataset.shards("eval")], batch_rows, 1, seed, shuffle=False)
-        if dataset.n_eval_rows >= batch_rows else None,
+        if dataset.n_eval_rows >= batch_rows
+        else None,
     }
 
 
@@ -79,8 +81,14 @@ class ReaderMemory:
         return self.shards[position]
 
 
-def read_window(dataset: ActivationDataset, order: StreamOrder, window: Window, split: str,
-                pool: ThreadPoolExecutor | None = None, memory: ReaderMemory | None = None) -> tuple[np.ndarray, int]:
+def read_window(
+    dataset: ActivationDataset,
+    order: StreamOrder,
+    window: Window,
+    split: str,
+    pool: ThreadPoolExecutor | None = None,
+    memory: ReaderMemory | None = None,
+) -> tuple[np.ndarray, int]:
     """A window's rows in stream order `[window.rows, d_model]` (stored dtype) and the bytes read.
 
     Each shard is fetched, checked (size, sha256, rows, finite values) and decoded as a view of its
@@ -105,11 +113,15 @@ def read_window(dataset: ActivationDataset, order: StreamOrder, window: Window, 
         place[permutation] = np.arange(window.rows)  # where each row of the concatenated shards goes
     dtype, d_model = NUMPY_DTYPES[dataset.dtype], dataset.d_model
     # [window rows, d_model]
-    rows_out = memory.window_rows(window.rows, d_model, dtype) if memory is not None else np.empty((window.rows, d_model), dtype)
+    rows_out = (
+        memory.window_rows(window.rows, d_model, dtype)
+        if memory is not None
+        else np.empty((window.rows, d_model), dtype)
+    )
 
     def fill(position: int) -> int:
         rows, read = fetch(position)
-        as_words(rows_out)[place[starts[position]:starts[position + 1]]] = as_words(rows)
+        as_words(rows_out)[place[starts[position] : starts[position + 1]]] = as_words(rows)
         return read
 
     positions = range(len(window.shards))
@@ -158,5 +170,9 @@ class WindowReader:
         return rows
 
     def stats(self) -> dict:
-        return {"bytes_read": self.bytes_read, "read_seconds": self.seconds, "peak_rss_mb": peak_rss_mb(),
-                "cpu_seconds": time.process_time()}
+        return {
+            "bytes_read": self.bytes_read,
+            "read_seconds": self.seconds,
+            "peak_rss_mb": peak_rss_mb(),
+            "cpu_seconds": time.process_time(),
+        }

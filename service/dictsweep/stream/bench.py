@@ -84,7 +84,7 @@ class Consumer:
     def step(self, index: int, pieces: BatchPieces) -> int:
         row = 0
         for view in batch_views(pieces):
-            self.staging[row:row + len(view)] = view
+            self.staging[row : row + len(view)] = view
             row += len(view)
         self.rows += row
         return index
@@ -93,8 +93,15 @@ class Consumer:
         return {"rows": self.rows, "peak_rss_mb": peak_rss_mb()}
 
 
-def bench_stream(uri: str, readers: int = 2, batch_rows: int = 4096, shuffle_shards: int = 4,
-                 consumers: int = 1, windows: int = 3, in_flight: int = 8) -> dict:
+def bench_stream(
+    uri: str,
+    readers: int = 2,
+    batch_rows: int = 4096,
+    shuffle_shards: int = 4,
+    consumers: int = 1,
+    windows: int = 3,
+    in_flight: int = 8,
+) -> dict:
     """Measure one dataset; returns the JSON-ready result."""
     from dictsweep.stream.actors import WindowReader, stream_orders
     from dictsweep.stream.windows import WindowStream
@@ -150,18 +157,27 @@ def bench_stream(uri: str, readers: int = 2, batch_rows: int = 4096, shuffle_sha
     megabytes, row_bytes = total_bytes / 1e6, dataset.d_model * np.dtype(NUMPY_DTYPES[dataset.dtype]).itemsize
     per_consumer = [steps * batch_rows / seconds for seconds in finished]
     return {
-        "uri": uri, "shards": len(shards), "bytes": total_bytes, "rows": rows, "readers": readers,
-        "consumers": consumers, "batch_rows": batch_rows, "shuffle_shards": shuffle_shards,
-        "windows_per_node": windows, "get_concurrency": concurrency,
+        "uri": uri,
+        "shards": len(shards),
+        "bytes": total_bytes,
+        "rows": rows,
+        "readers": readers,
+        "consumers": consumers,
+        "batch_rows": batch_rows,
+        "shuffle_shards": shuffle_shards,
+        "windows_per_node": windows,
+        "get_concurrency": concurrency,
         "get_mb_per_s": megabytes / get_seconds,
-        "reader_mb_per_s": read_bytes / 1e6 / read_seconds, "reader_rows_per_s": rows / read_seconds,
+        "reader_mb_per_s": read_bytes / 1e6 / read_seconds,
+        "reader_rows_per_s": rows / read_seconds,
         "reader_fraction_of_get": (read_bytes / 1e6 / read_seconds) / (megabytes / get_seconds),
         "reader_cpu_ns_per_byte": read_cpu / read_bytes * 1e9,
         "stream_rows_per_s": min(per_consumer),
         "stream_mb_per_s": min(per_consumer) * row_bytes / 1e6,
         "consumer_rows_per_s": per_consumer,
         "consumer_rows": [stats["rows"] for stats in consumer_stats],
-        "windows_read": stream.requested, "most_windows_held": stream.most_held,
+        "windows_read": stream.requested,
+        "most_windows_held": stream.most_held,
         "window_mb": max(window.rows for window in order.windows(0)) * row_bytes / 1e6,
         "object_store_peak_mb": store_peak / 1e6,
         "reader_peak_rss_mb": max(stats["peak_rss_mb"] for stats in reader_stats),

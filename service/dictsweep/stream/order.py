@@ -36,8 +36,7 @@ class Piece:
 class StreamOrder:
     """Where every batch of the stream comes from, for a list of shard row counts."""
 
-    def __init__(self, shard_rows: list[int], batch_rows: int, shuffle_shards: int, seed: int,
-                 shuffle: bool = True):
+    def __init__(self, shard_rows: list[int], batch_rows: int, shuffle_shards: int, seed: int, shuffle: bool = True):
         self.shard_rows, self.batch_rows = list(shard_rows), batch_rows
         self.shuffle_shards, self.seed, self.shuffle = shuffle_shards, seed, shuffle
         self.epoch_rows = sum(self.shard_rows)
@@ -49,10 +48,12 @@ class StreamOrder:
         """The windows of one epoch, in stream order."""
         count = len(self.shard_rows)
         order = np.random.default_rng([self.seed, epoch]).permutation(count) if self.shuffle else np.arange(count)
-        groups = [tuple(int(s) for s in order[i:i + self.shuffle_shards])
-                  for i in range(0, len(order), self.shuffle_shards)]
-        return tuple(Window(epoch, index, group, sum(self.shard_rows[s] for s in group))
-                     for index, group in enumerate(groups))
+        groups = [
+            tuple(int(s) for s in order[i : i + self.shuffle_shards]) for i in range(0, len(order), self.shuffle_shards)
+        ]
+        return tuple(
+            Window(epoch, index, group, sum(self.shard_rows[s] for s in group)) for index, group in enumerate(groups)
+        )
 
     @property
     def windows_per_epoch(self) -> int:

@@ -43,9 +43,13 @@ class Streams:
         totals = []
         for readers in self.readers.values():
             stats = ray.get([reader.stats.remote() for reader in readers])
-            totals.append({"bytes_read": sum(s["bytes_read"] for s in stats),
-                           "read_seconds": sum(s["read_seconds"] for s in stats),
-                           "peak_rss_mb": max(s["peak_rss_mb"] for s in stats)})
+            totals.append(
+                {
+                    "bytes_read": sum(s["bytes_read"] for s in stats),
+                    "read_seconds": sum(s["read_seconds"] for s in stats),
+                    "peak_rss_mb": max(s["peak_rss_mb"] for s in stats),
+                }
+            )
         return totals
 
     def close(self) -> None:
@@ -64,15 +68,19 @@ class Streams:
         stream = self.spec.stream
         if node not in self.readers:
             # a reader that dies is restarted and its window read again: reads are idempotent
-            self.readers[node] = [WindowReader.options(
-                scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
-                max_restarts=-1, max_task_retries=-1).remote(
-                self.dataset.uri, self.spec.train.batch_rows, stream.shuffle_shards, stream.seed)
-                for _ in range(stream.readers_per_node)]
+            self.readers[node] = [
+                WindowReader.options(
+                    scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
+                    max_restarts=-1,
+                    max_task_retries=-1,
+                ).remote(self.dataset.uri, self.spec.train.batch_rows, stream.shuffle_shards, stream.seed)
+                for _ in range(stream.readers_per_node)
+            ]
         if (node, split) not in self.windows:
             order = self.orders[split]
             if order is None:
                 raise ValueError(f"the dataset's {split} split has fewer rows than one batch")
-            self.windows[node, split] = WindowStream(self.readers[node], order, split, self.batches[split],
-                                                     stream.windows_per_node)
+            self.windows[node, split] = WindowStream(
+                self.readers[node], order, split, self.batches[split], stream.windows_per_node
+            )
         return self.windows[node, split]

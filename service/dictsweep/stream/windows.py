@@ -36,8 +36,10 @@ class WindowStream:
         for position in range(first, last + 1):
             self._request(position)
         self._fill()
-        return [(self.held[self.order.sequence(piece.window)], piece.start, piece.stop)
-                for piece in self.order.pieces(batch)]
+        return [
+            (self.held[self.order.sequence(piece.window)], piece.start, piece.stop)
+            for piece in self.order.pieces(batch)
+        ]
 
     def advance(self, slowest_batch: int) -> None:
         """The slowest consumer still needs batch `slowest_batch`: release what lies before (and

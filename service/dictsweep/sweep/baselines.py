@@ -32,8 +32,18 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from dictsweep.sae.baselines import (Basis, StreamingPCA, baseline_dictionary, fast_ica, fit_pca, ica_basis,
-                                     identity_basis, matched_k, pca_basis, random_basis)
+from dictsweep.sae.baselines import (
+    Basis,
+    StreamingPCA,
+    baseline_dictionary,
+    fast_ica,
+    fit_pca,
+    ica_basis,
+    identity_basis,
+    matched_k,
+    pca_basis,
+    random_basis,
+)
 from dictsweep.sae.export import Dictionary, dictionary_files
 from dictsweep.sae.metrics import mmcs_ground_truth
 from dictsweep.errors import InputError
@@ -89,7 +99,7 @@ class BaselineSampler:
                 batch = whole_batch(batch)
             x = batch_tensor(batch, self.data_dtype)  # [batch_rows, d_model], read-only shared memory
             self.pca.update(x)
-            self.sample[index] = x[:self.sample_per_batch].clone()
+            self.sample[index] = x[: self.sample_per_batch].clone()
             if len(self.sample) == len(self.planned):
                 self.save()
             self.busy_seconds += time.perf_counter() - start
@@ -97,16 +107,27 @@ class BaselineSampler:
 
     def save(self) -> None:
         """The sampler's state as a checkpoint file (safetensors + JSON: nothing in it is code)."""
-        fs.write_bytes(self.state_uri, checkpoint_bytes({
-            "count": self.pca.count, "sum": self.pca.sum, "sum_outer": self.pca.sum_outer,
-            "sample": {str(index): rows for index, rows in self.sample.items()}}))
+        fs.write_bytes(
+            self.state_uri,
+            checkpoint_bytes(
+                {
+                    "count": self.pca.count,
+                    "sum": self.pca.sum,
+                    "sum_outer": self.pca.sum_outer,
+                    "sample": {str(index): rows for index, rows in self.sample.items()},
+                }
+            ),
+        )
 
     def status(self) -> dict:
         """Planned batches taken, seconds spent on them, and the node."""
         import ray
 
-        return {"done": sorted(self.sample), "busy_seconds": self.busy_seconds,
-                "node": ray.get_runtime_context().get_node_id()}
+        return {
+            "done": sorted(self.sample),
+            "busy_seconds": self.busy_seconds,
+            "node": ray.get_runtime_context().get_node_id(),
+        }
 
 
 # -- in the driver: the feed ----------------------------------------------------------------------
@@ -167,8 +188,16 @@ class BaselineFeed:
         self.in_flight.clear()
 
 
-def start_feed(name: str, node: str | None, d_model: int, data_dtype: str, planned: list[int],
-               sample_per_batch: int, state_uri: str, limit: int) -> BaselineFeed:
+def start_feed(
+    name: str,
+    node: str | None,
+    d_model: int,
+    data_dtype: str,
+    planned: list[int],
+    sample_per_batch: int,
+    state_uri: str,
+    limit: int,
+) -> BaselineFeed:
     """The sampler actor (on `node` when given, softly) and its feed, resumed from `state_uri`."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -176,8 +205,9 @@ def start_feed(name: str, node: str | None, d_model: int, data_dtype: str, plann
     options = {"name": name, "num_cpus": 0.25, "max_restarts": 0}
     if node is not None:
         options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node, soft=True)
-    actor = ray.remote(BaselineSampler).options(**options).remote(d_model, data_dtype, planned, sample_per_batch,
-                                                                   state_uri)
+    actor = (
+        ray.remote(BaselineSampler).options(**options).remote(d_model, data_dtype, planned, sample_per_batch, state_uri)
+    )
     feed = BaselineFeed(actor, planned, [], limit)
     try:
         feed.wanted -= set(ray.get(actor.status.remote())["done"])
@@ -212,8 +242,10 @@ class DictionaryStack(nn.Module):
 
     def forward(self, x: Tensor) -> StackOutput:
         latents = [dictionary.encode(x) for dictionary in self.dictionaries]  # K x [B, n_latents]
-        return StackOutput(torch.stack([d.decode(z) for d, z in zip(self.dictionaries, latents)]),
-                           torch.stack([(z > 0).sum(0, dtype=torch.float32) for z in latents]))
+        return StackOutput(
+            torch.stack([d.decode(z) for d, z in zip(self.dictionaries, latents)]),
+            torch.stack([(z > 0).sum(0, dtype=torch.float32) for z in latents]),
+        )
 
 
 # -- fitting, evaluating and exporting (a Ray task) -----------------------------------------------
@@ -233,15 +265,19 @@ def fit_bases(state: dict, kinds: list[str], device: str) -> tuple[dict[str, Bas
             bases[kind] = identity_basis(pca)
         elif kind == "ica":
             sample = torch.cat([state["sample"][index] for index in sorted(state["sample"])]).float().to(device)
-            ica = fast_ica(lambda: sample.split(ICA_CHUNK_ROWS),  # noqa: B023 (called before the loop moves on)
-                           pca=fit_pca(sample.split(ICA_CHUNK_ROWS)),
-                           seed=RANDOM_SEED, device=device)
+            ica = fast_ica(
+                lambda: sample.split(ICA_CHUNK_ROWS),  # noqa: B023 (called before the loop moves on)
+                pca=fit_pca(sample.split(ICA_CHUNK_ROWS)),
+                seed=RANDOM_SEED,
+                device=device,
+            )
             bases[kind] = ica_basis(ica)
             info[kind] = {"fit_rows": len(sample), "ica_iterations": ica.n_iter, "ica_converged": ica.converged}
         else:
             raise ValueError(f"unknown baseline {kind!r}; known: {', '.join(KINDS)}")
-    return {kind: Basis(*(t.to(device) if isinstance(t, Tensor) else t for t in basis))
-            for kind, basis in bases.items()}, info
+    return {
+        kind: Basis(*(t.to(device) if isinstance(t, Tensor) else t for t in basis)) for kind, basis in bases.items()
+    }, info
 
 
 def eval_batches(dataset: ActivationDataset, rows: int, batch_rows: int, device: str):
@@ -256,13 +292,23 @@ def eval_batches(dataset: ActivationDataset, rows: int, batch_rows: int, device:
         joined = torch.cat(pending) if len(pending) > 1 else pending[0]
         whole = len(joined) // batch_rows * batch_rows
         for start in range(0, whole, batch_rows):
-            yield joined[start:start + batch_rows].to(device=device, dtype=torch.float32)
+            yield joined[start : start + batch_rows].to(device=device, dtype=torch.float32)
         pending = [joined[whole:]] if whole < len(joined) else []
 
 
-def fit_baselines(state_uri: str, kinds: list[str], target_l0s: list[float], dataset_uri: str, eval_rows: int,
-                  batch_rows: int, metadata: dict, storage_uri: str, ground_truth: np.ndarray | None,
-                  device: str = "cpu", threads: int = 0) -> list[dict]:
+def fit_baselines(
+    state_uri: str,
+    kinds: list[str],
+    target_l0s: list[float],
+    dataset_uri: str,
+    eval_rows: int,
+    batch_rows: int,
+    metadata: dict,
+    storage_uri: str,
+    ground_truth: np.ndarray | None,
+    device: str = "cpu",
+    threads: int = 0,
+) -> list[dict]:
     """Fit, build, evaluate and export every baseline with `threads` torch threads (0: every core
     here); one result per dictionary: {"name", "kind", "k", "n_atoms", "metrics", "uri", "fit"}."""
     torch.set_num_threads(threads or os.cpu_count() or 1)  # a Ray task gets one thread by default
@@ -275,8 +321,10 @@ def fit_baselines(state_uri: str, kinds: list[str], target_l0s: list[float], dat
     for kind, basis in bases.items():
         n_atoms = len(basis.atoms)
         ks = sorted({matched_k(l0, basis) for l0 in target_l0s} | {n_atoms})
-        built = [baseline_dictionary(basis, k, {**metadata, "dictsweep": {**metadata.get("dictsweep", {}), "k": k}})
-                 for k in ks]
+        built = [
+            baseline_dictionary(basis, k, {**metadata, "dictsweep": {**metadata.get("dictsweep", {}), "k": k}})
+            for k in ks
+        ]
         stack = DictionaryStack([Dictionary(config, weights) for config, weights in built]).to(device)
         evaluator = Evaluator(stack)
         for x in eval_batches(dataset, eval_rows, batch_rows, device):
@@ -289,6 +337,15 @@ def fit_baselines(state_uri: str, kinds: list[str], target_l0s: list[float], dat
             config["metadata"]["dictsweep"].update({"metrics": metrics, **info[kind]})
             folder = fs.join(storage_uri, "baselines", name)
             fs.write_files(folder, dictionary_files(config, weights, frequencies[member]))
-            results.append({"name": name, "kind": kind, "k": k, "n_atoms": n_atoms, "metrics": metrics,
-                            "uri": folder, "fit": info[kind]})
+            results.append(
+                {
+                    "name": name,
+                    "kind": kind,
+                    "k": k,
+                    "n_atoms": n_atoms,
+                    "metrics": metrics,
+                    "uri": folder,
+                    "fit": info[kind],
+                }
+            )
     return results

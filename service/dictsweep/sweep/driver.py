@@ -52,13 +52,18 @@ class Slot:
         return [p for e in self.plan.ensembles for p in e.points]
 
 
-
-
 class Driver:
     """One run of a sweep's training (or its resumption) on a Ray cluster."""
 
-    def __init__(self, spec: SweepSpec, dataset: ActivationDataset, plan: Plan, run_dir: str, resume: bool,
-                 lease: Lease | None = None):
+    def __init__(
+        self,
+        spec: SweepSpec,
+        dataset: ActivationDataset,
+        plan: Plan,
+        run_dir: str,
+        resume: bool,
+        lease: Lease | None = None,
+    ):
         self.spec, self.dataset, self.plan = spec, dataset, plan
         self.storage = run_dir
         # at least one of each: `preflight` checked the spec against the dataset
@@ -89,8 +94,11 @@ class Driver:
                 else:
                     slots.append(key)
             if slots:
-                self.run_wave(wave_index, [t for t in wave if f"w{wave_index}-t{t.index}" in slots],
-                              f"wave {wave_index + 1}/{len(self.plan.waves)}")
+                self.run_wave(
+                    wave_index,
+                    [t for t in wave if f"w{wave_index}-t{t.index}" in slots],
+                    f"wave {wave_index + 1}/{len(self.plan.waves)}",
+                )
         for index, zero in enumerate(self.plan.zero):
             key = f"zero-{index}"
             saved = ledger.saved(key)
@@ -106,16 +114,27 @@ class Driver:
         spec, name = self.spec, zero.point.name
         log.info(f"{name}: ZeRO-{zero.stage} over {zero.workers} {zero.device} workers")
         try:
-            done = train_zero(spec.data.uri, zero.point.params(), spec.train, spec.stream.seed,
-                              spec.stream.shuffle_shards, zero.workers, storage_uri=self.storage, name=name,
-                              metadata=self.metadata(zero.point), stage=zero.stage, offload=zero.offload,
-                              use_gpu=zero.device == "cuda")
+            done = train_zero(
+                spec.data.uri,
+                zero.point.params(),
+                spec.train,
+                spec.stream.seed,
+                spec.stream.shuffle_shards,
+                zero.workers,
+                storage_uri=self.storage,
+                name=name,
+                metadata=self.metadata(zero.point),
+                stage=zero.stage,
+                offload=zero.offload,
+                use_gpu=zero.device == "cuda",
+            )
         except (RunError, InputError) as error:
             self.ledger.record_failure({name: f"ZeRO training failed: {error}"})
             return
         self.ledger.log_records([{"name": name, **entry} for entry in done["metric_history"]], key)
-        self.ledger.record(key, {"finished": {name: {part: done[part] for part in ("metrics", "uri", "plot")}},
-                                 "failed": {}})
+        self.ledger.record(
+            key, {"finished": {name: {part: done[part] for part in ("metrics", "uri", "plot")}}, "failed": {}}
+        )
 
     def run_wave(self, wave_index: int, trainers: list[TrainerPlan], label: str) -> None:
         import ray
@@ -127,7 +146,9 @@ class Driver:
         spec = self.spec
         cuda = trainers[0].device == "cuda"
         gpus = spec.resources.gpus_per_trainer
-        bundle = {"GPU": gpus, "CPU": spec.resources.cpus_per_trainer} if cuda else {"CPU": spec.resources.cpus_per_trainer}
+        bundle = (
+            {"GPU": gpus, "CPU": spec.resources.cpus_per_trainer} if cuda else {"CPU": spec.resources.cpus_per_trainer}
+        )
         # PACK: trainers on as few nodes as fit, so a node's trainers share one read of the data
         group = placement_group([bundle] * len(trainers), strategy="PACK")
         ray.get(group.ready())
@@ -138,12 +159,23 @@ class Driver:
             key = f"w{wave_index}-t{plan.index}"
             retire(f"{spec.name}-{key}")
             actor = remote.options(
-                name=f"{spec.name}-{key}", max_restarts=spec.resources.max_restarts, max_task_retries=0,
-                num_gpus=gpus if cuda else 0, num_cpus=spec.resources.cpus_per_trainer,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(group, bundle_index)).remote(
-                [e.spec() for e in plan.ensembles], self.dataset.d_model, spec.train, self.total_steps,
-                self.input_scale, self.dataset.dtype, plan.device, threads,
-                fs.join(self.storage, "checkpoints", f"{key}.pt"))
+                name=f"{spec.name}-{key}",
+                max_restarts=spec.resources.max_restarts,
+                max_task_retries=0,
+                num_gpus=gpus if cuda else 0,
+                num_cpus=spec.resources.cpus_per_trainer,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(group, bundle_index),
+            ).remote(
+                [e.spec() for e in plan.ensembles],
+                self.dataset.d_model,
+                spec.train,
+                self.total_steps,
+                self.input_scale,
+                self.dataset.dtype,
+                plan.device,
+                threads,
+                fs.join(self.storage, "checkpoints", f"{key}.pt"),
+            )
             slots.append(Slot(key, plan, actor))
         streams = Streams(spec, self.dataset, self.total_steps, self.eval_steps)
         try:
@@ -151,8 +183,11 @@ class Driver:
                 self.locate(slot)
             self.start_baseline_feed(slots[0].node)
             self.drive(slots, streams, label)
-            self.ledger.result.stream = merge_stream_stats(self.ledger.result.stream, streams.stats(), [
-                ray.get(slot.actor.data_wait.remote()) for slot in slots if slot.alive])
+            self.ledger.result.stream = merge_stream_stats(
+                self.ledger.result.stream,
+                streams.stats(),
+                [ray.get(slot.actor.data_wait.remote()) for slot in slots if slot.alive],
+            )
         finally:
             for slot in slots:
                 ray.kill(slot.actor, no_restart=True)
@@ -197,8 +232,12 @@ class Driver:
             bar = progress.add_task(f"{label} training", total=last, rate="-", left=clock(None))
             while any(slot.alive and not slot.done for slot in slots):
                 for slot in slots:
-                    while (slot.alive and slot.cursor <= last and len(slot.in_flight) < limit
-                           and not (self.checkpoints_after(slot.cursor) and slot.in_flight)):
+                    while (
+                        slot.alive
+                        and slot.cursor <= last
+                        and len(slot.in_flight) < limit
+                        and not (self.checkpoints_after(slot.cursor) and slot.in_flight)
+                    ):
                         task = self.send(slot, slot.cursor, streams)
                         if task is None:
                             break  # its batch lies beyond the node's window budget: the slowest goes first
@@ -214,9 +253,13 @@ class Driver:
                 steps = min((min(s.cursor - len(s.in_flight), last) for s in slots if s.alive), default=last)
                 self.advance(slots, streams)
                 estimate.update(steps)
-                progress.update(bar, completed=steps, left=clock(estimate.seconds_left(steps)),
-                                rate=f"{estimate.rate * rows:,.0f}" if estimate.rate else "-",
-                                description=f"{label} {'training' if steps < total else 'evaluating'}")
+                progress.update(
+                    bar,
+                    completed=steps,
+                    left=clock(estimate.seconds_left(steps)),
+                    rate=f"{estimate.rate * rows:,.0f}" if estimate.rate else "-",
+                    description=f"{label} {'training' if steps < total else 'evaluating'}",
+                )
         self.ledger.tracker.flush()
 
     def advance(self, slots: list[Slot], streams: Streams) -> None:
@@ -289,9 +332,17 @@ class Driver:
         from dictsweep.store.models import export_names
 
         source = self.dataset.manifest.source or {}
-        return {**export_names(source), "dataset_path": self.spec.data.uri, "context_size": source.get("context"),
-                "dictsweep": {"sweep": self.spec.name, "point": point.name, **point.params(),
-                              "tokens": self.spec.train.tokens}}
+        return {
+            **export_names(source),
+            "dataset_path": self.spec.data.uri,
+            "context_size": source.get("context"),
+            "dictsweep": {
+                "sweep": self.spec.name,
+                "point": point.name,
+                **point.params(),
+                "tokens": self.spec.train.tokens,
+            },
+        }
 
     # -- baselines (`baselines`): fed the train batches as the trainers get them ----------------------
     def start_baseline_feed(self, node: str | None) -> None:
@@ -299,16 +350,26 @@ class Driver:
         from dictsweep.sweep.baselines import planned_batches, start_feed
 
         spec = self.spec
-        if (not spec.baselines or self.baseline_feed is not None
-                or fs.exists(fs.join(self.storage, "baselines", "results.json"))):
+        if (
+            not spec.baselines
+            or self.baseline_feed is not None
+            or fs.exists(fs.join(self.storage, "baselines", "results.json"))
+        ):
             return
         planned = planned_batches(self.total_steps, spec.train.batch_rows, spec.evaluation.baseline_rows)
         per_batch = min(spec.train.batch_rows, max(1, spec.evaluation.ica_rows // len(planned)))
         per_batch = per_batch if "ica" in spec.baselines else 0  # the sample is for FastICA alone
         retire(f"{spec.name}-baselines")
-        self.baseline_feed = start_feed(f"{spec.name}-baselines", node, self.dataset.d_model, self.dataset.dtype,
-                                        planned, per_batch, fs.join(self.storage, "baselines", "state.pt"),
-                                        spec.stream.batches_in_flight)
+        self.baseline_feed = start_feed(
+            f"{spec.name}-baselines",
+            node,
+            self.dataset.d_model,
+            self.dataset.dtype,
+            planned,
+            per_batch,
+            fs.join(self.storage, "baselines", "state.pt"),
+            spec.stream.batches_in_flight,
+        )
 
 
 # -- helpers -------------------------------------------------------------------------------------------

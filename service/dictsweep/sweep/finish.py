@@ -31,8 +31,11 @@ def finish(driver: Driver) -> None:
     tracker, result = ledger.tracker, ledger.result
     if not spec.evaluation.splice_selected_only:
         splice(driver, sorted(result.finished), [])
-    choices = select({name: {"n_latents": r.point.n_latents, "metrics": r.metrics}
-                      for name, r in result.finished.items()}, spec.select, driver.dataset.d_model)
+    choices = select(
+        {name: {"n_latents": r.point.n_latents, "metrics": r.metrics} for name, r in result.finished.items()},
+        spec.select,
+        driver.dataset.d_model,
+    )
     result.selected = {name for name, choice in choices.items() if choice.selected}
     result.why = {name: choice.why for name, choice in choices.items()}
     result.ruled_out = {name for name, choice in choices.items() if not choice.eligible}
@@ -53,21 +56,31 @@ def finish(driver: Driver) -> None:
                 tracker.register(spec.name, outcome.run_id, {**outcome.point.params(), **outcome.metrics})
             bar.advance()
     for name, outcome in result.finished.items():
-        tracker.set_tags(outcome.run_id, {SELECTED_TAG: str(name in result.selected).lower(),
-                                          WHY_TAG: result.why[name]})
-    log.info(f"selected {len(result.selected)} of {len(result.finished)}: per size, the best {spec.select.metric} "
-          f"inside L0 [{result.band[0]:.3g}, {result.band[1]:.3g}]" if spec.select.per_size == "best" else
-          f"selected {len(result.selected)} of {len(result.finished)}: per size, the (L0, {spec.select.metric}) "
-          f"front inside L0 [{result.band[0]:.3g}, {result.band[1]:.3g}]")
+        tracker.set_tags(
+            outcome.run_id, {SELECTED_TAG: str(name in result.selected).lower(), WHY_TAG: result.why[name]}
+        )
+    log.info(
+        f"selected {len(result.selected)} of {len(result.finished)}: per size, the best {spec.select.metric} "
+        f"inside L0 [{result.band[0]:.3g}, {result.band[1]:.3g}]"
+        if spec.select.per_size == "best"
+        else f"selected {len(result.selected)} of {len(result.finished)}: per size, the (L0, {spec.select.metric}) "
+        f"front inside L0 [{result.band[0]:.3g}, {result.band[1]:.3g}]"
+    )
     fs.write_text(fs.join(spec.export_dir, "index.json"), json.dumps(entries, indent=2))
     inspect_selected(driver)
-    summary = {"saes_finished": len(result.finished), "saes_failed": len(result.failed),
-               "saes_selected": len(result.selected), **mmcs_between_sizes(result)}
+    summary = {
+        "saes_finished": len(result.finished),
+        "saes_failed": len(result.failed),
+        "saes_selected": len(result.selected),
+        **mmcs_between_sizes(result),
+    }
     if result.stream:
         summary["data_wait_fraction"] = result.stream["data_wait_fraction"]
         summary["bytes_read_per_node"] = float(np.mean(result.stream["bytes_read_per_node"]))
-        log.info(f"stream: {summary['bytes_read_per_node'] / 1e6:,.1f} MB read per node; trainers waited for "
-              f"data {summary['data_wait_fraction']:.1%} of the time")
+        log.info(
+            f"stream: {summary['bytes_read_per_node'] / 1e6:,.1f} MB read per node; trainers waited for "
+            f"data {summary['data_wait_fraction']:.1%} of the time"
+        )
     tracker.log_metrics(tracker.parent_id, summary, 0)
     plot(driver)
     tracker.log_comparison(comparison(result))
@@ -83,10 +96,22 @@ def finish(driver: Driver) -> None:
 def comparison(result: SweepResult) -> list[dict]:
     """The sweep's table of dictionaries for its MLflow run: every SAE (then every baseline) with its
     grid point, eval metrics and whether it was selected."""
-    rows = [{"name": name, "role": "sae", **r.point.params(), **r.metrics, "selected": name in result.selected}
-            for name, r in sorted(result.finished.items())]
-    rows += [{"name": b.name, "role": "baseline", "architecture": b.kind, "n_latents": b.n_atoms, "k": b.k,
-              **b.metrics, "selected": False} for b in result.baselines]
+    rows = [
+        {"name": name, "role": "sae", **r.point.params(), **r.metrics, "selected": name in result.selected}
+        for name, r in sorted(result.finished.items())
+    ]
+    rows += [
+        {
+            "name": b.name,
+            "role": "baseline",
+            "architecture": b.kind,
+            "n_latents": b.n_atoms,
+            "k": b.k,
+            **b.metrics,
+            "selected": False,
+        }
+        for b in result.baselines
+    ]
     return rows
 
 
@@ -115,9 +140,14 @@ def fit_baselines(driver: Driver) -> list[BaselineResult]:
         node = ray.get(feed.actor.status.remote())["node"] if not feed.error else None
         feed.drain(batch)
         if not feed.error:  # what the sampler cost beside the trainers, and how far it lagged
-            tracker.log_metrics(tracker.parent_id, {
-                "baselines.sampler_seconds": ray.get(feed.actor.status.remote())["busy_seconds"],
-                "baselines.feed_most_waiting": feed.most_waiting}, 0)
+            tracker.log_metrics(
+                tracker.parent_id,
+                {
+                    "baselines.sampler_seconds": ray.get(feed.actor.status.remote())["busy_seconds"],
+                    "baselines.feed_most_waiting": feed.most_waiting,
+                },
+                0,
+            )
     except ray.exceptions.RayError as error:
         feed.fail(error)
     finally:
@@ -127,22 +157,43 @@ def fit_baselines(driver: Driver) -> list[BaselineResult]:
     try:
         if feed.error:
             raise RunError(feed.error)
-        task = ray.remote(fit).options(num_gpus=int(device == "cuda"),
-                                       num_cpus=spec.resources.cpus_per_trainer, max_retries=0)
-        baselines = [BaselineResult(**baseline) for baseline in ray.get(task.remote(
-            fs.join(driver.storage, "baselines", "state.pt"), spec.baselines,
-            [result.finished[name].metrics["l0"] for name in sorted(result.selected)], spec.data.uri,
-            driver.eval_steps * spec.train.batch_rows, spec.train.batch_rows,
-            baseline_metadata(driver), driver.storage, driver.ground_truth,
-            device, threads))]
+        task = ray.remote(fit).options(
+            num_gpus=int(device == "cuda"), num_cpus=spec.resources.cpus_per_trainer, max_retries=0
+        )
+        baselines = [
+            BaselineResult(**baseline)
+            for baseline in ray.get(
+                task.remote(
+                    fs.join(driver.storage, "baselines", "state.pt"),
+                    spec.baselines,
+                    [result.finished[name].metrics["l0"] for name in sorted(result.selected)],
+                    spec.data.uri,
+                    driver.eval_steps * spec.train.batch_rows,
+                    spec.train.batch_rows,
+                    baseline_metadata(driver),
+                    driver.storage,
+                    driver.ground_truth,
+                    device,
+                    threads,
+                )
+            )
+        ]
     except (RunError, ray.exceptions.RayError) as error:  # the SAEs stand without their baselines
         log.warning(f"baselines failed, none recorded: {first_line(error)}")
         tracker.set_tags(tracker.parent_id, {"dictsweep.baselines": f"failed: {first_line(error)}"})
         return []
     for baseline in baselines:
-        run = tracker.start_sae(baseline.name, {"kind": baseline.kind, "k": baseline.k,
-                                                "n_atoms": baseline.n_atoms, "dataset": spec.data.uri,
-                                                **baseline.fit}, role="baseline")
+        run = tracker.start_sae(
+            baseline.name,
+            {
+                "kind": baseline.kind,
+                "k": baseline.k,
+                "n_atoms": baseline.n_atoms,
+                "dataset": spec.data.uri,
+                **baseline.fit,
+            },
+            role="baseline",
+        )
         tracker.log_metrics(run, {f"eval/{key}": value for key, value in baseline.metrics.items()}, 0)
         tracker.log_folder(run, lambda local, uri=baseline.uri: fs.download_folder(uri, local))
         baseline.run_id = run
@@ -156,8 +207,12 @@ def baseline_metadata(driver: Driver) -> dict:
     from dictsweep.store.models import export_names
 
     source = driver.dataset.manifest.source or {}
-    return {**export_names(source), "dataset_path": driver.spec.data.uri, "context_size": source.get("context"),
-            "dictsweep": {"sweep": driver.spec.name, "tokens": driver.spec.train.tokens}}
+    return {
+        **export_names(source),
+        "dataset_path": driver.spec.data.uri,
+        "context_size": source.get("context"),
+        "dictsweep": {"sweep": driver.spec.name, "tokens": driver.spec.train.tokens},
+    }
 
 
 def splice(driver: Driver, names: list[str], baselines: list[BaselineResult]) -> dict[str, dict]:
@@ -178,12 +233,14 @@ def splice(driver: Driver, names: list[str], baselines: list[BaselineResult]) ->
     if not spec.evaluation.splice or not uris or isinstance(source, str):
         if spec.evaluation.splice and isinstance(source, str):  # synthetic data: expected, not a warning
             (log.info if driver.dataset.manifest.ground_truth is not None else log.warning)(
-                f"spliced evaluation skipped: {source}")
+                f"spliced evaluation skipped: {source}"
+            )
             tracker.set_tags(tracker.parent_id, {"dictsweep.splice": f"skipped: {source}"})
         return {}
     device, threads = finish_device(driver)
-    task = ray.remote(splice_eval).options(num_gpus=int(device == "cuda"),
-                                           num_cpus=spec.resources.cpus_per_trainer, max_retries=0)
+    task = ray.remote(splice_eval).options(
+        num_gpus=int(device == "cuda"), num_cpus=spec.resources.cpus_per_trainer, max_retries=0
+    )
     try:
         with step(f"splicing {len(uris)} dictionaries into {source.model} at {source.hook}"):
             outcome = ray.get(task.remote(spec.data.uri, uris, spec.evaluation.splice_tokens, device, threads))
@@ -191,11 +248,19 @@ def splice(driver: Driver, names: list[str], baselines: list[BaselineResult]) ->
         log.warning(f"spliced evaluation skipped: {first_line(error)}")
         tracker.set_tags(tracker.parent_id, {"dictsweep.splice": f"skipped: {first_line(error)}"})
         return {}
-    tracker.set_tags(tracker.parent_id, {"dictsweep.splice": f"{outcome.kind} from the {outcome.head}, "
-                                         f"{outcome.tokens} tokens of {outcome.contexts} held-out contexts"})
+    tracker.set_tags(
+        tracker.parent_id,
+        {
+            "dictsweep.splice": f"{outcome.kind} from the {outcome.head}, "
+            f"{outcome.tokens} tokens of {outcome.contexts} held-out contexts"
+        },
+    )
     for name, metrics in outcome.metrics.items():
-        tracker.log_metrics(runs[name], {f"eval/{key}": value for key, value in metrics.items()},
-                            spec.train.tokens if name in result.finished else 0)
+        tracker.log_metrics(
+            runs[name],
+            {f"eval/{key}": value for key, value in metrics.items()},
+            spec.train.tokens if name in result.finished else 0,
+        )
         if name in result.finished:
             result.finished[name].metrics.update(metrics)
     for baseline in baselines:
@@ -217,8 +282,9 @@ def inspect_selected(driver: Driver) -> None:
     out = fs.join(spec.export_dir, "inspect")
     device, threads = finish_device(driver)
     log.info(f"inspecting {len(uris)} dictionaries over at most {spec.evaluation.inspect_tokens} rows ...")
-    task = ray.remote(inspect_for_sweep).options(num_gpus=int(device == "cuda"),
-                                                 num_cpus=spec.resources.cpus_per_trainer, max_retries=0)
+    task = ray.remote(inspect_for_sweep).options(
+        num_gpus=int(device == "cuda"), num_cpus=spec.resources.cpus_per_trainer, max_retries=0
+    )
     try:
         notes = ray.get(task.remote(uris, spec.data.uri, out, spec.evaluation.inspect_tokens, device, threads))
     except ray.exceptions.RayError as error:  # the SAEs stand without their browsers
@@ -228,8 +294,11 @@ def inspect_selected(driver: Driver) -> None:
     for note in notes:
         log.info(f"inspect: {note}")
     for name in uris:
-        tracker.log_folder(result.finished[name].run_id,
-                           lambda local, uri=fs.join(out, name): fs.download_folder(uri, local), "inspect")
+        tracker.log_folder(
+            result.finished[name].run_id,
+            lambda local, uri=fs.join(out, name): fs.download_folder(uri, local),
+            "inspect",
+        )
 
 
 def finish_device(driver: Driver) -> tuple[str, int]:
@@ -245,11 +314,17 @@ def plot(driver: Driver) -> None:
     from dictsweep.sweep.report import pareto_plot
 
     result, tracker = driver.ledger.result, driver.ledger.tracker
-    saes = [{**r.point.params(), "l0": r.metrics["l0"], "fvu": r.metrics["fvu"],
-             "selected": name in result.selected, "rejected": name in result.ruled_out}
-            for name, r in result.finished.items()]
-    baselines = [{"kind": b.kind, "k": b.k, "l0": b.metrics["l0"], "fvu": b.metrics["fvu"]}
-                 for b in result.baselines]
+    saes = [
+        {
+            **r.point.params(),
+            "l0": r.metrics["l0"],
+            "fvu": r.metrics["fvu"],
+            "selected": name in result.selected,
+            "rejected": name in result.ruled_out,
+        }
+        for name, r in result.finished.items()
+    ]
+    baselines = [{"kind": b.kind, "k": b.k, "l0": b.metrics["l0"], "fvu": b.metrics["fvu"]} for b in result.baselines]
     png = pareto_plot(saes, baselines, title=f"{driver.spec.name}: eval L0 against FVU", band=result.band)
     fs.write_bytes(fs.join(driver.spec.export_dir, "pareto.png"), png)
     tracker.log_bytes(tracker.parent_id, png, "pareto.png")
@@ -275,8 +350,9 @@ def mmcs_between_sizes(result: SweepResult) -> dict[str, float]:
                 by_size[size] = run
         sizes = sorted(by_size)
         for small, large in zip(sizes, sizes[1:]):
-            forward, backward = mmcs(load_dictionary(by_size[small].uri).W_dec,
-                                     load_dictionary(by_size[large].uri).W_dec)
+            forward, backward = mmcs(
+                load_dictionary(by_size[small].uri).W_dec, load_dictionary(by_size[large].uri).W_dec
+            )
             metrics[f"mmcs_sizes.{architecture}.n{small}_in_n{large}"] = forward
             metrics[f"mmcs_sizes.{architecture}.n{large}_in_n{small}"] = backward
     return metrics
@@ -285,5 +361,10 @@ def mmcs_between_sizes(result: SweepResult) -> dict[str, float]:
 def index_entry(name: str, point: GridPoint, metrics: dict, selected: bool, why: str | None = None) -> dict:
     """One entry of index.json (DESIGN.md): folder, grid point, selected and why, eval metrics (the
     DESIGN's keys always, null where not measured, then any others measured, such as loss_recovered)."""
-    return {"path": name, **point.params(), "selected": selected, "why": why,
-            "metrics": {**{metric.index_name: metrics.get(metric.key) for metric in INDEX_METRICS}, **metrics}}
+    return {
+        "path": name,
+        **point.params(),
+        "selected": selected,
+        "why": why,
+        "metrics": {**{metric.index_name: metrics.get(metric.key) for metric in INDEX_METRICS}, **metrics},
+    }

@@ -42,10 +42,15 @@ def submit(spec_path: str, address: str, overrides: list[str] | tuple[str, ...] 
         while True:
             try:
                 return jobs.submit_job(
-                    entrypoint=f"python -m dictsweep.cli run {SPEC_NAME}", submission_id=job_id,
-                    runtime_env={"working_dir": folder, "py_modules": [package],
-                                 "env_vars": {"DICTSWEEP_JOB_ID": job_id}},
-                    metadata={"dictsweep.sweep": spec.name})
+                    entrypoint=f"python -m dictsweep.cli run {SPEC_NAME}",
+                    submission_id=job_id,
+                    runtime_env={
+                        "working_dir": folder,
+                        "py_modules": [package],
+                        "env_vars": {"DICTSWEEP_JOB_ID": job_id},
+                    },
+                    metadata={"dictsweep.sweep": spec.name},
+                )
             except RuntimeError as error:  # a cluster that just started has no job agent for a while
                 if "No available agent" not in str(error) or time.time() > deadline:
                     raise RunError(f"{address} did not take the job: {error}") from None
@@ -55,8 +60,12 @@ def submit(spec_path: str, address: str, overrides: list[str] | tuple[str, ...] 
 def status(job_id: str, address: str) -> dict:
     """The job's status and message."""
     info = _info(job_id, address)
-    return {"job_id": job_id, "status": str(info.status.value if hasattr(info.status, "value") else info.status),
-            "message": info.message or "", "sweep": (info.metadata or {}).get("dictsweep.sweep", "")}
+    return {
+        "job_id": job_id,
+        "status": str(info.status.value if hasattr(info.status, "value") else info.status),
+        "message": info.message or "",
+        "sweep": (info.metadata or {}).get("dictsweep.sweep", ""),
+    }
 
 
 def logs(job_id: str, address: str) -> str:

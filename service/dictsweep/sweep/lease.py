@@ -55,8 +55,7 @@ def is_live(holder: dict, now: float | None = None) -> bool:
 
 def describe(holder: dict) -> str:
     age = time.time() - holder["heartbeat"] if isinstance(holder.get("heartbeat"), (int, float)) else float("nan")
-    return (f"driver {holder.get('driver')} on {holder.get('host')} (pid {holder.get('pid')}, heartbeat "
-            f"{age:.0f} s ago)")
+    return f"driver {holder.get('driver')} on {holder.get('host')} (pid {holder.get('pid')}, heartbeat {age:.0f} s ago)"
 
 
 class Lease:
@@ -65,8 +64,13 @@ class Lease:
     def __init__(self, storage_dir: str, heartbeat_seconds: float = HEARTBEAT_SECONDS):
         self.uri = fs.join(storage_dir, LEASE_NAME)
         now = time.time()
-        self.holder = {"driver": uuid.uuid4().hex[:12], "host": socket.gethostname(), "pid": os.getpid(),
-                       "started": now, "heartbeat": now}
+        self.holder = {
+            "driver": uuid.uuid4().hex[:12],
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started": now,
+            "heartbeat": now,
+        }
         self.heartbeat_seconds = heartbeat_seconds
         self.taken_by: dict | None = None  # the driver that took the lease from this one
         self.stopped = threading.Event()
@@ -76,15 +80,19 @@ class Lease:
         """Hold the lease, or InputError naming the live driver that holds it."""
         current = read_lease(self.uri)
         if current is not None and not force and is_live(current):
-            raise InputError(f"{self.uri}: this sweep is being run by {describe(current)}; wait for it to end, "
-                             f"or, if it is dead, pass --force (a lease without heartbeat for {STALE_SECONDS:.0f} s "
-                             "is taken over without)")
+            raise InputError(
+                f"{self.uri}: this sweep is being run by {describe(current)}; wait for it to end, "
+                f"or, if it is dead, pass --force (a lease without heartbeat for {STALE_SECONDS:.0f} s "
+                "is taken over without)"
+            )
         self.write()
         time.sleep(CONFIRM_SECONDS)  # a driver that started with us writes within this time
         current = read_lease(self.uri)
         if current is None or current["driver"] != self.holder["driver"]:
-            raise InputError(f"{self.uri}: {describe(current) if current else 'another driver'} took this sweep "
-                             "at the same moment; it runs the sweep")
+            raise InputError(
+                f"{self.uri}: {describe(current) if current else 'another driver'} took this sweep "
+                "at the same moment; it runs the sweep"
+            )
         self.thread = threading.Thread(target=self.beat, name="dictsweep-lease", daemon=True)
         self.thread.start()
         return self
@@ -108,8 +116,9 @@ class Lease:
     def check(self) -> None:
         """RunError once another driver has taken the lease (it was forced): stop writing."""
         if self.taken_by is not None:
-            raise RunError(f"{self.uri}: {describe(self.taken_by)} took over this sweep (--force); this driver "
-                           "stops writing")
+            raise RunError(
+                f"{self.uri}: {describe(self.taken_by)} took over this sweep (--force); this driver stops writing"
+            )
 
     def release(self) -> None:
         """Stop the heartbeat and remove the lease if it is still this driver's."""

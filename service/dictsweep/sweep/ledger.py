@@ -52,8 +52,15 @@ def saved_plan(run_dir: str) -> Plan:
 class Ledger:
     """One run's records: `result` gathers every SAE recorded, in storage and MLflow alike."""
 
-    def __init__(self, spec: SweepSpec, plan: Plan, run_dir: str, resume: bool, lease: Lease | None = None,
-                 input_scale: float = 1.0):
+    def __init__(
+        self,
+        spec: SweepSpec,
+        plan: Plan,
+        run_dir: str,
+        resume: bool,
+        lease: Lease | None = None,
+        input_scale: float = 1.0,
+    ):
         self.spec, self.plan, self.storage, self.lease = spec, plan, run_dir, lease
         self.input_scale = input_scale  # training scale / raw: training curves are logged in raw units
         self.points = {p.name: p for p in plan.points}
@@ -99,12 +106,27 @@ class Ledger:
             self.tracker.parent_id = saved["parent"]
             return saved["saes"]
         tracker, spec = self.tracker, self.spec
-        tracker.start_sweep(spec.name, flatten(spec.model_dump(mode="json")),
-                            tags={"dictsweep.dataset": spec.data.uri, "dictsweep.job_id": os.environ.get("DICTSWEEP_JOB_ID", ""),
-                                  "dictsweep.storage": self.storage})
-        runs = {name: tracker.start_sae(name, {**p.params(), "dataset": spec.data.uri, "tokens": spec.train.tokens,
-                                               "batch_rows": spec.train.batch_rows})
-                for name, p in self.points.items()}
+        tracker.start_sweep(
+            spec.name,
+            flatten(spec.model_dump(mode="json")),
+            tags={
+                "dictsweep.dataset": spec.data.uri,
+                "dictsweep.job_id": os.environ.get("DICTSWEEP_JOB_ID", ""),
+                "dictsweep.storage": self.storage,
+            },
+        )
+        runs = {
+            name: tracker.start_sae(
+                name,
+                {
+                    **p.params(),
+                    "dataset": spec.data.uri,
+                    "tokens": spec.train.tokens,
+                    "batch_rows": spec.train.batch_rows,
+                },
+            )
+            for name, p in self.points.items()
+        }
         fs.write_text(saved_uri, json.dumps({"parent": tracker.parent_id, "saes": runs}, indent=1))
         fs.write_text(fs.join(self.storage, "plan.json"), json.dumps(self.plan.to_dict(), indent=1))
         return runs
@@ -113,9 +135,11 @@ class Ledger:
         """Compare a trainer's measured first step with the plan's memory model; warn when it is off."""
         planned, device = plan.used_bytes, plan.memory_bytes
         if measured > planned * 1.25 or measured > device * (1 - self.spec.resources.memory_headroom / 2):
-            note = (f"trainer {key}: a step took {measured / 2**30:.2f} GiB, the plan expected "
-                    f"{planned / 2**30:.2f} GiB of {device / 2**30:.1f} GiB; raise resources.memory_headroom "
-                    f"or lower resources.max_members if it runs out of memory")
+            note = (
+                f"trainer {key}: a step took {measured / 2**30:.2f} GiB, the plan expected "
+                f"{planned / 2**30:.2f} GiB of {device / 2**30:.1f} GiB; raise resources.memory_headroom "
+                f"or lower resources.max_members if it runs out of memory"
+            )
             log.warning(note)
             self.tracker.set_tags(self.tracker.parent_id, {f"dictsweep.memory.{key}": note})
 
@@ -123,8 +147,10 @@ class Ledger:
         """Training metrics from a trainer: stored, then queued for MLflow; records a restarted trainer
         replays are neither stored nor logged twice."""
         new = [record for record in records if record["tokens"] > self.logged_tokens.get(record["name"], 0)]
-        new = [{**record, "metrics": in_eval_units(record["metrics"], self.plan.d_model, self.input_scale)}
-               for record in new]
+        new = [
+            {**record, "metrics": in_eval_units(record["metrics"], self.plan.d_model, self.input_scale)}
+            for record in new
+        ]
         self.board.add(new)
         if new:
             self.check_lease()
@@ -172,8 +198,9 @@ class Ledger:
                 tracker.log_bytes(run, fs.read_bytes(done["plot"]), "density_and_norms.png", "plots")
             tracker.set_tags(run, {STATUS_TAG: "finished"})
             tracker.end_run(run)
-        self.record_failure({name: why for name, why in outcome["failed"].items()
-                             if only is None or self.runs[name] in only})
+        self.record_failure(
+            {name: why for name, why in outcome["failed"].items() if only is None or self.runs[name] in only}
+        )
 
     def record_failure(self, failed: dict[str, str]) -> None:
         self.result.failed.update(failed)
@@ -218,8 +245,9 @@ class Ledger:
             point = self.points[name]
             if "l1_coef" in done:  # steered to an L0 target: its point carries the final coefficient
                 point = dataclasses.replace(point, l1_coef=float(done["l1_coef"]))
-            self.result.finished[name] = SAEResult(point, done["metrics"], done["uri"], self.runs[name],
-                                                   done.get("plot"))
+            self.result.finished[name] = SAEResult(
+                point, done["metrics"], done["uri"], self.runs[name], done.get("plot")
+            )
         self.result.failed.update(outcome["failed"])
 
     def complete(self) -> None:

@@ -39,23 +39,35 @@ class GridPoint:
         part of it, so a finished SAE that carries its final coefficient keeps its name."""
         declared = ARCHITECTURES[self.architecture].hyperparameters
         steered = {p.replaces for p in declared if p.replaces is not None and getattr(self, p.key) is not None}
-        sparsity = "-".join(parameter.name_part(getattr(self, parameter.key)) for parameter in declared
-                            if getattr(self, parameter.key) is not None and parameter.key not in steered)
+        sparsity = "-".join(
+            parameter.name_part(getattr(self, parameter.key))
+            for parameter in declared
+            if getattr(self, parameter.key) is not None and parameter.key not in steered
+        )
         return f"{self.architecture}-n{self.n_latents}-{sparsity}-lr{self.lr:.3g}-s{self.seed}"
 
     def member(self) -> Member:
         if self.target_l0 is not None:
-            return TargetedMember(lr=self.lr, seed=self.seed, l1_coef=initial_coef(self.architecture),
-                                  target_l0=self.target_l0)
+            return TargetedMember(
+                lr=self.lr, seed=self.seed, l1_coef=initial_coef(self.architecture), target_l0=self.target_l0
+            )
         return member_from_params(self.params())
 
     def params(self) -> dict:
         """MLflow params and index.json keys: every architecture's grid keys (None where not its own), and
         a key that replaces another only where it is set."""
-        settings = {key: getattr(self, key) for key, parameter in grid_keys().items()
-                    if parameter.replaces is None or getattr(self, key) is not None}
-        return {"architecture": self.architecture, "n_latents": self.n_latents, **settings, "lr": self.lr,
-                "seed": self.seed}
+        settings = {
+            key: getattr(self, key)
+            for key, parameter in grid_keys().items()
+            if parameter.replaces is None or getattr(self, key) is not None
+        }
+        return {
+            "architecture": self.architecture,
+            "n_latents": self.n_latents,
+            **settings,
+            "lr": self.lr,
+            "seed": self.seed,
+        }
 
 
 # Gao et al. 2024's lr = 2e-4 * sqrt(2^14 / n_latents) times this: at our budget of 1M tokens in 1024
@@ -114,8 +126,12 @@ class EnsemblePlan:
     flops_per_row: int  # forward + backward matmul FLOPs per row, all members
 
     def spec(self) -> EnsembleSpec:
-        return EnsembleSpec(self.architecture, self.n_latents, tuple(p.member() for p in self.points),
-                            tuple(p.name for p in self.points))
+        return EnsembleSpec(
+            self.architecture,
+            self.n_latents,
+            tuple(p.member() for p in self.points),
+            tuple(p.name for p in self.points),
+        )
 
 
 @dataclass
@@ -156,8 +172,9 @@ class Plan:
 
     @property
     def points(self) -> list[GridPoint]:
-        return ([p for wave in self.waves for t in wave for e in t.ensembles for p in e.points]
-                + [z.point for z in self.zero])
+        return [p for wave in self.waves for t in wave for e in t.ensembles for p in e.points] + [
+            z.point for z in self.zero
+        ]
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -168,22 +185,47 @@ class Plan:
         for wave_index, wave in enumerate(self.waves):
             for trainer in wave:
                 for ensemble in trainer.ensembles:
-                    rows.append((wave_index, f"{trainer.device}:{trainer.index}",
-                                 f"{ensemble.architecture} n={ensemble.n_latents}", len(ensemble.points),
-                                 round(ensemble.memory_bytes / 2**30, 2),
-                                 round(ensemble.memory_bytes / trainer.memory_bytes, 3)))
+                    rows.append(
+                        (
+                            wave_index,
+                            f"{trainer.device}:{trainer.index}",
+                            f"{ensemble.architecture} n={ensemble.n_latents}",
+                            len(ensemble.points),
+                            round(ensemble.memory_bytes / 2**30, 2),
+                            round(ensemble.memory_bytes / trainer.memory_bytes, 3),
+                        )
+                    )
         for name in self.unplaced:
             rows.append(("-", "none", name, 1, "-", "fits nowhere"))
         for zero in self.zero:
-            rows.append(("zero", f"{zero.device}:0-{zero.workers - 1}",
-                         f"{zero.point.architecture} n={zero.point.n_latents} ZeRO-{zero.stage}"
-                         + (" offload" if zero.offload else ""), 1, round(zero.memory_bytes / 2**30, 2), "per worker"))
+            rows.append(
+                (
+                    "zero",
+                    f"{zero.device}:0-{zero.workers - 1}",
+                    f"{zero.point.architecture} n={zero.point.n_latents} ZeRO-{zero.stage}"
+                    + (" offload" if zero.offload else ""),
+                    1,
+                    round(zero.memory_bytes / 2**30, 2),
+                    "per worker",
+                )
+            )
         return rows
 
 
-def make_plan(points: list[GridPoint], d_model: int, batch_rows: int, device: str, n_devices: int,
-              device_memory_bytes: int, max_members: int, headroom: float, zero: str = "auto",
-              zero_stage: int = 2, zero_offload: bool = False, zero_workers: int = 0) -> Plan:
+def make_plan(
+    points: list[GridPoint],
+    d_model: int,
+    batch_rows: int,
+    device: str,
+    n_devices: int,
+    device_memory_bytes: int,
+    max_members: int,
+    headroom: float,
+    zero: str = "auto",
+    zero_stage: int = 2,
+    zero_offload: bool = False,
+    zero_workers: int = 0,
+) -> Plan:
     """Pack points into ensembles and ensembles onto `n_devices` devices, in as few waves as fit;
     points that fit no device alone (or all, with zero="always") go to DeepSpeed ZeRO."""
     budget = int(device_memory_bytes * (1 - headroom))
@@ -195,13 +237,17 @@ def make_plan(points: list[GridPoint], d_model: int, batch_rows: int, device: st
             if zero == "always" or (per_member > budget and zero == "auto"):
                 if point.target_l0 is not None:
                     raise InputError("needs DeepSpeed ZeRO, which trains with a fixed l1_coef (no grid.target_l0)")
-                zero_plans.append(plan_zero(point, d_model, batch_rows, device, n_devices, budget,
-                                            zero_stage, zero_offload, zero_workers))
+                zero_plans.append(
+                    plan_zero(
+                        point, d_model, batch_rows, device, n_devices, budget, zero_stage, zero_offload, zero_workers
+                    )
+                )
                 continue
             if per_member > budget:
                 raise InputError(
                     f"needs {per_member / 2**30:.1f} GiB, more than a {device} device's budget of "
-                    f"{budget / 2**30:.1f} GiB; lower n_latents or train.batch_rows, or allow resources.zero")
+                    f"{budget / 2**30:.1f} GiB; lower n_latents or train.batch_rows, or allow resources.zero"
+                )
         except InputError as error:
             unplaced[point.name] = str(error)
             continue
@@ -214,8 +260,11 @@ def make_plan(points: list[GridPoint], d_model: int, batch_rows: int, device: st
         count = math.ceil(len(members) / size)
         for chunk in range(count):  # near-equal ensembles rather than full ones and a remainder
             part = members[chunk::count]
-            ensembles.append(EnsemblePlan(architecture, n_latents, part, per_member * len(part),
-                                          10 * d_model * n_latents * len(part)))
+            ensembles.append(
+                EnsemblePlan(
+                    architecture, n_latents, part, per_member * len(part), 10 * d_model * n_latents * len(part)
+                )
+            )
     ensembles.sort(key=lambda e: (-e.flops_per_row, e.architecture, e.n_latents))
     waves: list[list[TrainerPlan]] = []
     for ensemble in ensembles:
@@ -231,8 +280,17 @@ def make_plan(points: list[GridPoint], d_model: int, batch_rows: int, device: st
     return Plan(d_model, batch_rows, [[t for t in wave if t.ensembles] for wave in waves], zero_plans, unplaced)
 
 
-def plan_zero(point: GridPoint, d_model: int, batch_rows: int, device: str, n_devices: int, budget: int,
-              stage: int, offload: bool, workers: int) -> ZeroPlan:
+def plan_zero(
+    point: GridPoint,
+    d_model: int,
+    batch_rows: int,
+    device: str,
+    n_devices: int,
+    budget: int,
+    stage: int,
+    offload: bool,
+    workers: int,
+) -> ZeroPlan:
     """The fewest ZeRO workers (up to the devices there are) whose per-worker memory fits."""
     choices = [workers] if workers else [g for g in range(1, max(n_devices, 1) + 1) if batch_rows % g == 0]
     for count in choices:
@@ -240,26 +298,58 @@ def plan_zero(point: GridPoint, d_model: int, batch_rows: int, device: str, n_de
         if needed <= budget or workers:
             return ZeroPlan(point, device, count, stage, offload, needed)
     needed = zero_bytes_per_worker(d_model, point.n_latents, batch_rows, choices[-1], stage, offload)
-    raise InputError(f"needs {needed / 2**30:.1f} GiB per worker even with ZeRO-{stage} over {choices[-1]} "
-                     f"{device} devices (budget {budget / 2**30:.1f} GiB): ZeRO gathers an SAE's whole layer for "
-                     f"each step; try {'' if offload else 'resources.zero_offload, '}a smaller train.batch_rows "
-                     f"or n_latents")
+    raise InputError(
+        f"needs {needed / 2**30:.1f} GiB per worker even with ZeRO-{stage} over {choices[-1]} "
+        f"{device} devices (budget {budget / 2**30:.1f} GiB): ZeRO gathers an SAE's whole layer for "
+        f"each step; try {'' if offload else 'resources.zero_offload, '}a smaller train.batch_rows "
+        f"or n_latents"
+    )
 
 
 def plan_from_dict(data: dict) -> Plan:
     """A plan saved with `Plan.to_dict` (plan.json in the sweep's storage), for resuming."""
-    waves = [[TrainerPlan(t["device"], t["index"], t["memory_bytes"],
-                          [EnsemblePlan(e["architecture"], e["n_latents"], [GridPoint(**p) for p in e["points"]],
-                                        e["memory_bytes"], e["flops_per_row"]) for e in t["ensembles"]])
-              for t in wave] for wave in data["waves"]]
-    zero = [ZeroPlan(GridPoint(**z["point"]), z["device"], z["workers"], z["stage"], z["offload"], z["memory_bytes"])
-            for z in data.get("zero", [])]
+    waves = [
+        [
+            TrainerPlan(
+                t["device"],
+                t["index"],
+                t["memory_bytes"],
+                [
+                    EnsemblePlan(
+                        e["architecture"],
+                        e["n_latents"],
+                        [GridPoint(**p) for p in e["points"]],
+                        e["memory_bytes"],
+                        e["flops_per_row"],
+                    )
+                    for e in t["ensembles"]
+                ],
+            )
+            for t in wave
+        ]
+        for wave in data["waves"]
+    ]
+    zero = [
+        ZeroPlan(GridPoint(**z["point"]), z["device"], z["workers"], z["stage"], z["offload"], z["memory_bytes"])
+        for z in data.get("zero", [])
+    ]
     return Plan(data["d_model"], data["batch_rows"], waves, zero)
 
 
 def plan_sweep(spec: SweepSpec, d_model: int, device: str, n_devices: int, memory: int) -> Plan:
     """The plan of a spec's grid on `n_devices` devices of `memory` bytes each."""
     resources = spec.resources
-    return make_plan(grid_points(spec), d_model, spec.train.batch_rows, device, n_devices, memory,
-                     resources.max_members, resources.memory_headroom, resources.zero, resources.zero_stage,
-                     resources.zero_offload, resources.zero_workers)
+    return make_plan(
+        grid_points(spec),
+        d_model,
+        spec.train.batch_rows,
+        device,
+        n_devices,
+        memory,
+        resources.max_members,
+        resources.memory_headroom,
+        resources.zero,
+        resources.zero_stage,
+        resources.zero_offload,
+        resources.zero_workers,
+    )

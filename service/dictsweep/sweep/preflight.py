@@ -48,9 +48,11 @@ def preflight(spec: SweepSpec) -> ActivationDataset:
         raise InputError(f"train.tokens ({spec.train.tokens}) is less than one batch ({rows} rows, train.batch_rows)")
     eval_rows = min(spec.train.eval_tokens, dataset.n_eval_rows)
     if eval_rows < rows:
-        raise InputError(f"{dataset.uri}: the eval split has {dataset.n_eval_rows} rows and train.eval_tokens is "
-                         f"{spec.train.eval_tokens}: fewer than one batch of {rows} (train.batch_rows); final "
-                         "metrics need held-out rows")
+        raise InputError(
+            f"{dataset.uri}: the eval split has {dataset.n_eval_rows} rows and train.eval_tokens is "
+            f"{spec.train.eval_tokens}: fewer than one batch of {rows} (train.batch_rows); final "
+            "metrics need held-out rows"
+        )
     dataset.mean_sq_norm()  # the input scale: read now (first shards, when the manifest has no stats)
     warn(spec_warnings(spec, dataset.n_eval_rows))  # a spec that passed: what it will not do as it says
     return dataset

@@ -25,8 +25,13 @@ class RateEstimate:
     """Work per second smoothed over time (an exponential moving average with a half-life in
     seconds, started after a warm-up), and the time left at that rate."""
 
-    def __init__(self, total: float, warmup_seconds: float = WARMUP_SECONDS,
-                 half_life_seconds: float = HALF_LIFE_SECONDS, now: float | None = None):
+    def __init__(
+        self,
+        total: float,
+        warmup_seconds: float = WARMUP_SECONDS,
+        half_life_seconds: float = HALF_LIFE_SECONDS,
+        now: float | None = None,
+    ):
         self.total, self.warmup, self.half_life = total, warmup_seconds, half_life_seconds
         self.started = time.perf_counter() if now is None else now
         self.last: tuple[float, float] | None = None  # (time, done) at the last update after warm-up
@@ -84,8 +89,9 @@ class SaeBoard:
         def describe(name: str) -> str:
             metrics = self.latest[name]
             dead = metrics.get("dead_fraction")
-            return (f"{name}  loss {metrics['loss']:.4g}  L0 {metrics.get('l0', float('nan')):.1f}"
-                    + (f"  dead {dead:.0%}" if dead is not None else ""))
+            return f"{name}  loss {metrics['loss']:.4g}  L0 {metrics.get('l0', float('nan')):.1f}" + (
+                f"  dead {dead:.0%}" if dead is not None else ""
+            )
 
         best, worst = ranked[0][1], ranked[-1][1]
         return [f"best  {describe(best)}"] + ([f"worst {describe(worst)}"] if worst != best else [])
@@ -101,9 +107,14 @@ class TrainingProgress(Progress):
 
     def __init__(self, board: SaeBoard):
         self.board = board  # before Progress starts rendering
-        super().__init__(TextColumn("{task.description}"), BarColumn(bar_width=24),
-                         TextColumn("{task.percentage:>3.0f}%"), TextColumn("{task.fields[rate]} tok/s"),
-                         TextColumn("{task.fields[left]} left"), console=console())
+        super().__init__(
+            TextColumn("{task.description}"),
+            BarColumn(bar_width=24),
+            TextColumn("{task.percentage:>3.0f}%"),
+            TextColumn("{task.fields[rate]} tok/s"),
+            TextColumn("{task.fields[left]} left"),
+            console=console(),
+        )
 
     def get_renderables(self):
         yield self.make_tasks_table(self.tasks)

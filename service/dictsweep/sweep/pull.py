@@ -25,13 +25,21 @@ INDEX_NAME = "index.json"
 def point_params(params: dict, metrics: dict | None = None) -> dict:
     """A run's grid-point params, typed as in index.json (absent keys are null); for an L0 target,
     `l1_coef` is the coefficient training ended with (its last `l1_coef` metric)."""
+
     def number(key, kind):
         return kind(params[key]) if key in params and params[key] not in ("", "None") else None
 
-    point = {"architecture": params.get("architecture"), "n_latents": number("n_latents", int),
-             **{key: parameter.parse(params.get(key)) for key, parameter in grid_keys().items()
-                if parameter.replaces is None},
-             "lr": number("lr", float), "seed": number("seed", int)}
+    point = {
+        "architecture": params.get("architecture"),
+        "n_latents": number("n_latents", int),
+        **{
+            key: parameter.parse(params.get(key))
+            for key, parameter in grid_keys().items()
+            if parameter.replaces is None
+        },
+        "lr": number("lr", float),
+        "seed": number("seed", int),
+    }
     target = number("target_l0", float)
     if target is not None:
         steered = (metrics or {}).get("l1_coef")
@@ -94,11 +102,22 @@ def pull(sweep: str, out: str, include_all: bool = False, tracking_uri: str | No
             fresh = download_dictionary(client, run.run_id, os.path.join(staging, name))
             load_dictionary(fresh)  # a folder that does not load never replaces one that did
             replace_folder(fresh, os.path.join(out, name), staging)
-            entries.append({"path": name, **point_params(run.params, run.metrics),
-                            "selected": run.tags.get(SELECTED_TAG) == "true", "why": run.tags.get(WHY_TAG),
-                            "metrics": {**{metric.index_name: None for metric in INDEX_METRICS},
-                                        **{key.removeprefix("eval/"): value for key, value in run.metrics.items()
-                                           if key.startswith("eval/")}}})
+            entries.append(
+                {
+                    "path": name,
+                    **point_params(run.params, run.metrics),
+                    "selected": run.tags.get(SELECTED_TAG) == "true",
+                    "why": run.tags.get(WHY_TAG),
+                    "metrics": {
+                        **{metric.index_name: None for metric in INDEX_METRICS},
+                        **{
+                            key.removeprefix("eval/"): value
+                            for key, value in run.metrics.items()
+                            if key.startswith("eval/")
+                        },
+                    },
+                }
+            )
         fs.write_text(os.path.join(out, INDEX_NAME), json.dumps(entries, indent=2))  # a rename: replaces a link
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -18,20 +18,26 @@ from matplotlib.figure import Figure
 
 from dictsweep.sweep.select import pareto_front
 
-BASELINE_STYLES = {"pca": ("s", "black"), "ica": ("D", "tab:brown"), "random": ("x", "tab:gray"),
-                   "identity": ("P", "tab:olive")}  # marker, colour
+BASELINE_STYLES = {
+    "pca": ("s", "black"),
+    "ica": ("D", "tab:brown"),
+    "random": ("x", "tab:gray"),
+    "identity": ("P", "tab:olive"),
+}  # marker, colour
 
 
-def pareto_plot(saes: list[dict], baselines: list[dict], title: str = "",
-                band: tuple[float, float] | None = None) -> bytes:
+def pareto_plot(
+    saes: list[dict], baselines: list[dict], title: str = "", band: tuple[float, float] | None = None
+) -> bytes:
     """PNG bytes of `pareto_figure`."""
     buffer = io.BytesIO()
     pareto_figure(saes, baselines, title, band).savefig(buffer, format="png")
     return buffer.getvalue()
 
 
-def pareto_figure(saes: list[dict], baselines: list[dict], title: str = "",
-                  band: tuple[float, float] | None = None) -> Figure:
+def pareto_figure(
+    saes: list[dict], baselines: list[dict], title: str = "", band: tuple[float, float] | None = None
+) -> Figure:
     """Eval FVU against eval L0.
 
     `saes`: {"architecture", "n_latents", "l0", "fvu", "selected", and optionally "rejected": True
@@ -49,15 +55,33 @@ def pareto_figure(saes: list[dict], baselines: list[dict], title: str = "",
         candidates = [p for p in points if not p.get("rejected")]
         rejected = [p for p in points if p.get("rejected")]
         axes.plot([p["l0"] for p in candidates], [p["fvu"] for p in candidates], "o", color=color, markersize=4)
-        axes.plot([p["l0"] for p in rejected], [p["fvu"] for p in rejected], "o", color=color, markersize=6,
-                  markerfacecolor="none")
+        axes.plot(
+            [p["l0"] for p in rejected],
+            [p["fvu"] for p in rejected],
+            "o",
+            color=color,
+            markersize=6,
+            markerfacecolor="none",
+        )
         best = pareto_front({i: (p["l0"], p["fvu"]) for i, p in enumerate(points)})
         front = sorted((points[i] for i in best), key=lambda point: (point["l0"], point["fvu"]))
-        axes.plot([p["l0"] for p in front], [p["fvu"] for p in front], "o-", color=color, markersize=4,
-                  label=f"{architecture} n={n_latents}")
+        axes.plot(
+            [p["l0"] for p in front],
+            [p["fvu"] for p in front],
+            "o-",
+            color=color,
+            markersize=4,
+            label=f"{architecture} n={n_latents}",
+        )
         chosen = [p for p in points if p["selected"]]
-        axes.scatter([p["l0"] for p in chosen], [p["fvu"] for p in chosen], s=110, facecolors="none",
-                     edgecolors=color, linewidths=1.5)
+        axes.scatter(
+            [p["l0"] for p in chosen],
+            [p["fvu"] for p in chosen],
+            s=110,
+            facecolors="none",
+            edgecolors=color,
+            linewidths=1.5,
+        )
     top = 1.05 * max([1.0] + [p["fvu"] for p in saes])
     kinds: dict[str, list[dict]] = {}
     for baseline in baselines:
@@ -66,13 +90,20 @@ def pareto_figure(saes: list[dict], baselines: list[dict], title: str = "",
         points = sorted(points, key=lambda point: point["l0"])
         marker, color = BASELINE_STYLES.get(kind, ("v", "0.3"))
         shown = [min(p["fvu"], top) for p in points]
-        axes.plot([p["l0"] for p in points], shown, ":", color=color, marker=marker, markersize=7,
-                  label=f"baseline: {kind}")
+        axes.plot(
+            [p["l0"] for p in points], shown, ":", color=color, marker=marker, markersize=7, label=f"baseline: {kind}"
+        )
         for point in points:
             if point["fvu"] > top:
                 axes.plot([point["l0"]], [top], "^", color=color, markersize=9, clip_on=False)
-                axes.annotate(f"{kind} {point['fvu']:.3g}", (point["l0"], top), textcoords="offset points",
-                              xytext=(6, -12), fontsize=7, color=color)
+                axes.annotate(
+                    f"{kind} {point['fvu']:.3g}",
+                    (point["l0"], top),
+                    textcoords="offset points",
+                    xytext=(6, -12),
+                    fontsize=7,
+                    color=color,
+                )
     l0s = [p["l0"] for p in saes + baselines if p["l0"] > 0]
     if l0s and max(l0s) / min(l0s) > 20:
         axes.set_xscale("log")
@@ -81,8 +112,7 @@ def pareto_figure(saes: list[dict], baselines: list[dict], title: str = "",
     if any(p.get("rejected") for p in saes):
         axes.plot([], [], "o", color="0.3", markersize=6, markerfacecolor="none", label="rejected (band or bounds)")
     if band is not None:
-        axes.axvspan(band[0], band[1], color="tab:green", alpha=0.08,
-                     label=f"L0 band [{band[0]:.3g}, {band[1]:.3g}]")
+        axes.axvspan(band[0], band[1], color="tab:green", alpha=0.08, label=f"L0 band [{band[0]:.3g}, {band[1]:.3g}]")
     axes.set_xlabel("L0 (mean active latents per token, eval)")
     axes.set_ylabel("FVU (fraction of variance unexplained, eval)")
     axes.set_ylim(0, top)

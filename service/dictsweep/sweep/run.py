@@ -63,8 +63,9 @@ def plan_without_running(spec: SweepSpec, address: str | None, resume: bool) -> 
     return plan_sweep(spec, d_model, *cluster_devices(spec))
 
 
-def run_sweep(spec: SweepSpec, address: str | None = None, plan_only: bool = False,
-              resume: bool = False, force: bool = False) -> SweepResult | Plan:
+def run_sweep(
+    spec: SweepSpec, address: str | None = None, plan_only: bool = False, resume: bool = False, force: bool = False
+) -> SweepResult | Plan:
     """Run (or only plan, or resume) a sweep. Raises RunError, with what finished, if any SAE failed.
 
     Each run keeps its working files in `<storage.dir>/runs/<started>-<random>/`; `latest.json`
@@ -95,8 +96,10 @@ def run_under_lease(spec: SweepSpec, dataset: ActivationDataset, resume: bool, l
         run_dir = fs.join(spec.storage_dir, "runs", run_id())
         plan = plan_sweep(spec, dataset.d_model, *cluster_devices(spec))
     if plan.unplaced:
-        raise InputError("grid: these SAEs fit no device: " + "; ".join(
-            f"{name} {why}" for name, why in sorted(plan.unplaced.items())))
+        raise InputError(
+            "grid: these SAEs fit no device: "
+            + "; ".join(f"{name} {why}" for name, why in sorted(plan.unplaced.items()))
+        )
     driver = Driver(spec, dataset, plan, run_dir, resume, lease)
     ledger = driver.ledger
     if not resume and latest and not is_complete(latest):
@@ -108,19 +111,25 @@ def run_under_lease(spec: SweepSpec, dataset: ActivationDataset, resume: bool, l
             finish(driver)
     except Interrupted as stop:
         ledger.stop("KILLED", f"the driver was stopped by {stop.name}")
-        raise Interrupted(stop.signum, f"stopped by {stop.name}: {len(ledger.result.finished)} of "
-                                       f"{len(ledger.points)} SAEs were finished and recorded, the others are "
-                                       "marked KILLED in MLflow; every curve point taken so far is in "
-                                       f"{run_dir}. Continue the sweep with --resume") from None
+        raise Interrupted(
+            stop.signum,
+            f"stopped by {stop.name}: {len(ledger.result.finished)} of "
+            f"{len(ledger.points)} SAEs were finished and recorded, the others are "
+            "marked KILLED in MLflow; every curve point taken so far is in "
+            f"{run_dir}. Continue the sweep with --resume",
+        ) from None
     except BaseException as error:
         if lease.taken_by is None:  # a driver that took over the sweep owns its runs now
             ledger.stop("FAILED", f"the driver stopped: {first_line(error)}")
         raise
     result = ledger.result
     if result.failed:
-        raise RunError(f"{len(result.failed)} of {len(ledger.points)} SAEs failed: "
-                       + "; ".join(f"{name}: {why[:200]}" for name, why in sorted(result.failed.items()))
-                       + f". The {len(result.finished)} finished ones are exported and logged.", result=result)
+        raise RunError(
+            f"{len(result.failed)} of {len(ledger.points)} SAEs failed: "
+            + "; ".join(f"{name}: {why[:200]}" for name, why in sorted(result.failed.items()))
+            + f". The {len(result.finished)} finished ones are exported and logged.",
+            result=result,
+        )
     return result
 
 

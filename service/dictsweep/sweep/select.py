@@ -26,8 +26,11 @@ def pareto_front(scores: dict[str, tuple[float, float]]) -> set[str]:
     """Names whose (l0, fvu) no other point beats in both (at least as good, better in one)."""
     front = set()
     for name, (l0, fvu) in scores.items():
-        dominated = any(other_l0 <= l0 and other_fvu <= fvu and (other_l0, other_fvu) != (l0, fvu)
-                        for other, (other_l0, other_fvu) in scores.items() if other != name)
+        dominated = any(
+            other_l0 <= l0 and other_fvu <= fvu and (other_l0, other_fvu) != (l0, fvu)
+            for other, (other_l0, other_fvu) in scores.items()
+            if other != name
+        )
         if not dominated:
             front.add(name)
     return front
@@ -85,20 +88,30 @@ def select(results: dict[str, dict], config: SelectConfig, d_model: int) -> dict
             best_value = sign * scores[best][1]
             for name, (_, score) in scores.items():
                 value = sign * score
-                choices[name] = (Choice(True, f"best {config.metric} {number(value)} of n={size} inside {band_text} "
-                                              f"({count})") if name == best else
-                                 Choice(False, f"{config.metric} {number(value)}: n={size}'s best inside "
-                                               f"{band_text} is {number(best_value)} ({best})"))
+                choices[name] = (
+                    Choice(True, f"best {config.metric} {number(value)} of n={size} inside {band_text} ({count})")
+                    if name == best
+                    else Choice(
+                        False,
+                        f"{config.metric} {number(value)}: n={size}'s best inside "
+                        f"{band_text} is {number(best_value)} ({best})",
+                    )
+                )
         else:
             front = pareto_front(scores)
             for name, (l0, score) in scores.items():
                 if name in front:
                     choices[name] = Choice(True, f"on n={size}'s (L0, {config.metric}) front inside {band_text}")
                     continue
-                rival = min((other for other in front if scores[other][0] <= l0 and scores[other][1] <= score),
-                            key=lambda other: (scores[other][1], other))
-                choices[name] = Choice(False, f"beaten by {rival} (L0 {number(scores[rival][0])}, {config.metric} "
-                                              f"{number(sign * scores[rival][1])}) on n={size}'s front")
+                rival = min(
+                    (other for other in front if scores[other][0] <= l0 and scores[other][1] <= score),
+                    key=lambda other: (scores[other][1], other),
+                )
+                choices[name] = Choice(
+                    False,
+                    f"beaten by {rival} (L0 {number(scores[rival][0])}, {config.metric} "
+                    f"{number(sign * scores[rival][1])}) on n={size}'s front",
+                )
     return choices
 
 

@@ -58,8 +58,9 @@ def splice_source(dataset: ActivationDataset) -> SpliceSource | str:
         return f"{dataset.uri}/manifest.json names no source model and hook (`source.model`, `source.hook`)"
     if not fs.exists(fs.join(dataset.uri, "contexts")):
         return f"{dataset.uri} has no contexts/ (the token ids of its sequences)"
-    return SpliceSource(source["model"], source["hook"], int(source.get("context") or 0),
-                        bool(source.get("include_special", False)))
+    return SpliceSource(
+        source["model"], source["hook"], int(source.get("context") or 0), bool(source.get("include_special", False))
+    )
 
 
 # -- held-out text ---------------------------------------------------------------------------------
@@ -74,14 +75,16 @@ def held_out_contexts(dataset: ActivationDataset, tokens: int) -> list[np.ndarra
     for index in range(len(dataset.shards("eval"))):
         _, columns = dataset.read_shard(index, "eval", columns=True)
         if "seq" not in columns:
-            raise InputError(f"{dataset.uri}: eval shard {dataset.shards('eval')[index].path} has no `seq` "
-                             "column, so its rows cannot be traced to held-out text")
+            raise InputError(
+                f"{dataset.uri}: eval shard {dataset.shards('eval')[index].path} has no `seq` "
+                "column, so its rows cannot be traced to held-out text"
+            )
         seqs.update(int(seq) for seq in np.unique(columns["seq"]))
         if len(seqs) * context >= tokens:
             break
     if not seqs:
         raise InputError(f"{dataset.uri}: the eval split is empty; a spliced evaluation needs held-out contexts")
-    wanted = sorted(seqs)[:max(1, math.ceil(tokens / context))]
+    wanted = sorted(seqs)[: max(1, math.ceil(tokens / context))]
     found = read_seqs(dataset.uri, wanted)
     contexts, total = [], 0
     for seq in wanted:
@@ -111,8 +114,9 @@ class Readout:
             model = from_pretrained(AutoModelForCausalLM, name_or_path, "model", dtype=torch.float32)
             self.head = "causal LM head"
         elif any(name.endswith("ForMaskedLM") for name in architectures):
-            model, info = from_pretrained(AutoModelForMaskedLM, name_or_path, "model", dtype=torch.float32,
-                                           output_loading_info=True)
+            model, info = from_pretrained(
+                AutoModelForMaskedLM, name_or_path, "model", dtype=torch.float32, output_loading_info=True
+            )
             model = None if info["missing_keys"] else model  # a head initialised at random reads out nothing
             self.head = "masked-LM head"
         tied = model is None
@@ -141,6 +145,7 @@ class Readout:
 @contextmanager
 def replaced(module: torch.nn.Module, positions: Tensor, replace: Callable[[Tensor], Tensor]):
     """While open, the module's output at `positions [B, T]` (bool) is `replace(rows [n, d_model])`."""
+
     def hook(_module, _args, output):
         hidden = output[0] if isinstance(output, (tuple, list)) or hasattr(output, "to_tuple") else output
         new = hidden.clone()
@@ -188,8 +193,15 @@ class Losses(NamedTuple):
 ZERO = object()  # the zero ablation's key among the splices: no name can collide with it
 
 
-def splice_losses(readout: Readout, hook: str, contexts: list[np.ndarray], splices: dict[str, Callable],
-                  special_ids: list[int], pad_id: int, include_special: bool = False) -> Losses:
+def splice_losses(
+    readout: Readout,
+    hook: str,
+    contexts: list[np.ndarray],
+    splices: dict[str, Callable],
+    special_ids: list[int],
+    pad_id: int,
+    include_special: bool = False,
+) -> Losses:
     """Clean, zero-ablated and spliced losses over `contexts`, in batches; each value of `splices`
     maps the hooked rows `[n, d_model]` (float32) to their replacement."""
     module, device = readout.module(hook), readout.device
@@ -201,15 +213,15 @@ def splice_losses(readout: Readout, hook: str, contexts: list[np.ndarray], splic
     clean_sum = Sums(0.0, 0)
     special = np.asarray(special_ids, dtype=np.int64)
     for start in range(0, len(contexts), per_batch):
-        batch = contexts[start:start + per_batch]
+        batch = contexts[start : start + per_batch]
         input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)  # [B, T]
         attention_mask = torch.zeros((len(batch), width), dtype=torch.long)  # [B, T]
         spliced = torch.zeros((len(batch), width), dtype=torch.bool)  # [B, T]: positions that are rows
         for i, ids in enumerate(batch):
-            input_ids[i, :len(ids)] = torch.from_numpy(ids.astype(np.int64))
-            attention_mask[i, :len(ids)] = 1
+            input_ids[i, : len(ids)] = torch.from_numpy(ids.astype(np.int64))
+            attention_mask[i, : len(ids)] = 1
             keep = np.ones(len(ids), bool) if include_special else ~np.isin(ids, special)
-            spliced[i, :len(ids)] = torch.from_numpy(keep)
+            spliced[i, : len(ids)] = torch.from_numpy(keep)
         input_ids, attention_mask, spliced = input_ids.to(device), attention_mask.to(device), spliced.to(device)
         with torch.inference_mode():
             clean = readout.logits(input_ids, attention_mask).log_softmax(-1)  # [B, T, vocab]
@@ -253,8 +265,9 @@ class SpliceResult(NamedTuple):
     """Held-out contexts run."""
 
 
-def splice_eval(dataset_uri: str, dictionaries: dict[str, str], tokens: int, device: str = "cpu",
-                threads: int = 0) -> SpliceResult:
+def splice_eval(
+    dataset_uri: str, dictionaries: dict[str, str], tokens: int, device: str = "cpu", threads: int = 0
+) -> SpliceResult:
     """Splice each dictionary (name -> folder or URI) into the dataset's source model over about
     `tokens` held-out tokens, with `threads` torch threads (0: every core here); InputError when the
     dataset or model does not allow it."""
@@ -270,10 +283,23 @@ def splice_eval(dataset_uri: str, dictionaries: dict[str, str], tokens: int, dev
     readout = Readout(source.model, device)
     template = tokenizer_template(readout.tokenizer)
     modules = {name: load_dictionary(uri).to(device) for name, uri in dictionaries.items()}
-    losses = splice_losses(readout, source.hook, contexts, {name: module.forward for name, module in modules.items()},
-                           template.special_ids, template.pad_id, source.include_special)
+    losses = splice_losses(
+        readout,
+        source.hook,
+        contexts,
+        {name: module.forward for name, module in modules.items()},
+        template.special_ids,
+        template.pad_id,
+        source.include_special,
+    )
     kind, clean, zero = readout.kind, losses.clean, losses.zero
-    metrics = {name: {"loss_recovered": loss_recovered(clean, spliced, zero), f"{kind}_clean": clean,
-                      f"{kind}_spliced": spliced, f"{kind}_zero": zero}
-               for name, spliced in losses.spliced.items()}
+    metrics = {
+        name: {
+            "loss_recovered": loss_recovered(clean, spliced, zero),
+            f"{kind}_clean": clean,
+            f"{kind}_spliced": spliced,
+            f"{kind}_zero": zero,
+        }
+        for name, spliced in losses.spliced.items()
+    }
     return SpliceResult(metrics, kind, readout.head, losses.tokens, len(contexts))

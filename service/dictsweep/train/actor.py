@@ -40,13 +40,21 @@ class Trainer:
     `checkpoint_uri` names this trainer's checkpoint file; it is loaded at start when present.
     """
 
-    def __init__(self, ensembles: list[EnsembleSpec], d_model: int, config: TrainConfig, total_steps: int,
-                 input_scale: float, data_dtype: str, device: str = "cpu", torch_threads: int = 0,
-                 checkpoint_uri: str | None = None):
+    def __init__(
+        self,
+        ensembles: list[EnsembleSpec],
+        d_model: int,
+        config: TrainConfig,
+        total_steps: int,
+        input_scale: float,
+        data_dtype: str,
+        device: str = "cpu",
+        torch_threads: int = 0,
+        checkpoint_uri: str | None = None,
+    ):
         if torch_threads:
             torch.set_num_threads(torch_threads)
-        self.loop = DeviceLoop(ensembles, d_model, config, total_steps, input_scale, data_dtype, device,
-                               checkpoint_uri)
+        self.loop = DeviceLoop(ensembles, d_model, config, total_steps, input_scale, data_dtype, device, checkpoint_uri)
 
     def status(self) -> dict:
         """Where this trainer is: steps done, restored from a checkpoint, node, process, memory, and
@@ -57,9 +65,14 @@ class Trainer:
 
         device = self.loop.device
         peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-        return {"position": self.loop.position, "restored": self.loop.restored, "pid": os.getpid(),
-                "node": ray.get_runtime_context().get_node_id(), "peak_device_bytes": peak,
-                "replay": self.loop.replay}
+        return {
+            "position": self.loop.position,
+            "restored": self.loop.restored,
+            "pid": os.getpid(),
+            "node": ray.get_runtime_context().get_node_id(),
+            "peak_device_bytes": peak,
+            "replay": self.loop.replay,
+        }
 
     def step(self, index: int, pieces, upcoming=None) -> list[dict]:
         """Train every ensemble on batch `index`; at logging points, the metrics of every SAE."""

@@ -25,8 +25,9 @@ from dictsweep.train.loop import DeviceTrainer, EnsembleTrainer
 def bench_members(architecture: str, n_members: int, n_latents: int, k: int = 0) -> list[Member]:
     """K members with distinct seeds and sparsity settings, as a sweep would have."""
     k = k or max(1, min(K.typical, n_latents // 16))
-    l1_coef = next((p.typical for p in ARCHITECTURES[architecture].hyperparameters if p.key == "l1_coef"),
-                   L1_COEF.typical)
+    l1_coef = next(
+        (p.typical for p in ARCHITECTURES[architecture].hyperparameters if p.key == "l1_coef"), L1_COEF.typical
+    )
     return [Member(lr=1e-3, seed=index, l1_coef=(1.0 + index) * l1_coef, k=k) for index in range(n_members)]
 
 
@@ -42,8 +43,9 @@ def sparse_batches(d_model: int, batch_rows: int, count: int, seed: int = 0) -> 
     return batches
 
 
-def matmul_seconds(batch_rows: int, d_model: int, n_latents: int, n_members: int, device: torch.device,
-                   repeats: int = 5) -> float:
+def matmul_seconds(
+    batch_rows: int, d_model: int, n_latents: int, n_members: int, device: torch.device, repeats: int = 5
+) -> float:
     """Seconds of torch's own matmul at the encoder's shape, for all K members: the better of one
     plain mm per member and one bmm."""
     x = torch.randn(batch_rows, d_model, device=device)
@@ -59,14 +61,26 @@ def matmul_seconds(batch_rows: int, d_model: int, n_latents: int, n_members: int
         synchronize(device)
         return (time.perf_counter() - start) / repeats
 
-    return min(seconds(lambda: [x @ weights[i] for i in range(n_members)]),
-               seconds(lambda: torch.bmm(stacked_x, weights)))
+    return min(
+        seconds(lambda: [x @ weights[i] for i in range(n_members)]), seconds(lambda: torch.bmm(stacked_x, weights))
+    )
 
 
-def bench_train(d_model: int, n_latents: int, batch_rows: int, n_members: int, steps: int,
-                architecture: str = "relu", kernels: tuple[str, ...] | None = None,
-                reference: bool = True, device: str = "cpu", warmup: int = 2,
-                decodes: tuple[str, ...] = ("auto",), rounds: int = 3, k: int = 0) -> dict:
+def bench_train(
+    d_model: int,
+    n_latents: int,
+    batch_rows: int,
+    n_members: int,
+    steps: int,
+    architecture: str = "relu",
+    kernels: tuple[str, ...] | None = None,
+    reference: bool = True,
+    device: str = "cpu",
+    warmup: int = 2,
+    decodes: tuple[str, ...] = ("auto",),
+    rounds: int = 3,
+    k: int = 0,
+) -> dict:
     """Measure one ensemble shape; returns the JSON-ready result (samples/s are medians over rounds)."""
     device = torch.device(device)
     if device.type == "cuda":
@@ -87,8 +101,15 @@ def bench_train(d_model: int, n_latents: int, batch_rows: int, n_members: int, s
             time_steps(trainer, batches[:warmup], warmup)  # builds the compiled kernel
             warmup_seconds[kernel] = time.perf_counter() - start
     if reference:
-        singles = [EnsembleTrainer(build_ensemble(architecture, d_model, n_latents, [member], decode=decodes[0]),
-                                   config, total_steps, device) for member in members]
+        singles = [
+            EnsembleTrainer(
+                build_ensemble(architecture, d_model, n_latents, [member], decode=decodes[0]),
+                config,
+                total_steps,
+                device,
+            )
+            for member in members
+        ]
         trainers["reference"] = DeviceTrainer(singles, device)  # one SAE at a time
         time_steps(trainers["reference"], batches[:warmup], warmup)
 
@@ -103,9 +124,18 @@ def bench_train(d_model: int, n_latents: int, batch_rows: int, n_members: int, s
     kernel, decode = best.split("/")
 
     result = {
-        "architecture": architecture, "d_model": d_model, "n_latents": n_latents, "k": members[0].k,
-        "batch_rows": batch_rows, "members": n_members, "steps": steps, "rounds": rounds,
-        "device": str(device), "kernel": kernel, "decode": decode, "sae_samples_per_s": candidates[best],
+        "architecture": architecture,
+        "d_model": d_model,
+        "n_latents": n_latents,
+        "k": members[0].k,
+        "batch_rows": batch_rows,
+        "members": n_members,
+        "steps": steps,
+        "rounds": rounds,
+        "device": str(device),
+        "kernel": kernel,
+        "decode": decode,
+        "sae_samples_per_s": candidates[best],
         "candidates": {name: round(value, 1) for name, value in candidates.items()},
     }
     if "compile" in (kernels or ()):
@@ -115,7 +145,8 @@ def bench_train(d_model: int, n_latents: int, batch_rows: int, n_members: int, s
         result["speedup_vs_reference"] = candidates[best] / rate["reference"]
         result["max_abs_weight_diff_vs_reference"] = max(
             float((trainers[best].ensemble.W_dec[i] - single.ensemble.W_dec[0]).detach().abs().max())
-            for i, single in enumerate(singles))
+            for i, single in enumerate(singles)
+        )
 
     # 5 matmuls of 2*B*d*n per member per step: encoder and decoder forward, decoder weight and
     # input gradients, encoder weight gradient (biases ride them). With a sparse decoder, two of
@@ -123,9 +154,14 @@ def bench_train(d_model: int, n_latents: int, batch_rows: int, n_members: int, s
     matmul_flops = 2 * batch_rows * d_model * n_latents * n_members
     achieved = 5 * matmul_flops * candidates[best] / samples
     matmul_rate = matmul_flops / statistics.median(seconds["matmul"])
-    result.update({"achieved_gflops": achieved / 1e9, "matmul_gflops": matmul_rate / 1e9,
-                   "fraction_of_matmul_rate": achieved / matmul_rate,
-                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+    result.update(
+        {
+            "achieved_gflops": achieved / 1e9,
+            "matmul_gflops": matmul_rate / 1e9,
+            "fraction_of_matmul_rate": achieved / matmul_rate,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        }
+    )
     if device.type == "cuda":
         result["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     return result

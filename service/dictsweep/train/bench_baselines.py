@@ -32,6 +32,7 @@ def ica_mixture(rows: int, dim: int, seed: int = 0) -> tuple[Tensor, Tensor, Ten
 
 def source_recovery(estimated: Tensor, sources: Tensor) -> Tensor:
     """|correlation| of each true source `[rows, m]` with the estimate greedily matched to it, `[m]`."""
+
     def standardize(columns: Tensor) -> Tensor:
         columns = columns.double()
         return (columns - columns.mean(0)) / columns.std(0, correction=0)
@@ -52,8 +53,16 @@ def recovery(x: Tensor, sources: Tensor, mean: Tensor, components: Tensor) -> fl
     return float(source_recovery(estimated, sources).mean())
 
 
-def bench_ica(rows: int = 200_000, dim: int = 256, tol: float = 1e-4, max_iter: int = 200,
-              device: str = "cpu", sklearn: bool = True, batch_rows: int = 65_536, seed: int = 0) -> dict:
+def bench_ica(
+    rows: int = 200_000,
+    dim: int = 256,
+    tol: float = 1e-4,
+    max_iter: int = 200,
+    device: str = "cpu",
+    sklearn: bool = True,
+    batch_rows: int = 65_536,
+    seed: int = 0,
+) -> dict:
     """Fit both on one mixture; returns the JSON-ready result."""
     x, sources, _ = ica_mixture(rows, dim, seed)
     w_init = torch.randn(dim, dim, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
@@ -62,9 +71,17 @@ def bench_ica(rows: int = 200_000, dim: int = 256, tol: float = 1e-4, max_iter: 
     start = time.perf_counter()
     ica = fast_ica(lambda: data.split(batch_rows), tol=tol, max_iter=max_iter, w_init=w_init, device=device)
     synchronize(device)
-    result = {"rows": rows, "dim": dim, "tol": tol, "max_iter": max_iter, "device": device,
-              "torch_seconds": time.perf_counter() - start, "torch_iterations": ica.n_iter,
-              "torch_converged": ica.converged, "torch_recovery": recovery(x, sources, ica.mean, ica.components)}
+    result = {
+        "rows": rows,
+        "dim": dim,
+        "tol": tol,
+        "max_iter": max_iter,
+        "device": device,
+        "torch_seconds": time.perf_counter() - start,
+        "torch_iterations": ica.n_iter,
+        "torch_converged": ica.converged,
+        "torch_recovery": recovery(x, sources, ica.mean, ica.components),
+    }
     if device.startswith("cuda"):
         result["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     if sklearn:
@@ -78,14 +95,22 @@ def bench_sklearn(x: Tensor, sources: Tensor, w_init: Tensor, tol: float, max_it
     from sklearn.decomposition import FastICA
     from sklearn.exceptions import ConvergenceWarning
 
-    model = FastICA(n_components=x.shape[1], fun="logcosh", tol=tol, max_iter=max_iter,
-                    w_init=w_init.numpy(), whiten="unit-variance")
+    model = FastICA(
+        n_components=x.shape[1],
+        fun="logcosh",
+        tol=tol,
+        max_iter=max_iter,
+        w_init=w_init.numpy(),
+        whiten="unit-variance",
+    )
     start = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ConvergenceWarning)
         model.fit(x.numpy())
     seconds = time.perf_counter() - start
-    return {"sklearn_seconds": seconds, "sklearn_iterations": int(model.n_iter_),
-            "sklearn_converged": not any(issubclass(w.category, ConvergenceWarning) for w in caught),
-            "sklearn_recovery": recovery(x, sources, torch.from_numpy(model.mean_),
-                                         torch.from_numpy(model.components_))}
+    return {
+        "sklearn_seconds": seconds,
+        "sklearn_iterations": int(model.n_iter_),
+        "sklearn_converged": not any(issubclass(w.category, ConvergenceWarning) for w in caught),
+        "sklearn_recovery": recovery(x, sources, torch.from_numpy(model.mean_), torch.from_numpy(model.components_)),
+    }

@@ -32,11 +32,18 @@ def flatten(state, path: str, tensors: dict[str, torch.Tensor], seen: set[int]):
     if isinstance(state, dict):
         if not all(isinstance(key, str) for key in state):
             raise TypeError(f"checkpoint state {path or '(root)'}: keys must be strings")
-        return {"dict": {key: flatten(value, f"{path}.{key}" if path else key, tensors, seen)
-                         for key, value in state.items()}}
+        return {
+            "dict": {
+                key: flatten(value, f"{path}.{key}" if path else key, tensors, seen) for key, value in state.items()
+            }
+        }
     if isinstance(state, (list, tuple)):
-        return {"list": [flatten(value, f"{path}.{index}" if path else str(index), tensors, seen)
-                         for index, value in enumerate(state)]}
+        return {
+            "list": [
+                flatten(value, f"{path}.{index}" if path else str(index), tensors, seen)
+                for index, value in enumerate(state)
+            ]
+        }
     if isinstance(state, PLAIN):
         return {"value": state}
     raise TypeError(f"checkpoint state {path or '(root)'}: {type(state).__name__} is neither a tensor nor plain data")
@@ -46,7 +53,7 @@ def unflatten(tree, tensors: dict[str, torch.Tensor]):
     """The state `flatten` was given, from its tree and tensors (raises KeyError/TypeError if malformed)."""
     if not isinstance(tree, dict) or len(tree) != 1:
         raise TypeError(f"malformed node {str(tree)[:80]!r}")
-    (kind, content), = tree.items()
+    ((kind, content),) = tree.items()
     if kind == "tensor":
         return tensors[content]
     if kind == "dict" and isinstance(content, dict):
@@ -71,7 +78,7 @@ def read_checkpoint(data: bytes, name: str) -> dict:
     try:
         tensors = load(data)
         header_size = int.from_bytes(data[:8], "little")
-        metadata = json.loads(data[8:8 + header_size]).get("__metadata__") or {}
+        metadata = json.loads(data[8 : 8 + header_size]).get("__metadata__") or {}
         if metadata.get("format") != FORMAT:
             raise ValueError(f"format {metadata.get('format')!r}, expected {FORMAT!r}")
         return unflatten(json.loads(metadata["state"]), tensors)

@@ -137,15 +137,25 @@ class DeviceLoop:
     log, checkpoint and restore, evaluate and export. `checkpoint_uri` names this trainer's
     checkpoint file; it is loaded at start when present."""
 
-    def __init__(self, ensembles: list[EnsembleSpec], d_model: int, config: TrainConfig, total_steps: int,
-                 input_scale: float, data_dtype: str, device: str = "cpu", checkpoint_uri: str | None = None):
+    def __init__(
+        self,
+        ensembles: list[EnsembleSpec],
+        d_model: int,
+        config: TrainConfig,
+        total_steps: int,
+        input_scale: float,
+        data_dtype: str,
+        device: str = "cpu",
+        checkpoint_uri: str | None = None,
+    ):
         self.device = torch.device("cuda" if device == "cuda" else "cpu")
         self.config, self.data_dtype, self.specs = config, data_dtype, ensembles
         self.total_steps, self.checkpoint_uri = total_steps, checkpoint_uri
         self.trainers = []
         for spec, (kernel, decode) in zip(ensembles, self.paths(d_model)):
-            ensemble = build_ensemble(spec.architecture, d_model, spec.n_latents, list(spec.members), kernel=kernel,
-                                      decode=decode)
+            ensemble = build_ensemble(
+                spec.architecture, d_model, spec.n_latents, list(spec.members), kernel=kernel, decode=decode
+            )
             ensemble.input_scale.fill_(input_scale)
             self.trainers.append(EnsembleTrainer(ensemble, config, total_steps, self.device))
         self.device_trainer = DeviceTrainer(self.trainers, self.device)
@@ -170,9 +180,16 @@ class DeviceLoop:
             kernel, decode = self.config.kernel, self.config.decode
             if kernel == "auto" or (decode == "auto" and self.device.type == "cuda"):
                 kernel, decode, _ = choose_path(
-                    spec.architecture, d_model, spec.n_latents, list(spec.members), self.config.batch_rows,
-                    self.device, candidates=None if kernel == "auto" else (kernel,), total_steps=self.total_steps,
-                    decode=decode)
+                    spec.architecture,
+                    d_model,
+                    spec.n_latents,
+                    list(spec.members),
+                    self.config.batch_rows,
+                    self.device,
+                    candidates=None if kernel == "auto" else (kernel,),
+                    total_steps=self.total_steps,
+                    decode=decode,
+                )
             paths.append((kernel, decode))
         if self.device.type == "cuda":
             torch.cuda.empty_cache()  # the measured candidates' memory
@@ -184,9 +201,14 @@ class DeviceLoop:
         """Everything a restart needs to continue exactly from `position` (tensors and plain data),
         with the curve points of the step just done (`records`): a driver that dies before storing
         them gets them from the restarted trainer (`replay`), which never computes them again."""
-        return {"position": self.position, "failed": dict(self.failed), "busy": self.busy_seconds,
-                "wait": self.wait_seconds, "records": [r for r in records or [] if "name" in r],
-                "trainers": [{"state": t.state_dict(), "metrics": t.metrics.state_dict()} for t in self.trainers]}
+        return {
+            "position": self.position,
+            "failed": dict(self.failed),
+            "busy": self.busy_seconds,
+            "wait": self.wait_seconds,
+            "records": [r for r in records or [] if "name" in r],
+            "trainers": [{"state": t.state_dict(), "metrics": t.metrics.state_dict()} for t in self.trainers],
+        }
 
     def checkpoint(self, records: list[dict] | None = None) -> None:
         fs.write_bytes(self.checkpoint_uri, checkpoint_bytes(self.state(records)))
@@ -209,8 +231,11 @@ class DeviceLoop:
             if not all(isinstance(key, str) and isinstance(why, str) for key, why in failed.items()):
                 raise ValueError("failed members must map names to reasons")
             busy, wait = float(state["busy"]), float(state["wait"])
-            replay = checked_records(state.get("records", []), {n for spec in self.specs for n in spec.names},
-                                     position * self.config.batch_rows)
+            replay = checked_records(
+                state.get("records", []),
+                {n for spec in self.specs for n in spec.names},
+                position * self.config.batch_rows,
+            )
         except (KeyError, TypeError, ValueError, AttributeError, RuntimeError, IndexError) as error:
             why = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
             raise InputError(f"{name}: checkpoint does not fit this trainer ({why})") from None
@@ -246,8 +271,9 @@ class DeviceLoop:
         self.last_done = time.perf_counter()
         self.busy_seconds += self.last_done - computing
         every = self.config.checkpoint_every_tokens
-        if self.checkpoint_uri and (self.position == self.total_steps
-                                    or (every and tokens // every != (tokens - rows) // every)):
+        if self.checkpoint_uri and (
+            self.position == self.total_steps or (every and tokens // every != (tokens - rows) // every)
+        ):
             self.checkpoint(records)
         return records
 
@@ -272,15 +298,23 @@ class DeviceLoop:
             metrics = trainer.log_metrics()
             for member, name in enumerate(spec.names):
                 if name not in self.failed:
-                    records.append({"name": name, "tokens": tokens,
-                                    "metrics": {key: values[member] for key, values in metrics.items()}})
+                    records.append(
+                        {
+                            "name": name,
+                            "tokens": tokens,
+                            "metrics": {key: values[member] for key, values in metrics.items()},
+                        }
+                    )
         return records
 
     def data_wait(self) -> dict:
         """Seconds spent training and waiting for batches, and the waiting fraction."""
         total = self.busy_seconds + self.wait_seconds
-        return {"busy_seconds": self.busy_seconds, "wait_seconds": self.wait_seconds,
-                "data_wait_fraction": self.wait_seconds / total if total else 0.0}
+        return {
+            "busy_seconds": self.busy_seconds,
+            "wait_seconds": self.wait_seconds,
+            "data_wait_fraction": self.wait_seconds / total if total else 0.0,
+        }
 
     # -- evaluation and export -------------------------------------------------------------------------
     def eval_step(self, index: int, pieces: Pieces, upcoming: Pieces | None = None) -> None:
@@ -307,8 +341,16 @@ class DeviceLoop:
             for member, name in enumerate(spec.names):
                 if name in self.failed:
                     continue
-                finished[name] = export_member(trainer.ensemble, member, frequencies[member], metrics[member],
-                                               metadata[name], storage_uri, name, features)
+                finished[name] = export_member(
+                    trainer.ensemble,
+                    member,
+                    frequencies[member],
+                    metrics[member],
+                    metadata[name],
+                    storage_uri,
+                    name,
+                    features,
+                )
         return {"finished": finished, "failed": dict(self.failed)}
 
 
@@ -318,10 +360,16 @@ def checked_records(records, names: set[str], tokens: int) -> list[dict]:
     if not isinstance(records, list):
         raise ValueError("records must be a list")
     for record in records:
-        if not (isinstance(record, dict) and record.get("name") in names and record.get("tokens") == tokens
-                and isinstance(record.get("metrics"), dict)
-                and all(isinstance(key, str) and isinstance(value, (int, float)) and not isinstance(value, bool)
-                        for key, value in record["metrics"].items())):
+        if not (
+            isinstance(record, dict)
+            and record.get("name") in names
+            and record.get("tokens") == tokens
+            and isinstance(record.get("metrics"), dict)
+            and all(
+                isinstance(key, str) and isinstance(value, (int, float)) and not isinstance(value, bool)
+                for key, value in record["metrics"].items()
+            )
+        ):
             raise ValueError(f"a curve point that is not one of this trainer's at {tokens} tokens: {str(record)[:120]}")
     return records
 
@@ -331,11 +379,11 @@ def read_paths(record: str, count: int) -> list[tuple[str, str]]:
     a list of kernel names, reads as decode auto)."""
     try:
         entries = json.loads(fs.read_text(record))
-        paths = [(entry, "auto") if isinstance(entry, str) else (entry["kernel"], entry["decode"])
-                 for entry in entries]
+        paths = [(entry, "auto") if isinstance(entry, str) else (entry["kernel"], entry["decode"]) for entry in entries]
     except (ValueError, KeyError, TypeError) as error:
         raise InputError(f"{record}: not a kernel record ({error})") from None
     if len(paths) != count or any(kernel not in KERNELS or decode not in DECODES for kernel, decode in paths):
-        raise InputError(f"{record}: expected {count} entries of kernel {KERNELS} and decode {DECODES}, "
-                         f"got {str(entries)[:200]}")
+        raise InputError(
+            f"{record}: expected {count} entries of kernel {KERNELS} and decode {DECODES}, got {str(entries)[:200]}"
+        )
     return paths

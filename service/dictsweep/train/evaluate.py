@@ -36,7 +36,9 @@ class Evaluator:
         device = ensemble.W_enc.device
         self.rows = 0
         self.squared_error = torch.zeros(ensemble.n_members, dtype=torch.float64, device=device)  # [K]
-        self.fires = torch.zeros(ensemble.n_members, ensemble.n_latents, device=device)  # [K, n], exact below 2**24 rows
+        self.fires = torch.zeros(
+            ensemble.n_members, ensemble.n_latents, device=device
+        )  # [K, n], exact below 2**24 rows
         self.x_sum = torch.zeros(ensemble.d_model, dtype=torch.float64, device=device)
         self.x_sq_sum = torch.zeros((), dtype=torch.float64, device=device)
 
@@ -58,12 +60,23 @@ class Evaluator:
         fvu = fvu_from_moments(error, self.x_sum, self.x_sq_sum, self.rows)
         l0 = l0_from_counts(self.fires.double(), self.rows)
         dead = dead_fraction(self.fires)
-        return [{"mse": float(per_element[i]), "fvu": float(fvu[i]), "l0": float(l0[i]),
-                 "dead_fraction": float(dead[i])} for i in range(self.ensemble.n_members)]
+        return [
+            {"mse": float(per_element[i]), "fvu": float(fvu[i]), "l0": float(l0[i]), "dead_fraction": float(dead[i])}
+            for i in range(self.ensemble.n_members)
+        ]
 
 
-def export_member(ensemble: Ensemble, member: int, log10_frequency: Tensor, metrics: dict, metadata: dict,
-                  storage_uri: str, name: str, features: Tensor | None = None, extra: dict | None = None) -> dict:
+def export_member(
+    ensemble: Ensemble,
+    member: int,
+    log10_frequency: Tensor,
+    metrics: dict,
+    metadata: dict,
+    storage_uri: str,
+    name: str,
+    features: Tensor | None = None,
+    extra: dict | None = None,
+) -> dict:
     """The end of one trained SAE, whichever trainer made it: decoder-norm statistics and MMCS to the
     ground truth (`features`) added to its eval `metrics`, its density and decoder-norm plot written
     to `<storage_uri>/plots/<name>.png` and its dictionary to `<storage_uri>/dictionaries/<name>/`
@@ -77,8 +90,13 @@ def export_member(ensemble: Ensemble, member: int, log10_frequency: Tensor, metr
     folder = fs.join(storage_uri, "dictionaries", name)
     steered = final_coefficient(ensemble, member)
     info = dict(metadata)
-    info["dictsweep"] = {**info.get("dictsweep", {}), "metrics": metrics, "input_scale": float(ensemble.input_scale),
-                         **steered, **(extra or {})}
+    info["dictsweep"] = {
+        **info.get("dictsweep", {}),
+        "metrics": metrics,
+        "input_scale": float(ensemble.input_scale),
+        **steered,
+        **(extra or {}),
+    }
     fs.write_files(folder, member_files(ensemble, member, log10_frequency, info))
     return {"metrics": metrics, "uri": folder, "plot": plot, **steered}
 

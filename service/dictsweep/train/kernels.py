@@ -31,8 +31,9 @@ COMPILE_GAIN_GUESS = 0.3  # fraction of an eager step compiling typically saves 
 COMPILE_SECONDS_GUESS = 30.0  # typical build time of the compiled forward and backward
 
 
-def default_candidates(device: torch.device | str, total_steps: int | None = None,
-                       eager_step_seconds: float | None = None) -> tuple[str, ...]:
+def default_candidates(
+    device: torch.device | str, total_steps: int | None = None, eager_step_seconds: float | None = None
+) -> tuple[str, ...]:
     """Kernels worth trying. Compile: when `total_steps` eager steps of `eager_step_seconds` would
     save more than its typical build time at a typical gain; with no plan, on GPUs only."""
     if total_steps is None or eager_step_seconds is None:
@@ -95,10 +96,18 @@ def median_seconds(trainers: dict, batches: list[torch.Tensor], rounds: int = 3)
     return {name: statistics.median(values) for name, values in seconds.items() if values}
 
 
-def choose_path(architecture: str, d_model: int, n_latents: int, members: list[Member],
-                batch_rows: int, device: torch.device | str = "cpu",
-                candidates: tuple[str, ...] | None = None, steps: int = 4, total_steps: int | None = None,
-                decode: str = "auto") -> tuple[str, str, dict[str, float]]:
+def choose_path(
+    architecture: str,
+    d_model: int,
+    n_latents: int,
+    members: list[Member],
+    batch_rows: int,
+    device: torch.device | str = "cpu",
+    candidates: tuple[str, ...] | None = None,
+    steps: int = 4,
+    total_steps: int | None = None,
+    decode: str = "auto",
+) -> tuple[str, str, dict[str, float]]:
     """The fastest kernel and decoder for this ensemble shape on `device` over `total_steps` planned
     steps (None: unknown), and what was measured: seconds per step of each candidate tried (named
     `kernel`, or `kernel/decode` when decoders are measured too) and `compile_seconds`."""
@@ -127,8 +136,9 @@ def choose_path(architecture: str, d_model: int, n_latents: int, members: list[M
     def pair(chosen: str) -> tuple[str, str]:
         return (chosen, decodes[0]) if len(decodes) == 1 else tuple(chosen.split("/"))
 
-    eager = [(kernel, decoder) for kernel in (candidates or EAGER_KERNELS) if kernel != "compile"
-             for decoder in decodes]
+    eager = [
+        (kernel, decoder) for kernel in (candidates or EAGER_KERNELS) if kernel != "compile" for decoder in decodes
+    ]
     timings = median_seconds(trainers(eager), batches) if eager else {}
     best = min(timings, key=timings.get) if timings else None
     if "compile" not in (candidates or default_candidates(device, total_steps, timings.get(best))):

@@ -136,15 +136,13 @@ class EnsembleTrainer(DeadLatents):
     `step` is every trainer's step; a trainer that spreads one SAE over devices (`zero.py`) overrides
     the hooks it calls (`losses`, `apply`, `reduce`, `replace_dead`)."""
 
-    def __init__(self, ensemble: Ensemble, config: TrainConfig, total_steps: int,
-                 device: torch.device | str = "cpu"):
+    def __init__(self, ensemble: Ensemble, config: TrainConfig, total_steps: int, device: torch.device | str = "cpu"):
         self.ensemble = ensemble.to(device)
         self.device = torch.device(device)
         if self.device.type == "cpu":
             keep_freed_memory()
         self.params = list(ensemble.parameters())
-        self.optimizer = StackedAdam(self.params, ensemble.lr, (config.adam_beta1, config.adam_beta2),
-                                     config.adam_eps)
+        self.optimizer = StackedAdam(self.params, ensemble.lr, (config.adam_beta1, config.adam_beta2), config.adam_eps)
         self.forward = torch.compile(ensemble.forward) if ensemble.kernel == "compile" else ensemble.forward
         self.check_dead_every_step = self.device.type != "cuda"
         self.start(config, total_steps)
@@ -155,8 +153,9 @@ class EnsembleTrainer(DeadLatents):
         members' resampling generators and the L0 controller."""
         ensemble, device = self.ensemble, self.device
         self.config, self.total_steps = config, total_steps
-        self.firing = FiringTracker(ensemble.n_members, ensemble.n_latents, config.dead_window_tokens,
-                                    config.dense_threshold, device)
+        self.firing = FiringTracker(
+            ensemble.n_members, ensemble.n_latents, config.dead_window_tokens, config.dense_threshold, device
+        )
         self.metrics = MetricSums()
         self.step_count = 0
         self.bf16 = uses_bf16(config, device)
@@ -240,18 +239,27 @@ class EnsembleTrainer(DeadLatents):
 
     def state_dict(self) -> dict:
         """Tensors and plain data only (checkpoints are safetensors + JSON)."""
-        return {"ensemble": self.ensemble.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "firing": self.firing.state_dict(), "step_count": self.step_count, "resampled": self.resampled,
-                "generators": [generator.get_state() for generator in self.generators],
-                "any_dead": self.any_dead,
-                **({"l0_controller": self.l0_controller.state_dict()} if self.l0_controller else {})}
+        return {
+            "ensemble": self.ensemble.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "firing": self.firing.state_dict(),
+            "step_count": self.step_count,
+            "resampled": self.resampled,
+            "generators": [generator.get_state() for generator in self.generators],
+            "any_dead": self.any_dead,
+            **({"l0_controller": self.l0_controller.state_dict()} if self.l0_controller else {}),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         """Restore a `state_dict`, whose tensors may be on any device (checkpoints load on the CPU)."""
         self.ensemble.load_state_dict(state["ensemble"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.firing.load_state_dict({key: value.to(self.device) if isinstance(value, Tensor) else value
-                                     for key, value in state["firing"].items()})
+        self.firing.load_state_dict(
+            {
+                key: value.to(self.device) if isinstance(value, Tensor) else value
+                for key, value in state["firing"].items()
+            }
+        )
         self.step_count = state["step_count"]
         self.resampled = state.get("resampled", self.resampled).to(self.device)
         for generator, saved in zip(self.generators, state.get("generators", [])):

@@ -24,8 +24,10 @@ class StackedAdam:
         self.exp_avg = [torch.zeros_like(p) for p in self.params]
         self.exp_avg_sq = [torch.zeros_like(p) for p in self.params]
         # each member's slices of parameters and moments, made once (all are updated in place)
-        self.slices = [([p.detach()[i] for p in self.params], [a[i] for a in self.exp_avg],
-                        [a[i] for a in self.exp_avg_sq]) for i in range(len(lr))]
+        self.slices = [
+            ([p.detach()[i] for p in self.params], [a[i] for a in self.exp_avg], [a[i] for a in self.exp_avg_sq])
+            for i in range(len(lr))
+        ]
         device = self.params[0].device
         self.step_tensor = torch.zeros((), device=device)  # the kernel reads the step count from a tensor
         self.found_inf = torch.zeros((), device=device)
@@ -39,11 +41,22 @@ class StackedAdam:
         grads = [param.grad for param in self.params]
         for member, (params, exp_avg, exp_avg_sq) in enumerate(self.slices):
             torch._fused_adam_(
-                params, [g[member] for g in grads], exp_avg, exp_avg_sq, [],
-                [self.step_tensor] * len(self.params), lr=self.lr[member] * lr_factor, beta1=self.beta1,
-                beta2=self.beta2, weight_decay=0.0, eps=self.eps, amsgrad=False, maximize=False,
+                params,
+                [g[member] for g in grads],
+                exp_avg,
+                exp_avg_sq,
+                [],
+                [self.step_tensor] * len(self.params),
+                lr=self.lr[member] * lr_factor,
+                beta1=self.beta1,
+                beta2=self.beta2,
+                weight_decay=0.0,
+                eps=self.eps,
+                amsgrad=False,
+                maximize=False,
                 grad_scale=None if grad_divisor is None else grad_divisor[member],
-                found_inf=None if grad_divisor is None else self.found_inf)
+                found_inf=None if grad_divisor is None else self.found_inf,
+            )
 
     def zero_grad(self) -> None:
         for param in self.params:

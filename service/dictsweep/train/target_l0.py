@@ -52,8 +52,9 @@ class L0Controller:
     def __init__(self, ensemble: Ensemble, config: TrainConfig, total_steps: int):
         device = ensemble.l1_coef.device
         self.coef = ensemble.l1_coef  # [K], the buffer the forward reads
-        self.targets = torch.tensor([getattr(m, "target_l0", 0.0) for m in ensemble.members],
-                                    dtype=torch.float32, device=device)  # [K]; 0: no target
+        self.targets = torch.tensor(
+            [getattr(m, "target_l0", 0.0) for m in ensemble.members], dtype=torch.float32, device=device
+        )  # [K]; 0: no target
         self.steered = self.targets > 0  # [K]
         warmup_steps = config.l1_warmup_fraction * total_steps
         self.first_step = math.ceil(warmup_steps)  # the penalty is whole from here
@@ -86,5 +87,7 @@ class L0Controller:
         """The coefficients themselves live in the ensemble's state (its `l1_coef` buffer); check
         that the checkpoint steered the same targets."""
         if not torch.equal(state["targets"].to(self.targets.device), self.targets):
-            raise ValueError(f"checkpoint's L0 targets {state['targets'].tolist()} differ from "
-                             f"this ensemble's {self.targets.tolist()}")
+            raise ValueError(
+                f"checkpoint's L0 targets {state['targets'].tolist()} differ from "
+                f"this ensemble's {self.targets.tolist()}"
+            )

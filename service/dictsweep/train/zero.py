@@ -63,8 +63,9 @@ PARTITIONED_COPIES = 4  # per parameter, split over workers: gradient, fp32 mast
 ARCHITECTURES = ("relu", "topk")
 
 
-def zero_bytes_per_worker(d_model: int, n_latents: int, batch_rows: int, workers: int, stage: int,
-                          offload: bool) -> int:
+def zero_bytes_per_worker(
+    d_model: int, n_latents: int, batch_rows: int, workers: int, stage: int, offload: bool
+) -> int:
     """Device memory of one worker training one fp32 SAE under ZeRO `stage` (2 or 3) on B/G rows.
 
     Both stages hold the full weights while they compute (ZeRO-3 gathers the one layer an SAE is;
@@ -79,13 +80,26 @@ def zero_bytes_per_worker(d_model: int, n_latents: int, batch_rows: int, workers
     resting = partition if stage == 3 else 0
     partitioned = 0 if offload else PARTITIONED_COPIES * partition
     activations = ACTIVATION_COPIES * math.ceil(batch_rows / workers) * n_latents
-    return BYTES_PER_FLOAT * (params + resting + TRANSIENT_WEIGHT_COPIES * d_model * n_latents + partitioned
-                              + activations)
+    return BYTES_PER_FLOAT * (
+        params + resting + TRANSIENT_WEIGHT_COPIES * d_model * n_latents + partitioned + activations
+    )
 
 
-def train_zero(dataset_uri: str, point: dict, train: TrainConfig, stream_seed: int, shuffle_shards: int,
-               workers: int, *, storage_uri: str, name: str, metadata: dict, stage: int = 2,
-               offload: bool = False, use_gpu: bool = False) -> dict:
+def train_zero(
+    dataset_uri: str,
+    point: dict,
+    train: TrainConfig,
+    stream_seed: int,
+    shuffle_shards: int,
+    workers: int,
+    *,
+    storage_uri: str,
+    name: str,
+    metadata: dict,
+    stage: int = 2,
+    offload: bool = False,
+    use_gpu: bool = False,
+) -> dict:
     """Train one grid point (architecture, n_latents, l1_coef, k, lr, seed) on `workers` Ray Train
     workers with ZeRO `stage`, evaluate it on the eval shards and export it to
     `<storage_uri>/dictionaries/<name>/`.
@@ -99,8 +113,10 @@ def train_zero(dataset_uri: str, point: dict, train: TrainConfig, stream_seed: i
     if stage not in (2, 3):
         raise InputError(f"ZeRO stage must be 2 or 3, got {stage}")
     if point["architecture"] not in ARCHITECTURES:
-        raise InputError(f"{name}: ZeRO data-parallel training supports {', '.join(ARCHITECTURES)}, not "
-                         f"{point['architecture']!r}; train it on one device")
+        raise InputError(
+            f"{name}: ZeRO data-parallel training supports {', '.join(ARCHITECTURES)}, not "
+            f"{point['architecture']!r}; train it on one device"
+        )
     if workers < 1 or train.batch_rows % workers:
         raise InputError(f"train.batch_rows ({train.batch_rows}) must split evenly over {workers} ZeRO workers")
     total_steps = train.tokens // train.batch_rows
@@ -108,21 +124,39 @@ def train_zero(dataset_uri: str, point: dict, train: TrainConfig, stream_seed: i
         raise InputError(f"train.tokens ({train.tokens}) is less than one batch ({train.batch_rows} rows)")
     dataset = ActivationDataset.open(dataset_uri)
     if dataset.n_eval_rows < train.batch_rows:
-        raise InputError(f"{dataset_uri}: the eval split has {dataset.n_eval_rows} rows, fewer than one batch "
-                         f"of {train.batch_rows}; final metrics need held-out rows")
+        raise InputError(
+            f"{dataset_uri}: the eval split has {dataset.n_eval_rows} rows, fewer than one batch "
+            f"of {train.batch_rows}; final metrics need held-out rows"
+        )
     result_uri = fs.join(storage_uri, "zero", name, "result.json")
     fs.remove(result_uri)
-    config = {"dataset_uri": dataset_uri, "point": dict(point), "train": train, "stream_seed": stream_seed,
-              "shuffle_shards": shuffle_shards, "total_steps": total_steps, "stage": stage, "offload": offload,
-              "use_gpu": use_gpu, "input_scale": math.sqrt(dataset.d_model / dataset.mean_sq_norm()),
-              "storage_uri": storage_uri, "name": name, "metadata": metadata,
-              "result_uri": result_uri}
-    scaling = ScalingConfig(num_workers=workers, use_gpu=use_gpu,
-                            resources_per_worker=None if use_gpu else CPU_WORKER_RESOURCES)
+    config = {
+        "dataset_uri": dataset_uri,
+        "point": dict(point),
+        "train": train,
+        "stream_seed": stream_seed,
+        "shuffle_shards": shuffle_shards,
+        "total_steps": total_steps,
+        "stage": stage,
+        "offload": offload,
+        "use_gpu": use_gpu,
+        "input_scale": math.sqrt(dataset.d_model / dataset.mean_sq_norm()),
+        "storage_uri": storage_uri,
+        "name": name,
+        "metadata": metadata,
+        "result_uri": result_uri,
+    }
+    scaling = ScalingConfig(
+        num_workers=workers, use_gpu=use_gpu, resources_per_worker=None if use_gpu else CPU_WORKER_RESOURCES
+    )
     with tempfile.TemporaryDirectory(prefix="dictsweep-zero-") as ray_storage:  # results come back via result_uri
-        trainer = TorchTrainer(zero_worker, train_loop_config=config, scaling_config=scaling,
-                               torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-                               run_config=RunConfig(name=f"zero-{name}", storage_path=ray_storage))
+        trainer = TorchTrainer(
+            zero_worker,
+            train_loop_config=config,
+            scaling_config=scaling,
+            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+            run_config=RunConfig(name=f"zero-{name}", storage_path=ray_storage),
+        )
         try:
             trainer.fit()
         except Exception as error:  # Ray wraps the worker's exception; keep its text for people
@@ -149,13 +183,15 @@ def zero_worker(config: dict) -> None:
     dataset = ActivationDataset.open(config["dataset_uri"])
     member = member_from_params(point)
     kernel = train.kernel if train.kernel in ("bmm", "loop") else "bmm"  # one member: the kernels agree
-    ensemble = build_ensemble(point["architecture"], dataset.d_model, point["n_latents"], [member], kernel=kernel,
-                              decode=train.decode)
+    ensemble = build_ensemble(
+        point["architecture"], dataset.d_model, point["n_latents"], [member], kernel=kernel, decode=train.decode
+    )
     ensemble.input_scale.fill_(config["input_scale"])
     trainer = ZeroTrainer(ensemble, train, config["total_steps"], config["stage"], config["offload"], device)
 
-    order = StreamOrder([s.rows for s in dataset.shards("train")], train.batch_rows, config["shuffle_shards"],
-                        config["stream_seed"])
+    order = StreamOrder(
+        [s.rows for s in dataset.shards("train")], train.batch_rows, config["shuffle_shards"], config["stream_seed"]
+    )
     batches = WorkerSlices(dataset, "train", order, trainer.rank, trainer.world)
     history = []
     for step in range(trainer.total_steps):
@@ -164,16 +200,24 @@ def zero_worker(config: dict) -> None:
         if tokens // train.log_every_tokens != step * train.batch_rows // train.log_every_tokens:
             history.append({"tokens": tokens, "metrics": trainer.log_metrics()})
 
-    eval_order = StreamOrder([s.rows for s in dataset.shards("eval")], train.batch_rows, 1, config["stream_seed"],
-                             shuffle=False)
+    eval_order = StreamOrder(
+        [s.rows for s in dataset.shards("eval")], train.batch_rows, 1, config["stream_seed"], shuffle=False
+    )
     eval_steps = min(train.eval_tokens, dataset.n_eval_rows) // train.batch_rows
     metrics = trainer.evaluate(WorkerSlices(dataset, "eval", eval_order, trainer.rank, trainer.world), eval_steps)
     with trainer.full_weights():
         if trainer.rank == 0:
-            done = export_member(ensemble, 0, trainer.firing.log10_frequency()[0], metrics, config["metadata"],
-                                 config["storage_uri"], config["name"], dataset.ground_truth(),
-                                 {"zero": {"stage": config["stage"], "workers": trainer.world,
-                                           "offload": config["offload"]}})
+            done = export_member(
+                ensemble,
+                0,
+                trainer.firing.log10_frequency()[0],
+                metrics,
+                config["metadata"],
+                config["storage_uri"],
+                config["name"],
+                dataset.ground_truth(),
+                {"zero": {"stage": config["stage"], "workers": trainer.world, "offload": config["offload"]}},
+            )
             fs.write_text(config["result_uri"], json.dumps({**done, "metric_history": history}))
     torch.distributed.barrier()  # nobody leaves (and tears down the group) before rank 0 has written
 
@@ -196,7 +240,7 @@ class WorkerSlices:
             begin, end = max(self.start, offset), min(stop, offset + length)
             if begin < end:
                 rows = self.window_rows(piece.window)
-                parts.append(rows[piece.start + begin - offset:piece.start + end - offset])
+                parts.append(rows[piece.start + begin - offset : piece.start + end - offset])
             offset += length
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
@@ -213,21 +257,24 @@ class ZeroTrainer(EnsembleTrainer):
     """One single-member ensemble in a DeepSpeed ZeRO engine: `EnsembleTrainer.step` over the workers'
     slices of each batch, its hooks in DeepSpeed's terms and its statistics over the global batch."""
 
-    def __init__(self, ensemble: Ensemble, config: TrainConfig, total_steps: int, stage: int, offload: bool,
-                 device: torch.device):
+    def __init__(
+        self, ensemble: Ensemble, config: TrainConfig, total_steps: int, stage: int, offload: bool, device: torch.device
+    ):
         import deepspeed
 
         self.stage, self.device = stage, device
         self.rank, self.world = torch.distributed.get_rank(), torch.distributed.get_world_size()
         self.lr = float(ensemble.lr[0])
-        ds_config = deepspeed_config(config, self.lr, ensemble.d_model * ensemble.n_latents, self.world, stage,
-                                     offload, device.type == "cuda")
+        ds_config = deepspeed_config(
+            config, self.lr, ensemble.d_model * ensemble.n_latents, self.world, stage, offload, device.type == "cuda"
+        )
         if stage == 3:  # partition the weights before the engine sees them: the full SAE never goes to the device
             deepspeed.zero.Init(module=ensemble, config_dict_or_path=ds_config)
             for name, buffer in ensemble.named_buffers():
                 setattr(ensemble, name, buffer.to(device))
-        self.engine, *_ = deepspeed.initialize(model=ensemble, model_parameters=list(ensemble.parameters()),
-                                               config=ds_config)
+        self.engine, *_ = deepspeed.initialize(
+            model=ensemble, model_parameters=list(ensemble.parameters()), config=ds_config
+        )
         self.ensemble, self.forward = ensemble, self.engine
         if ensemble.unit_norm_decoder:
             ensemble.W_dec.register_hook(self.project_decoder_gradient)
@@ -262,7 +309,7 @@ class ZeroTrainer(EnsembleTrainer):
         torch.distributed.all_reduce(sums)
         rows, d_model = len(x) * self.world, self.ensemble.d_model
         x_variance = variance_from_moments(sums[:d_model], sums[d_model], rows)
-        residual_variance = variance_from_moments(sums[d_model + 1:-1], sums[-1], rows)
+        residual_variance = variance_from_moments(sums[d_model + 1 : -1], sums[-1], rows)
         return (x_variance / residual_variance).float() / local
 
     # -- the unit-norm decoder -----------------------------------------------------------------
@@ -295,12 +342,12 @@ class ZeroTrainer(EnsembleTrainer):
         if valid:  # whole rows of the partition's span, zero-padded where a row continues on a neighbour
             rows = F.pad(master[:valid].float(), (head, -(head + valid) % d_model)).view(-1, d_model)
             first_row = first // d_model
-            sq_norms[first_row:first_row + len(rows)] = rows.pow(2).sum(-1)
+            sq_norms[first_row : first_row + len(rows)] = rows.pow(2).sum(-1)
         torch.distributed.all_reduce(sq_norms)  # a row split between two partitions gets both halves
         if valid:
-            rows = rows / sq_norms[first_row:first_row + len(rows)].sqrt().unsqueeze(-1)
+            rows = rows / sq_norms[first_row : first_row + len(rows)].sqrt().unsqueeze(-1)
             master = master.clone()
-            master[:valid] = rows.flatten()[head:head + valid]
+            master[:valid] = rows.flatten()[head : head + valid]
             safe_set_local_fp32_param(weight, master)
             weight.ds_tensor.copy_(master)
 
@@ -318,8 +365,8 @@ class ZeroTrainer(EnsembleTrainer):
         torch.distributed.all_reduce(packed)
         n_latents, rows = self.ensemble.n_latents, len(x) * self.world
         fire_counts = packed[:n_latents].float().view(1, -1)
-        values = dict(zip(names, (packed[n_latents:n_latents + len(names)] / self.world).float().view(-1, 1)))
-        x_sum, x_sq_sum = packed[n_latents + len(names):-1], packed[-1]
+        values = dict(zip(names, (packed[n_latents : n_latents + len(names)] / self.world).float().view(-1, 1)))
+        x_sum, x_sq_sum = packed[n_latents + len(names) : -1], packed[-1]
         values["fvu"] = fvu_from_moments(values["mse"], x_sum, x_sq_sum, rows)
         return BatchStatistics(fire_counts, values, rows)
 
@@ -337,8 +384,11 @@ class ZeroTrainer(EnsembleTrainer):
 
     def reset_moments(self, param: torch.nn.Parameter, mask: Tensor) -> None:
         """Zero both Adam moments of `param` where `mask` (broadcastable to it) is True."""
-        from deepspeed.utils import (safe_get_full_optimizer_state, safe_set_full_optimizer_state,
-                                     safe_set_local_optimizer_state)
+        from deepspeed.utils import (
+            safe_get_full_optimizer_state,
+            safe_set_full_optimizer_state,
+            safe_set_local_optimizer_state,
+        )
 
         for key in ("exp_avg", "exp_avg_sq"):
             state = safe_get_full_optimizer_state(param, key).masked_fill(mask, 0.0).flatten()
@@ -347,7 +397,7 @@ class ZeroTrainer(EnsembleTrainer):
                 continue
             size = param.ds_tensor.numel()  # ZeRO-3 partitions are equal and padded at the end
             padded = F.pad(state, (0, size * self.world - len(state)))
-            safe_set_local_optimizer_state(param, padded[self.rank * size:(self.rank + 1) * size], key)
+            safe_set_local_optimizer_state(param, padded[self.rank * size : (self.rank + 1) * size], key)
 
     def full_weights(self, modified: bool = False):
         """A context in which every worker holds the full weights (ZeRO-3 gathers them; with
@@ -356,8 +406,9 @@ class ZeroTrainer(EnsembleTrainer):
             return nullcontext()
         import deepspeed
 
-        return deepspeed.zero.GatheredParameters(list(self.ensemble.parameters()),
-                                                 modifier_rank=0 if modified else None)
+        return deepspeed.zero.GatheredParameters(
+            list(self.ensemble.parameters()), modifier_rank=0 if modified else None
+        )
 
     def log_metrics(self) -> dict[str, float]:
         """`EnsembleTrainer.log_metrics` of the one member."""
@@ -388,8 +439,9 @@ def gather_rows(rows: Tensor) -> Tensor:
     return torch.cat(parts)
 
 
-def deepspeed_config(config: TrainConfig, lr: float, largest_param: int, workers: int, stage: int, offload: bool,
-                     pin_memory: bool) -> dict:
+def deepspeed_config(
+    config: TrainConfig, lr: float, largest_param: int, workers: int, stage: int, offload: bool, pin_memory: bool
+) -> dict:
     """DeepSpeed's config for one SAE: fp32 ZeRO `stage`, torch's fused Adam, the clip, B/G rows per worker."""
     zero = {"stage": stage, "reduce_bucket_size": largest_param, "allgather_bucket_size": largest_param}
     if stage == 3:  # no weight stays gathered between steps: the decoder renorm writes the partitions only
@@ -403,8 +455,17 @@ def deepspeed_config(config: TrainConfig, lr: float, largest_param: int, workers
         "gradient_clipping": config.grad_clip,
         "zero_optimization": zero,
         "zero_force_ds_cpu_optimizer": False,  # with offload too: torch's Adam, the single-device arithmetic
-        "optimizer": {"type": "Adam", "params": {"lr": lr, "betas": [config.adam_beta1, config.adam_beta2],
-                                                 "eps": config.adam_eps, "weight_decay": 0.0, "adam_w_mode": False,
-                                                 "torch_adam": True, "fused": True}},
+        "optimizer": {
+            "type": "Adam",
+            "params": {
+                "lr": lr,
+                "betas": [config.adam_beta1, config.adam_beta2],
+                "eps": config.adam_eps,
+                "weight_decay": 0.0,
+                "adam_w_mode": False,
+                "torch_adam": True,
+                "fused": True,
+            },
+        },
         "steps_per_print": 2**31 - 1,
     }

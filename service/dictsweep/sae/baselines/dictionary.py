@@ -70,12 +70,13 @@ def baseline_dictionary(basis: Basis, k: int, metadata: dict | None = None) -> t
     n_atoms, d_model = basis.atoms.shape
     if not 1 <= k <= 2 * n_atoms:
         raise ValueError(f"k={k}: a {basis.kind} baseline with {n_atoms} atoms takes k from 1 to {2 * n_atoms}")
-    weights = {"W_enc": torch.cat([basis.encoder, -basis.encoder], dim=1).float(),  # [d_model, 2 n_atoms]
-               "b_enc": basis.mean.new_zeros(2 * n_atoms).float(),
-               "W_dec": torch.cat([basis.atoms, -basis.atoms]).float(),  # [2 n_atoms, d_model]
-               "b_dec": basis.mean.float()}
+    weights = {
+        "W_enc": torch.cat([basis.encoder, -basis.encoder], dim=1).float(),  # [d_model, 2 n_atoms]
+        "b_enc": basis.mean.new_zeros(2 * n_atoms).float(),
+        "W_dec": torch.cat([basis.atoms, -basis.atoms]).float(),  # [2 n_atoms, d_model]
+        "b_dec": basis.mean.float(),
+    }
     metadata = dict(metadata or {})
     metadata["dictsweep"] = {"baseline": basis.kind, "n_atoms": n_atoms, **metadata.get("dictsweep", {})}
-    config = saelens_config("topk", d_model, 2 * n_atoms, {"k": k, "rescale_acts_by_decoder_norm": False},
-                            metadata)
+    config = saelens_config("topk", d_model, 2 * n_atoms, {"k": k, "rescale_acts_by_decoder_norm": False}, metadata)
     return config, weights

@@ -49,8 +49,7 @@ def symmetric_decorrelation(w: Tensor) -> Tensor:
     return (eigenvectors / eigenvalues.sqrt()) @ eigenvectors.t() @ w
 
 
-def fixed_point(w: Tensor, white: Tensor, mean: Tensor, passes: Passes, alpha: float,
-                dtype: torch.dtype) -> Tensor:
+def fixed_point(w: Tensor, white: Tensor, mean: Tensor, passes: Passes, alpha: float, dtype: torch.dtype) -> Tensor:
     """One pass: E[g(Wz) z^T] - diag(E[g'(Wz)]) W with z the whitened rows, g = tanh(alpha .)."""
     unmix = (w @ white).to(dtype)  # [m, d_model]
     center = mean.to(dtype)
@@ -64,16 +63,27 @@ def fixed_point(w: Tensor, white: Tensor, mean: Tensor, passes: Passes, alpha: f
         sum_g_squared += torch.linalg.vector_norm(g, dim=0).double().square()
         rows += len(batch)
     if rows == 0:
-        raise ValueError("fast_ica: a pass gave no rows; `passes` must return a fresh iterable on each call "
-                         "(e.g. `lambda: sample.split(65536)`), not a used-up iterator")
+        raise ValueError(
+            "fast_ica: a pass gave no rows; `passes` must return a fresh iterable on each call "
+            "(e.g. `lambda: sample.split(65536)`), not a used-up iterator"
+        )
     mean_g_prime = alpha * (1 - sum_g_squared / rows)  # g' = alpha (1 - tanh^2)
     return symmetric_decorrelation(sum_g_x @ white.t() / rows - mean_g_prime.unsqueeze(1) * w)
 
 
-def fast_ica(passes: Passes, pca: PCA | None = None, n_components: int | None = None, *,
-             tol: float = 1e-4, max_iter: int = 200, alpha: float = 1.0, w_init: Tensor | None = None,
-             seed: int = 0, dtype: torch.dtype = torch.float32,
-             device: torch.device | str | None = None) -> FastICA:
+def fast_ica(
+    passes: Passes,
+    pca: PCA | None = None,
+    n_components: int | None = None,
+    *,
+    tol: float = 1e-4,
+    max_iter: int = 200,
+    alpha: float = 1.0,
+    w_init: Tensor | None = None,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> FastICA:
     """Fit FastICA (parallel, logcosh, unit-variance sources) with one pass per iteration.
 
     `pca` (from a streaming pass) gives the whitening; without it, a first pass computes it.
@@ -90,8 +100,9 @@ def fast_ica(passes: Passes, pca: PCA | None = None, n_components: int | None = 
         raise ValueError(f"n_components={n_components}: must be between 1 and d_model={d_model}")
     white = whitening(pca, n_components)  # [m, d_model]
     if w_init is None:
-        w_init = torch.randn(n_components, n_components, generator=torch.Generator().manual_seed(seed),
-                             dtype=torch.float64)
+        w_init = torch.randn(
+            n_components, n_components, generator=torch.Generator().manual_seed(seed), dtype=torch.float64
+        )
     w = symmetric_decorrelation(w_init.to(device=device, dtype=torch.float64))  # [m, m]
     converged, n_iter = False, 0
     while n_iter < max_iter and not converged:
@@ -99,5 +110,6 @@ def fast_ica(passes: Passes, pca: PCA | None = None, n_components: int | None = 
         change = float(((new_w * w).sum(1).abs() - 1).abs().max())
         w, n_iter, converged = new_w, n_iter + 1, change < tol
     components = w @ white  # [m, d_model]
-    return FastICA(mean=pca.mean, components=components, mixing=torch.linalg.pinv(components),
-                   n_iter=n_iter, converged=converged)
+    return FastICA(
+        mean=pca.mean, components=components, mixing=torch.linalg.pinv(components), n_iter=n_iter, converged=converged
+    )

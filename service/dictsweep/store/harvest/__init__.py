@@ -34,7 +34,24 @@ from dictsweep.store.harvest.text import check_text_source, iter_text
 from dictsweep.store.harvest.tokens import Block, Template, eval_seqs, make_blocks, pack_contexts, tokenizer_template
 from dictsweep.store.harvest.worker import BlockHarvester, shard_path
 
-__all__ = ["PLAN_KEYS", "WORK_DIR", "Block", "BlockHarvester", "HarvestConfig", "HarvestResult", "Template",
-           "check_text_source", "eval_seqs", "harvest", "hook_prefixes", "iter_text", "make_blocks",
-           "pack_contexts", "read_context_file", "read_contexts", "shard_path", "tokenizer_template",
-           "write_contexts"]
+__all__ = [
+    "PLAN_KEYS",
+    "WORK_DIR",
+    "Block",
+    "BlockHarvester",
+    "HarvestConfig",
+    "HarvestResult",
+    "Template",
+    "check_text_source",
+    "eval_seqs",
+    "harvest",
+    "hook_prefixes",
+    "iter_text",
+    "make_blocks",
+    "pack_contexts",
+    "read_context_file",
+    "read_contexts",
+    "shard_path",
+    "tokenizer_template",
+    "write_contexts",
+]

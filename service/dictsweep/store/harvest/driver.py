@@ -13,8 +13,7 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, NamedTuple
 
 from rich.console import Console
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn,
-                           TimeRemainingColumn)
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
 from rich.text import Text
 
 from dictsweep.cluster import start_ray
@@ -38,7 +37,6 @@ class HarvestResult(NamedTuple):
     tokens: int  # tokens fed to the model by this run (less after a resume)
     seconds: float  # wall time of this run's workers: model loading, forward passes, writes
     tokens_per_s: float  # forward-and-write rate once the workers had loaded the model
-
 
 
 def hook_prefixes(config: HarvestConfig) -> dict[str, str]:
@@ -72,19 +70,28 @@ def harvest(config: HarvestConfig, overwrite: bool = False, progress: bool = Tru
     if overwrite:
         _clean(root, prefixes)
     elif len(done) == len(prefixes):
-        raise InputError(f"{config.out} already holds the harvested dataset(s) ({MANIFEST_NAME}); "
-                         "choose another --out or pass --overwrite")
+        raise InputError(
+            f"{config.out} already holds the harvested dataset(s) ({MANIFEST_NAME}); "
+            "choose another --out or pass --overwrite"
+        )
     plan = read_json(fs.join(root, WORK_DIR, "plan.json"))
     settings = json.loads(json.dumps(config.plan_settings()))  # as stored: tuples become lists
     if plan is not None and plan["settings"] != settings:
-        differ = ", ".join(f"{key}: {plan['settings'].get(key)!r} there, {settings[key]!r} now"
-                           for key in PLAN_KEYS if plan["settings"].get(key) != settings[key])
-        raise InputError(f"{config.out} holds an unfinished harvest with other settings ({differ}); "
-                         "rerun with those settings to resume it, or pass --overwrite to start again")
+        differ = ", ".join(
+            f"{key}: {plan['settings'].get(key)!r} there, {settings[key]!r} now"
+            for key in PLAN_KEYS
+            if plan["settings"].get(key) != settings[key]
+        )
+        raise InputError(
+            f"{config.out} holds an unfinished harvest with other settings ({differ}); "
+            "rerun with those settings to resume it, or pass --overwrite to start again"
+        )
     if plan is None and done and not overwrite:
-        raise InputError(f"{', '.join(prefixes[hook] for hook in done)} already hold(s) a dataset "
-                         f"({MANIFEST_NAME}) not made by an unfinished harvest here; choose another --out "
-                         "or pass --overwrite")
+        raise InputError(
+            f"{', '.join(prefixes[hook] for hook in done)} already hold(s) a dataset "
+            f"({MANIFEST_NAME}) not made by an unfinished harvest here; choose another --out "
+            "or pass --overwrite"
+        )
     if plan is None:
         plan = _make_plan(config, root, prefixes, structure)
     blocks = make_blocks(plan["n_contexts"], config)
@@ -139,13 +146,18 @@ def _make_plan(config: HarvestConfig, root: str, prefixes: dict[str, str], struc
     per_file = max(1, CONTEXT_FILE_TOKENS // config.context)
     for prefix in prefixes.values():
         write_contexts(prefix, offsets, tokens, per_file)
-    plan = {"settings": config.plan_settings(), "root": root, "n_contexts": len(offsets) - 1,
-            "n_tokens": int(len(tokens)), "last_context_tokens": int(offsets[-1] - offsets[-2]),
-            "contexts_per_file": per_file,
-            "special_ids": template.special_ids, "pad_id": template.pad_id,
-            "template": {"prefix": template.prefix, "suffix": template.suffix,
-                         "separator": template.separator},
-            "model_class": type(structure).__name__}
+    plan = {
+        "settings": config.plan_settings(),
+        "root": root,
+        "n_contexts": len(offsets) - 1,
+        "n_tokens": int(len(tokens)),
+        "last_context_tokens": int(offsets[-1] - offsets[-2]),
+        "contexts_per_file": per_file,
+        "special_ids": template.special_ids,
+        "pad_id": template.pad_id,
+        "template": {"prefix": template.prefix, "suffix": template.suffix, "separator": template.separator},
+        "model_class": type(structure).__name__,
+    }
     fs.write_text(fs.join(root, WORK_DIR, "plan.json"), json.dumps(plan, indent=1))
     return plan
 
@@ -186,8 +198,9 @@ def _resolve_device(config: HarvestConfig) -> tuple[str, int]:
     return device, 1
 
 
-def _run(config: HarvestConfig, plan: dict, prefixes: dict[str, str], pending: list[Block],
-         tokens_total: int, progress: bool) -> tuple[int, float]:
+def _run(
+    config: HarvestConfig, plan: dict, prefixes: dict[str, str], pending: list[Block], tokens_total: int, progress: bool
+) -> tuple[int, float]:
     """Run the pending blocks on the workers with a progress bar: (tokens fed to the model, tokens/s)."""
     if not pending:
         return 0, 0.0
@@ -202,8 +215,14 @@ def _run(config: HarvestConfig, plan: dict, prefixes: dict[str, str], pending: l
             runners, actors = _ray_runners(config, plan, prefixes, device, workers)
         else:
             runners = [BlockHarvester(config, plan, prefixes, device).run_block]
-        columns = [TextColumn("harvest"), BarColumn(), MofNCompleteColumn(), TextColumn("tokens"),
-                   RateColumn(), TimeRemainingColumn()]
+        columns = [
+            TextColumn("harvest"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("tokens"),
+            RateColumn(),
+            TimeRemainingColumn(),
+        ]
         with Progress(*columns, console=Console(stderr=True), disable=not progress) as bar:
             task = bar.add_task("harvest", total=tokens_total)
             done, first = 0, None  # the rate is timed from the first batch (the model is loaded)
@@ -248,8 +267,7 @@ def _ray_runners(config: HarvestConfig, plan: dict, prefixes: dict[str, str], de
     else:
         options, threads = {"num_cpus": cpus / workers}, max(1, cpus // workers)
     actor_class = ray.remote(BlockHarvester)
-    actors = [actor_class.options(**options).remote(config, plan, prefixes, device, threads)
-              for _ in range(workers)]
+    actors = [actor_class.options(**options).remote(config, plan, prefixes, device, threads) for _ in range(workers)]
 
     def runner(actor) -> Callable[[Block], Iterator[dict]]:
         return lambda block: (ray.get(ref) for ref in actor.run_block.remote(block))
@@ -257,8 +275,9 @@ def _ray_runners(config: HarvestConfig, plan: dict, prefixes: dict[str, str], de
     return [runner(actor) for actor in actors], actors
 
 
-def _run_blocks(runners: list[Callable[[Block], Iterator[dict]]], blocks: list[Block],
-                on_event: Callable[[dict], None]) -> None:
+def _run_blocks(
+    runners: list[Callable[[Block], Iterator[dict]]], blocks: list[Block], on_event: Callable[[dict], None]
+) -> None:
     """Each runner takes the next block until none is left; events reach `on_event` here."""
     if len(runners) == 1:
         try:
@@ -316,8 +335,14 @@ def _worker_error(error: BaseException) -> BaseException:
     return RunError(f"a harvest worker failed: {type(cause or error).__name__}: {cause or error}")
 
 
-def _write_manifests(config: HarvestConfig, root: str, prefixes: dict[str, str], blocks: list[Block],
-                     plan: dict, model_type: str | None = None) -> dict[str, Manifest]:
+def _write_manifests(
+    config: HarvestConfig,
+    root: str,
+    prefixes: dict[str, str],
+    blocks: list[Block],
+    plan: dict,
+    model_type: str | None = None,
+) -> dict[str, Manifest]:
     """Every hook's manifest from the blocks' progress records (the last write of a harvest);
     `model_type`: the model's family (`config.model_type`), for portable hook names in exports."""
     from dictsweep.store import fs
@@ -327,8 +352,10 @@ def _write_manifests(config: HarvestConfig, root: str, prefixes: dict[str, str],
     records = [read_json(fs.join(root, WORK_DIR, f"{block.key}.json")) for block in blocks]
     missing = [block.key for block, record in zip(blocks, records) if not _complete(record)]
     if missing:
-        raise RunError(f"blocks {', '.join(missing[:5])} are unfinished after the workers returned; "
-                       "rerun the same command to finish them")
+        raise RunError(
+            f"blocks {', '.join(missing[:5])} are unfinished after the workers returned; "
+            "rerun the same command to finish them"
+        )
     created = datetime.now(timezone.utc).isoformat(timespec="seconds")
     manifests = {}
     for hook, prefix in prefixes.items():
@@ -338,19 +365,36 @@ def _write_manifests(config: HarvestConfig, root: str, prefixes: dict[str, str],
             d_models.update([record["d_model"][hook]] if record["n_shards"] else [])
             for shard in sorted(record["shards"], key=lambda shard: shard["index"]):
                 entry = shard["hooks"][hook]
-                shards[record["split"]].append(ShardInfo(path=shard["path"], rows=shard["rows"],
-                                                         bytes=entry["bytes"], sha256=entry["sha256"]))
+                shards[record["split"]].append(
+                    ShardInfo(path=shard["path"], rows=shard["rows"], bytes=entry["bytes"], sha256=entry["sha256"])
+                )
                 total_sq += entry["sum_sq_norm"]
         if len(d_models) != 1:
             raise RunError(f"--hook {hook}: blocks report output widths {sorted(d_models)}; expected one")
         n_rows = sum(shard.rows for shard in shards["train"])
-        source = {"model": config.model, "model_name": config.model_name, "model_type": model_type, "hook": hook, "dataset": config.text, "context": config.context,
-                  "created": created, "max_tokens": config.max_tokens, "seed": config.seed,
-                  "include_special": config.include_special, "n_contexts": plan["n_contexts"],
-                  "template": plan["template"]}
-        manifests[hook] = write_manifest(prefix, d_models.pop(), config.dtype, shards["train"],
-                                         shards["eval"], source=source,
-                                         stats={"mean_sq_norm": total_sq / max(n_rows, 1)})
+        source = {
+            "model": config.model,
+            "model_name": config.model_name,
+            "model_type": model_type,
+            "hook": hook,
+            "dataset": config.text,
+            "context": config.context,
+            "created": created,
+            "max_tokens": config.max_tokens,
+            "seed": config.seed,
+            "include_special": config.include_special,
+            "n_contexts": plan["n_contexts"],
+            "template": plan["template"],
+        }
+        manifests[hook] = write_manifest(
+            prefix,
+            d_models.pop(),
+            config.dtype,
+            shards["train"],
+            shards["eval"],
+            source=source,
+            stats={"mean_sq_norm": total_sq / max(n_rows, 1)},
+        )
     return manifests
 
 

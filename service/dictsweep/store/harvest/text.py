@@ -21,11 +21,16 @@ def iter_text(config: HarvestConfig) -> Iterator[tuple[str, bool]]:
     if os.path.isdir(path) and _is_saved_dataset(path):
         yield from _dataset_text(config, path)
     elif os.path.isdir(path):
-        files = sorted(os.path.join(folder, name) for folder, _, names in os.walk(path) for name in names
-                       if name.endswith(TEXT_SUFFIXES + JSONL_SUFFIXES) and not name.startswith("."))
+        files = sorted(
+            os.path.join(folder, name)
+            for folder, _, names in os.walk(path)
+            for name in names
+            if name.endswith(TEXT_SUFFIXES + JSONL_SUFFIXES) and not name.startswith(".")
+        )
         if not files:
-            raise InputError(f"--text {config.text}: the folder holds no "
-                             f"{', '.join(TEXT_SUFFIXES + JSONL_SUFFIXES)} files")
+            raise InputError(
+                f"--text {config.text}: the folder holds no {', '.join(TEXT_SUFFIXES + JSONL_SUFFIXES)} files"
+            )
         for name in files:
             yield from _file_text(name, config.text_field)
     elif os.path.isfile(path):
@@ -43,8 +48,7 @@ def check_text_source(config: HarvestConfig) -> None:
 
 
 def _is_saved_dataset(path: str) -> bool:
-    return os.path.exists(os.path.join(path, "dataset_info.json")) or \
-        os.path.exists(os.path.join(path, "state.json"))
+    return os.path.exists(os.path.join(path, "dataset_info.json")) or os.path.exists(os.path.join(path, "state.json"))
 
 
 def _file_text(path: str, text_field: str) -> Iterator[tuple[str, bool]]:
@@ -75,8 +79,9 @@ def _file_text(path: str, text_field: str) -> Iterator[tuple[str, bool]]:
 
 def _record_text(record, text_field: str, where: str) -> str:
     if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-        raise InputError(f"--text {where}: expected a JSON object with a string field "
-                         f"{text_field!r} (set --text-field)")
+        raise InputError(
+            f"--text {where}: expected a JSON object with a string field {text_field!r} (set --text-field)"
+        )
     return record[text_field]
 
 
@@ -85,8 +90,10 @@ def _dataset_text(config: HarvestConfig, saved: str | None) -> Iterator[tuple[st
     try:
         import datasets
     except ImportError:
-        raise InputError(f"--text {config.text}: no such file or folder (and the `datasets` "
-                         "package, needed for dataset names, is not installed)") from None
+        raise InputError(
+            f"--text {config.text}: no such file or folder (and the `datasets` "
+            "package, needed for dataset names, is not installed)"
+        ) from None
     try:
         if saved is not None:
             data = datasets.load_from_disk(saved)
@@ -96,12 +103,16 @@ def _dataset_text(config: HarvestConfig, saved: str | None) -> Iterator[tuple[st
             name, _, subset = config.text.partition(":")
             data = datasets.load_dataset(name, subset or None, split=config.text_split)
     except Exception as error:  # datasets raises many types (FileNotFoundError, ConnectionError, ...)
-        raise InputError(f"--text {config.text}: not a local file or folder, and the Hugging Face "
-                         f"dataset could not be loaded ({type(error).__name__}: {error}); check the "
-                         "path or name, or download the dataset first") from None
+        raise InputError(
+            f"--text {config.text}: not a local file or folder, and the Hugging Face "
+            f"dataset could not be loaded ({type(error).__name__}: {error}); check the "
+            "path or name, or download the dataset first"
+        ) from None
     if config.text_field not in data.column_names:
-        raise InputError(f"--text {config.text}: no column {config.text_field!r} (columns: "
-                         f"{', '.join(data.column_names)}; set --text-field)")
+        raise InputError(
+            f"--text {config.text}: no column {config.text_field!r} (columns: "
+            f"{', '.join(data.column_names)}; set --text-field)"
+        )
     for batch in data.iter(batch_size=1024):
         for text in batch[config.text_field]:
             if text and text.strip():

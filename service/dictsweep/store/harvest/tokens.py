@@ -27,7 +27,6 @@ class Block(NamedTuple):
         return f"{self.split}-{self.index:05d}"
 
 
-
 class Template(NamedTuple):
     """How the tokenizer frames one sequence, and which ids are special."""
 
@@ -44,15 +43,19 @@ def tokenizer_template(tokenizer) -> Template:
     framed = tokenizer("a", add_special_tokens=True)["input_ids"]
     prefix, suffix = [], []
     for start in range(len(framed) - len(content) + 1):
-        if framed[start:start + len(content)] == content:
-            prefix, suffix = framed[:start], framed[start + len(content):]
+        if framed[start : start + len(content)] == content:
+            prefix, suffix = framed[:start], framed[start + len(content) :]
             break
     separator = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
-    framing = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.sep_token_id,
-               tokenizer.cls_token_id, tokenizer.pad_token_id}
+    framing = {
+        tokenizer.bos_token_id,
+        tokenizer.eos_token_id,
+        tokenizer.sep_token_id,
+        tokenizer.cls_token_id,
+        tokenizer.pad_token_id,
+    }
     # [UNK] stands for real text, so it is a row unless it doubles as a framing token (GPT-2)
-    special = {int(i) for i in tokenizer.all_special_ids
-               if i != tokenizer.unk_token_id or i in framing}
+    special = {int(i) for i in tokenizer.all_special_ids if i != tokenizer.unk_token_id or i in framing}
     special.update(prefix + suffix + ([separator] if separator is not None else []))
     pad_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
     return Template(prefix, suffix, separator, sorted(special), int(pad_id))
@@ -62,9 +65,11 @@ def pack_contexts(config: HarvestConfig, tokenizer, template: Template) -> tuple
     """(offsets [n + 1] int64, token ids [total] int32) of the packed contexts."""
     content_len = config.context - len(template.prefix) - len(template.suffix)
     if content_len < 1:
-        raise InputError(f"--context {config.context}: the tokenizer adds "
-                         f"{len(template.prefix) + len(template.suffix)} template tokens to every context; "
-                         "use a longer context")
+        raise InputError(
+            f"--context {config.context}: the tokenizer adds "
+            f"{len(template.prefix) + len(template.suffix)} template tokens to every context; "
+            "use a longer context"
+        )
     wanted = None  # content tokens needed for max_tokens
     if config.max_tokens is not None:
         full, rest = divmod(config.max_tokens, config.context)
@@ -106,7 +111,7 @@ def pack_contexts(config: HarvestConfig, tokenizer, template: Template) -> tuple
     prefix = np.asarray(template.prefix, np.int32)
     suffix = np.asarray(template.suffix, np.int32)
     for start in range(0, len(tokens), content_len):
-        framed += [prefix, tokens[start:start + content_len], suffix]
+        framed += [prefix, tokens[start : start + content_len], suffix]
     lengths = np.full(n_contexts, config.context, dtype=np.int64)
     lengths[-1] = len(prefix) + len(tokens) - (n_contexts - 1) * content_len + len(suffix)
     offsets = np.concatenate([[0], np.cumsum(lengths)])
@@ -127,7 +132,8 @@ def make_blocks(n_contexts: int, config: HarvestConfig) -> list[Block]:
     held_out = eval_seqs(n_contexts, config.eval_fraction, config.seed)
     train = np.setdiff1d(np.arange(n_contexts, dtype=np.int64), held_out)
     per_block = max(1, max(config.shuffle_rows, config.shard_rows) // config.context)
-    return [Block(split, index, seqs[start:start + per_block])
-            for split, seqs in (("train", train), ("eval", held_out))
-            for index, start in enumerate(range(0, len(seqs), per_block))]
-
+    return [
+        Block(split, index, seqs[start : start + per_block])
+        for split, seqs in (("train", train), ("eval", held_out))
+        for index, start in enumerate(range(0, len(seqs), per_block))
+    ]

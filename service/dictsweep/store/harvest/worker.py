@@ -27,8 +27,7 @@ def shard_path(block: Block, shard: int) -> str:
 class BlockHarvester:
     """One worker: loads the model once, then runs blocks (in this process or as a Ray actor)."""
 
-    def __init__(self, config: HarvestConfig, plan: dict, prefixes: dict[str, str], device: str,
-                 threads: int = 0):
+    def __init__(self, config: HarvestConfig, plan: dict, prefixes: dict[str, str], device: str, threads: int = 0):
         self.config, self.plan, self.prefixes, self.device = config, plan, prefixes, device
         self.threads = threads
         self._model = None
@@ -53,7 +52,7 @@ class BlockHarvester:
             uri = context_file_uri(next(iter(self.prefixes.values())), file_index)
             self._files[file_index] = read_context_file(uri)
         _, offsets, tokens = self._files[file_index]
-        return tokens[offsets[row]:offsets[row + 1]]
+        return tokens[offsets[row] : offsets[row + 1]]
 
     def run_block(self, block: Block) -> Iterator[dict]:
         """Forward the block's contexts, shuffle its rows, write its missing shards.
@@ -70,22 +69,32 @@ class BlockHarvester:
         config = self.config
         progress_uri = fs.join(self.plan["root"], WORK_DIR, f"{block.key}.json")
         record = read_json(progress_uri) or {
-            "split": block.split, "block": block.index, "seq_first": int(block.seqs[0]),
-            "seq_last": int(block.seqs[-1]), "n_contexts": len(block.seqs), "shards": []}
+            "split": block.split,
+            "block": block.index,
+            "seq_first": int(block.seqs[0]),
+            "seq_last": int(block.seqs[-1]),
+            "n_contexts": len(block.seqs),
+            "shards": [],
+        }
         contexts = [self._context(seq) for seq in block.seqs]
         special = np.asarray(self.plan["special_ids"], dtype=np.int32)
-        keeps = [np.ones(len(ids), bool) if config.include_special else ~np.isin(ids, special)
-                 for ids in contexts]  # the positions that become rows
-        columns = {"seq": np.repeat(block.seqs, [keep.sum() for keep in keeps]),
-                   "pos": np.concatenate([np.flatnonzero(keep) for keep in keeps]).astype(np.int32),
-                   "token_id": np.concatenate([ids[keep] for ids, keep in zip(contexts, keeps)]).astype(
-                       np.int32)}
+        keeps = [
+            np.ones(len(ids), bool) if config.include_special else ~np.isin(ids, special) for ids in contexts
+        ]  # the positions that become rows
+        columns = {
+            "seq": np.repeat(block.seqs, [keep.sum() for keep in keeps]),
+            "pos": np.concatenate([np.flatnonzero(keep) for keep in keeps]).astype(np.int32),
+            "token_id": np.concatenate([ids[keep] for ids, keep in zip(contexts, keeps)]).astype(np.int32),
+        }
         buffers: dict[str, torch.Tensor] = {}  # hook -> [n_rows, d_model] in the stored dtype
         yield from self._forward(contexts, keeps, buffers)
 
         n_rows = len(columns["seq"])
-        record |= {"rows": n_rows, "n_shards": math.ceil(n_rows / config.shard_rows),
-                   "d_model": {hook: int(buffer.shape[1]) for hook, buffer in buffers.items()}}
+        record |= {
+            "rows": n_rows,
+            "n_shards": math.ceil(n_rows / config.shard_rows),
+            "d_model": {hook: int(buffer.shape[1]) for hook, buffer in buffers.items()},
+        }
         order = np.random.default_rng([config.seed, SPLIT_IDS[block.split], block.index]).permutation(n_rows)
         finished = {shard["index"] for shard in record["shards"]}
         for shard, indices in enumerate(np.array_split(order, record["n_shards"])):
@@ -94,19 +103,29 @@ class BlockHarvester:
             per_hook = {}
             for hook, buffer in buffers.items():
                 acts = buffer[torch.from_numpy(indices)]  # [shard rows, d_model]
-                info = write_shard(self.prefixes[hook], shard_path(block, shard), acts, config.dtype,
-                                   {name: values[indices] for name, values in columns.items()})
-                per_hook[hook] = {"bytes": info.bytes, "sha256": info.sha256,
-                                  "sum_sq_norm": sum_sq_norms(acts) if block.split == "train" else 0.0}
-            record["shards"].append({"index": shard, "path": shard_path(block, shard), "rows": len(indices),
-                                     "hooks": per_hook})
+                info = write_shard(
+                    self.prefixes[hook],
+                    shard_path(block, shard),
+                    acts,
+                    config.dtype,
+                    {name: values[indices] for name, values in columns.items()},
+                )
+                per_hook[hook] = {
+                    "bytes": info.bytes,
+                    "sha256": info.sha256,
+                    "sum_sq_norm": sum_sq_norms(acts) if block.split == "train" else 0.0,
+                }
+            record["shards"].append(
+                {"index": shard, "path": shard_path(block, shard), "rows": len(indices), "hooks": per_hook}
+            )
             fs.write_text(progress_uri, json.dumps(record))
             yield {"shard": shard}
         if record["n_shards"] == 0:
             fs.write_text(progress_uri, json.dumps(record))
 
-    def _forward(self, contexts: list[np.ndarray], keeps: list[np.ndarray],
-                 buffers: dict[str, torch.Tensor]) -> Iterator[dict]:
+    def _forward(
+        self, contexts: list[np.ndarray], keeps: list[np.ndarray], buffers: dict[str, torch.Tensor]
+    ) -> Iterator[dict]:
         """Fill `buffers` (hook -> [rows, d_model]) batch by batch with the kept positions' outputs."""
         import torch
 
@@ -117,30 +136,32 @@ class BlockHarvester:
         n_rows, row = int(sum(keep.sum() for keep in keeps)), 0
         with capture_outputs(self._model, config.hooks) as capture:
             for start in range(0, len(contexts), config.batch_size):
-                batch = contexts[start:start + config.batch_size]
-                batch_keeps = keeps[start:start + config.batch_size]
+                batch = contexts[start : start + config.batch_size]
+                batch_keeps = keeps[start : start + config.batch_size]
                 width = max(len(ids) for ids in batch)
                 input_ids = torch.full((len(batch), width), self.plan["pad_id"], dtype=torch.long)  # [B, T]
                 attention_mask = torch.zeros((len(batch), width), dtype=torch.long)  # [B, T]
                 for i, ids in enumerate(batch):
-                    input_ids[i, :len(ids)] = torch.from_numpy(ids.astype(np.int64))
-                    attention_mask[i, :len(ids)] = 1
-                outputs = capture.run(input_ids=input_ids.to(self.device),
-                                      attention_mask=attention_mask.to(self.device))
-                batch_index = torch.from_numpy(np.repeat(np.arange(len(batch)),
-                                                         [keep.sum() for keep in batch_keeps]))
+                    input_ids[i, : len(ids)] = torch.from_numpy(ids.astype(np.int64))
+                    attention_mask[i, : len(ids)] = 1
+                outputs = capture.run(
+                    input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device)
+                )
+                batch_index = torch.from_numpy(np.repeat(np.arange(len(batch)), [keep.sum() for keep in batch_keeps]))
                 positions = torch.from_numpy(np.concatenate([np.flatnonzero(keep) for keep in batch_keeps]))
                 for hook, output in outputs.items():
                     _check_output(hook, output, (len(batch), width))
                     rows = output[batch_index.to(output.device), positions.to(output.device)]
                     rows = rows.to("cpu", store_dtype)  # [kept positions, d_model]
                     if not torch.isfinite(rows).all():
-                        raise RunError(f"--hook {hook}: non-finite activations in the block's contexts "
-                                       f"{start}..{start + len(batch) - 1}: outside {config.dtype}'s range? "
-                                       "try --dtype bfloat16 or float32")
+                        raise RunError(
+                            f"--hook {hook}: non-finite activations in the block's contexts "
+                            f"{start}..{start + len(batch) - 1}: outside {config.dtype}'s range? "
+                            "try --dtype bfloat16 or float32"
+                        )
                     if hook not in buffers:
                         buffers[hook] = torch.empty((n_rows, rows.shape[1]), dtype=store_dtype)
-                    buffers[hook][row:row + len(positions)] = rows
+                    buffers[hook][row : row + len(positions)] = rows
                 row += len(positions)
                 yield {"tokens": int(sum(len(ids) for ids in batch))}
 
@@ -151,9 +172,11 @@ def _check_output(hook: str, output, batch_shape: tuple[int, int]) -> None:
 
     if not isinstance(output, torch.Tensor) or output.ndim != 3 or tuple(output.shape[:2]) != batch_shape:
         found = list(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
-        raise InputError(f"--hook {hook}: its output is {found}, expected [batch, tokens, d_model] = "
-                         f"[{batch_shape[0]}, {batch_shape[1]}, d]; choose a module that outputs one "
-                         "vector per token")
+        raise InputError(
+            f"--hook {hook}: its output is {found}, expected [batch, tokens, d_model] = "
+            f"[{batch_shape[0]}, {batch_shape[1]}, d]; choose a module that outputs one "
+            "vector per token"
+        )
 
 
 def read_json(uri: str) -> dict | None:
@@ -164,4 +187,3 @@ def read_json(uri: str) -> dict | None:
         return json.loads(fs.read_text(uri))
     except FileNotFoundError:
         return None
-
