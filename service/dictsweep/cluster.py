@@ -45,7 +45,7 @@ def start_ray(address: str | None, num_cpus: int | None = None, log_to_driver: b
                 include_dashboard=False,
                 log_to_driver=log_to_driver,
                 logging_level="warning",
-                _system_config=LOCAL_RAY_CONFIG,
+                _system_config=dict(LOCAL_RAY_CONFIG),  # a copy: ray.init adds its session's spilling settings to it
             )
             return True
         except Exception as error:  # Ray raises a bare Exception when its node misses the 30 s start-up
