@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -97,8 +99,17 @@ def test_writer_copies_what_it_is_given(tmp_path):
     assert torch.equal(ActivationDataset.open(str(tmp_path)).read_shard(0), torch.zeros(3, 4))
 
 
-def test_flipped_byte_is_a_sha256_error_naming_the_shard(small_dataset):
+@pytest.mark.parametrize("algorithm", ["blake3", "sha256"])
+def test_flipped_byte_is_a_checksum_error_naming_the_shard(small_dataset, algorithm):
+    """Readers check BLAKE3; a dataset written before manifests carried it (SHA-256 alone) is
+    checked by SHA-256."""
     prefix = small_dataset[0]
+    if algorithm == "sha256":
+        manifest = json.loads((prefix / "manifest.json").read_text())
+        for shard in manifest["shards"] + manifest["eval_shards"]:
+            assert len(shard.pop("blake3")) == 64
+        (prefix / "manifest.json").write_text(json.dumps(manifest))
+        assert torch.equal(ActivationDataset.open(str(prefix)).read_shard(1), small_dataset[1][10:20])
     path = prefix / "train" / "00001.arrow"
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
@@ -106,7 +117,7 @@ def test_flipped_byte_is_a_sha256_error_naming_the_shard(small_dataset):
     dataset = ActivationDataset.open(str(prefix))
     with pytest.raises(
         DatasetError,
-        match=r"shard train/00001.arrow of .*: sha256 mismatch \(expected [0-9a-f]{12}\.\., "
+        match=rf"shard train/00001.arrow of .*: {algorithm} mismatch \(expected [0-9a-f]{{12}}\.\., "
         r"got [0-9a-f]{12}\.\.\): the object is corrupt or was rewritten",
     ):
         dataset.read_shard(1)

@@ -49,6 +49,7 @@ def test_invalid_json_and_non_object(tmp_path):
         (lambda m: m.update(d_model="4"), "field 'd_model': Input should be a valid integer"),
         (lambda m: m.update(n_rows=26), "field 'n_rows': 26, but the train shards hold 25 rows"),
         (lambda m: m["shards"][1].pop("sha256"), r"field 'shards\[1\].sha256': Field required"),
+        (lambda m: m["shards"][1].update(blake3="00ff"), r"field 'shards\[1\].blake3': String should match"),
         (
             lambda m: m["eval_shards"][0].update(path="../elsewhere.arrow"),
             r"field 'eval_shards\[0\].path': '../elsewhere.arrow' must be a path relative to the dataset prefix",

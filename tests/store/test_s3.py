@@ -53,7 +53,7 @@ def test_synth_to_s3_reads_back_like_local(tmp_path, bucket):
     assert out.returncode == 0, out.stderr
     synth_dataset(str(tmp_path / "local"), SMALL)
     remote, local = ActivationDataset.open(uri), ActivationDataset.open(str(tmp_path / "local"))
-    assert remote.manifest.shards == local.manifest.shards  # same bytes, same sha256
+    assert remote.manifest.shards == local.manifest.shards  # same bytes, same checksums
     for index in range(3):
         assert torch.equal(remote.read_shard(index), local.read_shard(index))
     torch.testing.assert_close(remote.ground_truth(), local.ground_truth())
@@ -68,7 +68,7 @@ def test_corrupted_object_is_named(bucket):
     fs.write_bytes(shard, bytes(data))
     dataset = ActivationDataset.open(uri)
     dataset.read_shard(0)  # the others are fine
-    with pytest.raises(DatasetError, match="train/00001.arrow.*sha256 mismatch"):
+    with pytest.raises(DatasetError, match="train/00001.arrow.*blake3 mismatch"):
         dataset.read_shard(1)
 
 

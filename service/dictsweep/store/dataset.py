@@ -6,6 +6,7 @@ import hashlib
 import math
 from typing import Literal
 
+import blake3
 import numpy as np
 import safetensors.torch
 import torch
@@ -66,8 +67,9 @@ class ActivationDataset:
     def read_shard_bytes(
         self, index: int, split: Split = "train", buffer: bytearray | None = None
     ) -> bytearray | memoryview:
-        """The bytes of one shard, checked against the manifest's size and sha256 (read into
-        `buffer` when it is large enough: see `fs.read_bytearray`)."""
+        """The bytes of one shard, checked against the manifest's size and checksum (BLAKE3 where
+        the manifest has it, else SHA-256; read into `buffer` when it is large enough: see
+        `fs.read_bytearray`)."""
         info = self.shards(split)[index]
         where = f"shard {info.path} of {self.uri}"
         try:
@@ -81,10 +83,11 @@ class ActivationDataset:
                 f"{where}: {len(data)} bytes, the manifest says {info.bytes}: the "
                 "object is truncated or was rewritten after the manifest"
             )
-        digest = hashlib.sha256(data).hexdigest()
-        if digest != info.sha256:
+        algorithm, expected = ("blake3", info.blake3) if info.blake3 else ("sha256", info.sha256)
+        digest = checksum(algorithm, data)
+        if digest != expected:
             raise DatasetError(
-                f"{where}: sha256 mismatch (expected {info.sha256[:12]}.., got "
+                f"{where}: {algorithm} mismatch (expected {expected[:12]}.., got "
                 f"{digest[:12]}..): the object is corrupt or was rewritten after "
                 "the manifest"
             )
@@ -301,7 +304,21 @@ def write_shard(
     """
     data = encode_shard(acts, dtype, columns)
     fs.write_bytes(fs.join(uri, path), data)
-    return ShardInfo(path=path, rows=len(acts), bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+    return ShardInfo(
+        path=path,
+        rows=len(acts),
+        bytes=len(data),
+        sha256=checksum("sha256", data),
+        blake3=checksum("blake3", data),
+    )
+
+
+def checksum(algorithm: str, data) -> str:
+    """Hex digest of a shard's bytes: "blake3" (what readers check) or "sha256" (kept in manifests
+    for other tools and for datasets written before BLAKE3)."""
+    if algorithm == "blake3":
+        return blake3.blake3(data, max_threads=1).hexdigest()
+    return hashlib.sha256(data).hexdigest()
 
 
 def write_manifest(

@@ -366,7 +366,13 @@ def _write_manifests(
             for shard in sorted(record["shards"], key=lambda shard: shard["index"]):
                 entry = shard["hooks"][hook]
                 shards[record["split"]].append(
-                    ShardInfo(path=shard["path"], rows=shard["rows"], bytes=entry["bytes"], sha256=entry["sha256"])
+                    ShardInfo(
+                        path=shard["path"],
+                        rows=shard["rows"],
+                        bytes=entry["bytes"],
+                        sha256=entry["sha256"],
+                        blake3=entry.get("blake3"),  # None in records of a harvest begun before it
+                    )
                 )
                 total_sq += entry["sum_sq_norm"]
         if len(d_models) != 1:

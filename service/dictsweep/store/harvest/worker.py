@@ -113,6 +113,7 @@ class BlockHarvester:
                 per_hook[hook] = {
                     "bytes": info.bytes,
                     "sha256": info.sha256,
+                    "blake3": info.blake3,
                     "sum_sq_norm": sum_sq_norms(acts) if block.split == "train" else 0.0,
                 }
             record["shards"].append(
