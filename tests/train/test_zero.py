@@ -18,9 +18,10 @@ from dictsweep.sae.plots import decoder_norm_stats
 from dictsweep.store.dataset import ActivationDataset
 from dictsweep.store.synth import SynthConfig, synth_dataset
 from dictsweep.stream.order import StreamOrder
+from dictsweep.sweep.plan import zero_bytes_per_worker
 from dictsweep.train.evaluate import Evaluator
 from dictsweep.train.loop import EnsembleTrainer
-from dictsweep.train.zero import train_zero, zero_bytes_per_worker
+from dictsweep.train.zero import train_zero
 
 BATCH_ROWS, STEPS, STREAM_SEED, SHUFFLE_SHARDS = 128, 100, 7, 2
 WEIGHT_TOLERANCE = 1e-5  # measured: at most 2.3e-6 (summation order of the gradient average and all-reduces)

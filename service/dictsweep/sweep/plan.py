@@ -16,9 +16,13 @@ from dictsweep.errors import InputError
 from dictsweep.sae import ARCHITECTURES, Member, grid_keys, member_from_params
 from dictsweep.train.actor import EnsembleSpec
 from dictsweep.train.target_l0 import TargetedMember, initial_coef
-from dictsweep.train.zero import ACTIVATION_COPIES, BYTES_PER_FLOAT, zero_bytes_per_worker
 
+# the one memory model (single-device members and ZeRO workers alike), in fp32 floats
+BYTES_PER_FLOAT = 4
 STATE_COPIES = 4  # fp32 weights, gradients, Adam's two moments (ZeRO partitions all but the weights)
+ACTIVATION_COPIES = 4  # [rows, n_latents] tensors alive in a step: pre-activations, latents, their gradients
+TRANSIENT_WEIGHT_COPIES = 3  # ZeRO, [d, n] in a step: the forward's [W_enc; bias], [W_dec, norms], one full gradient
+PARTITIONED_COPIES = 4  # ZeRO, per parameter, split over workers: gradient, fp32 master, Adam's two moments
 
 
 @dataclass(frozen=True)
@@ -109,6 +113,28 @@ def grid_points(spec: SweepSpec) -> list[GridPoint]:
     if len(set(names)) != len(names):
         raise InputError("grid: the same point appears twice (repeated values in a grid list?)")
     return points
+
+
+def zero_bytes_per_worker(
+    d_model: int, n_latents: int, batch_rows: int, workers: int, stage: int, offload: bool
+) -> int:
+    """Device memory of one worker training one fp32 SAE under ZeRO `stage` (2 or 3) on B/G rows.
+
+    Both stages hold the full weights while they compute (ZeRO-3 gathers the one layer an SAE is;
+    its resting partition comes on top), plus the forward's concatenated weight copies and one
+    unreduced gradient; the gradient partition, fp32 master and moments are split G ways and, with
+    `offload`, live on the host instead.
+    """
+    if stage not in (2, 3) or workers < 1:
+        raise ValueError(f"stage must be 2 or 3 and workers >= 1, got stage {stage}, workers {workers}")
+    params = 2 * d_model * n_latents + n_latents + d_model
+    partition = math.ceil(params / workers)
+    resting = partition if stage == 3 else 0
+    partitioned = 0 if offload else PARTITIONED_COPIES * partition
+    activations = ACTIVATION_COPIES * math.ceil(batch_rows / workers) * n_latents
+    return BYTES_PER_FLOAT * (
+        params + resting + TRANSIENT_WEIGHT_COPIES * d_model * n_latents + partitioned + activations
+    )
 
 
 def member_bytes(d_model: int, n_latents: int, batch_rows: int) -> int:

@@ -24,7 +24,7 @@ in `loop.py`); `ZeroTrainer` overrides its hooks with DeepSpeed's terms:
 
 For one SAE (one layer) ZeRO-3 gathers the whole dictionary for each forward and backward, so its
 peak is stage 2's: what ZeRO saves is the gradients, the fp32 master copy and Adam's moments
-(`zero_bytes_per_worker`).
+(the planner's memory model, `sweep/plan.py` `zero_bytes_per_worker`).
 """
 
 from __future__ import annotations
@@ -53,36 +53,9 @@ from dictsweep.train.loop import STEP_METRICS, BatchStatistics, EnsembleTrainer,
 
 TORCH_EXTENSIONS_DIR = "~/.cache/dictsweep/torch_extensions"  # DeepSpeed's JIT-built ops (~60 s to build once)
 CPU_WORKER_RESOURCES = {"CPU": 0.5}  # a placement token: CPU workers share the node's cores
-BYTES_PER_FLOAT = 4
-ACTIVATION_COPIES = 4  # [rows, n_latents] tensors alive in a step: pre-activations, latents, their gradients
-# (one memory model: the planner's single-device estimate uses these too)
-TRANSIENT_WEIGHT_COPIES = 3  # [d, n] in a step: the forward's [W_enc; bias], [W_dec, norms], one full gradient
-PARTITIONED_COPIES = 4  # per parameter, split over workers: gradient, fp32 master, Adam's two moments
 # losses that are means over rows (topk's AuxK weight is corrected to the global batch); batchtopk
 # selects its latents over the whole batch, which no worker holds
 ARCHITECTURES = ("relu", "topk")
-
-
-def zero_bytes_per_worker(
-    d_model: int, n_latents: int, batch_rows: int, workers: int, stage: int, offload: bool
-) -> int:
-    """Device memory of one worker training one fp32 SAE under ZeRO `stage` (2 or 3) on B/G rows.
-
-    Both stages hold the full weights while they compute (ZeRO-3 gathers the one layer an SAE is;
-    its resting partition comes on top), plus the forward's concatenated weight copies and one
-    unreduced gradient; the gradient partition, fp32 master and moments are split G ways and, with
-    `offload`, live on the host instead.
-    """
-    if stage not in (2, 3) or workers < 1:
-        raise ValueError(f"stage must be 2 or 3 and workers >= 1, got stage {stage}, workers {workers}")
-    params = 2 * d_model * n_latents + n_latents + d_model
-    partition = math.ceil(params / workers)
-    resting = partition if stage == 3 else 0
-    partitioned = 0 if offload else PARTITIONED_COPIES * partition
-    activations = ACTIVATION_COPIES * math.ceil(batch_rows / workers) * n_latents
-    return BYTES_PER_FLOAT * (
-        params + resting + TRANSIENT_WEIGHT_COPIES * d_model * n_latents + partitioned + activations
-    )
 
 
 def train_zero(
