@@ -6,8 +6,9 @@ import sys
 
 import typer
 
-from dictsweep.errors import DictsweepError, InputError
-from dictsweep.render import print_plan, print_result, print_sweep, show_logs
+from dictsweep.bench_commands import bench_app
+from dictsweep.errors import DictsweepError
+from dictsweep.render import print_plan, print_sweep, show_logs
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -15,7 +16,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Sparse-autoencoder sweeps over language-model activations.",
 )
-bench_app = typer.Typer(no_args_is_help=True, help="Throughput and memory benchmarks (table and JSON).")
 app.add_typer(bench_app, name="bench")
 
 # typer's rich help prints `<bool>` after a flag, as if it took a value: a flag shows no type
@@ -38,13 +38,6 @@ def _main_options(
     ),
 ) -> None:
     """Sparse-autoencoder sweeps over language-model activations."""
-
-
-def _cuda_available() -> bool:
-    """Whether a GPU is visible, without importing torch for `--help`."""
-    import shutil
-
-    return shutil.which("nvidia-smi") is not None
 
 
 from dictsweep.store.synth import SynthConfig  # noqa: E402  (light: its fields are the help below)
@@ -325,126 +318,6 @@ def inspect(
             f"pass: {timing['rows']} rows in {timing['seconds']} s ({timing['rows_per_s']:,.0f} rows/s), "
             f"peak RSS {timing['peak_rss_mb']:,.0f} MB"
         )
-
-
-@bench_app.command("train")
-def bench_train_command(
-    d_model: int = typer.Option(512, help="Activation width."),
-    n_latents: int = typer.Option(4096, help="Dictionary size."),
-    batch_rows: int = typer.Option(1024, help="Rows per batch."),
-    members: int = typer.Option(8, help="SAEs stacked in the ensemble (K)."),
-    steps: int = typer.Option(20, help="Timed steps per round (after 2 warm-up steps)."),
-    rounds: int = typer.Option(3, help="Rounds: every candidate is timed once per round; medians are reported."),
-    architecture: str = typer.Option("relu", help="Architecture of the ensemble: relu, topk, batchtopk, jumprelu."),
-    k: int = typer.Option(0, help="Active latents per row for topk and batchtopk (0: min(32, n_latents / 16))."),
-    kernel: list[str] = typer.Option([], help="Kernel(s) to time: bmm, loop, compile (default: those auto would try)."),
-    decode: list[str] = typer.Option(["auto"], help="Decoder(s) of the top-k family to time: dense, sparse, auto."),
-    reference: bool = typer.Option(True, help="Also time the same SAEs trained one at a time."),
-    device: str = typer.Option("cuda" if _cuda_available() else "cpu", help="Device to run on."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
-) -> None:
-    """SAE-samples/s of a stacked ensemble vs one-at-a-time training, and peak memory."""
-    from dictsweep.sae import ARCHITECTURES
-    from dictsweep.train.bench import bench_train
-    from dictsweep.train.kernels import KERNELS
-
-    if architecture not in ARCHITECTURES:
-        raise InputError(f"--architecture: {architecture!r} is not one of {sorted(ARCHITECTURES)}")
-    for name in kernel:
-        if name not in KERNELS:
-            raise InputError(f"--kernel: {name!r} is not one of {list(KERNELS)}")
-    for name in decode:
-        if name not in ("auto", "dense", "sparse"):
-            raise InputError(f"--decode: {name!r} is not one of auto, dense, sparse")
-    import torch
-
-    cuda = torch.cuda.is_available()
-    if device not in ("cpu", "cuda") or (device == "cuda" and not cuda):
-        raise InputError(f"--device: {device!r} is not available here (choose from: cpu{', cuda' if cuda else ''})")
-    result = bench_train(
-        d_model,
-        n_latents,
-        batch_rows,
-        members,
-        steps,
-        architecture,
-        tuple(kernel) or None,
-        reference,
-        device,
-        decodes=tuple(decode),
-        rounds=rounds,
-        k=k,
-    )
-    print_result(result, as_json, f"bench train: {architecture} d_model={d_model} n_latents={n_latents}")
-
-
-@bench_app.command("ica")
-def bench_ica_command(
-    rows: int = typer.Option(200_000, help="Rows of the synthetic mixture."),
-    dim: int = typer.Option(256, help="Independent sources, and the width they are mixed into."),
-    tol: float = typer.Option(1e-4, help="Stop when the unmixing changes less than this (both fits)."),
-    max_iter: int = typer.Option(200, help="Most fixed-point iterations (both fits)."),
-    batch_rows: int = typer.Option(65_536, help="Rows per batch of the torch fit's passes."),
-    sklearn: bool = typer.Option(True, help="Also fit scikit-learn's FastICA (CPU) on the same data."),
-    device: str = typer.Option("cuda" if _cuda_available() else "cpu", help="Device of the torch fit."),
-    seed: int = typer.Option(0, help="Seed of the mixture and of the shared initial unmixing."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
-) -> None:
-    """Torch FastICA vs scikit-learn's on one mixture: seconds, iterations, source recovery."""
-    import importlib.util
-
-    from dictsweep.train.bench_baselines import bench_ica
-
-    if sklearn and importlib.util.find_spec("sklearn") is None:
-        raise InputError("--sklearn needs scikit-learn: pip install scikit-learn, or pass --no-sklearn")
-
-    result = bench_ica(rows, dim, tol, max_iter, device, sklearn, batch_rows, seed)
-    print_result(result, as_json, f"bench ica: {rows} x {dim}")
-
-
-@bench_app.command("stream")
-def bench_stream_command(
-    uri: str = typer.Option(..., help="Dataset prefix (folder, file:// or s3://)."),
-    readers: int = typer.Option(4, help="Reader actors (each fetches a window's shards concurrently)."),
-    batch_rows: int = typer.Option(4096, help="Rows per batch of the stream."),
-    shuffle_shards: int = typer.Option(4, help="Shards mixed in the shuffle buffer."),
-    consumers: int = typer.Option(1, help="Trainer-like consumers on this node, each taking every batch (as GPUs do)."),
-    windows: int = typer.Option(3, help="Windows (shuffle buffers) held per node: how far the readers work ahead."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
-) -> None:
-    """MB/s and rows/s of the readers and of the stream per consumer, beside a plain concurrent GET."""
-    from dictsweep.stream.bench import bench_stream
-
-    for name, value in (
-        ("--readers", readers),
-        ("--batch-rows", batch_rows),
-        ("--shuffle-shards", shuffle_shards),
-        ("--consumers", consumers),
-        ("--windows", windows),
-    ):
-        if value < 1:
-            raise InputError(f"{name} must be at least 1, got {value}")
-    print_result(
-        bench_stream(uri, readers, batch_rows, shuffle_shards, consumers, windows), as_json, f"bench stream: {uri}"
-    )
-
-
-@bench_app.command("inspect")
-def bench_inspect_command(
-    uri: str = typer.Option(..., help="Dataset prefix (a harvest, with contexts/, for the whole inspect)."),
-    n_latents: int = typer.Option(16384, help="Latents of the bench dictionary."),
-    tokens: int = typer.Option(None, help="Most rows read (default: all train rows)."),
-    batch_rows: int = typer.Option(1024, help="Rows per batch of the pass."),
-    firing: float = typer.Option(0.005, help="Fraction of rows each bench latent fires on."),
-    top: int = typer.Option(20, help="Top contexts per latent."),
-    device: str = typer.Option("cuda" if _cuda_available() else "cpu", help="Device to run on."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
-) -> None:
-    """Rows/s and peak memory of the inspect pass (every per-latent statistic) for one dictionary."""
-    from dictsweep.analysis.bench import bench_inspect
-
-    result = bench_inspect(uri, n_latents, tokens, batch_rows, device, firing, top)
-    print_result(result, as_json, f"bench inspect: {n_latents} latents on {uri}")
 
 
 def main() -> None:
