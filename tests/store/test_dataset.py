@@ -1,4 +1,5 @@
 import json
+import mmap
 
 import numpy as np
 import pytest
@@ -49,6 +50,33 @@ def test_read_shard_bytes_then_decode_is_zero_copy(small_dataset):
     acts = dataset.decode(data, 0)
     base = np.frombuffer(data, dtype=np.uint8).ctypes.data
     assert isinstance(data, bytearray) and base <= acts.data_ptr() < base + len(data)
+
+
+def test_a_mapped_shard_is_the_files_bytes_private_to_the_process_and_checked_alike(small_dataset):
+    """What readers do with a local dataset: the decoded rows view the page cache's bytes, a write
+    to them stays in the process, and every check reads the same as for read bytes."""
+    prefix, train = small_dataset[0], small_dataset[1]
+    dataset = ActivationDataset.open(str(prefix))
+    data = dataset.read_shard_bytes(0, mapped=True)
+    acts = dataset.decode(data, 0)
+    base = np.frombuffer(data, dtype=np.uint8).ctypes.data
+    assert isinstance(data, mmap.mmap) and base <= acts.data_ptr() < base + len(data)
+    assert torch.equal(acts, train[:10])
+    acts.fill_(7.0)
+    assert torch.equal(dataset.read_shard(0), train[:10])  # the file is as it was
+    path = prefix / "train" / "00001.arrow"
+    size = path.stat().st_size
+    corrupt = bytearray(path.read_bytes())
+    corrupt[size // 2] ^= 0xFF
+    path.write_bytes(bytes(corrupt))
+    with pytest.raises(DatasetError, match=r"shard train/00001.arrow of .*: blake3 mismatch"):
+        dataset.read_shard_bytes(1, mapped=True)
+    path.write_bytes(bytes(corrupt[:100]))
+    with pytest.raises(DatasetError, match=f"shard train/00001.arrow of .*: 100 bytes, the manifest says {size}"):
+        dataset.read_shard_bytes(1, mapped=True)
+    path.unlink()
+    with pytest.raises(DatasetError, match="shard train/00001.arrow of .* is missing"):
+        dataset.read_shard_bytes(1, mapped=True)
 
 
 def test_crash_inside_the_writer_leaves_no_dataset(tmp_path):

@@ -1,3 +1,4 @@
+import mmap
 import os
 
 from fsspec.implementations.local import LocalFileSystem
@@ -41,3 +42,17 @@ def test_read_bytearray_returns_the_whole_object_whatever_the_size_hint():
     for hint in (10, 4, 20, 0):
         data = fs.read_bytearray(uri, hint)
         assert isinstance(data, bytearray) and data == b"0123456789"
+
+
+def test_read_mapped_maps_a_local_file_of_the_expected_size_and_reads_anything_else(tmp_path):
+    path = tmp_path / "file.bin"
+    path.write_bytes(b"0123456789")
+    mapped = fs.read_mapped(str(path), 10)
+    assert isinstance(mapped, mmap.mmap) and mapped[:] == b"0123456789"
+    mapped[0:1] = b"X"  # copy-on-write: the file keeps its bytes
+    assert path.read_bytes() == b"0123456789"
+    assert fs.read_mapped(str(path), 4) == bytearray(b"0123456789")  # its real size, for the caller to report
+    path.write_bytes(b"")
+    assert fs.read_mapped(str(path), 0) == bytearray()
+    fs.write_bytes("memory://store-test/mapped.bin", b"abc")
+    assert fs.read_mapped("memory://store-test/mapped.bin", 3) == bytearray(b"abc")

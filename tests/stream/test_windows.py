@@ -58,6 +58,8 @@ def test_a_window_is_its_shards_rows_in_stream_order(dataset, threads):
         assert np.array_equal(rows, shards[order.row_permutation(window)])
         assert not np.array_equal(rows, shards)  # shuffled across the window
         assert read == sum(dataset.shards("train")[shard].bytes for shard in window.shards)
+    if memory is not None:
+        assert memory.shards == {}  # a local dataset's shards are mapped, never read into buffers
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import mmap
 from typing import Literal
 
 import blake3
@@ -65,15 +66,17 @@ class ActivationDataset:
         return fs.join(self.uri, info.path)
 
     def read_shard_bytes(
-        self, index: int, split: Split = "train", buffer: bytearray | None = None
-    ) -> bytearray | memoryview:
+        self, index: int, split: Split = "train", buffer: bytearray | None = None, mapped: bool = False
+    ) -> bytearray | memoryview | mmap.mmap:
         """The bytes of one shard, checked against the manifest's size and checksum (BLAKE3 where
         the manifest has it, else SHA-256; read into `buffer` when it is large enough: see
-        `fs.read_bytearray`)."""
+        `fs.read_bytearray`). With `mapped`, a local shard is mapped instead of read (`fs.read_mapped`):
+        for a caller that is done with the bytes before the shard could be replaced."""
         info = self.shards(split)[index]
         where = f"shard {info.path} of {self.uri}"
+        read = fs.read_mapped if mapped else fs.read_bytearray
         try:
-            data = fs.read_bytearray(self.shard_uri(info), info.bytes, buffer)
+            data = read(self.shard_uri(info), info.bytes, buffer)
         except FileNotFoundError:
             raise DatasetError(f"{where} is missing: the dataset is incomplete; copy or write it again") from None
         except OSError as error:

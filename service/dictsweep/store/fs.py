@@ -7,6 +7,7 @@ callers that know what the file means turn those into DatasetError.
 from __future__ import annotations
 
 import functools
+import mmap
 import os
 import re
 import uuid
@@ -101,6 +102,11 @@ def resolve(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return fsspec.core.url_to_fs(uri)
 
 
+def is_local(uri: str) -> bool:
+    """Whether `uri` names this machine's file system."""
+    return isinstance(resolve(uri)[0], LocalFileSystem)
+
+
 def join(uri: str, *parts: str) -> str:
     """`uri` with `parts` appended by '/', keeping its scheme: join('s3://b/p', 'x/y') = 's3://b/p/x/y'."""
     out = uri if uri.endswith("://") else uri.rstrip("/") or "/"
@@ -173,6 +179,22 @@ def read_bytearray(uri: str, size: int, buffer: bytearray | None = None) -> byte
     data = bytearray(view[:filled]) + rest  # not the size the caller expected: it reports that
     view.release()
     return data
+
+
+@checked
+def read_mapped(uri: str, size: int, buffer: bytearray | None = None) -> mmap.mmap | bytearray | memoryview:
+    """Like `read_bytearray`, but a local file of `size` bytes comes back mapped copy-on-write: its
+    bytes are the page cache's, not copied into the process (a write stays private to it).
+
+    Map only files that are replaced whole, never rewritten in place (dataset shards are): a file
+    truncated while mapped faults (SIGBUS) where the lost pages are touched.
+    """
+    fs, path = resolve(uri)
+    if isinstance(fs, LocalFileSystem) and size > 0:
+        with open(path, "rb") as file:
+            if os.fstat(file.fileno()).st_size == size:
+                return mmap.mmap(file.fileno(), size, access=mmap.ACCESS_COPY)
+    return read_bytearray(uri, size, buffer)
 
 
 @checked

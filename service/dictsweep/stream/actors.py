@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 import ray
 
+from dictsweep.store import fs
 from dictsweep.store.dataset import ActivationDataset
 from dictsweep.stream.order import StreamOrder, Window
 
@@ -55,7 +56,8 @@ def stream_orders(
 
 class ReaderMemory:
     """The buffers a reader fills window after window: touching fresh pages costs more than
-    copying into warm ones (a window and its shards' bytes are hundreds of MB)."""
+    copying into warm ones (a window and its shards' bytes are hundreds of MB). Shards of a local
+    dataset are mapped, not read, so they need no buffers."""
 
     def __init__(self):
         self.window = np.empty(0, np.uint8)
@@ -66,8 +68,9 @@ class ReaderMemory:
         infos = dataset.shards("train") + dataset.shards("eval")
         largest = sorted((info.rows for info in infos), reverse=True)[:shuffle_shards]
         self.window_rows(sum(largest), dataset.d_model, NUMPY_DTYPES[dataset.dtype]).fill(0)
-        for position in range(min(shuffle_shards, len(infos))):
-            self.shard_bytes(position, max(info.bytes for info in infos))
+        if not fs.is_local(dataset.uri):
+            for position in range(min(shuffle_shards, len(infos))):
+                self.shard_bytes(position, max(info.bytes for info in infos))
 
     def window_rows(self, rows: int, d_model: int, dtype: np.dtype) -> np.ndarray:
         size = rows * d_model * np.dtype(dtype).itemsize
@@ -91,19 +94,20 @@ def read_window(
 ) -> tuple[np.ndarray, int]:
     """A window's rows in stream order `[window.rows, d_model]` (stored dtype) and the bytes read.
 
-    Each shard is fetched, checked (size, sha256, rows, finite values) and decoded as a view of its
-    fetched bytes, then scattered to its rows' places in the window: one copy per row. With `pool`,
+    Each shard is fetched (a local one mapped, not copied), checked (size, checksum, rows, finite
+    values) and decoded as a view of its bytes, then scattered to its rows' places in the window:
+    one copy per row. With `pool`,
     the shards of the window are handled concurrently (hashing, reads and numpy scatters release
     the GIL). With `memory`, the result lives in its buffers until the next call.
     """
-    shards = dataset.shards(split)
+    shards, local = dataset.shards(split), fs.is_local(dataset.uri)
     starts = np.cumsum([0] + [shards[shard].rows for shard in window.shards])
     permutation = order.row_permutation(window)
 
     def fetch(position: int) -> tuple[np.ndarray, int]:
         shard = window.shards[position]
-        buffer = memory.shard_bytes(position, shards[shard].bytes) if memory is not None else None
-        data = dataset.read_shard_bytes(shard, split, buffer)
+        buffer = memory.shard_bytes(position, shards[shard].bytes) if memory is not None and not local else None
+        data = dataset.read_shard_bytes(shard, split, buffer, mapped=True)  # local: the page cache's bytes
         return as_numpy(dataset.decode(data, shard, split)), len(data)  # [shard rows, d_model], a view of `data`
 
     if permutation is None and len(window.shards) == 1:
