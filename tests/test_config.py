@@ -4,7 +4,7 @@ key taken as a one-item list, warnings for settings that cannot do what they say
 import pytest
 import yaml
 
-from dictsweep.config import load_spec, spec_warnings
+from dictsweep.spec_file import load_spec, spec_warnings
 from dictsweep.errors import InputError
 
 BASE = {"name": "hints", "data": {"uri": "/tmp/none"}, "grid": {"n_latents": [64]}}

@@ -4,7 +4,7 @@ where a number is meant; the error names where the value came from and the field
 import pytest
 import yaml
 
-from dictsweep.config import load_spec
+from dictsweep.spec_file import load_spec
 
 SPEC = {
     "name": "numbers",

@@ -106,7 +106,7 @@ def run(
     """Run a sweep here: train every SAE of the grid, select, export, record in MLflow."""
     import shlex
 
-    from dictsweep.config import load_spec
+    from dictsweep.spec_file import load_spec
     from dictsweep.errors import Interrupted, RunError
     from dictsweep.sweep.run import run_sweep
 

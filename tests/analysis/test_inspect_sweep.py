@@ -57,7 +57,7 @@ def test_a_sweep_with_evaluation_inspect_leaves_browsers_for_its_selected_saes(
 
     import yaml
 
-    from dictsweep.config import load_spec
+    from dictsweep.spec_file import load_spec
     from dictsweep.sweep.run import run_sweep
 
     uri, _ = minilm_harvest

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dictsweep.config import load_spec
+from dictsweep.spec_file import load_spec
 
 REPO = Path(__file__).resolve().parents[2]
 JOBS = sorted((REPO / "jobs").glob("*.yaml")) + sorted((REPO / "jobs").glob("*.yml"))

@@ -178,7 +178,7 @@ def test_rayjob_runs_a_valid_spec_mounted_from_a_configmap(k8s_objects, tmp_path
     import typer.main
 
     from dictsweep.cli import app
-    from dictsweep.config import load_spec
+    from dictsweep.spec_file import load_spec
 
     configmaps = {obj["metadata"]["name"]: obj["data"] for _, obj in k8s_objects if obj["kind"] == "ConfigMap"}
     jobs = [obj for _, obj in k8s_objects if obj["kind"] == "RayJob"]

@@ -359,7 +359,7 @@ def test_bad_option_values_name_the_option():
 
 
 def test_minilm_job_spec_loads():
-    from dictsweep.config import load_spec
+    from dictsweep.spec_file import load_spec
 
     spec = load_spec(str(Path(__file__).parents[2] / "jobs" / "minilm-layer3.yaml"))
     assert spec.data.uri == "./data/minilm-layer3" and spec.data.synth is None

@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from dictsweep import load_dictionary
-from dictsweep.config import load_spec
+from dictsweep.spec_file import load_spec
 from dictsweep.store.dataset import ActivationDataset
 from dictsweep.errors import InputError
 from dictsweep.sweep.baselines import BaselineFeed, BaselineSampler, planned_batches

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import yaml
 
-from dictsweep.config import load_spec
+from dictsweep.spec_file import load_spec
 from dictsweep.sweep.run import run_sweep
 from dictsweep.sweep.report import pareto_figure, pareto_plot
 

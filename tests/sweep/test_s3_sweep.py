@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from dictsweep import load_dictionary
-from dictsweep.config import load_spec
+from dictsweep.spec_file import load_spec
 from dictsweep.store import fs
 from dictsweep.store.synth import SynthConfig, synth_dataset
 from dictsweep.sweep.run import run_sweep

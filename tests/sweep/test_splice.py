@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from dictsweep.config import load_spec
+from dictsweep.spec_file import load_spec
 from dictsweep.sae.baselines import baseline_dictionary, fit_pca, identity_basis
 from dictsweep.sae.export import dictionary_files, saelens_config
 from dictsweep.store.dataset import ActivationDataset

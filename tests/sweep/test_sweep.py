@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from dictsweep import load_dictionary
-from dictsweep.config import load_spec
+from dictsweep.spec_file import load_spec
 from dictsweep.errors import RunError
 from dictsweep.store.dataset import ActivationDataset
 from dictsweep.sweep.run import run_sweep

@@ -4,7 +4,7 @@ like any other."""
 import json
 
 from dictsweep import load_dictionary
-from dictsweep.config import load_spec
+from dictsweep.spec_file import load_spec
 from dictsweep.sweep.run import run_sweep
 
 

@@ -14,7 +14,7 @@ import time
 import yaml
 
 import dictsweep
-from dictsweep.config import load_spec
+from dictsweep.spec_file import load_spec
 from dictsweep.errors import InputError, RunError
 
 SPEC_NAME = "sweep.yaml"

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import logging
 
-from dictsweep.config import SweepSpec, spec_warnings
+from dictsweep.config import SweepSpec
+from dictsweep.spec_file import spec_warnings
 from dictsweep.errors import InputError
 from dictsweep.store import fs
 from dictsweep.store.dataset import ActivationDataset

@@ -8,7 +8,8 @@ import secrets
 import time
 
 from dictsweep.cluster import cluster_devices, given_devices, local_devices, start_ray
-from dictsweep.config import SweepSpec, spec_warnings
+from dictsweep.config import SweepSpec
+from dictsweep.spec_file import spec_warnings
 from dictsweep.errors import InputError, Interrupted, RunError, first_line, stopped_by_signals
 from dictsweep.store import fs
 from dictsweep.store.dataset import ActivationDataset
