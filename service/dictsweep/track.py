@@ -42,6 +42,7 @@ ROLE_TAG, SWEEP_ROLE, SAE_ROLE = "dictsweep.role", "sweep", "sae"
 SELECTED_TAG, POINT_TAG, STATUS_TAG = "dictsweep.selected", "dictsweep.point", "dictsweep.status"
 WHY_TAG = "dictsweep.why"  # why an SAE was or was not selected
 DICTIONARY_PATH = "dictionary"
+INSPECT_PATH = "inspect"  # a run's `dictsweep inspect` output
 # MLflow 3's UI files an experiment as GenAI (traces) or model training by this tag, and by the URL's
 # `workflowType` (which wins over the tag where the UI offers both): sweeps are model training
 KIND_TAG, TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
@@ -441,9 +442,6 @@ def download_dictionary(client, run_id: str, local_dir: str) -> str:
                 client.download_artifacts(run_id, f"{DICTIONARY_PATH}/{name}", scratch), os.path.join(local_dir, name)
             )
     return local_dir
-
-
-INSPECT_PATH = "inspect"
 
 
 def log_inspection(client, run_id: str, folder: str) -> None:
