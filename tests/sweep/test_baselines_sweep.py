@@ -3,6 +3,8 @@ without holding them up, fitted, matched to the selected SAEs' L0, evaluated lik
 exported, and recorded as MLflow runs of their own."""
 
 import json
+import os
+import threading
 import time
 
 import numpy as np
@@ -200,35 +202,44 @@ def test_sampler_state_comes_back_whole_and_a_planted_pickle_runs_nothing(tmp_pa
     assert not (tmp_path / "ran").exists()
 
 
-def test_feed_never_waits_for_a_slow_sampler(ray_local):
-    """A sampler that takes 0.5 s a batch: offering 40 batches returns at once, at most `limit` calls
-    are queued on it, the rest wait in the driver; draining delivers each planned batch once, in order
-    (those no trainer offered come from `batch`)."""
+def test_feed_never_waits_for_a_slow_sampler(ray_local, tmp_path):
+    """A sampler that takes no batch until a gate opens: offering 40 batches still returns, at most
+    `limit` calls are queued on it, the rest wait in the driver; draining delivers each planned batch
+    once, in order (those no trainer offered come from `batch`)."""
     ray = ray_local
+    gate = str(tmp_path / "open")
 
     @ray.remote(num_cpus=0)
-    class SlowSampler:
+    class GatedSampler:
         def __init__(self):
             self.seen = []
 
         def add(self, index, batch):
-            time.sleep(0.5)
+            while not os.path.exists(gate):
+                time.sleep(0.01)
             self.seen.append((index, int(batch[0, 0])))
             return len(self.seen)
 
         def log(self):
             return self.seen
 
-    actor = SlowSampler.remote()
+    actor = GatedSampler.remote()
     planned = planned_batches(40, 8, 8 * 10)  # every 4th batch
     feed = BaselineFeed(actor, planned, done=[0], limit=3)
     refs = {index: ray.put(np.full((8, 4), index, dtype=np.float32)) for index in range(40)}
-    start = time.perf_counter()
-    for index in range(30):  # as trainers send their steps; batches 32 and 36 are never sent
-        feed.offer(index, refs[index])
-        feed.offer(index, refs[index])  # a second trainer on the node: the same reference, taken once
-        feed.pump()
-    assert time.perf_counter() - start < 0.5
+
+    def offer_all():
+        for index in range(30):  # as trainers send their steps; batches 32 and 36 are never sent
+            feed.offer(index, refs[index])
+            feed.offer(index, refs[index])  # a second trainer on the node: the same reference, taken once
+            feed.pump()
+
+    trainers = threading.Thread(target=offer_all, daemon=True)
+    trainers.start()
+    trainers.join(timeout=120)  # with the gate shut, a feed that waited on its sampler never returns
+    waited = trainers.is_alive()
+    open(gate, "w").close()
+    assert not waited, "offering batches waited for the sampler"
     assert len(feed.in_flight) == 3 and len(feed.waiting) == 4 and not feed.complete
     feed.drain(lambda index: refs[index])
     assert feed.complete
