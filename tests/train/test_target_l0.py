@@ -106,6 +106,33 @@ def test_jumprelu_target_penalty_lowers_thresholds_when_below_its_target():
     assert gradient[0] > 0 > gradient[1]  # descent lowers the thresholds of the first, raises the second's
 
 
+def test_jumprelu_thresholds_aimed_at_each_target_when_steering_starts(toy):
+    """At the first step of the controller's window each targeted member's thresholds are set so
+    it fires at about its target: thresholds moving one learning rate per step under Adam took most
+    of a thousand steps to bring an L0 of hundreds down, and the targets were missed by a third."""
+    members = [
+        TargetedMember(lr=3e-3, seed=0, l1_coef=1.0, target_l0=2.0),
+        TargetedMember(lr=3e-3, seed=1, l1_coef=1.0, target_l0=8.0),
+        Member(lr=3e-3, seed=2, l1_coef=0.1),  # no target: its thresholds are left to the optimizer
+    ]
+    rows, batch = 256 * 40, 256
+    trainer = train(toy, members, rows, architecture="jumprelu", batch=batch, stop=0)
+    first_step = trainer.l0_controller.first_step
+    assert first_step == 2  # the sparsity warm-up: 5% of 40 steps
+    for step in range(first_step):
+        trainer.step(toy[step * batch : (step + 1) * batch])
+    before = trainer.log_metrics()["l0"]
+    assert min(before) > 16  # a quarter of the latents and more: far above the targets
+    trainer.step(toy[first_step * batch : (first_step + 1) * batch])  # aims at this batch, then steps
+    at_start = trainer.log_metrics()["l0"]  # this one step's batch L0
+    assert at_start[:2] == pytest.approx([2.0, 8.0], rel=0.15), at_start
+    assert at_start[2] > 16
+    untargeted_threshold = trainer.ensemble.threshold[2].clone()
+    aimed = trainer.ensemble.aim_at_l0(toy[:batch] * trainer.ensemble.input_scale)["threshold"]  # [K, n]
+    assert aimed.all(-1).tolist() == [True, True, False]
+    assert torch.equal(trainer.ensemble.threshold[2], untargeted_threshold)
+
+
 @pytest.fixture(scope="module")
 def toy128():
     config = SynthConfig(d_model=32, n_features=128, active=3, decay=0.99, rows=1, seed=2)

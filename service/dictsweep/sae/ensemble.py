@@ -250,6 +250,12 @@ class Ensemble(nn.Module):
         counts = torch.zeros(self.n_members, self.n_latents, device=fired.device)
         return counts.scatter_add_(-1, latent_indices.flatten(1), fired.flatten(1).float())
 
+    def aim_at_l0(self, x: Tensor) -> dict[str, Tensor]:
+        """Where the architecture can: set its parameters from a scaled batch `[B, d_model]` so each
+        member with an L0 target fires at about that target; returns what changed: parameter name ->
+        mask (for the optimizer's moments). The base has nothing to set."""
+        return {}
+
     # -- constraints around the optimizer step --------------------------------------------------
     @torch.no_grad()
     def constrain_gradients(self) -> None:

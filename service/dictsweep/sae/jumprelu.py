@@ -5,7 +5,8 @@ member with an L0 target T (`grid.target_l0`) is penalised by `l1_coef` * (L0 / 
 The step has no useful gradient, so the threshold learns through straight-through estimators with
 a rectangle kernel of width `BANDWIDTH`; the encoder gets the plain gradient of pre * H(pre - t).
 Initial threshold, bandwidth and decoder norm are SAELens' defaults for inputs of norm ~sqrt(d_model)
-(our training scale). The threshold is kept >= 0 after each step.
+(our training scale); a member with an L0 target has its thresholds set to fire at it when the
+controller starts steering (`aim_at_l0`). The threshold is kept >= 0 after each step.
 """
 
 from __future__ import annotations
@@ -80,6 +81,23 @@ class JumpReLUEnsemble(Ensemble):
         threshold raised too far has no force but reconstruction to bring it back)."""
         targeted = self.target_l0 > 0
         return torch.where(targeted, (l0 / self.target_l0.clamp(min=1e-6) - 1).square(), l0)
+
+    @torch.no_grad()
+    def aim_at_l0(self, x: Tensor) -> dict[str, Tensor]:
+        """Each latent of a member with target T gets the threshold that its pre-activations on the
+        batch `x [B, d_model]` exceed on a fraction T / n_latents of rows: the member's L0 is then
+        about T. Under Adam a threshold moves about one learning rate per step, too slow to bring an
+        L0 of hundreds down to tens in a thousand steps."""
+        pre = self.pre_acts(x)  # [K, B, n_latents]
+        aimed = torch.zeros_like(self.threshold, dtype=torch.bool)  # [K, n_latents]
+        for index, member in enumerate(self.members):
+            target = getattr(member, "target_l0", 0.0)
+            if target <= 0:
+                continue
+            rows_fired = min(len(x) - 1, round(target / self.n_latents * len(x)))
+            self.threshold[index] = pre[index].topk(rows_fired + 1, dim=0).values[-1].clamp(min=0.0)
+            aimed[index] = True
+        return {"threshold": aimed}
 
     @torch.no_grad()
     def constrain_weights(self) -> None:

@@ -1,10 +1,10 @@
 """The training step on one device: every ensemble it holds steps on each batch.
 
-Read `EnsembleTrainer.step` top to bottom: scale the batch, forward (bf16 autocast on GPUs), the
-losses, backward with per-member clipping folded into Adam at the scheduled learning rate and the
-decoder constraints, the batch's statistics, firing statistics, metric sums, L0 targets, dead-latent
-resampling. The ZeRO trainer (`zero.py`) runs the same step and overrides its hooks: `losses`,
-`apply`, `reduce` and `replace_dead`.
+Read `EnsembleTrainer.step` top to bottom: scale the batch (aim at the L0 targets when steering
+starts), forward (bf16 autocast on GPUs), the losses, backward with per-member clipping folded into
+Adam at the scheduled learning rate and the decoder constraints, the batch's statistics, firing
+statistics, metric sums, L0 targets, dead-latent resampling. The ZeRO trainer (`zero.py`) runs the
+same step and overrides its hooks: `losses`, `apply`, `reduce` and `replace_dead`.
 """
 
 from __future__ import annotations
@@ -172,6 +172,8 @@ class EnsembleTrainer(DeadLatents):
         """One optimizer step of every member on a raw batch `[B, d_model]` (under ZeRO, this worker's
         slice of the global batch)."""
         x = self.scale(batch)
+        if self.l0_controller is not None and self.step_count == self.l0_controller.first_step:
+            self.aim_at_l0(x)  # the controller then starts near the targets
         # a tensor, not a float, so a compiled forward is not specialised on every warm-up value
         # (a fill, not torch.tensor: copying a host scalar to a GPU waits for the stream)
         warmup = torch.full((), sparsity_factor(self.step_count, self.total_steps, self.config), device=self.device)
@@ -224,6 +226,12 @@ class EnsembleTrainer(DeadLatents):
         for name, mask in changed.items():
             self.optimizer.reset(getattr(self.ensemble, name), mask)
         return changed
+
+    def aim_at_l0(self, x: Tensor) -> None:
+        """Set what the architecture can so each targeted member fires at about its L0 target on the
+        scaled batch `x`, with fresh Adam moments for what changed."""
+        for name, mask in self.ensemble.aim_at_l0(x).items():
+            self.optimizer.reset(getattr(self.ensemble, name), mask)
 
     def log_metrics(self) -> dict[str, list[float]]:
         """Per-member means since the last call, with the current dead and dense fractions and the

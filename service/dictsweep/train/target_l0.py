@@ -13,6 +13,9 @@ target-L0 loss of Marks et al.'s dictionary_learning): a plain L0 penalty only e
 thresholds, so once the controller overshoots (the thresholds lag the coefficient by hundreds of
 steps) nothing but reconstruction lowers them again and the L0 settles far below its target.
 As that penalty pulls the L0 up by itself below the target, a jumprelu coefficient only grows.
+At the first step of steering (`L0Controller.first_step`) the trainer has the ensemble aim at the
+targets (`Ensemble.aim_at_l0`: jumprelu sets each latent's threshold to fire on target / n_latents
+of the batch's rows), so the controller starts near the target rather than at an L0 of hundreds.
 """
 
 from __future__ import annotations
