@@ -4,6 +4,7 @@ key taken as a one-item list, warnings for settings that cannot do what they say
 import pytest
 import yaml
 
+from dictsweep.config import TrainConfig
 from dictsweep.spec_file import load_spec, spec_warnings
 from dictsweep.errors import InputError
 
@@ -69,3 +70,18 @@ def test_warnings_for_settings_that_cannot_hold(tmp_path):
         )
         == []
     )
+
+
+def test_unset_batch_follows_the_token_budget(tmp_path):
+    # about 4096 steps: small budgets get small batches (more updates), large ones stay efficient
+    assert TrainConfig(tokens=1_048_576).batch_rows == 256
+    assert TrainConfig(tokens=1_000_000).batch_rows == 256
+    assert TrainConfig().batch_rows == 512  # the default 2M tokens
+    assert TrainConfig(tokens=50_000).batch_rows == 256 and TrainConfig(tokens=10**9).batch_rows == 4096
+    assert TrainConfig(tokens=1_000_000, batch_rows=1024).batch_rows == 1024  # a set batch is kept
+    assert load_spec(write(tmp_path, {**BASE, "train": {"tokens": 16_777_216}})).train.batch_rows == 4096
+    assert load_spec(write(tmp_path, BASE), ["train.tokens=1048576"]).train.batch_rows == 256
+    config = TrainConfig(tokens=1_000_000)
+    config.tokens = 10**9  # an assignment keeps the batch it had
+    assert config.batch_rows == 256
+    assert "batch_rows" in error_of(write(tmp_path, {**BASE, "train": {"batch_rows": 0}}), [])

@@ -6,6 +6,7 @@ reference. Reading a spec file and naming its errors: `spec_file`.
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -31,11 +32,27 @@ class Section(BaseModel):
         return number_not_boolean(cls, info.field_name, value)
 
 
+AUTO_BATCH_STEPS = 4096  # the default batch gives about this many optimizer steps (within the bounds below)
+AUTO_BATCH_ROWS = (256, 4096)
+
+
+def default_batch_rows(tokens: int) -> int:
+    """The batch of a budget whose spec sets none: a power of two near tokens / AUTO_BATCH_STEPS, within
+    AUTO_BATCH_ROWS. Recovery at small budgets is limited by updates, not rows (ground-truth recovery at
+    1M tokens: 1024 rows a step 0.83, 256 rows 0.94); large budgets keep large, efficient batches."""
+    low, high = AUTO_BATCH_ROWS
+    return min(high, max(low, 2 ** round(math.log2(max(tokens, 1) / AUTO_BATCH_STEPS))))
+
+
 class TrainConfig(Section):
     """How every SAE of the sweep is trained."""
 
     tokens: int = Field(2_000_000, gt=0, description="Training tokens (activation rows) per SAE.")
-    batch_rows: int = Field(1024, gt=0, description="Rows per training batch, shared by every SAE.")
+    batch_rows: int = Field(
+        None,
+        gt=0,
+        description="Rows per training batch, shared by every SAE (default: train.tokens / 4096 to the nearest power of two, within 256-4096).",
+    )
     lr_warmup_steps: int = Field(100, ge=0, description="Steps of linear learning-rate warm-up from 0.")
     lr_decay_fraction: float = Field(
         0.2, ge=0, le=1, description="Final fraction of steps over which the learning rate decays linearly to 0."
@@ -77,6 +94,11 @@ class TrainConfig(Section):
         description="AuxK loss coefficient for dead latents of topk and batchtopk (Gao et al.: 1/32; 0 turns AuxK off).",
     )
     auxk_k: int = Field(0, ge=0, description="Dead latents per row that AuxK uses (0 = d_model // 2).")
+    auxk_window_tokens: int = Field(
+        0,
+        ge=0,
+        description="AuxK counts a latent dead once it has not fired for this many tokens (0 = train.tokens / 16, at most Gao et al.'s 10M).",
+    )
     resample_every_tokens: int = Field(
         500_000,
         ge=0,
@@ -92,6 +114,19 @@ class TrainConfig(Section):
     checkpoint_every_tokens: int = Field(
         0, ge=0, description="Tokens between checkpoints of every trainer to the sweep's storage (0: only at the end)."
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _batch_from_budget(cls, data):
+        # unset (or null): from the budget; on assignment pydantic passes the current value, kept as is
+        if isinstance(data, dict) and data.get("batch_rows") is None:
+            tokens = data.get("tokens", cls.model_fields["tokens"].default)
+            try:  # a wrong tokens value is reported by its own field; the batch is then the default budget's
+                tokens = int(tokens) if not isinstance(tokens, bool) and int(tokens) > 0 else None
+            except (TypeError, ValueError):
+                tokens = None
+            data = {**data, "batch_rows": default_batch_rows(tokens or cls.model_fields["tokens"].default)}
+        return data
 
 
 class DataConfig(Section):

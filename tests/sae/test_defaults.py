@@ -16,7 +16,7 @@ from dictsweep.store.synth import SynthConfig, build_model, sample_rows
 from dictsweep.sweep.plan import grid_points
 from dictsweep.train.loop import EnsembleTrainer
 
-TOKENS, BATCH = 1_048_576, 1024
+TOKENS = 1_048_576
 
 SHAPES = {  # seeded draws: d_model, features per d_model, decay, active
     "d32": SynthConfig(d_model=32, n_features=96, decay=0.99, active=3, rows=TOKENS, seed=3),
@@ -43,8 +43,10 @@ def test_default_training_recovers_the_ground_truth(shape, architecture):
     assert len({point.lr for point in points}) == 1  # one width: one default learning rate
     ensemble = build_ensemble(architecture, synth.d_model, synth.n_features, [p.member() for p in points])
     ensemble.input_scale.fill_(float((synth.d_model / acts[:65536].pow(2).sum(-1).mean()).sqrt()))
-    trainer = EnsembleTrainer(ensemble, TrainConfig(tokens=TOKENS, batch_rows=BATCH), TOKENS // BATCH)
-    for step in range(TOKENS // BATCH):
-        trainer.step(acts[step * BATCH : (step + 1) * BATCH])
+    config = TrainConfig(tokens=TOKENS)  # the batch too is the default: 256 rows for 1M tokens
+    rows = config.batch_rows
+    trainer = EnsembleTrainer(ensemble, config, TOKENS // rows)
+    for step in range(TOKENS // rows):
+        trainer.step(acts[step * rows : (step + 1) * rows])
     recovered = [mmcs_ground_truth(ensemble.W_dec[i], model.features)["mmcs_ground_truth"] for i in range(len(points))]
     assert max(recovered) >= 0.95, dict(zip([p.name for p in points], recovered))

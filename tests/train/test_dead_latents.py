@@ -11,7 +11,7 @@ import torch
 from dictsweep.config import TrainConfig
 from dictsweep.sae import Member, build_ensemble
 from dictsweep.store.synth import SynthConfig, build_model, sample_rows
-from dictsweep.train.loop import EnsembleTrainer
+from dictsweep.train.loop import EnsembleTrainer, auxk_window
 
 D_MODEL, BATCH, HELD_OUT = 32, 256, 8192
 
@@ -32,7 +32,9 @@ def held_out_dead(data, architecture, n_latents, members, rows, **settings):
     ensemble = build_ensemble(architecture, D_MODEL, n_latents, members)
     ensemble.input_scale.fill_(scale)
     steps = rows // BATCH
-    config = TrainConfig(tokens=rows, batch_rows=BATCH, lr_warmup_steps=20, dead_window_tokens=5000, **settings)
+    config = TrainConfig(
+        **{"tokens": rows, "batch_rows": BATCH, "lr_warmup_steps": 20, "dead_window_tokens": 5000, **settings}
+    )
     trainer = EnsembleTrainer(ensemble, config, steps)
     for step in range(steps):
         trainer.step(train_rows[step * BATCH : (step + 1) * BATCH])
@@ -46,6 +48,19 @@ def test_auxk_lowers_the_dead_fraction(data, architecture):
     without = held_out_dead(data, architecture, 256, members, 50_000, auxk_coef=0.0)
     with_auxk = held_out_dead(data, architecture, 256, members, 50_000)  # auxk_coef 1/32 by default
     assert float(without.mean()) > 0.1  # the regime does kill latents
+    assert float(with_auxk.mean()) < 0.7 * float(without.mean()), (without, with_auxk)
+
+
+def test_auxk_acts_within_a_budget_shorter_than_the_dead_window(data):
+    # AuxK's window is its own (1/16 of the budget by default): with the dead window of 1M tokens
+    # alone, a 50k-token run would never count a latent dead and AuxK would never act
+    assert auxk_window(TrainConfig(tokens=1_048_576)) == 65_536
+    assert auxk_window(TrainConfig(tokens=10**9)) == 10_000_000
+    assert auxk_window(TrainConfig(tokens=10**9, auxk_window_tokens=5000)) == 5000
+    members = [Member(lr=3e-2, seed=seed, k=4) for seed in range(2)]
+    without = held_out_dead(data, "topk", 256, members, 50_000, auxk_coef=0.0, dead_window_tokens=1_000_000)
+    with_auxk = held_out_dead(data, "topk", 256, members, 50_000, dead_window_tokens=1_000_000)
+    assert float(without.mean()) > 0.1
     assert float(with_auxk.mean()) < 0.7 * float(without.mean()), (without, with_auxk)
 
 

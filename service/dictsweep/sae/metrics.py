@@ -90,11 +90,13 @@ class FiringTracker:
             self.window_counts = torch.zeros_like(self.window_counts)
             self.window_start = self.tokens_seen
 
-    def dead_mask(self) -> Tensor:
-        """`[K, n]` True where a latent has not fired within the window (none before a window has passed)."""
-        if self.tokens_seen < self.window_tokens:
+    def dead_mask(self, window_tokens: int | None = None) -> Tensor:
+        """`[K, n]` True where a latent has not fired within the window (none before a window has passed);
+        `window_tokens` replaces the tracker's window (AuxK's is shorter)."""
+        window = window_tokens or self.window_tokens
+        if self.tokens_seen < window:
             return torch.zeros_like(self.last_fired, dtype=torch.bool)
-        return self.tokens_seen - self.last_fired >= self.window_tokens
+        return self.tokens_seen - self.last_fired >= window
 
     def revive(self, latents: Tensor) -> None:
         """Count `latents [K, n]` (e.g. just resampled) as having fired now: a fresh window each."""
