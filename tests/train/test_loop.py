@@ -292,3 +292,22 @@ def test_bench_train_on_a_missing_device_is_invalid_input():
         [sys.executable, "-m", "dictsweep.cli", "bench", "train", "--device", "cuda"], capture_output=True, text=True
     )
     assert out.returncode == 2 and "--device: 'cuda' is not available here" in out.stderr
+
+
+@pytest.mark.parametrize("architecture", ["topk", "batchtopk", "relu"])
+def test_topk_decoder_bias_starts_at_the_first_batch_mean(architecture):
+    # the top-k family centres its inputs from the start (Gao et al. 2024); relu's b_dec starts at 0
+    torch.manual_seed(0)
+    batch = torch.randn(64, 8) + 3.0  # [rows, d_model], mean far from 0
+    members = [Member(lr=1e-3, seed=seed, k=2, l1_coef=1.0) for seed in range(2)]
+    ensemble = build_ensemble(architecture, 8, 16, members)
+    ensemble.input_scale.fill_(0.5)
+    trainer = EnsembleTrainer(ensemble, TrainConfig(tokens=64 * 200, batch_rows=64), 200)
+    trainer.step(batch)  # the first step moves b_dec by at most lr / lr_warmup_steps = 1e-5
+    expected = (batch * 0.5).mean(0) if ensemble.decoder_bias_from_data else torch.zeros(8)
+    for member in range(2):
+        torch.testing.assert_close(ensemble.b_dec[member].detach(), expected, atol=1e-4, rtol=0)
+    assert ensemble.decoder_bias_from_data == (architecture != "relu")
+    before = ensemble.b_dec.detach().clone()
+    trainer.step(batch + 10.0)  # only the first batch sets it
+    torch.testing.assert_close(ensemble.b_dec.detach(), before, atol=1e-4, rtol=0)

@@ -48,6 +48,7 @@ def train_config() -> TrainConfig:
         log_every_tokens=25 * BATCH_ROWS,
         eval_tokens=2048,
         dead_window_tokens=3 * BATCH_ROWS,
+        auxk_window_tokens=BATCH_ROWS,  # topk starts centred on the data: few latents stay silent for long
         resample_every_tokens=25 * BATCH_ROWS,
         kernel="bmm",
         precision="fp32",

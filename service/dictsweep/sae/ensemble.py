@@ -98,6 +98,7 @@ class Ensemble(nn.Module):
     decoder_init_norm: ClassVar[float] = 0.1
     unit_norm_decoder: ClassVar[bool] = False
     dead_latents: ClassVar[str] = "none"  # how training revives dead latents: none, auxk, resample
+    decoder_bias_from_data: ClassVar[bool] = False  # b_dec starts at the first batch's mean (else 0)
     hyperparameters: ClassVar[tuple[HyperParameter, ...]] = (L1_COEF, TARGET_L0)  # its grid keys besides lr and seed
     sparsity_key: ClassVar[str] = "l1_coef"  # the grid key that sets its sparsity: hyperparameters[0]'s
 
@@ -264,6 +265,13 @@ class Ensemble(nn.Module):
         if self.unit_norm_decoder and self.W_dec.grad is not None:
             parallel = torch.linalg.vecdot(self.W_dec.grad, self.W_dec).unsqueeze(-1)  # [K, n_latents, 1]
             self.W_dec.grad.addcmul_(parallel, self.W_dec, value=-1.0)
+
+    @torch.no_grad()
+    def init_decoder_bias(self, x: Tensor) -> None:
+        """Every member's b_dec := the mean of the first (scaled) batch `x [B, d_model]`, so that the
+        encoder starts on centred inputs (Gao et al. 2024 start at the geometric median; the mean is
+        what we measured, and cheaper)."""
+        self.b_dec.copy_(x.float().mean(0).expand_as(self.b_dec))
 
     @torch.no_grad()
     def constrain_weights(self) -> None:

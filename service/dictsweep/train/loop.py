@@ -4,7 +4,7 @@ Read `EnsembleTrainer.step` top to bottom: scale the batch (aim at the L0 target
 starts), forward (bf16 autocast on GPUs), the losses, backward with per-member clipping folded into
 Adam at the scheduled learning rate and the decoder constraints, the batch's statistics, firing
 statistics, metric sums, L0 targets, dead-latent resampling. The ZeRO trainer (`zero.py`) runs the
-same step and overrides its hooks: `losses`, `apply`, `reduce` and `replace_dead`.
+same step and overrides its hooks: `losses`, `apply`, `reduce`, `replace_dead` and `init_decoder_bias`.
 """
 
 from __future__ import annotations
@@ -145,7 +145,7 @@ class EnsembleTrainer(DeadLatents):
     """One ensemble on one device: its optimizer, schedules, firing statistics and dead latents.
 
     `step` is every trainer's step; a trainer that spreads one SAE over devices (`zero.py`) overrides
-    the hooks it calls (`losses`, `apply`, `reduce`, `replace_dead`)."""
+    the hooks it calls (`losses`, `apply`, `reduce`, `replace_dead`, `init_decoder_bias`)."""
 
     def __init__(self, ensemble: Ensemble, config: TrainConfig, total_steps: int, device: torch.device | str = "cpu"):
         self.ensemble = ensemble.to(device)
@@ -183,6 +183,8 @@ class EnsembleTrainer(DeadLatents):
         """One optimizer step of every member on a raw batch `[B, d_model]` (under ZeRO, this worker's
         slice of the global batch)."""
         x = self.scale(batch)
+        if self.step_count == 0 and self.ensemble.decoder_bias_from_data:
+            self.init_decoder_bias(x)
         if self.l0_controller is not None and self.step_count == self.l0_controller.first_step:
             self.aim_at_l0(x)  # the controller then starts near the targets
         # a tensor, not a float, so a compiled forward is not specialised on every warm-up value
@@ -205,6 +207,10 @@ class EnsembleTrainer(DeadLatents):
     def losses(self, x: Tensor, out: EnsembleOutput, dead_mask: Tensor | None) -> dict[str, Tensor]:
         """The step metrics `[K]` by name (`STEP_METRICS`); "loss" is what `apply` back-propagates."""
         return {name: getattr(out, name) for name in STEP_METRICS}
+
+    def init_decoder_bias(self, x: Tensor) -> None:
+        """Before the first step, b_dec from the (scaled) batch `x` (architectures that start it so)."""
+        self.ensemble.init_decoder_bias(x)
 
     def apply(self, loss: Tensor) -> None:
         """Backward of `loss [K]`, then the optimizer step with the decoder constraints around it."""

@@ -355,6 +355,13 @@ class ZeroTrainer(EnsembleTrainer):
             self.reset_moments(getattr(self.ensemble, name), mask)
         return changed
 
+    def init_decoder_bias(self, x: Tensor) -> None:
+        """As `EnsembleTrainer.init_decoder_bias`, from the gathered global batch (every worker the same)."""
+        x_all = gather_rows(x)  # [B, d_model]
+        with self.full_weights(modified=True):
+            self.ensemble.init_decoder_bias(x_all)
+        self.engine.optimizer.refresh_fp32_params()  # the master copy takes the new bias
+
     def reset_moments(self, param: torch.nn.Parameter, mask: Tensor) -> None:
         """Zero both Adam moments of `param` where `mask` (broadcastable to it) is True."""
         from deepspeed.utils import (
