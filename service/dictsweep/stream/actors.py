@@ -179,4 +179,6 @@ class WindowReader:
             "read_seconds": self.seconds,
             "peak_rss_mb": peak_rss_mb(),
             "cpu_seconds": time.process_time(),
+            # pages that came from the disk, not the page cache (a dataset larger than the cache)
+            "major_faults": resource.getrusage(resource.RUSAGE_SELF).ru_majflt,
         }

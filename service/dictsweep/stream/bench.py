@@ -123,6 +123,7 @@ def bench_stream(
     after = ray.get([reader.stats.remote() for reader in pool])
     read_bytes = sum(stats["bytes_read"] for stats in after) - sum(stats["bytes_read"] for stats in before)
     read_cpu = sum(stats["cpu_seconds"] for stats in after) - sum(stats["cpu_seconds"] for stats in before)
+    read_faults = sum(stats["major_faults"] for stats in after) - sum(stats["major_faults"] for stats in before)
     rows = sum(window.rows for window in order.windows(0))
 
     steps = order.epoch_rows // batch_rows
@@ -172,6 +173,7 @@ def bench_stream(
         "reader_rows_per_s": rows / read_seconds,
         "reader_fraction_of_get": (read_bytes / 1e6 / read_seconds) / (megabytes / get_seconds),
         "reader_cpu_ns_per_byte": read_cpu / read_bytes * 1e9,
+        "reader_major_faults": read_faults,
         "stream_rows_per_s": min(per_consumer),
         "stream_mb_per_s": min(per_consumer) * row_bytes / 1e6,
         "consumer_rows_per_s": per_consumer,
