@@ -357,9 +357,8 @@ class ZeroTrainer(EnsembleTrainer):
 
     def init_decoder_bias(self, x: Tensor) -> None:
         """As `EnsembleTrainer.init_decoder_bias`, from the gathered global batch (every worker the same)."""
-        x_all = gather_rows(x)  # [B, d_model]
         with self.full_weights(modified=True):
-            self.ensemble.init_decoder_bias(x_all)
+            self.ensemble.init_decoder_bias(gather_rows(x))  # [B, d_model], every worker's rows
         self.engine.optimizer.refresh_fp32_params()  # the master copy takes the new bias
 
     def reset_moments(self, param: torch.nn.Parameter, mask: Tensor) -> None:
