@@ -136,3 +136,43 @@ def bench_inspect_command(
 
     result = bench_inspect(uri, n_latents, tokens, batch_rows, device, firing, top)
     print_result(result, as_json, f"bench inspect: {n_latents} latents on {uri}")
+
+
+@bench_app.command("recovery")
+def bench_recovery_command(
+    d_model: int = typer.Option(128, help="Width of the synthetic activations."),
+    n_features: int = typer.Option(512, help="Ground-truth features."),
+    decay: float = typer.Option(0.99, help="Feature i fires with probability proportional to decay**i."),
+    active: float = typer.Option(10.0, help="Mean features active in a row."),
+    seed: int = typer.Option(0, help="Seed of the synthetic dataset."),
+    architecture: list[str] = typer.Option(["relu", "topk"], help="Architecture(s) to train."),
+    sizes: list[float] = typer.Option([1.0, 2.0], help="Dictionary sizes as multiples of the feature count."),
+    sparsity: list[float] = typer.Option([], help="k (top-k family) or L0 targets (default: active, 2 x active)."),
+    tokens: int = typer.Option(1_048_576, help="Training tokens per SAE."),
+    threads: int = typer.Option(0, help="torch threads (0: torch's default)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
+) -> None:
+    """Mean max cosine to the ground truth of SAEs trained with the defaults (only sizes and k or L0
+    targets set) on a synthetic dataset, and the best at or above the feature count."""
+    from dictsweep.sae import ARCHITECTURES
+    from dictsweep.store.synth import SynthConfig
+    from dictsweep.sweep.recovery import bench_recovery
+
+    for name in architecture:
+        if name not in ARCHITECTURES:
+            raise InputError(f"--architecture: {name!r} is not one of {sorted(ARCHITECTURES)}")
+    if any(multiple <= 0 for multiple in sizes):
+        raise InputError(f"--sizes must be positive multiples of --n-features, got {sizes}")
+    if any(value <= 0 for value in sparsity):
+        raise InputError(f"--sparsity must be positive, got {sparsity}")
+    synth = SynthConfig.from_cli(
+        d_model=d_model, n_features=n_features, decay=decay, active=active, rows=tokens, seed=seed
+    )
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    result = bench_recovery(synth, architecture, sizes, sparsity, tokens)
+    print_result(
+        result, as_json, f"bench recovery: d_model={d_model} n_features={n_features} decay={decay} active={active}"
+    )

@@ -3,18 +3,16 @@ setting and the learning rate left at their defaults), the best dictionary at or
 ground-truth feature count recovers the features (mean max cosine >= 0.95) within 1M tokens.
 
 The shapes are seeded draws at the small end of the range the defaults are measured on (d_model
-32-256, features 1-4x d_model, decay 0.99-1, 3-10 active); larger ones: README, "Defaults".
+32-256, features 1-4x d_model, decay 0.99-1, 3-10 active); larger ones: `dictsweep bench recovery`
+and the README's "Defaults".
 """
 
 import numpy as np
 import pytest
 
-from dictsweep.config import GridConfig, SweepSpec, TrainConfig
-from dictsweep.sae import build_ensemble
-from dictsweep.sae.metrics import mmcs_ground_truth
+from dictsweep.config import TrainConfig
 from dictsweep.store.synth import SynthConfig, build_model, sample_rows
-from dictsweep.sweep.plan import grid_points
-from dictsweep.train.loop import EnsembleTrainer
+from dictsweep.sweep.recovery import train_synthetic
 
 TOKENS = 1_048_576
 
@@ -32,21 +30,9 @@ def test_default_training_recovers_the_ground_truth(shape, architecture):
     synth = SHAPES[shape]
     model = build_model(synth)
     acts, _ = sample_rows(model, synth, TOKENS, np.random.default_rng(synth.seed))
-    active = int(synth.active)
-    sparsity = {"k": [active, 2 * active]} if architecture == "topk" else {"target_l0": [active, 2 * active]}
-    spec = SweepSpec(
-        name="defaults",
-        data={"uri": "unused"},
-        grid=GridConfig(architecture=[architecture], n_latents=[synth.n_features], **sparsity),
-    )
-    points = grid_points(spec)
-    assert len({point.lr for point in points}) == 1  # one width: one default learning rate
-    ensemble = build_ensemble(architecture, synth.d_model, synth.n_features, [p.member() for p in points])
-    ensemble.input_scale.fill_(float((synth.d_model / acts[:65536].pow(2).sum(-1).mean()).sqrt()))
+    sparsity = [synth.active, 2 * synth.active]
     config = TrainConfig(tokens=TOKENS)  # the batch too is the default: 256 rows for 1M tokens
-    rows = config.batch_rows
-    trainer = EnsembleTrainer(ensemble, config, TOKENS // rows)
-    for step in range(TOKENS // rows):
-        trainer.step(acts[step * rows : (step + 1) * rows])
-    recovered = [mmcs_ground_truth(ensemble.W_dec[i], model.features)["mmcs_ground_truth"] for i in range(len(points))]
-    assert max(recovered) >= 0.95, dict(zip([p.name for p in points], recovered))
+    scores = train_synthetic(synth, acts, model.features, architecture, synth.n_features, sparsity, config)
+    assert len({score["lr"] for score in scores}) == 1  # one width: one default learning rate
+    recovered = {score["name"]: score["mmcs_ground_truth"] for score in scores}
+    assert max(recovered.values()) >= 0.95, recovered

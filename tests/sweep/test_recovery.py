@@ -1,0 +1,48 @@
+"""`dictsweep bench recovery`: the defaults trained on a synthetic shape, scored against its ground truth."""
+
+import json
+
+import pytest
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_bench_recovery_scores_every_sae_and_picks_the_best_at_or_above_the_feature_count(run_cli):
+    code, out = run_cli(
+        "bench", "recovery", "--d-model", "16", "--n-features", "16", "--decay", "1", "--active", "2",
+        "--sizes", "0.5", "--sizes", "1", "--architecture", "relu", "--architecture", "topk",
+        "--tokens", "65536", "--json",
+    )  # fmt: skip
+    assert code == 0, out
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["batch_rows"] == 256  # the default batch for this budget
+    assert result["rarest_feature_fires"] == pytest.approx(65536 * 2 / 16)  # decay 1: every feature alike
+    assert result["features_under_100_fires"] == 0
+    for architecture, sparsity in (("relu", ("l0_2", "l0_4")), ("topk", ("k2", "k4"))):
+        scores = {
+            key.split("/")[1]: value
+            for key, value in result.items()
+            if key.startswith(f"mmcs_ground_truth/{architecture}-")
+        }
+        assert len(scores) == 4, scores  # two sizes x two sparsities
+        assert all(any(part in name for part in sparsity) for name in scores)
+        at_or_above = {name: value for name, value in scores.items() if "-n16-" in name}
+        assert all(0 <= value <= 1 for value in scores.values())
+        assert result[f"{architecture}/best"] in at_or_above  # 8 latents for 16 features never count as the best
+        assert result[f"{architecture}/best_mmcs_ground_truth"] == max(at_or_above.values())
+        assert result[f"{architecture}/best_mmcs_ground_truth"] > 0.9  # 16 equally frequent features in 16 dims: easy
+
+
+@pytest.mark.parametrize(
+    "args, named",
+    [
+        (("--architecture", "nope"), "--architecture"),
+        (("--sizes", "0"), "--sizes"),
+        (("--sparsity", "-1"), "--sparsity"),
+        (("--active", "40", "--n-features", "8"), "--active"),
+    ],
+)
+def test_bench_recovery_names_a_wrong_option(run_cli, args, named):
+    code, out = run_cli("bench", "recovery", "--tokens", "1024", *args)
+    assert code == 2
+    assert named in out
