@@ -74,6 +74,10 @@ def test_too_large_for_a_device_goes_to_zero_or_fits_nowhere():
     )
     forced = make_plan(points, 256, 512, "cuda", 4, 64 * GIB, 16, 0.0, zero="always", zero_workers=2)
     assert {z.point.n_latents for z in forced.zero} == {1024, 65536} and not forced.waves
+    targeted = grid_points(spec(n_latents=[65536], target_l0=[32]))  # steered under ZeRO as on one device
+    steered = make_plan(targeted, 256, 512, "cuda", 4, small_budget, 16, 0.0)
+    assert [z.point.target_l0 for z in steered.zero] == [32] and not steered.unplaced
+    assert steered.zero[0].point.member().target_l0 == 32
 
 
 def test_plan_round_trips_through_json():

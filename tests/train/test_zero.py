@@ -12,7 +12,7 @@ import torch
 import dictsweep
 from dictsweep.config import TrainConfig
 from dictsweep.errors import InputError
-from dictsweep.sae import Member, build_ensemble
+from dictsweep.sae import build_ensemble
 from dictsweep.sae.metrics import mmcs_ground_truth
 from dictsweep.sae.plots import decoder_norm_stats
 from dictsweep.store.dataset import ActivationDataset
@@ -21,12 +21,14 @@ from dictsweep.stream.order import StreamOrder
 from dictsweep.sweep.plan import zero_bytes_per_worker
 from dictsweep.train.evaluate import Evaluator
 from dictsweep.train.loop import EnsembleTrainer
+from dictsweep.train.target_l0 import point_member
 from dictsweep.train.zero import train_zero
 
 BATCH_ROWS, STEPS, STREAM_SEED, SHUFFLE_SHARDS = 128, 100, 7, 2
 WEIGHT_TOLERANCE = 1e-5  # measured: at most 2.3e-6 (summation order of the gradient average and all-reduces)
 METRIC_TOLERANCE = 1e-5  # measured: at most 1.2e-7
 RELU = {"architecture": "relu", "n_latents": 32, "l1_coef": 5.0, "k": None, "lr": 3e-3, "seed": 3}
+RELU_L0 = {**RELU, "l1_coef": None, "target_l0": 4.0}  # the coefficient is steered to L0 4 from 1
 TOPK = {"architecture": "topk", "n_latents": 33, "l1_coef": None, "k": 2, "lr": 3e-3, "seed": 3}
 
 
@@ -69,7 +71,7 @@ def stream_batch(dataset: ActivationDataset, split: str, order: StreamOrder, ind
 def single_device(dataset_uri: str, point: dict, train: TrainConfig):
     """The reference: `EnsembleTrainer` on the same global batches, evaluated like the sweep."""
     dataset = ActivationDataset.open(dataset_uri)
-    member = Member(lr=point["lr"], seed=point["seed"], l1_coef=point["l1_coef"] or 0.0, k=point["k"] or 0)
+    member = point_member(point)
     ensemble = build_ensemble(point["architecture"], dataset.d_model, point["n_latents"], [member], kernel="bmm")
     ensemble.input_scale.fill_(math.sqrt(dataset.d_model / dataset.mean_sq_norm()))
     trainer = EnsembleTrainer(ensemble, train, STEPS)
@@ -137,6 +139,18 @@ def test_relu_stage2_two_workers_equal_one_worker_and_single_device(dataset_uri,
     assert exported.metadata["dictsweep"]["metrics"]["fvu"] == two["metrics"]["fvu"]
     x = ActivationDataset.open(dataset_uri).read_shard(0, "eval")[:64].float()
     assert exported(x).shape == x.shape
+
+
+@pytest.mark.timeout(900)
+def test_relu_steered_to_an_l0_target_under_zero_equals_single_device(dataset_uri, tmp_path, ray_local):
+    """Every worker's controller steers by the global batch's L0, so all hold the single device's coefficient."""
+    weights, metrics, history = single_device(dataset_uri, RELU_L0, train_config())
+    steered = history[-1]["l1_coef"]
+    assert steered != pytest.approx(1.0, rel=0.05)  # the controller moved it
+    result = run_zero(dataset_uri, RELU_L0, workers=2, stage=2, storage=str(tmp_path))
+    assert_matches(result, weights, metrics, history)  # the history holds the steered coefficient too
+    assert result["l1_coef"] == pytest.approx(steered, rel=1e-5)
+    assert dictsweep.load_dictionary(result["uri"]).metadata["dictsweep"]["l1_coef"] == result["l1_coef"]
 
 
 @pytest.mark.timeout(900)

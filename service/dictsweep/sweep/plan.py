@@ -13,9 +13,9 @@ from dataclasses import asdict, dataclass, field
 
 from dictsweep.config import SweepSpec
 from dictsweep.errors import InputError
-from dictsweep.sae import ARCHITECTURES, Member, grid_keys, member_from_params
+from dictsweep.sae import ARCHITECTURES, Member, grid_keys
 from dictsweep.train.actor import EnsembleSpec
-from dictsweep.train.target_l0 import TargetedMember, initial_coef
+from dictsweep.train.target_l0 import point_member
 
 # the one memory model (single-device members and ZeRO workers alike), in fp32 floats
 BYTES_PER_FLOAT = 4
@@ -51,11 +51,7 @@ class GridPoint:
         return f"{self.architecture}-n{self.n_latents}-{sparsity}-lr{self.lr:.3g}-s{self.seed}"
 
     def member(self) -> Member:
-        if self.target_l0 is not None:
-            return TargetedMember(
-                lr=self.lr, seed=self.seed, l1_coef=initial_coef(self.architecture), target_l0=self.target_l0
-            )
-        return member_from_params(self.params())
+        return point_member(self.params())
 
     def params(self) -> dict:
         """MLflow params and index.json keys: every architecture's grid keys (None where not its own), and
@@ -261,8 +257,6 @@ def make_plan(
         per_member = member_bytes(d_model, point.n_latents, batch_rows)
         try:
             if zero == "always" or (per_member > budget and zero == "auto"):
-                if point.target_l0 is not None:
-                    raise InputError("needs DeepSpeed ZeRO, which trains with a fixed l1_coef (no grid.target_l0)")
                 zero_plans.append(
                     plan_zero(
                         point, d_model, batch_rows, device, n_devices, budget, zero_stage, zero_offload, zero_workers

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from dictsweep.config import TrainConfig
+from dictsweep.sae import member_from_params
 from dictsweep.sae.ensemble import Ensemble, Member
 
 # where a targeted member starts (training scale, E|x|^2 = d_model); jumprelu's weighs (L0 / target - 1)^2
@@ -47,6 +48,20 @@ def initial_coef(architecture: str) -> float:
     if architecture not in INITIAL_COEF:
         raise ValueError(f"target_l0 applies to {sorted(INITIAL_COEF)}, not {architecture!r}")
     return INITIAL_COEF[architecture]
+
+
+def point_member(params: dict) -> Member:
+    """The member a grid point's params (`GridPoint.params()`) train, on any trainer: with an L0 target
+    a `TargetedMember` starting at the architecture's initial coefficient, else `member_from_params`."""
+    member = member_from_params(params)
+    if params.get("target_l0") is None:
+        return member
+    return TargetedMember(
+        lr=member.lr,
+        seed=member.seed,
+        l1_coef=initial_coef(params["architecture"]),
+        target_l0=float(params["target_l0"]),
+    )
 
 
 class L0Controller:

@@ -20,7 +20,8 @@ in `loop.py`); `ZeroTrainer` overrides its hooks with DeepSpeed's terms:
   every worker draws the same rows from the member's own generator.
 - AuxK (topk) weighs its error by a ratio of batch variances, the one term that is no row mean:
   each worker rescales its AuxK loss to the global batch's ratio (one small all-reduce).
-- Training metrics are the global batch's (one all-reduce per step with the fire counts).
+- Training metrics are the global batch's (one all-reduce per step with the fire counts); with an L0
+  target, the controller steers the coefficient by that batch's L0, alike on every worker.
 
 For one SAE (one layer) ZeRO-3 gathers the whole dictionary for each forward and backward, so its
 peak is stage 2's: what ZeRO saves is the gradients, the fp32 master copy and Adam's moments
@@ -42,7 +43,7 @@ from torch.nn import functional as F
 
 from dictsweep.config import TrainConfig
 from dictsweep.errors import InputError, RunError
-from dictsweep.sae import build_ensemble, member_from_params
+from dictsweep.sae import build_ensemble
 from dictsweep.sae.ensemble import Ensemble, EnsembleOutput
 from dictsweep.sae.metrics import fvu_from_moments, variance, variance_from_moments
 from dictsweep.store import fs
@@ -50,6 +51,7 @@ from dictsweep.store.dataset import ActivationDataset
 from dictsweep.stream.order import StreamOrder
 from dictsweep.train.evaluate import Evaluator, export_member
 from dictsweep.train.loop import STEP_METRICS, BatchStatistics, EnsembleTrainer, lr_factor
+from dictsweep.train.target_l0 import point_member
 
 TORCH_EXTENSIONS_DIR = "~/.cache/dictsweep/torch_extensions"  # DeepSpeed's JIT-built ops (~60 s to build once)
 CPU_WORKER_RESOURCES = {"CPU": 0.5}  # a placement token: CPU workers share the node's cores
@@ -154,7 +156,7 @@ def zero_worker(config: dict) -> None:
     device = ray.train.torch.get_device() if use_gpu else torch.device("cpu")
     train, point = config["train"], config["point"]
     dataset = ActivationDataset.open(config["dataset_uri"])
-    member = member_from_params(point)
+    member = point_member(point)  # with an L0 target, the controller steers it on the global batch's L0
     kernel = train.kernel if train.kernel in ("bmm", "loop") else "bmm"  # one member: the kernels agree
     ensemble = build_ensemble(
         point["architecture"], dataset.d_model, point["n_latents"], [member], kernel=kernel, decode=train.decode
@@ -363,20 +365,16 @@ class ZeroTrainer(EnsembleTrainer):
 
     def reset_moments(self, param: torch.nn.Parameter, mask: Tensor) -> None:
         """Zero both Adam moments of `param` where `mask` (broadcastable to it) is True."""
-        from deepspeed.utils import (
-            safe_get_full_optimizer_state,
-            safe_set_full_optimizer_state,
-            safe_set_local_optimizer_state,
-        )
+        from deepspeed import utils
 
         for key in ("exp_avg", "exp_avg_sq"):
-            state = safe_get_full_optimizer_state(param, key).masked_fill(mask, 0.0).flatten()
+            state = utils.safe_get_full_optimizer_state(param, key).masked_fill(mask, 0.0).flatten()
             if self.stage != 3:
-                safe_set_full_optimizer_state(param, state, key)
+                utils.safe_set_full_optimizer_state(param, state, key)
                 continue
             size = param.ds_tensor.numel()  # ZeRO-3 partitions are equal and padded at the end
             padded = F.pad(state, (0, size * self.world - len(state)))
-            safe_set_local_optimizer_state(param, padded[self.rank * size : (self.rank + 1) * size], key)
+            utils.safe_set_local_optimizer_state(param, padded[self.rank * size : (self.rank + 1) * size], key)
 
     def full_weights(self, modified: bool = False):
         """A context in which every worker holds the full weights (ZeRO-3 gathers them; with
