@@ -130,8 +130,9 @@ def test_stopped_driver_marks_its_runs_killed_and_says_how_to_resume(tmp_path, r
     first = driver(tmp_path, ray_local, path)
     wait_until(first, lambda: stored_points(tmp_path, "stopped") >= 6)
     first.send_signal(signum)
-    assert first.wait(timeout=120) == code
+    returncode = first.wait(timeout=120)
     message = first.stderr.read()
+    assert returncode == code, message
     assert f"dictsweep run {path} --resume" in message and "Traceback" not in message, message
     before = statuses(uri, "stopped")
     assert "RUNNING" not in before.values() and before["sweep"] == "KILLED", before
