@@ -65,10 +65,12 @@ class Interrupted(DictsweepError):
 
 
 class _Stop(threading.local):
-    """The main thread's stop state: how deep it is in `held_stop` blocks, and a signal held there."""
+    """The main thread's stop state: how deep it is in `held_stop` blocks, a signal held there, and
+    the stop signal received (None before one)."""
 
     depth = 0
     pending: int | None = None
+    received: int | None = None
 
 
 _stop = _Stop()
@@ -84,6 +86,7 @@ def stopped_by_signals():
         return
 
     def stop(signum, frame):
+        _stop.received = signum
         if _stop.depth:
             _stop.pending = signum
             return
@@ -92,10 +95,23 @@ def stopped_by_signals():
     previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
+    except BaseException as error:
+        # inside Ray's blocking calls the handler's exception comes out as KeyboardInterrupt or a
+        # SystemError: once a stop signal arrived, whatever ends the block is that stop
+        if _stop.received is None or isinstance(error, Interrupted):
+            raise
+        raise Interrupted(_stop.received, f"stopped by {signal.Signals(_stop.received).name}") from None
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-        _stop.pending = None
+        _stop.pending = _stop.received = None
+
+
+def check_stop() -> None:
+    """At a safe point of a long loop: raise the stop for a signal whose exception did not get this
+    far (Ray may swallow it, or turn it into an error that a handler for trainer failures takes)."""
+    if _stop.received is not None and not _stop.depth:
+        raise Interrupted(_stop.received, f"stopped by {signal.Signals(_stop.received).name}")
 
 
 @contextlib.contextmanager

@@ -7,11 +7,13 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
 from mlflow import MlflowClient
 
+from dictsweep.errors import Interrupted, stopped_by_signals
 from tests import conftest
 
 SPEC = {
@@ -121,6 +123,34 @@ def test_killed_driver_then_resume_loses_no_curve_point(tmp_path, ray_local):
                 [value for _, value in curve[key]], rel=1e-5, abs=1e-7
             ), (name, key)
     assert set(statuses(uri, "killed").values()) == {"FINISHED"}
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_while_ray_blocks_is_the_signals_stop(ray_local, signum):
+    """The driver waits in ray.wait and ray.get most of the time. A signal that arrives there is
+    handled when Ray returns to Python, inside Ray's own code, which turns the handler's exception
+    into a SystemError or KeyboardInterrupt; the sweep must still stop as that signal (exit 143 /
+    130, runs KILLED, the --resume hint), not as a crash or Click's "Aborted!" (exit 1)."""
+
+    @ray_local.remote(num_cpus=0)
+    def waits() -> None:
+        time.sleep(3)
+
+    ref = waits.remote()
+    timer = threading.Timer(0.5, os.kill, (os.getpid(), signum))
+    stop = None
+    try:
+        with stopped_by_signals():
+            timer.start()
+            ray_local.get(ref)
+    except Interrupted as error:
+        stop = error
+    except KeyboardInterrupt:  # caught here: pytest would take it for a Ctrl-C of the test session
+        pytest.fail("the stop came out of ray.get as KeyboardInterrupt")
+    finally:
+        timer.cancel()
+        ray_local.cancel(ref, force=True)
+    assert stop is not None and stop.signum == signum and stop.exit_code == 128 + signum
 
 
 @pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])

@@ -20,7 +20,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from dictsweep.config import SweepSpec
-from dictsweep.errors import InputError, RunError, first_line, held_stop
+from dictsweep.errors import InputError, RunError, check_stop, first_line, held_stop
 from dictsweep.store import fs
 from dictsweep.store.dataset import ActivationDataset
 from dictsweep.stream.streams import Streams
@@ -246,6 +246,7 @@ class Driver:
                 heads = [slot.in_flight[0][1] for slot in slots if slot.alive and slot.in_flight]
                 if heads:
                     ray.wait(heads, num_returns=1, timeout=5.0)
+                check_stop()  # a stop signal that landed inside Ray goes on from here
                 for slot in slots:
                     self.collect(slot)
                 if self.baseline_feed is not None:
