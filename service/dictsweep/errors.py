@@ -58,9 +58,10 @@ class RunError(DictsweepError):
 class Interrupted(DictsweepError):
     """The driver was stopped by a signal (SIGTERM, SIGINT): exit 128 + its number, as shells do."""
 
-    def __init__(self, signum: int, message: str):
-        super().__init__(message)
-        self.signum, self.name = signum, signal.Signals(signum).name
+    def __init__(self, signum: int, message: str | None = None):
+        name = signal.Signals(signum).name
+        super().__init__(message or f"stopped by {name}")
+        self.signum, self.name = signum, name
         self.exit_code = 128 + signum
 
 
@@ -90,7 +91,7 @@ def stopped_by_signals():
         if _stop.depth:
             _stop.pending = signum
             return
-        raise Interrupted(signum, f"stopped by {signal.Signals(signum).name}")
+        raise Interrupted(signum)
 
     previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGTERM, signal.SIGINT)}
     try:
@@ -100,7 +101,7 @@ def stopped_by_signals():
         # SystemError: once a stop signal arrived, whatever ends the block is that stop
         if _stop.received is None or isinstance(error, Interrupted):
             raise
-        raise Interrupted(_stop.received, f"stopped by {signal.Signals(_stop.received).name}") from None
+        raise Interrupted(_stop.received) from None
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
@@ -111,7 +112,7 @@ def check_stop() -> None:
     """At a safe point of a long loop: raise the stop for a signal whose exception did not get this
     far (Ray may swallow it, or turn it into an error that a handler for trainer failures takes)."""
     if _stop.received is not None and not _stop.depth:
-        raise Interrupted(_stop.received, f"stopped by {signal.Signals(_stop.received).name}")
+        raise Interrupted(_stop.received)
 
 
 @contextlib.contextmanager
@@ -126,7 +127,7 @@ def held_stop():
         _stop.depth -= 1
         if not _stop.depth and _stop.pending is not None:
             signum, _stop.pending = _stop.pending, None
-            raise Interrupted(signum, f"stopped by {signal.Signals(signum).name}")
+            raise Interrupted(signum)
 
 
 def first_line(error: BaseException) -> str:

@@ -12,7 +12,8 @@ import numpy as np
 import torch
 
 from dictsweep.config import GridConfig, SweepSpec, TrainConfig
-from dictsweep.sae import build_ensemble
+from dictsweep.sae import ARCHITECTURES, build_ensemble
+from dictsweep.sae.hyperparameters import K, TARGET_L0
 from dictsweep.sae.metrics import mmcs_ground_truth
 from dictsweep.store.synth import SynthConfig, build_model, firing_probabilities, sample_rows
 from dictsweep.sweep.plan import grid_points
@@ -22,11 +23,11 @@ SCALE_ROWS = 65_536  # rows whose mean squared norm sets the input scale (as a s
 
 
 def sparsity_grid(architecture: str, sparsity: list[float]) -> dict:
-    """The grid key that sets `architecture`'s sparsity to `sparsity`: k for the top-k family, an L0
-    target for the others."""
-    if architecture in ("topk", "batchtopk"):
-        return {"k": [round(value) for value in sparsity]}
-    return {"target_l0": list(sparsity)}
+    """The grid key that sets `architecture`'s sparsity to `sparsity`: k where the architecture
+    declares it (the top-k family), else an L0 target."""
+    if any(parameter.key == K.key for parameter in ARCHITECTURES[architecture].hyperparameters):
+        return {K.key: [round(value) for value in sparsity]}
+    return {TARGET_L0.key: list(sparsity)}
 
 
 def train_synthetic(
