@@ -53,7 +53,12 @@ class TrainConfig(Section):
         gt=0,
         description="Rows per training batch, shared by every SAE (default: train.tokens / 4096 to the nearest power of two, within 256-4096).",
     )
-    lr_warmup_steps: int = Field(100, ge=0, description="Steps of linear learning-rate warm-up from 0.")
+    step_rows: int | None = Field(
+        None,
+        gt=0,
+        description="Rows per optimizer step, a divisor of train.batch_rows: each batch is trained as consecutive steps of this many rows (default: the whole batch, except relu: at least train.tokens / 16384 and 64 rows; smaller steps recover rarer features at small budgets).",
+    )
+    lr_warmup_steps: int = Field(100, ge=0, description="Optimizer steps of linear learning-rate warm-up from 0.")
     lr_decay_fraction: float = Field(
         0.2, ge=0, le=1, description="Final fraction of steps over which the learning rate decays linearly to 0."
     )
@@ -127,6 +132,12 @@ class TrainConfig(Section):
                 tokens = None
             data = {**data, "batch_rows": default_batch_rows(tokens or cls.model_fields["tokens"].default)}
         return data
+
+    @model_validator(mode="after")
+    def _steps_split_batches(self):
+        if self.step_rows is not None and self.batch_rows % self.step_rows:
+            raise ValueError(f"step_rows ({self.step_rows}) must divide batch_rows ({self.batch_rows})")
+        return self
 
 
 class DataConfig(Section):

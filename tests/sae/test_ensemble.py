@@ -50,7 +50,7 @@ CONFIG = TrainConfig(
 def train(architecture, members, kernel="bmm", decode="auto"):
     ensemble = build_ensemble(architecture, D_MODEL, N_LATENTS, members, kernel=kernel, decode=decode)
     ensemble.input_scale.fill_(1.7)
-    trainer = EnsembleTrainer(ensemble, CONFIG, total_steps=STEPS)
+    trainer = EnsembleTrainer(ensemble, CONFIG, total_batches=STEPS)
     for batch in batches():
         trainer.step(batch)
     return ensemble, trainer

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from dictsweep.config import TrainConfig
-from dictsweep.sae import Member, build_ensemble
+from dictsweep.sae import ARCHITECTURES, Member, build_ensemble
 from dictsweep.train import kernels
 from dictsweep.train.bench import bench_train
-from dictsweep.train.loop import EnsembleTrainer, lr_factor, sparsity_factor
+from dictsweep.train.loop import EnsembleTrainer, lr_factor, sparsity_factor, step_rows
 from dictsweep.train.optim import StackedAdam, clip_divisor, grad_norm_per_member
 
 
@@ -311,3 +311,39 @@ def test_topk_decoder_bias_starts_at_the_first_batch_mean(architecture):
     before = ensemble.b_dec.detach().clone()
     trainer.step(batch + 10.0)  # only the first batch sets it
     torch.testing.assert_close(ensemble.b_dec.detach(), before, atol=1e-4, rtol=0)
+
+
+def test_default_step_rows_split_relu_batches_at_small_budgets():
+    relu, topk = ARCHITECTURES["relu"], ARCHITECTURES["topk"]
+    assert step_rows(TrainConfig(tokens=2**20), relu) == 64  # 256-row batches in four steps
+    assert step_rows(TrainConfig(tokens=2**21), relu) == 128
+    assert step_rows(TrainConfig(tokens=2**20, batch_rows=4096), relu) == 64
+    assert step_rows(TrainConfig(tokens=2**26), relu) == 4096  # a large budget: one step a batch
+    assert step_rows(TrainConfig(tokens=2**20, batch_rows=1000), relu) == 100  # equal steps: a divisor
+    assert step_rows(TrainConfig(tokens=2**20, batch_rows=48), relu) == 48  # never more rows than the batch
+    assert step_rows(TrainConfig(tokens=2**20), topk) == 256  # the top-k family: one step a batch
+    assert step_rows(TrainConfig(tokens=2**20, step_rows=128), relu) == 128  # as set
+    assert step_rows(TrainConfig(tokens=2**20, step_rows=128), topk) == 128
+
+
+def test_step_rows_must_divide_the_batch():
+    with pytest.raises(ValueError, match=r"step_rows \(96\) must divide batch_rows \(256\)"):
+        TrainConfig(batch_rows=256, step_rows=96)
+
+
+@pytest.mark.parametrize("architecture", ["relu", "topk"])
+def test_a_batch_in_steps_trains_as_those_steps_as_batches(architecture):
+    """Steps of 32 rows over 64-row batches: the same training as 32-row batches, schedules included."""
+    split = trained(architecture, steps=6, step_rows=32)
+    assert split.rows_per_step == 32 and split.total_steps == 12
+    config = TrainConfig(
+        tokens=64 * 6, batch_rows=32, lr_warmup_steps=2, dead_window_tokens=128, resample_every_tokens=128
+    )
+    whole = EnsembleTrainer(build_ensemble(architecture, 16, 64, MEMBERS), config, 12)
+    for batch in batches(6):
+        for half in batch.split(32):
+            whole.step(half)
+    assert whole.step_count == split.step_count == 12
+    for mine, theirs in zip(split.ensemble.parameters(), whole.ensemble.parameters()):
+        torch.testing.assert_close(mine, theirs, rtol=0, atol=0)
+    assert split.log_metrics() == whole.log_metrics()

@@ -41,11 +41,15 @@ def dataset_uri(tmp_path_factory):
     return out
 
 
-def train_config() -> TrainConfig:
-    # short dead window and resampling period: relu resamples (step 25), topk trains with AuxK
+def train_config(step_rows: int = BATCH_ROWS) -> TrainConfig:
+    # short dead window and resampling period: relu resamples (step 25), topk trains with AuxK.
+    # One optimizer step a batch unless asked: relu's default here, two steps of 64 rows, makes this
+    # tiny run's resampling sensitive to summation order (a 1e-6 change of the input scale moves
+    # the single-device weights by 1e-2; with 128-row steps by 1e-5)
     return TrainConfig(
         tokens=STEPS * BATCH_ROWS,
         batch_rows=BATCH_ROWS,
+        step_rows=step_rows,
         lr_warmup_steps=20,
         log_every_tokens=25 * BATCH_ROWS,
         eval_tokens=2048,
@@ -91,12 +95,12 @@ def single_device(dataset_uri: str, point: dict, train: TrainConfig):
     return ensemble.member_state(0), metrics, history
 
 
-def run_zero(dataset_uri: str, point: dict, workers: int, stage: int, storage: str) -> dict:
+def run_zero(dataset_uri: str, point: dict, workers: int, stage: int, storage: str, train: TrainConfig | None = None):
     name = f"{point['architecture']}-g{workers}-s{stage}"
     return train_zero(
         dataset_uri,
         point,
-        train_config(),
+        train or train_config(),
         STREAM_SEED,
         SHUFFLE_SHARDS,
         workers,
@@ -143,11 +147,13 @@ def test_relu_stage2_two_workers_equal_one_worker_and_single_device(dataset_uri,
 
 @pytest.mark.timeout(900)
 def test_relu_steered_to_an_l0_target_under_zero_equals_single_device(dataset_uri, tmp_path, ray_local):
-    """Every worker's controller steers by the global batch's L0, so all hold the single device's coefficient."""
-    weights, metrics, history = single_device(dataset_uri, RELU_L0, train_config())
+    """Every worker's controller steers by the global batch's L0, so all hold the single device's
+    coefficient; in two optimizer steps a batch (the workers read the stream in steps)."""
+    train = train_config(step_rows=BATCH_ROWS // 2)
+    weights, metrics, history = single_device(dataset_uri, RELU_L0, train)
     steered = history[-1]["l1_coef"]
     assert steered != pytest.approx(1.0, rel=0.05)  # the controller moved it
-    result = run_zero(dataset_uri, RELU_L0, workers=2, stage=2, storage=str(tmp_path))
+    result = run_zero(dataset_uri, RELU_L0, workers=2, stage=2, storage=str(tmp_path), train=train)
     assert_matches(result, weights, metrics, history)  # the history holds the steered coefficient too
     assert result["l1_coef"] == pytest.approx(steered, rel=1e-5)
     assert dictsweep.load_dictionary(result["uri"]).metadata["dictsweep"]["l1_coef"] == result["l1_coef"]
@@ -167,6 +173,10 @@ def test_topk_stage3_two_workers_equal_single_device(dataset_uri, tmp_path, ray_
 def test_inputs_are_checked_before_any_worker_starts(dataset_uri, tmp_path):
     with pytest.raises(InputError, match="split evenly over 3"):
         train_zero(dataset_uri, RELU, train_config(), 0, 1, 3, storage_uri=str(tmp_path), name="x", metadata={})
+    with pytest.raises(
+        InputError, match=r"x: its optimizer steps of 64 rows \(train.step_rows\) must split evenly over 3"
+    ):
+        train_zero(dataset_uri, RELU, train_config(64), 0, 1, 3, storage_uri=str(tmp_path), name="x", metadata={})
     with pytest.raises(InputError, match="supports relu, topk, not 'batchtopk'"):
         train_zero(
             dataset_uri,

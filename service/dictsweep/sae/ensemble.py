@@ -99,6 +99,7 @@ class Ensemble(nn.Module):
     unit_norm_decoder: ClassVar[bool] = False
     dead_latents: ClassVar[str] = "none"  # how training revives dead latents: none, auxk, resample
     decoder_bias_from_data: ClassVar[bool] = False  # b_dec starts at the first batch's mean (else 0)
+    budget_steps: ClassVar[int] = 0  # default optimizer steps over the budget (0: one a batch; see train.step_rows)
     hyperparameters: ClassVar[tuple[HyperParameter, ...]] = (L1_COEF, TARGET_L0)  # its grid keys besides lr and seed
     sparsity_key: ClassVar[str] = "l1_coef"  # the grid key that sets its sparsity: hyperparameters[0]'s
 

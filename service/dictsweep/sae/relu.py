@@ -20,6 +20,7 @@ class ReluEnsemble(Ensemble):
     saelens_architecture = "standard"
     decoder_init_norm = 0.1
     dead_latents = "resample"
+    budget_steps = 16_384  # many small steps: rare features are learned from more updates (train.step_rows)
 
     def activate(self, pre: Tensor) -> tuple[Tensor, None]:
         return torch.relu(pre), None

@@ -43,21 +43,21 @@ from torch.nn import functional as F
 
 from dictsweep.config import TrainConfig
 from dictsweep.errors import InputError, RunError
-from dictsweep.sae import build_ensemble
+from dictsweep.sae import ARCHITECTURES, build_ensemble
 from dictsweep.sae.ensemble import Ensemble, EnsembleOutput
 from dictsweep.sae.metrics import fvu_from_moments, variance, variance_from_moments
 from dictsweep.store import fs
 from dictsweep.store.dataset import ActivationDataset
 from dictsweep.stream.order import StreamOrder
 from dictsweep.train.evaluate import Evaluator, export_member
-from dictsweep.train.loop import STEP_METRICS, BatchStatistics, EnsembleTrainer, lr_factor
+from dictsweep.train.loop import STEP_METRICS, BatchStatistics, EnsembleTrainer, lr_factor, step_rows
 from dictsweep.train.target_l0 import point_member
 
 TORCH_EXTENSIONS_DIR = "~/.cache/dictsweep/torch_extensions"  # DeepSpeed's JIT-built ops (~60 s to build once)
 CPU_WORKER_RESOURCES = {"CPU": 0.5}  # a placement token: CPU workers share the node's cores
 # losses that are means over rows (topk's AuxK weight is corrected to the global batch); batchtopk
 # selects its latents over the whole batch, which no worker holds
-ARCHITECTURES = ("relu", "topk")
+ZERO_ARCHITECTURES = ("relu", "topk")
 
 
 def train_zero(
@@ -87,14 +87,17 @@ def train_zero(
 
     if stage not in (2, 3):
         raise InputError(f"ZeRO stage must be 2 or 3, got {stage}")
-    if point["architecture"] not in ARCHITECTURES:
+    if point["architecture"] not in ZERO_ARCHITECTURES:
         raise InputError(
-            f"{name}: ZeRO data-parallel training supports {', '.join(ARCHITECTURES)}, not "
+            f"{name}: ZeRO data-parallel training supports {', '.join(ZERO_ARCHITECTURES)}, not "
             f"{point['architecture']!r}; train it on one device"
         )
-    if workers < 1 or train.batch_rows % workers:
-        raise InputError(f"train.batch_rows ({train.batch_rows}) must split evenly over {workers} ZeRO workers")
-    total_steps = train.tokens // train.batch_rows
+    rows = step_rows(train, ARCHITECTURES[point["architecture"]])
+    if workers < 1 or rows % workers:
+        raise InputError(
+            f"{name}: its optimizer steps of {rows} rows (train.step_rows) must split evenly over {workers} ZeRO workers"
+        )
+    total_steps = train.tokens // train.batch_rows * (train.batch_rows // rows)  # the batches one device trains
     if total_steps == 0:
         raise InputError(f"train.tokens ({train.tokens}) is less than one batch ({train.batch_rows} rows)")
     dataset = ActivationDataset.open(dataset_uri)
@@ -112,6 +115,7 @@ def train_zero(
         "stream_seed": stream_seed,
         "shuffle_shards": shuffle_shards,
         "total_steps": total_steps,
+        "step_rows": rows,
         "stage": stage,
         "offload": offload,
         "use_gpu": use_gpu,
@@ -164,15 +168,16 @@ def zero_worker(config: dict) -> None:
     ensemble.input_scale.fill_(config["input_scale"])
     trainer = ZeroTrainer(ensemble, train, config["total_steps"], config["stage"], config["offload"], device)
 
+    rows = config["step_rows"]  # the stream read in optimizer steps: the same rows in the same order as its batches
     order = StreamOrder(
-        [s.rows for s in dataset.shards("train")], train.batch_rows, config["shuffle_shards"], config["stream_seed"]
+        [s.rows for s in dataset.shards("train")], rows, config["shuffle_shards"], config["stream_seed"]
     )
     batches = WorkerSlices(dataset, "train", order, trainer.rank, trainer.world)
     history = []
     for step in range(trainer.total_steps):
         trainer.step(batches.batch(step))
-        tokens = (step + 1) * train.batch_rows
-        if tokens // train.log_every_tokens != step * train.batch_rows // train.log_every_tokens:
+        tokens = (step + 1) * rows
+        if tokens // train.log_every_tokens != step * rows // train.log_every_tokens:
             history.append({"tokens": tokens, "metrics": trainer.log_metrics()})
 
     eval_order = StreamOrder(
@@ -255,6 +260,10 @@ class ZeroTrainer(EnsembleTrainer):
             ensemble.W_dec.register_hook(self.project_decoder_gradient)
         self.check_dead_every_step = True  # on GPUs too: AuxK from the step latents die
         self.start(config, total_steps)  # after the engine: it may have moved the buffers the L0 controller steers
+
+    def step(self, batch: Tensor) -> None:
+        """One optimizer step on this worker's slice of its rows: the worker loop reads the stream in steps."""
+        self.optimizer_step(batch)
 
     def losses(self, x: Tensor, out: EnsembleOutput, dead_mask: Tensor | None) -> dict[str, Tensor]:
         """The step metrics, with AuxK's weight that of the global batch."""
