@@ -1,10 +1,11 @@
 """One SAE too large for one device, trained data-parallel with DeepSpeed ZeRO across Ray Train workers.
 
-Worker w of G trains on rows [w * B/G, (w + 1) * B/G) of every global batch j of the sweep's
-stream (`StreamOrder` over the train shards), so the G workers together see exactly the batches a
-single-device trainer sees. Each worker's loss is the mean over its B/G rows and DeepSpeed averages
-gradients over workers: the full-batch mean. The step is the single-device one (`EnsembleTrainer.step`
-in `loop.py`); `ZeroTrainer` overrides its hooks with DeepSpeed's terms:
+The workers read the sweep's stream in optimizer steps of S rows (`train.step_rows`: the whole
+batch, or consecutive parts of it): worker w of G trains on rows [w * S/G, (w + 1) * S/G) of every
+step (`WorkerSlices`), so the G workers together see exactly the steps a single-device trainer
+takes. Each worker's loss is the mean over its S/G rows and DeepSpeed averages gradients over
+workers: the step's mean. The step is the single-device one (`EnsembleTrainer.optimizer_step` in
+`loop.py`); `ZeroTrainer` overrides its hooks with DeepSpeed's terms:
 
 - Adam: DeepSpeed's optimizer config with `torch_adam` and `fused` (torch's fused kernel, as in
   `StackedAdam`), also with optimizer offload (the moments live on the host, stepped by torch);
@@ -49,6 +50,7 @@ from dictsweep.sae.metrics import fvu_from_moments, variance, variance_from_mome
 from dictsweep.store import fs
 from dictsweep.store.dataset import ActivationDataset
 from dictsweep.stream.order import StreamOrder
+from dictsweep.stream.slices import WorkerSlices
 from dictsweep.train.evaluate import Evaluator, export_member
 from dictsweep.train.loop import STEP_METRICS, BatchStatistics, EnsembleTrainer, lr_factor, step_rows
 from dictsweep.train.target_l0 import point_member
@@ -97,7 +99,7 @@ def train_zero(
         raise InputError(
             f"{name}: its optimizer steps of {rows} rows (train.step_rows) must split evenly over {workers} ZeRO workers"
         )
-    total_steps = train.tokens // train.batch_rows * (train.batch_rows // rows)  # the batches one device trains
+    total_steps = train.tokens // train.batch_rows * (train.batch_rows // rows)  # the steps of one device's batches
     if total_steps == 0:
         raise InputError(f"train.tokens ({train.tokens}) is less than one batch ({train.batch_rows} rows)")
     dataset = ActivationDataset.open(dataset_uri)
@@ -202,40 +204,9 @@ def zero_worker(config: dict) -> None:
     torch.distributed.barrier()  # nobody leaves (and tears down the group) before rank 0 has written
 
 
-class WorkerSlices:
-    """This worker's rows [w * B/G, (w + 1) * B/G) of batch j of one split's stream, read from the shards."""
-
-    def __init__(self, dataset: ActivationDataset, split: str, order: StreamOrder, rank: int, workers: int):
-        self.dataset, self.split, self.order = dataset, split, order
-        self.rows = order.batch_rows // workers
-        self.start = rank * self.rows  # within each batch
-        self.windows: dict[tuple[int, int], Tensor] = {}  # (epoch, index) -> the window's shuffled rows
-
-    def batch(self, index: int) -> Tensor:
-        """`[B/G, d_model]` rows in the stored dtype."""
-        parts, offset = [], 0  # offset: where the piece starts within the batch
-        stop = self.start + self.rows
-        for piece in self.order.pieces(index):
-            length = piece.stop - piece.start
-            begin, end = max(self.start, offset), min(stop, offset + length)
-            if begin < end:
-                rows = self.window_rows(piece.window)
-                parts.append(rows[piece.start + begin - offset : piece.start + end - offset])
-            offset += length
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
-
-    def window_rows(self, window) -> Tensor:
-        key = (window.epoch, window.index)
-        if key not in self.windows:
-            rows = torch.cat([self.dataset.read_shard(shard, self.split) for shard in window.shards])
-            permutation = self.order.row_permutation(window)
-            self.windows = {key: rows if permutation is None else rows[torch.from_numpy(permutation)]}
-        return self.windows[key]
-
-
 class ZeroTrainer(EnsembleTrainer):
-    """One single-member ensemble in a DeepSpeed ZeRO engine: `EnsembleTrainer.step` over the workers'
-    slices of each batch, its hooks in DeepSpeed's terms and its statistics over the global batch."""
+    """One single-member ensemble in a DeepSpeed ZeRO engine: `EnsembleTrainer.optimizer_step` over the
+    workers' slices of each step, its hooks in DeepSpeed's terms and its statistics over the step's rows."""
 
     def __init__(
         self, ensemble: Ensemble, config: TrainConfig, total_steps: int, stage: int, offload: bool, device: torch.device
