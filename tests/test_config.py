@@ -60,7 +60,9 @@ def test_warnings_for_settings_that_cannot_hold(tmp_path):
         )
     )
     warm_up, eval_split = spec_warnings(spec, eval_rows=2520)
-    assert "train.lr_warmup_steps (100) is not shorter than training (48 steps" in warm_up
+    assert "train.lr_warmup_steps (100) is not shorter than training (48 steps of 1024 rows" in warm_up
+    # in optimizer steps: the same budget in 64-row steps (relu's default here) is 768 steps
+    assert not any("lr_warmup_steps" in note for note in spec_warnings(spec, eval_rows=100_000, step_rows=64))
     assert (
         "train.eval_tokens (65536) is more than the eval split holds (2520 rows): final metrics use 2048" in eval_split
     )
@@ -85,3 +87,16 @@ def test_unset_batch_follows_the_token_budget(tmp_path):
     config.tokens = 10**9  # an assignment keeps the batch it had
     assert config.batch_rows == 256
     assert "batch_rows" in error_of(write(tmp_path, {**BASE, "train": {"batch_rows": 0}}), [])
+
+
+def test_the_warm_up_warning_counts_the_optimizer_steps_of_the_grids_architectures(tmp_path):
+    from dictsweep.sweep.preflight import sweep_warnings
+
+    train = {"tokens": 50_000, "batch_rows": 1024, "lr_warmup_steps": 100}
+    relu = load_spec(write(tmp_path, {**BASE, "train": train}))
+    assert sweep_warnings(relu, eval_rows=1_000_000) == []  # relu: 64-row steps, 768 of them
+    both = load_spec(
+        write(tmp_path, {**BASE, "grid": {"n_latents": [64], "architecture": ["relu", "topk"]}, "train": train})
+    )
+    (warm_up,) = sweep_warnings(both, eval_rows=1_000_000)  # topk: one step a batch, 48 of them
+    assert "train.lr_warmup_steps (100) is not shorter than training (48 steps of 1024 rows" in warm_up

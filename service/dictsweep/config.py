@@ -34,6 +34,7 @@ class Section(BaseModel):
 
 AUTO_BATCH_STEPS = 4096  # the default batch gives about this many optimizer steps (within the bounds below)
 AUTO_BATCH_ROWS = (256, 4096)
+STEP_ROWS_MIN = 64  # the smallest default optimizer step of architectures that take several a batch
 
 
 def default_batch_rows(tokens: int) -> int:
@@ -132,6 +133,23 @@ class TrainConfig(Section):
                 tokens = None
             data = {**data, "batch_rows": default_batch_rows(tokens or cls.model_fields["tokens"].default)}
         return data
+
+    def rows_per_step(self, budget_steps: int) -> int:
+        """Rows per optimizer step of an architecture that declares `budget_steps` (0: none):
+        `step_rows`, else the whole batch, or with `budget_steps` the batch split into equal steps
+        of at least tokens / budget_steps and `STEP_ROWS_MIN` rows. (relu, 1M tokens, 128
+        dimensions, 512 features of which 157 fire fewer than 3,000 times: mean max cosine to them
+        0.87 in steps of 256 rows, 0.93 of 128, 0.94 of 64, 0.93 of 32; on MiniLM the FVU at L0
+        16-64 is the same within 0.002.)"""
+        if self.step_rows:
+            return self.step_rows
+        if not budget_steps:
+            return self.batch_rows
+        least = max(STEP_ROWS_MIN, self.tokens / budget_steps)
+        parts = max(1, int(self.batch_rows // least))
+        while self.batch_rows % parts:
+            parts -= 1
+        return self.batch_rows // parts
 
     @model_validator(mode="after")
     def _steps_split_batches(self):

@@ -97,14 +97,16 @@ def load_spec(path: str, overrides: list[str] | tuple[str, ...] = ()) -> SweepSp
         raise InputError(describe_errors(error, path, given)) from None
 
 
-def spec_warnings(spec: SweepSpec, eval_rows: int | None = None) -> list[str]:
-    """Settings that validate but cannot do what they say; `eval_rows`: the dataset's eval split."""
+def spec_warnings(spec: SweepSpec, eval_rows: int | None = None, step_rows: int | None = None) -> list[str]:
+    """Settings that validate but cannot do what they say; `eval_rows`: the dataset's eval split;
+    `step_rows`: the largest optimizer step of the grid's architectures (default: the batch)."""
     train, notes = spec.train, []
-    steps = train.tokens // train.batch_rows
+    step_rows = step_rows or train.batch_rows
+    steps = train.tokens // train.batch_rows * (train.batch_rows // step_rows)
     if train.lr_warmup_steps >= steps:
         notes.append(
             f"train.lr_warmup_steps ({train.lr_warmup_steps}) is not shorter than training "
-            f"({steps} steps of {train.batch_rows} rows in train.tokens={train.tokens}): "
+            f"({steps} steps of {step_rows} rows in train.tokens={train.tokens}): "
             f"the learning rate never reaches grid.lr"
         )
     if eval_rows is not None and train.eval_tokens > eval_rows:

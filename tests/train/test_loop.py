@@ -12,7 +12,7 @@ from dictsweep.config import TrainConfig
 from dictsweep.sae import ARCHITECTURES, Member, build_ensemble
 from dictsweep.train import kernels
 from dictsweep.train.bench import bench_train
-from dictsweep.train.loop import EnsembleTrainer, lr_factor, sparsity_factor, step_rows
+from dictsweep.train.loop import EnsembleTrainer, lr_factor, sparsity_factor
 from dictsweep.train.optim import StackedAdam, clip_divisor, grad_norm_per_member
 
 
@@ -315,15 +315,17 @@ def test_topk_decoder_bias_starts_at_the_first_batch_mean(architecture):
 
 def test_default_step_rows_split_relu_batches_at_small_budgets():
     relu, topk = ARCHITECTURES["relu"], ARCHITECTURES["topk"]
-    assert step_rows(TrainConfig(tokens=2**20), relu) == 64  # 256-row batches in four steps
-    assert step_rows(TrainConfig(tokens=2**21), relu) == 128
-    assert step_rows(TrainConfig(tokens=2**20, batch_rows=4096), relu) == 64
-    assert step_rows(TrainConfig(tokens=2**26), relu) == 4096  # a large budget: one step a batch
-    assert step_rows(TrainConfig(tokens=2**20, batch_rows=1000), relu) == 100  # equal steps: a divisor
-    assert step_rows(TrainConfig(tokens=2**20, batch_rows=48), relu) == 48  # never more rows than the batch
-    assert step_rows(TrainConfig(tokens=2**20), topk) == 256  # the top-k family: one step a batch
-    assert step_rows(TrainConfig(tokens=2**20, step_rows=128), relu) == 128  # as set
-    assert step_rows(TrainConfig(tokens=2**20, step_rows=128), topk) == 128
+    assert TrainConfig(tokens=2**20).rows_per_step(relu.budget_steps) == 64  # 256-row batches in four steps
+    assert TrainConfig(tokens=2**21).rows_per_step(relu.budget_steps) == 128
+    assert TrainConfig(tokens=2**20, batch_rows=4096).rows_per_step(relu.budget_steps) == 64
+    assert TrainConfig(tokens=2**26).rows_per_step(relu.budget_steps) == 4096  # a large budget: one step a batch
+    assert TrainConfig(tokens=2**20, batch_rows=1000).rows_per_step(relu.budget_steps) == 100  # equal steps: a divisor
+    assert (
+        TrainConfig(tokens=2**20, batch_rows=48).rows_per_step(relu.budget_steps) == 48
+    )  # never more rows than the batch
+    assert TrainConfig(tokens=2**20).rows_per_step(topk.budget_steps) == 256  # the top-k family: one step a batch
+    assert TrainConfig(tokens=2**20, step_rows=128).rows_per_step(relu.budget_steps) == 128  # as set
+    assert TrainConfig(tokens=2**20, step_rows=128).rows_per_step(topk.budget_steps) == 128
 
 
 def test_step_rows_must_divide_the_batch():

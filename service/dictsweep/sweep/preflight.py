@@ -9,6 +9,7 @@ import logging
 from dictsweep.config import SweepSpec
 from dictsweep.spec_file import spec_warnings
 from dictsweep.errors import InputError
+from dictsweep.sae import ARCHITECTURES
 from dictsweep.store import fs
 from dictsweep.store.dataset import ActivationDataset
 from dictsweep.track import check_tracking
@@ -26,6 +27,12 @@ def open_dataset(spec: SweepSpec) -> ActivationDataset:
         with step(f"writing {synth.rows:,} + {synth.eval_rows:,} synthetic rows to {spec.data.uri}"):
             synth_dataset(spec.data.uri, synth)
     return ActivationDataset.open(spec.data.uri)
+
+
+def sweep_warnings(spec: SweepSpec, eval_rows: int) -> list[str]:
+    """`spec_warnings` with the fewest optimizer steps the grid's architectures take (their largest step)."""
+    rows = max(spec.train.rows_per_step(ARCHITECTURES[name].budget_steps) for name in spec.grid.architecture)
+    return spec_warnings(spec, eval_rows, rows)
 
 
 def warn(notes: list[str]) -> None:
@@ -55,5 +62,5 @@ def preflight(spec: SweepSpec) -> ActivationDataset:
             "metrics need held-out rows"
         )
     dataset.mean_sq_norm()  # the input scale: read now (first shards, when the manifest has no stats)
-    warn(spec_warnings(spec, dataset.n_eval_rows))  # a spec that passed: what it will not do as it says
+    warn(sweep_warnings(spec, dataset.n_eval_rows))  # a spec that passed: what it will not do as it says
     return dataset

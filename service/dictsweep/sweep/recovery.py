@@ -17,7 +17,7 @@ from dictsweep.sae.hyperparameters import K, TARGET_L0
 from dictsweep.sae.metrics import mmcs_ground_truth
 from dictsweep.store.synth import SynthConfig, build_model, firing_probabilities, sample_rows
 from dictsweep.sweep.plan import grid_points
-from dictsweep.train.loop import EnsembleTrainer, step_rows
+from dictsweep.train.loop import EnsembleTrainer
 
 SCALE_ROWS = 65_536  # rows whose mean squared norm sets the input scale (as a sweep does over its dataset)
 
@@ -93,7 +93,8 @@ def bench_recovery(
         "tokens": tokens,
         "batch_rows": train.batch_rows,
         **{
-            f"{architecture}/step_rows": step_rows(train, ARCHITECTURES[architecture]) for architecture in architectures
+            f"{architecture}/step_rows": train.rows_per_step(ARCHITECTURES[architecture].budget_steps)
+            for architecture in architectures
         },
         "rarest_feature_fires": float(fires.min()),  # expected: below hundreds, no SAE can learn it in this budget
         "features_under_100_fires": int((fires < 100).sum()),

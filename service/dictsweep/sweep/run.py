@@ -9,7 +9,6 @@ import time
 
 from dictsweep.cluster import cluster_devices, given_devices, local_devices, start_ray
 from dictsweep.config import SweepSpec
-from dictsweep.spec_file import spec_warnings
 from dictsweep.errors import InputError, Interrupted, RunError, first_line, stopped_by_signals
 from dictsweep.store import fs
 from dictsweep.store.dataset import ActivationDataset
@@ -18,7 +17,7 @@ from dictsweep.sweep.finish import finish
 from dictsweep.sweep.lease import Lease
 from dictsweep.sweep.ledger import is_complete, latest_run, mark_latest, saved_plan
 from dictsweep.sweep.plan import Plan, plan_sweep
-from dictsweep.sweep.preflight import open_dataset, preflight, warn
+from dictsweep.sweep.preflight import open_dataset, preflight, sweep_warnings, warn
 from dictsweep.sweep.results import SweepResult
 
 log = logging.getLogger(__name__)
@@ -51,11 +50,11 @@ def plan_without_running(spec: SweepSpec, address: str | None, resume: bool) -> 
         return saved_plan(latest)
     if to_write(spec):
         d_model = spec.data.synth.d_model
-        warn(spec_warnings(spec, spec.data.synth.eval_rows))
+        warn(sweep_warnings(spec, spec.data.synth.eval_rows))
     else:
         dataset = open_dataset(spec)
         d_model = dataset.d_model
-        warn(spec_warnings(spec, dataset.n_eval_rows))
+        warn(sweep_warnings(spec, dataset.n_eval_rows))
     if given_devices(spec):  # planning for a cluster this machine need not be part of
         return plan_sweep(spec, d_model, *given_devices(spec))
     if spec.resources.device == "cpu" or not (address or os.environ.get("RAY_ADDRESS")):

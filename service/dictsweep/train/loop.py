@@ -1,6 +1,6 @@
 """The training step on one device: every ensemble it holds steps on each batch.
 
-A batch of the stream is one or more optimizer steps (`step_rows`). Read
+A batch of the stream is one or more optimizer steps (`TrainConfig.rows_per_step`). Read
 `EnsembleTrainer.optimizer_step` top to bottom: scale the batch (aim at the L0 targets when steering
 starts), forward (bf16 autocast on GPUs), the losses, backward with per-member clipping folded into
 Adam at the scheduled learning rate and the decoder constraints, the batch's statistics, firing
@@ -34,26 +34,6 @@ def auxk_window(config: TrainConfig) -> int:
     1/16 of the budget, at most Gao et al.'s 10M. (Recovery of synthetic features at 1M tokens,
     topk, 512 latents: k=10 0.70 -> 0.78 with AuxK after 65k silent tokens instead of never.)"""
     return config.auxk_window_tokens or max(1, min(AUXK_WINDOW_MAX, int(config.tokens * AUXK_WINDOW_FRACTION)))
-
-
-STEP_ROWS_MIN = 64  # the smallest default optimizer step of architectures that take several a batch
-
-
-def step_rows(config: TrainConfig, architecture: type[Ensemble]) -> int:
-    """Rows per optimizer step: `train.step_rows`, else the whole batch, except for architectures
-    that declare `budget_steps`: the batch split into equal steps of at least tokens / budget_steps
-    and `STEP_ROWS_MIN` rows. (relu, 1M tokens, 128 dimensions, 512 features of which 157 fire
-    fewer than 3,000 times: mean max cosine to them 0.87 in steps of 256 rows, 0.93 of 128, 0.94 of
-    64, 0.93 of 32; on MiniLM the FVU at L0 16-64 is the same within 0.002.)"""
-    if config.step_rows:
-        return config.step_rows
-    if not architecture.budget_steps:
-        return config.batch_rows
-    least = max(STEP_ROWS_MIN, config.tokens / architecture.budget_steps)
-    parts = max(1, int(config.batch_rows // least))
-    while config.batch_rows % parts:
-        parts -= 1
-    return config.batch_rows // parts
 
 
 def lr_factor(step: int, total_steps: int, config: TrainConfig) -> float:
@@ -177,7 +157,7 @@ class EnsembleTrainer(DeadLatents):
         self.optimizer = StackedAdam(self.params, ensemble.lr, (config.adam_beta1, config.adam_beta2), config.adam_eps)
         self.forward = torch.compile(ensemble.forward) if ensemble.kernel == "compile" else ensemble.forward
         self.check_dead_every_step = self.device.type != "cuda"
-        self.rows_per_step = step_rows(config, type(ensemble))
+        self.rows_per_step = config.rows_per_step(ensemble.budget_steps)
         self.start(config, total_batches * (config.batch_rows // self.rows_per_step))
 
     def start(self, config: TrainConfig, total_steps: int) -> None:

@@ -52,7 +52,7 @@ from dictsweep.store.dataset import ActivationDataset
 from dictsweep.stream.order import StreamOrder
 from dictsweep.stream.slices import WorkerSlices
 from dictsweep.train.evaluate import Evaluator, export_member
-from dictsweep.train.loop import STEP_METRICS, BatchStatistics, EnsembleTrainer, lr_factor, step_rows
+from dictsweep.train.loop import STEP_METRICS, BatchStatistics, EnsembleTrainer, lr_factor
 from dictsweep.train.target_l0 import point_member
 
 TORCH_EXTENSIONS_DIR = "~/.cache/dictsweep/torch_extensions"  # DeepSpeed's JIT-built ops (~60 s to build once)
@@ -94,7 +94,7 @@ def train_zero(
             f"{name}: ZeRO data-parallel training supports {', '.join(ZERO_ARCHITECTURES)}, not "
             f"{point['architecture']!r}; train it on one device"
         )
-    rows = step_rows(train, ARCHITECTURES[point["architecture"]])
+    rows = train.rows_per_step(ARCHITECTURES[point["architecture"]].budget_steps)
     if workers < 1 or rows % workers:
         raise InputError(
             f"{name}: its optimizer steps of {rows} rows (train.step_rows) must split evenly over {workers} ZeRO workers"
