@@ -64,7 +64,10 @@ class TrainConfig(Section):
         0.2, ge=0, le=1, description="Final fraction of steps over which the learning rate decays linearly to 0."
     )
     l1_warmup_fraction: float = Field(
-        0.05, ge=0, le=1, description="Initial fraction of steps over which the sparsity coefficient ramps up from 0."
+        0.2,
+        ge=0,
+        le=1,
+        description="Initial fraction of steps of the sparsity warm-up: relu's and jumprelu's coefficient ramps up from 0, the top-k family's k falls from 4k to k (latents find rare features before sparsity is whole).",
     )
     target_l0_fraction: float = Field(
         0.95,

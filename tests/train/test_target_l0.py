@@ -118,7 +118,7 @@ def test_jumprelu_thresholds_aimed_at_each_target_when_steering_starts(toy):
     rows, batch = 256 * 40, 256
     trainer = train(toy, members, rows, architecture="jumprelu", batch=batch, stop=0)
     first_step = trainer.l0_controller.first_step
-    assert first_step == 2  # the sparsity warm-up: 5% of 40 steps
+    assert first_step == 8  # the sparsity warm-up: 20% of 40 steps
     for step in range(first_step):
         trainer.step(toy[step * batch : (step + 1) * batch])
     before = trainer.log_metrics()["l0"]

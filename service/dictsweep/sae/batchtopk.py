@@ -32,13 +32,13 @@ class BatchTopKEnsemble(TopKEnsemble):
         """Inference: dense latents above each member's global threshold."""
         return pre.relu() * (pre > self.threshold.view(-1, 1, 1)), None
 
-    def batch_topk(self, pre: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Training: values and indices `[K, B, w]` of the k x B largest of each member's batch
-        (w: the widest row; shorter rows padded with zeros), and the smallest kept value `[K]`."""
+    def batch_topk(self, pre: Tensor, sparsity_scale: Tensor | float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
+        """Training: values and indices `[K, B, w]` of the k x B largest of each member's batch (k now,
+        in the sparsity warm-up; w: the widest row; shorter rows padded with zeros), and the smallest
+        kept value `[K]`."""
         n_members, rows, _ = pre.shape
-        k_max = max(member.k for member in self.members)
-        top = pre.detach().flatten(1).topk(k_max * rows, dim=-1, sorted=True).values  # [K, k_max * B]
-        smallest = top.gather(1, self.k.view(-1, 1) * rows - 1).clamp_min(0)  # [K, 1]
+        top = pre.detach().flatten(1).topk(self.widest_k() * rows, dim=-1, sorted=True).values  # [K, w_max * B]
+        smallest = top.gather(1, self.k_now(sparsity_scale).view(-1, 1) * rows - 1).clamp_min(0)  # [K, 1]
         kept = pre.detach() >= smallest.unsqueeze(-1)  # [K, B, n_latents]
         width = max(int(kept.sum(-1).max()), 1)
         values, indices = pre.topk(width, dim=-1, sorted=False)  # [K, B, width]
@@ -57,7 +57,7 @@ class BatchTopKEnsemble(TopKEnsemble):
         if not (self.training and torch.is_grad_enabled()):  # evaluation: as the exported dictionary
             latent_acts, latent_indices = self.activate(pre)
         else:
-            latent_acts, latent_indices, smallest = self.batch_topk(pre)
+            latent_acts, latent_indices, smallest = self.batch_topk(pre, sparsity_scale)
             with torch.no_grad():
                 estimate = self.threshold.lerp(smallest.float(), THRESHOLD_RATE)
                 self.threshold.copy_(torch.where(self.threshold > 0, estimate, smallest.float()))

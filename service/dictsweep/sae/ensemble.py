@@ -120,6 +120,7 @@ class Ensemble(nn.Module):
         self.register_buffer("l1_coef", torch.tensor([m.l1_coef for m in members], dtype=torch.float32))
         self.register_buffer("k", torch.tensor([m.k for m in members], dtype=torch.long))
         self.register_buffer("input_scale", torch.tensor(1.0))
+        self.warming_up = False  # set by the trainer while the sparsity warm-up (train.l1_warmup_fraction) runs
 
     @property
     def n_members(self) -> int:

@@ -46,7 +46,8 @@ def lr_factor(step: int, total_steps: int, config: TrainConfig) -> float:
 
 
 def sparsity_factor(step: int, total_steps: int, config: TrainConfig) -> float:
-    """The sparsity coefficient's warm-up: linear from 0 to 1 over the first `l1_warmup_fraction`."""
+    """The sparsity warm-up: linear from 0 to 1 over the first `l1_warmup_fraction` (it scales relu's
+    and jumprelu's coefficient; the top-k family's k falls from `K_WARMUP_START` x k to k)."""
     warmup_steps = config.l1_warmup_fraction * total_steps
     return min(1.0, (step + 1) / warmup_steps) if warmup_steps >= 1 else 1.0
 
@@ -195,9 +196,11 @@ class EnsembleTrainer(DeadLatents):
             self.init_decoder_bias(x)
         if self.l0_controller is not None and self.step_count == self.l0_controller.first_step:
             self.aim_at_l0(x)  # the controller then starts near the targets
+        factor = sparsity_factor(self.step_count, self.total_steps, self.config)
+        self.ensemble.warming_up = factor < 1.0  # the top-k family keeps more latents until then
         # a tensor, not a float, so a compiled forward is not specialised on every warm-up value
         # (a fill, not torch.tensor: copying a host scalar to a GPU waits for the stream)
-        warmup = torch.full((), sparsity_factor(self.step_count, self.total_steps, self.config), device=self.device)
+        warmup = torch.full((), factor, device=self.device)
         dead_mask = self.auxk_dead_mask()
         with torch.autocast(self.device.type, torch.bfloat16, enabled=self.bf16):
             out = self.forward(x, warmup, dead_mask, self.config.auxk_coef, self.config.auxk_k)
