@@ -73,7 +73,7 @@ class TrainConfig(Section):
         0.95,
         gt=0,
         le=1,
-        description="With grid.target_l0: initial fraction of steps over which each SAE's sparsity coefficient is steered to its L0 target (after the l1 warm-up); then it is held (the default steers through most of the learning-rate decay, in which a held relu SAE's L0 rises).",
+        description="With grid.target_l0: initial fraction of steps over which each SAE's sparsity coefficient is steered to its L0 target (after the sparsity warm-up); then it is held (the default steers through most of the learning-rate decay, in which a held relu SAE's L0 rises).",
     )
     grad_clip: float = Field(1.0, ge=0, description="Gradient norm clip per SAE (0 turns clipping off).")
     adam_beta1: float = Field(0.9, ge=0, lt=1, description="Adam beta1.")

@@ -89,9 +89,14 @@ def bench_train(
     # on the device already: the trainer overlaps the copy with the previous step (train/device.py)
     batches = [batch.to(device) for batch in sparse_batches(d_model, batch_rows, steps + warmup)]
     total_steps = warmup + steps * rounds
-    # one optimizer step a batch: the figures are per step of `batch_rows`, for every architecture
+    # one optimizer step a batch: the figures are per step of `batch_rows`, for every architecture; and
+    # the steady step: no sparsity warm-up, in which the top-k family keeps 4k latents a row
     config = TrainConfig(
-        tokens=batch_rows * total_steps, batch_rows=batch_rows, step_rows=batch_rows, lr_warmup_steps=1
+        tokens=batch_rows * total_steps,
+        batch_rows=batch_rows,
+        step_rows=batch_rows,
+        lr_warmup_steps=1,
+        l1_warmup_fraction=0,
     )
     samples = n_members * batch_rows  # SAE-samples per step
 

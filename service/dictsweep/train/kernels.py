@@ -118,7 +118,8 @@ def choose_path(
         return candidates[0], decodes[0], {}
     generator = torch.Generator().manual_seed(0)
     batches = [torch.randn(batch_rows, d_model, generator=generator).to(device) for _ in range(steps)]
-    config = TrainConfig(tokens=batch_rows * 1000, batch_rows=batch_rows)
+    # the steady step: no sparsity warm-up, in which the top-k family keeps 4k latents a row
+    config = TrainConfig(tokens=batch_rows * 1000, batch_rows=batch_rows, l1_warmup_fraction=0)
 
     def name(kernel: str, decoder: str) -> str:
         return kernel if len(decodes) == 1 else f"{kernel}/{decoder}"
