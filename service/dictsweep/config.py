@@ -67,7 +67,7 @@ class TrainConfig(Section):
         0.2,
         ge=0,
         le=1,
-        description="Initial fraction of steps of the sparsity warm-up: relu's and jumprelu's coefficient ramps up from 0, the top-k family's k falls from 4k to k (latents find rare features before sparsity is whole).",
+        description="Initial fraction of steps of the sparsity warm-up: relu's and jumprelu's coefficient ramps up from 0, the top-k family's k falls from 4k (at most d_model / 4) to k (latents find rare features before sparsity is whole).",
     )
     target_l0_fraction: float = Field(
         0.95,

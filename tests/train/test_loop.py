@@ -353,15 +353,15 @@ def test_a_batch_in_steps_trains_as_those_steps_as_batches(architecture):
 
 @pytest.mark.parametrize("architecture", ["topk", "batchtopk"])
 def test_the_top_k_familys_sparsity_warm_up_falls_from_four_times_k(architecture):
-    """Over the first l1_warmup_fraction of the steps a row keeps 4k latents falling linearly to k
-    (batchtopk: 4k x B of the batch); after it, and outside training, k."""
+    """Over the first l1_warmup_fraction of the steps a row keeps 4k latents (at most d_model / 4)
+    falling linearly to k (batchtopk: that many x B of the batch); after it, and outside training, k."""
     torch.manual_seed(0)
     members = [Member(lr=1e-3, seed=0, k=2), Member(lr=1e-3, seed=1, k=3)]
-    ensemble = build_ensemble(architecture, 16, 64, members)
+    ensemble = build_ensemble(architecture, 64, 64, members)
     config = TrainConfig(tokens=32 * 8, batch_rows=32, l1_warmup_fraction=0.5, lr_warmup_steps=1)
     trainer = EnsembleTrainer(ensemble, config, 8)
     l0 = []
-    for batch in torch.randn(8, 32, 16).unbind():
+    for batch in torch.randn(8, 32, 64).unbind():
         trainer.step(batch)
         l0.append(trainer.log_metrics()["l0"])
     factors = [sparsity_factor(step, 8, config) for step in range(8)]
@@ -370,10 +370,12 @@ def test_the_top_k_familys_sparsity_warm_up_falls_from_four_times_k(architecture
     assert expected[:4] == [[6, 10], [5, 8], [4, 5], [2, 3]]  # rounded half to even, as torch rounds
     assert [[round(value, 4) for value in step] for step in l0] == expected  # every row fires that many
     assert not ensemble.warming_up  # and inference keeps k: the flag is the trainer's, step by step
-    narrow = build_ensemble(architecture, 16, 8, members)  # 4k above the latents: every latent
-    narrow.warming_up = True
-    assert narrow.widest_k() == 8 and narrow.k_now(0.0).tolist() == [8, 8]
     if architecture == "topk":
         with torch.no_grad():
-            values, _ = ensemble.encode(torch.randn(32, 16))
+            values, _ = ensemble.encode(torch.randn(32, 64))
         assert values.shape[-1] == 3 and int((values[0] > 0).sum(-1).max()) <= 2
+    few_latents = build_ensemble(architecture, 64, 8, members)  # 4k above the latents: every latent
+    narrow = build_ensemble(architecture, 12, 64, members)  # d_model / 4 = 3: k=2 starts at 3, k=3 at k
+    for warm, start in ((few_latents, [8, 8]), (narrow, [3, 3])):
+        warm.warming_up = True
+        assert warm.k_now(0.0).tolist() == start and warm.widest_k() == start[1]
