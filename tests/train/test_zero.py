@@ -27,6 +27,7 @@ from dictsweep.train.zero import train_zero
 BATCH_ROWS, STEPS, STREAM_SEED, SHUFFLE_SHARDS = 128, 100, 7, 2
 WEIGHT_TOLERANCE = 1e-5  # measured: at most 2.3e-6 (summation order of the gradient average and all-reduces)
 METRIC_TOLERANCE = 1e-5  # measured: at most 1.2e-7
+EVAL_ROWS = 2048
 RELU = {"architecture": "relu", "n_latents": 32, "l1_coef": 5.0, "k": None, "lr": 3e-3, "seed": 3}
 RELU_L0 = {**RELU, "l1_coef": None, "target_l0": 4.0}  # the coefficient is steered to L0 4 from 1
 TOPK = {"architecture": "topk", "n_latents": 33, "l1_coef": None, "k": 2, "lr": 3e-3, "seed": 3}
@@ -52,7 +53,7 @@ def train_config(step_rows: int = BATCH_ROWS) -> TrainConfig:
         step_rows=step_rows,
         lr_warmup_steps=20,
         log_every_tokens=25 * BATCH_ROWS,
-        eval_tokens=2048,
+        eval_tokens=EVAL_ROWS,
         dead_window_tokens=3 * BATCH_ROWS,
         auxk_window_tokens=BATCH_ROWS,  # topk starts centred on the data: few latents stay silent for long
         resample_every_tokens=25 * BATCH_ROWS,
@@ -117,8 +118,13 @@ def max_weight_diff(result: dict, reference: dict[str, torch.Tensor]) -> float:
 
 
 def max_metric_diff(metrics: dict, reference: dict) -> float:
+    """The largest difference of the eval metrics, the L0 in whole firings: it counts activations,
+    and a pre-activation within float noise of 0 on one of the 2048 eval rows may fire on one side
+    only (the weights agree to WEIGHT_TOLERANCE), so one firing is forgiven."""
     assert set(metrics) == set(reference)
-    return max(abs(metrics[key] - reference[key]) for key in reference)
+    diffs = {key: abs(metrics[key] - reference[key]) for key in reference}
+    diffs["l0"] = max(0.0, diffs["l0"] - 1 / EVAL_ROWS)
+    return max(diffs.values())
 
 
 def assert_matches(result: dict, weights: dict, metrics: dict, history: list[dict]) -> None:
