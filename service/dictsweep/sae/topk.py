@@ -46,14 +46,23 @@ class TopKEnsemble(Ensemble):
         return (start - (start - self.k) * sparsity_scale).round().long()
 
     def widest_k(self) -> int:
-        """The most latents a row of any member keeps now (host-side: `warming_up` is the trainer's flag)."""
-        k_max = max(member.k for member in self.members)
-        return max(int(self.k_start().max()), k_max) if self.warming_up else k_max
+        """The most latents a row of any member keeps now, from the host's members (no device sync;
+        `warming_up` is the trainer's flag)."""
+        if self.warming_up:
+            return max(
+                min(max(member.k, min(member.k * K_WARMUP_START, self.k_cap())), self.n_latents)
+                for member in self.members
+            )
+        return max(member.k for member in self.members)
+
+    def k_cap(self) -> int:
+        """The most latents a row keeps at the warm-up's start: d_model x K_WARMUP_MAX_PER_DIMENSION."""
+        return int(self.d_model * K_WARMUP_MAX_PER_DIMENSION)
 
     def k_start(self) -> Tensor:
         """Each member's k `[K]` where the warm-up starts: K_WARMUP_START x k, at most d_model / 4 (never
         below k: a k that large has no warm-up), at most every latent."""
-        start = (self.k * K_WARMUP_START).clamp(max=int(self.d_model * K_WARMUP_MAX_PER_DIMENSION))
+        start = (self.k * K_WARMUP_START).clamp(max=self.k_cap())
         return torch.maximum(start, self.k).clamp(max=self.n_latents)
 
     def keep_first_k(self, values: Tensor, sparsity_scale: Tensor | float = 1.0) -> Tensor:
