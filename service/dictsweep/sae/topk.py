@@ -39,31 +39,22 @@ class TopKEnsemble(Ensemble):
     # at 1M tokens (d_model 256, 512 features, 1024 latents, k=10) ground-truth recovery 0.941 -> 0.953
     decoder_bias_from_data = True
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        cap = int(self.d_model * K_WARMUP_MAX_PER_DIMENSION)
+        # where each member's warm-up starts: K_WARMUP_START x k, at most d_model / 4 (never below k: a k
+        # that large has no warm-up), at most every latent; host ints for the width, a device copy for k_now
+        self.k_starts = [min(max(m.k, min(m.k * K_WARMUP_START, cap)), self.n_latents) for m in self.members]
+        self.register_buffer("k_start", torch.tensor(self.k_starts), persistent=False)  # [K]
+
     def k_now(self, sparsity_scale: Tensor | float) -> Tensor:
         """Each member's k `[K]` at sparsity warm-up factor `sparsity_scale` (0 -> 1): `k_start` falling
         linearly to k."""
-        start = self.k_start()  # [K]
-        return (start - (start - self.k) * sparsity_scale).round().long()
+        return (self.k_start - (self.k_start - self.k) * sparsity_scale).round().long()
 
     def widest_k(self) -> int:
-        """The most latents a row of any member keeps now, from the host's members (no device sync;
-        `warming_up` is the trainer's flag)."""
-        if self.warming_up:
-            return max(
-                min(max(member.k, min(member.k * K_WARMUP_START, self.k_cap())), self.n_latents)
-                for member in self.members
-            )
-        return max(member.k for member in self.members)
-
-    def k_cap(self) -> int:
-        """The most latents a row keeps at the warm-up's start: d_model x K_WARMUP_MAX_PER_DIMENSION."""
-        return int(self.d_model * K_WARMUP_MAX_PER_DIMENSION)
-
-    def k_start(self) -> Tensor:
-        """Each member's k `[K]` where the warm-up starts: K_WARMUP_START x k, at most d_model / 4 (never
-        below k: a k that large has no warm-up), at most every latent."""
-        start = (self.k * K_WARMUP_START).clamp(max=self.k_cap())
-        return torch.maximum(start, self.k).clamp(max=self.n_latents)
+        """The most latents a row of any member keeps now (host-side: `warming_up` is the trainer's flag)."""
+        return max(self.k_starts) if self.warming_up else max(member.k for member in self.members)
 
     def keep_first_k(self, values: Tensor, sparsity_scale: Tensor | float = 1.0) -> Tensor:
         """Zero, in sorted `[K, B, w]` values, the entries past each member's own k (now)."""
