@@ -18,9 +18,11 @@ app = typer.Typer(
 )
 app.add_typer(bench_app, name="bench")
 
-# typer's rich help prints `<bool>` after a flag, as if it took a value: a flag shows no type
-_option_type = typer.core.TyperOption.display_type_rich
-typer.core.TyperOption.display_type_rich = lambda option, ctx: None if option.is_flag else _option_type(option, ctx)
+# typer's rich help prints `<bool>` after a flag, as if it took a value: a flag shows no type (the
+# hook exists in recent typer only; older ones, within the pinned range, keep their own help)
+_option_type = getattr(typer.core.TyperOption, "display_type_rich", None)
+if _option_type is not None:
+    typer.core.TyperOption.display_type_rich = lambda option, ctx: None if option.is_flag else _option_type(option, ctx)
 
 
 def _print_version(asked: bool) -> None:
