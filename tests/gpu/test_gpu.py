@@ -59,18 +59,18 @@ def config(precision: str) -> TrainConfig:
 
 
 def losses(architecture: str, device: str, kernel: str, decode: str, precision: str) -> dict[str, torch.Tensor]:
-    """Per-SAE loss and squared error of each step, `[STEPS, K]` each (read at the end: no sync
-    inside the loop)."""
+    """Per-SAE loss and squared error of each batch (summed over its optimizer steps), `[STEPS, K]`
+    each (read at the end: no sync inside the loop)."""
     ensemble = build_ensemble(architecture, D_MODEL, N_LATENTS, members(architecture), kernel=kernel, decode=decode)
     ensemble.input_scale.fill_(input_scale())
     trainer = EnsembleTrainer(ensemble, config(precision), STEPS, device)
     per_step = {"loss": [], "mse": []}
-    for batch in batches():
+    for index, batch in enumerate(batches()):
         trainer.step(batch.to(device))
         for name, values in per_step.items():
             values.append(trainer.metrics.sums[name].clone())  # running sums since the last logging point
-        if trainer.metrics.steps == 10:
-            trainer.log_metrics()  # a logging point, as the trainer does
+        if index % 10 == 9:
+            trainer.log_metrics()  # a logging point every 10 batches (relu takes several optimizer steps a batch)
     result = {}
     for name, values in per_step.items():
         sums = torch.stack(values).cpu()  # [STEPS, K], running sums reset every 10 steps
