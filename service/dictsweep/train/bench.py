@@ -19,7 +19,7 @@ from dictsweep.config import TrainConfig
 from dictsweep.sae.ensemble import ARCHITECTURES, Member, build_ensemble
 from dictsweep.sae.hyperparameters import K, L1_COEF
 from dictsweep.train.kernels import default_candidates, synchronize, time_steps
-from dictsweep.train.loop import DeviceTrainer, EnsembleTrainer
+from dictsweep.train.loop import DeviceTrainer, EnsembleTrainer, uses_bf16
 
 
 def bench_members(architecture: str, n_members: int, n_latents: int, k: int = 0) -> list[Member]:
@@ -44,12 +44,18 @@ def sparse_batches(d_model: int, batch_rows: int, count: int, seed: int = 0) -> 
 
 
 def matmul_seconds(
-    batch_rows: int, d_model: int, n_latents: int, n_members: int, device: torch.device, repeats: int = 5
+    batch_rows: int,
+    d_model: int,
+    n_latents: int,
+    n_members: int,
+    device: torch.device,
+    repeats: int = 5,
+    dtype: torch.dtype = torch.float32,
 ) -> float:
-    """Seconds of torch's own matmul at the encoder's shape, for all K members: the better of one
-    plain mm per member and one bmm."""
-    x = torch.randn(batch_rows, d_model, device=device)
-    weights = torch.randn(n_members, d_model, n_latents, device=device)
+    """Seconds of torch's own matmul at the encoder's shape, for all K members, in the dtype the
+    trainer computes in (bf16 under autocast): the better of one plain mm per member and one bmm."""
+    x = torch.randn(batch_rows, d_model, device=device, dtype=dtype)
+    weights = torch.randn(n_members, d_model, n_latents, device=device, dtype=dtype)
     stacked_x = x.expand(n_members, batch_rows, d_model).contiguous()
 
     def seconds(run) -> float:
@@ -99,6 +105,7 @@ def bench_train(
         l1_warmup_fraction=0,
     )
     samples = n_members * batch_rows  # SAE-samples per step
+    dtype = torch.bfloat16 if uses_bf16(config, device) else torch.float32  # the yardstick's matmul
 
     trainers, warmup_seconds = {}, {}
     for kernel in kernels or default_candidates(device):
@@ -125,7 +132,7 @@ def bench_train(
     for _ in range(rounds):
         for name, trainer in trainers.items():
             seconds[name].append(time_steps(trainer, batches[warmup:], warmup=0))
-        seconds["matmul"].append(matmul_seconds(batch_rows, d_model, n_latents, n_members, device))
+        seconds["matmul"].append(matmul_seconds(batch_rows, d_model, n_latents, n_members, device, dtype=dtype))
     rate = {name: samples / statistics.median(values) for name, values in seconds.items() if name != "matmul"}
     candidates = {name: rate[name] for name in trainers if name != "reference"}
     best = max(candidates, key=candidates.get)
@@ -166,6 +173,7 @@ def bench_train(
         {
             "achieved_gflops": achieved / 1e9,
             "matmul_gflops": matmul_rate / 1e9,
+            "matmul_dtype": str(dtype).removeprefix("torch."),
             "fraction_of_matmul_rate": achieved / matmul_rate,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         }
