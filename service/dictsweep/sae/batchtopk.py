@@ -35,15 +35,32 @@ class BatchTopKEnsemble(TopKEnsemble):
     def batch_topk(self, pre: Tensor, sparsity_scale: Tensor | float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
         """Training: values and indices `[K, B, w]` of the k x B largest of each member's batch (k now,
         in the sparsity warm-up; w: the widest row; shorter rows padded with zeros), and the smallest
-        kept value `[K]`."""
-        n_members, rows, _ = pre.shape
-        top = pre.detach().flatten(1).topk(self.widest_k() * rows, dim=-1, sorted=True).values  # [K, w_max * B]
-        smallest = top.gather(1, self.k_now(sparsity_scale).view(-1, 1) * rows - 1).clamp_min(0)  # [K, 1]
-        kept = pre.detach() >= smallest.unsqueeze(-1)  # [K, B, n_latents]
-        width = max(int(kept.sum(-1).max()), 1)
-        values, indices = pre.topk(width, dim=-1, sorted=False)  # [K, B, width]
-        values = values.relu() * (values >= smallest.unsqueeze(-1))
-        return values, indices, smallest.squeeze(1)
+        kept value `[K]`.
+
+        One selection over the flattened batch: its positions (row x n_latents + latent), sorted, are
+        grouped by row, and each lands in its row's next free slot. (A second top-k of every row to
+        the widest row's width would pass over `[K, B, n_latents]` twice more.)"""
+        n_members, rows, n_latents = pre.shape
+        flat = pre.flatten(1)  # [K, B * n_latents]
+        top, where = flat.detach().topk(self.widest_k() * rows, dim=-1, sorted=True)  # [K, L]
+        kept = self.k_now(sparsity_scale).view(-1, 1) * rows  # [K, 1]
+        smallest = top.gather(1, kept - 1).clamp_min(0)  # [K, 1]
+        keep = (torch.arange(top.shape[1], device=pre.device) < kept) & (top > 0)  # [K, L]
+        past_end = rows * n_latents  # what a dropped position becomes: sorts last, "row" `rows`
+        where = torch.where(keep, where, past_end).sort(dim=-1).values  # [K, L], grouped by row
+        row = where // n_latents  # [K, L]; `rows`: dropped
+        counts = torch.zeros(n_members, rows + 1, dtype=torch.long, device=pre.device)
+        counts.scatter_add_(1, row, torch.ones_like(row))  # [K, B + 1]
+        width = max(int(counts[:, :rows].max()), 1)  # the widest row (a read of the device, as any batch top-k)
+        first = counts.cumsum(1) - counts  # [K, B + 1]: each row's first position in `where`
+        position = torch.arange(where.shape[1], device=pre.device) - first.gather(1, row)  # [K, L]
+        slot = torch.where(row < rows, row * width + position, rows * width)  # dropped: one spare slot
+        values = flat.gather(1, where.clamp_max(past_end - 1))  # [K, L], with gradients
+        padded = values.new_zeros(n_members, rows * width + 1).scatter(1, slot, values)
+        indices = torch.zeros(n_members, rows * width + 1, dtype=torch.long, device=pre.device)
+        indices.scatter_(1, slot, where % n_latents)
+        shape = (n_members, rows, width)
+        return padded[:, :-1].view(shape), indices[:, :-1].view(shape), smallest.squeeze(1)
 
     def forward(
         self,

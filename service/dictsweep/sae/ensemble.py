@@ -190,9 +190,10 @@ class Ensemble(nn.Module):
         return out.view(n_members, rows, self.d_model).to(values.dtype)
 
     def densify(self, values: Tensor, indices: Tensor) -> Tensor:
-        """Dense `[K, B, n_latents]` latents from `[K, B, k]` values and indices."""
+        """Dense `[K, B, n_latents]` latents from `[K, B, k]` values and indices (added: a padded
+        entry, value 0, may repeat an index of its row)."""
         dense = values.new_zeros(*values.shape[:-1], self.n_latents)
-        return dense.scatter(-1, indices, values)
+        return dense.scatter_add(-1, indices, values)
 
     # -- what each architecture defines ---------------------------------------------------------
     def activate(self, pre: Tensor) -> tuple[Tensor, Tensor | None]:

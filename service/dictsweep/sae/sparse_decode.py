@@ -5,7 +5,8 @@ out[m, b] = sum_j values[m, b, j] * W_dec[m, indices[m, b, j]]  (fp32 accumulati
 
 Backward: the decoder gradient is a scatter-add of values[m, b, j] * grad_out[m, b] into the
 selected rows (fp32 atomics, straight into the fp32 master weights' gradient: no bf16 copy of the
-table is made), and the value gradient is the dot product of grad_out[m, b] with each selected
+table is made; entries of value 0, such as the padding of batchtopk's shorter rows, are skipped in
+both directions), and the value gradient is the dot product of grad_out[m, b] with each selected
 row. Neither direction materialises `[K, B, n_latents]`.
 
 Triton is imported on first use only, so CPU users never need it (CPUs decode with
@@ -68,8 +69,9 @@ def kernels():
             j_ok = j < k
             index = tl.load(indices + row * k + j, mask=j_ok, other=0).to(tl.int64)
             value = tl.load(values + row * k + j, mask=j_ok, other=0.0).to(tl.float32)
+            used = j_ok & (value != 0.0)  # a zero (padding, a ReLU'd value) adds nothing: its row is not read
             rows = tl.load(
-                member_table + index[:, None] * d_model + cols[None, :], mask=j_ok[:, None] & col_ok[None, :], other=0.0
+                member_table + index[:, None] * d_model + cols[None, :], mask=used[:, None] & col_ok[None, :], other=0.0
             ).to(tl.float32)  # [BLOCK_J, BLOCK_D]
             acc += tl.sum(value[:, None] * rows, axis=0)
         tl.store(out + row * d_model + cols, acc.to(out.dtype.element_ty), mask=col_ok)
@@ -108,8 +110,9 @@ def kernels():
             if NEED_VALUES:
                 rows = tl.load(table + offset + cols[None, :], mask=mask, other=0.0).to(tl.float32)
                 dot += tl.sum(rows * grad[None, :], axis=1)
-            if NEED_TABLE:
-                tl.atomic_add(grad_table + offset + cols[None, :], value[:, None] * grad[None, :], mask=mask)
+            if NEED_TABLE:  # a zero value adds nothing: no atomic (padded rows would all hit latent 0's row)
+                used = mask & (value != 0.0)[:, None]
+                tl.atomic_add(grad_table + offset + cols[None, :], value[:, None] * grad[None, :], mask=used)
         if NEED_VALUES:
             tl.store(grad_values + row * k + j, dot.to(grad_values.dtype.element_ty), mask=j_ok)
 
