@@ -31,6 +31,32 @@ def test_bench_recovery_scores_every_sae_and_picks_the_best_at_or_above_the_feat
         assert result[f"{architecture}/best"] in at_or_above  # 8 latents for 16 features never count as the best
         assert result[f"{architecture}/best_mmcs_ground_truth"] == max(at_or_above.values())
         assert result[f"{architecture}/best_mmcs_ground_truth"] > 0.9  # 16 equally frequent features in 16 dims: easy
+        # decay 1: every feature fires 8,192 times, one band holding them all, scored as the whole
+        assert result[f"{architecture}/features_fires_1000_10000"] == 16
+        assert result[f"{architecture}/best_mmcs_fires_1000_10000"] == result[f"{architecture}/best_mmcs_ground_truth"]
+        assert not [
+            key for key in result if key.startswith(f"{architecture}/features_fires_") and "1000_10000" not in key
+        ]
+
+
+def test_recovery_by_fires_splits_the_features_by_decade_of_expected_fires():
+    import numpy as np
+
+    from dictsweep.sweep.recovery import by_fires
+
+    fires = np.array([3.0, 9.9, 10.0, 99.0, 5_000.0, 10_000.0, 250_000.0])
+    cosines = np.array([0.1, 0.3, 0.5, 0.7, 0.9, 0.95, 1.0])
+    result = by_fires("relu", cosines, fires)
+    assert result == {
+        "relu/features_fires_under_10": 2,
+        "relu/best_mmcs_fires_under_10": pytest.approx(0.2),
+        "relu/features_fires_10_100": 2,
+        "relu/best_mmcs_fires_10_100": pytest.approx(0.6),
+        "relu/features_fires_1000_10000": 1,  # no feature fires 100-1,000 times: no band for it
+        "relu/best_mmcs_fires_1000_10000": pytest.approx(0.9),
+        "relu/features_fires_10000_up": 2,
+        "relu/best_mmcs_fires_10000_up": pytest.approx(0.975),
+    }
 
 
 @pytest.mark.parametrize(

@@ -14,12 +14,13 @@ import torch
 from dictsweep.config import GridConfig, SweepSpec, TrainConfig
 from dictsweep.sae import ARCHITECTURES, build_ensemble
 from dictsweep.sae.hyperparameters import K, TARGET_L0
-from dictsweep.sae.metrics import mmcs_ground_truth
+from dictsweep.sae.metrics import max_cosine, mmcs_ground_truth
 from dictsweep.store.synth import SynthConfig, build_model, firing_probabilities, sample_rows
 from dictsweep.sweep.plan import grid_points
 from dictsweep.train.loop import EnsembleTrainer
 
 SCALE_ROWS = 65_536  # rows whose mean squared norm sets the input scale (as a sweep does over its dataset)
+FIRES_DECADES = (10, 100, 1_000, 10_000)  # edges of the expected-firing bands the best dictionary is scored in
 
 
 def sparsity_grid(architecture: str, sparsity: list[float]) -> dict:
@@ -63,9 +64,32 @@ def train_synthetic(
             "lr": point.lr,
             "train_l0": l0[index],
             **mmcs_ground_truth(ensemble.W_dec[index].detach(), features),
+            "feature_cosines": max_cosine(features, ensemble.W_dec[index]),  # [n_features]
         }
         for index, point in enumerate(points)
     ]
+
+
+def fires_bands(fires: np.ndarray) -> list[tuple[str, np.ndarray]]:
+    """The decades of expected fires in the budget that hold features: (label, mask `[n_features]`)."""
+    edges = (0, *FIRES_DECADES, float("inf"))
+    bands = []
+    for low, high in zip(edges[:-1], edges[1:]):
+        mask = (fires >= low) & (fires < high)
+        if mask.any():
+            label = f"under_{high:g}" if low == 0 else f"{low:g}_up" if high == float("inf") else f"{low:g}_{high:g}"
+            bands.append((label, mask))
+    return bands
+
+
+def by_fires(architecture: str, cosines: np.ndarray, fires: np.ndarray) -> dict:
+    """Where the best dictionary's recovery comes from: per decade of expected fires, the features in it
+    and their mean max cosine (a feature seen a handful of times in the budget is not learned)."""
+    result = {}
+    for label, mask in fires_bands(fires):
+        result[f"{architecture}/features_fires_{label}"] = int(mask.sum())
+        result[f"{architecture}/best_mmcs_fires_{label}"] = round(float(cosines[mask].mean()), 4)
+    return result
 
 
 def bench_recovery(
@@ -111,5 +135,6 @@ def bench_recovery(
         best = max(at_or_above, key=lambda score: score["mmcs_ground_truth"])
         result[f"{architecture}/best"] = best["name"]
         result[f"{architecture}/best_mmcs_ground_truth"] = round(best["mmcs_ground_truth"], 4)
+        result.update(by_fires(architecture, best["feature_cosines"].numpy(), fires))
     result["seconds"] = round(time.perf_counter() - started, 1)
     return result
