@@ -38,9 +38,8 @@ STEP_ROWS_MIN = 64  # the smallest default optimizer step of architectures that 
 
 
 def default_batch_rows(tokens: int) -> int:
-    """The batch of a budget whose spec sets none: a power of two near tokens / AUTO_BATCH_STEPS, within
-    AUTO_BATCH_ROWS. Recovery at small budgets is limited by updates, not rows (ground-truth recovery at
-    1M tokens: 1024 rows a step 0.83, 256 rows 0.94); large budgets keep large, efficient batches."""
+    """A power of two near tokens / AUTO_BATCH_STEPS, within AUTO_BATCH_ROWS: small budgets are limited by
+    updates, not rows (recovery at 1M tokens: 1024-row steps 0.83, 256-row 0.94); large ones keep big batches."""
     low, high = AUTO_BATCH_ROWS
     return min(high, max(low, 2 ** round(math.log2(max(tokens, 1) / AUTO_BATCH_STEPS))))
 
