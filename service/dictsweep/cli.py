@@ -322,6 +322,58 @@ def inspect(
         )
 
 
+from dictsweep.analysis.config import EvalConfig  # noqa: E402  (light: its fields are the help below)
+
+_EVAL = EvalConfig.model_fields
+
+
+@app.command(name="eval")
+def eval_(
+    target: str = typer.Argument(..., help=_EVAL["target"].description),
+    data: str = typer.Option(..., help=_EVAL["data"].description),
+    out: str = typer.Option(_EVAL["out"].default, help=_EVAL["out"].description),
+    tokens: int = typer.Option(None, help=_EVAL["tokens"].description),
+    splice: bool = typer.Option(_EVAL["splice"].default, help=_EVAL["splice"].description),
+    splice_tokens: int = typer.Option(_EVAL["splice_tokens"].default, help=_EVAL["splice_tokens"].description),
+    probing: bool = typer.Option(_EVAL["probing"].default, help=_EVAL["probing"].description),
+    probing_rows: int = typer.Option(_EVAL["probing_rows"].default, help=_EVAL["probing_rows"].description),
+    k: list[int] = typer.Option(_EVAL["ks"].default, help=_EVAL["ks"].description),
+    min_letters: int = typer.Option(_EVAL["min_letters"].default, help=_EVAL["min_letters"].description),
+    device: str = typer.Option(_EVAL["device"].default, help=_EVAL["device"].description),
+    tracking_uri: str = typer.Option(None, help=_EVAL["tracking_uri"].description),
+    as_json: bool = typer.Option(False, "--json", help="Print every dictionary's metrics as one JSON object."),
+) -> None:
+    """SAEBench's core metrics (and its core JSON), KL/CE loss scores, sparse probing and first-letter
+    absorption of exported dictionaries, on the dataset's eval rows and own tokens."""
+    import json
+
+    from dictsweep.sweep.evaluation import eval_command
+
+    config = EvalConfig.from_cli(
+        target=target,
+        data=data,
+        out=out,
+        tokens=tokens,
+        splice=splice,
+        splice_tokens=splice_tokens,
+        probing=probing,
+        probing_rows=probing_rows,
+        ks=k,
+        min_letters=min_letters,
+        device=device,
+        tracking_uri=tracking_uri,
+    )
+    summary, notes = eval_command(config)
+    for note in notes:
+        typer.echo(f"note: {note}", err=as_json)
+    if as_json:
+        typer.echo(json.dumps(summary))
+        return
+    from dictsweep.render import print_evaluation
+
+    print_evaluation(summary, out)
+
+
 def main() -> None:
     """Console entry point. Click reports usage errors itself (exit 2); ours print one line:
     exit 2 for invalid input, 1 for a failure while running."""

@@ -87,6 +87,36 @@ def print_sweep(result, experiment: str | None = None) -> None:
     console.print(f"MLflow runs: {url or ui}", soft_wrap=True)
 
 
+EVALUATION_COLUMNS = (  # (metric key, header, format): the `dictsweep eval` table, 80 columns
+    ("l0", "l0", ".1f"),
+    ("explained_variance", "expl_var", ".3f"),
+    ("cossim", "cossim", ".3f"),
+    ("l2_ratio", "l2_ratio", ".3f"),
+    ("kl_div_score", "kl_score", ".3f"),
+    ("ce_loss_score", "ce_score", ".3f"),
+    ("sae_top_1_test_accuracy", "probe_k1", ".3f"),
+    ("mean_absorption_fraction_score", "absorb", ".3f"),
+)
+
+
+def print_evaluation(summary: dict[str, dict], out: str) -> None:
+    """`dictsweep eval`'s table: per dictionary the headline metrics (every one is in eval.json)."""
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
+    columns = [c for c in EVALUATION_COLUMNS if any(c[0] in metrics for metrics in summary.values())]
+    table = Table(title="evaluation (SAEBench definitions)", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    table.add_column("dictionary", no_wrap=False)
+    for _, header, _ in columns:
+        table.add_column(header, justify="right", no_wrap=True)
+    for name, metrics in sorted(summary.items()):
+        table.add_row(name, *("-" if key not in metrics else f"{metrics[key]:{fmt}}" for key, _, fmt in columns))
+    console = Console()
+    console.print(table)
+    console.print(f"every metric, SAEBench's core JSON and the probing results: {out}/eval.json, {out}/<name>/")
+
+
 def print_result(result: dict, as_json: bool, title: str) -> None:
     """A benchmark's result: one JSON object, or a two-column table."""
     import json

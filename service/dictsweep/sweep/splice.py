@@ -19,6 +19,9 @@ reconstruction (a forward hook on the module, found by `store.models.find_module
   matrix; the missing head's transform is left out): `kl_clean` (0), `kl_spliced`, `kl_zero`.
 - loss_recovered = (zero - spliced) / (zero - clean): 1 when the splice changes nothing, 0 when it
   is as bad as erasing the activation.
+- SAEBench's names of the same measures (its core eval): `kl_div_score`, `kl_div_with_sae`,
+  `kl_div_with_ablation` (KL over every non-padding position, causal LMs too) and, for causal LMs,
+  `ce_loss_score`, `ce_loss_with_sae`, `ce_loss_with_ablation`, `ce_loss_without_sae`.
 """
 
 from __future__ import annotations
@@ -188,6 +191,9 @@ class Losses(NamedTuple):
     """With the spliced positions zero-ablated."""
     tokens: int
     """Positions scored."""
+    kl_spliced: dict[str, float] = {}
+    """KL(P_clean || P_spliced) per splice name, over every non-padding position (causal LMs too)."""
+    kl_zero: float = float("nan")
 
 
 ZERO = object()  # the zero ablation's key among the splices: no name can collide with it
@@ -210,6 +216,7 @@ def splice_losses(
     width = max(len(ids) for ids in contexts)
     per_batch = max(1, LOGIT_BUDGET // (width * vocab))
     sums = {name: Sums(0.0, 0) for name in splices}
+    kl_sums = {name: Sums(0.0, 0) for name in splices}
     clean_sum = Sums(0.0, 0)
     special = np.asarray(special_ids, dtype=np.int64)
     for start in range(0, len(contexts), per_batch):
@@ -232,17 +239,26 @@ def splice_losses(
             else:
                 scored = attention_mask.bool()
                 clean_sum = Sums(0.0, clean_sum.count + int(scored.sum()))  # KL of clean from itself
-                clean_probs = clean.exp()
+            clean_probs = clean.exp()
             for name, replace in splices.items():
                 with replaced(module, spliced, replace):
                     other = readout.logits(input_ids, attention_mask).log_softmax(-1)
+                kl = (clean_probs * (clean - other)).sum(-1)[attention_mask.bool()]  # KL(P_clean || P) per position
                 if readout.causal:
                     losses = -other[:, :-1].gather(-1, targets).squeeze(-1)[scored]
-                else:  # KL(P_clean || P_spliced) per position
-                    losses = (clean_probs * (clean - other)).sum(-1)[scored]
+                else:
+                    losses = kl
                 sums[name] = sums[name].add(losses)
-    zero = sums.pop(ZERO)
-    return Losses({name: total.mean for name, total in sums.items()}, clean_sum.mean, zero.mean, clean_sum.count)
+                kl_sums[name] = kl_sums[name].add(kl)
+    zero, kl_zero = sums.pop(ZERO), kl_sums.pop(ZERO)
+    return Losses(
+        {name: total.mean for name, total in sums.items()},
+        clean_sum.mean,
+        zero.mean,
+        clean_sum.count,
+        {name: total.mean for name, total in kl_sums.items()},
+        kl_zero.mean,
+    )
 
 
 def loss_recovered(clean: float, spliced: float, zero: float) -> float:
@@ -299,7 +315,26 @@ def splice_eval(
             f"{kind}_clean": clean,
             f"{kind}_spliced": spliced,
             f"{kind}_zero": zero,
+            **saebench_names(losses, name, readout.causal),
         }
         for name, spliced in losses.spliced.items()
     }
     return SpliceResult(metrics, kind, readout.head, losses.tokens, len(contexts))
+
+
+def saebench_names(losses: Losses, name: str, causal: bool) -> dict[str, float]:
+    """The splice's measures of dictionary `name` as SAEBench's core eval names them."""
+    kl, kl_zero = losses.kl_spliced[name], losses.kl_zero
+    metrics = {
+        "kl_div_score": loss_recovered(0.0, kl, kl_zero),
+        "kl_div_with_sae": kl,
+        "kl_div_with_ablation": kl_zero,
+    }
+    if causal:
+        metrics |= {
+            "ce_loss_score": loss_recovered(losses.clean, losses.spliced[name], losses.zero),
+            "ce_loss_with_sae": losses.spliced[name],
+            "ce_loss_with_ablation": losses.zero,
+            "ce_loss_without_sae": losses.clean,
+        }
+    return metrics

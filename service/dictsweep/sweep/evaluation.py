@@ -1,0 +1,150 @@
+"""Evaluations of finished or exported dictionaries on the dataset they were trained on: SAEBench's core
+metrics over the eval rows (`analysis.core`), its KL and CE loss scores from the spliced evaluation
+(`sweep.splice`), and sparse probing and first-letter absorption on the dataset's own tokens
+(`analysis.evaluation`). A sweep runs it at its end (`sweep.finish`); `dictsweep eval` on exported ones.
+
+Per dictionary it gives the flat metrics (our keys: `eval/<key>` in MLflow, index.json, saes.csv),
+SAEBench's core output (`saebench_core.json`, which SAEBench's tooling reads) and the probing
+results (`probing.json`: SAEBench's sparse-probing categories `llm` and `sae` with per-task details,
+and its absorption category `mean` with per-letter details).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import NamedTuple
+
+import torch
+
+from dictsweep.analysis.config import EvalConfig
+from dictsweep.errors import InputError
+from dictsweep.sae.saebench import core_eval_config, core_output, flat_metrics, with_splice
+from dictsweep.store import fs
+from dictsweep.store.dataset import ActivationDataset
+
+CORE_FILE, PROBING_FILE, SUMMARY_FILE = "saebench_core.json", "probing.json", "eval.json"
+
+
+class Evaluated(NamedTuple):
+    """What `evaluate` measured: per dictionary its results, and notes on what could not run."""
+
+    results: dict[str, dict]
+    """name -> {"metrics": flat, "core": {"metrics", "details"}, "probing": dict or None}"""
+    notes: list[str]
+    splice_tokens: int
+
+
+def evaluate(
+    data: str,
+    dictionaries: dict[str, str],
+    config: EvalConfig,
+    device: str = "cpu",
+    threads: int = 0,
+    rows: int | None = None,
+) -> Evaluated:
+    """The evaluations of each dictionary (name -> folder or URI) on dataset `data`; the spliced one
+    when `config.splice` (a sweep has spliced before and passes splice False), probing when
+    `config.probing`. Runs as a Ray task at a sweep's end, or in the CLI's process."""
+    from dictsweep import load_dictionary
+    from dictsweep.analysis.core import core_results
+    from dictsweep.analysis.evaluation import probe_dictionaries, probing_metrics
+
+    torch.set_num_threads(threads or os.cpu_count() or 1)  # a Ray task gets one thread by default
+    dataset = ActivationDataset.open(data)
+    modules = {name: load_dictionary(uri).to(device) for name, uri in dictionaries.items()}
+    notes, spliced, tokens = [], {}, 0
+    if config.splice:
+        from dictsweep.sweep.splice import splice_eval, splice_source
+
+        source = splice_source(dataset)
+        if isinstance(source, str):
+            notes.append(f"KL and CE loss scores not measured: {source}")
+        else:
+            outcome = splice_eval(data, dictionaries, config.splice_tokens, device, threads)
+            spliced, tokens = outcome.metrics, outcome.tokens
+    core = core_results(dataset, modules, rows or config.tokens, device)
+    probing, probing_notes = probe_dictionaries(dataset, modules, config, device) if config.probing else ({}, [])
+    results = {}
+    for name in modules:
+        metrics = {**flat_metrics(core[name]["metrics"]), **spliced.get(name, {})}
+        if name in probing:
+            metrics |= probing_metrics(probing[name])
+        results[name] = {"metrics": metrics, "core": core[name], "probing": probing.get(name)}
+    return Evaluated(results, notes + probing_notes, tokens)
+
+
+def core_document(
+    name: str, sae_cfg: dict, core: dict, metrics: dict, splice_tokens: int, dataset: ActivationDataset, release: str
+) -> dict:
+    """SAEBench's core output of one dictionary, its spliced categories from `metrics` (the flat ones
+    after every spliced evaluation the sweep ran)."""
+    from dictsweep import __version__
+
+    source = dataset.manifest.source or {}
+    spliced = {key for key in ("kl_div_score", "ce_loss_score") if key in metrics}
+    config = core_eval_config(
+        model_name=str(source.get("model_name") or source.get("model") or ""),
+        llm_dtype=dataset.dtype,
+        dataset=str(source.get("dataset") or dataset.uri),
+        context_size=int(source.get("context") or 0),
+        compute_kl="kl_div_score" in spliced,
+        compute_ce_loss="ce_loss_score" in spliced,
+        compute_l2_norms=True,
+        compute_sparsity_metrics=True,
+        compute_variance_metrics=True,
+        compute_featurewise_density_statistics=True,
+        compute_featurewise_weight_based_metrics=True,
+        exclude_special_tokens_from_reconstruction=not source.get("include_special", False),
+    )
+    result = {"metrics": with_splice(core["metrics"], metrics, splice_tokens), "details": core["details"]}
+    return core_output(result, config, sae_cfg, name, release, f"dictsweep {__version__}")
+
+
+def write_documents(folder: str, document: dict, probing: dict | None) -> list[str]:
+    """`saebench_core.json` (and `probing.json`) into `folder` (a folder or URI); returns their URIs."""
+    written = [fs.join(folder, CORE_FILE)]
+    fs.write_text(written[0], json.dumps(document, indent=1))
+    if probing is not None:
+        written.append(fs.join(folder, PROBING_FILE))
+        fs.write_text(written[1], json.dumps(probing, indent=1))
+    return written
+
+
+def eval_command(config: EvalConfig) -> tuple[dict[str, dict], list[str]]:
+    """`dictsweep eval`: every dictionary of TARGET (as `inspect` takes it) evaluated on `config.data`;
+    per dictionary `<out>/<name>/saebench_core.json` and `probing.json`, and `<out>/eval.json` (every
+    dictionary's flat metrics and the notes). Returns (name -> flat metrics, notes)."""
+    import tempfile
+
+    from dictsweep.analysis.config import InspectConfig
+    from dictsweep.analysis.inspect import resolve_device, resolve_targets
+
+    device = resolve_device(config.device)
+    with tempfile.TemporaryDirectory() as scratch:
+        targets, _ = resolve_targets(
+            InspectConfig(target=config.target, data=config.data, tracking_uri=config.tracking_uri), scratch
+        )
+        names = [target.name for target in targets]
+        if len(set(names)) != len(names):
+            raise InputError(f"TARGET {config.target}: two dictionaries share a name ({sorted(names)})")
+        evaluated = evaluate(config.data, {target.name: target.uri for target in targets}, config, device)
+        dataset = ActivationDataset.open(config.data)
+        release = os.path.basename(config.target.rstrip("/")) or config.target
+        for target in targets:
+            result = evaluated.results[target.name]
+            document = core_document(
+                target.name,
+                target.sae.cfg,
+                result["core"],
+                result["metrics"],
+                evaluated.splice_tokens,
+                dataset,
+                release,
+            )
+            write_documents(fs.join(config.out, target.name), document, result["probing"])
+    summary = {name: result["metrics"] for name, result in evaluated.results.items()}
+    fs.write_text(
+        fs.join(config.out, SUMMARY_FILE), json.dumps({"metrics": summary, "notes": evaluated.notes}, indent=1)
+    )
+    return summary, evaluated.notes
