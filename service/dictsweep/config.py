@@ -335,14 +335,13 @@ class EvaluationConfig(Section):
         gt=0,
         description="Most training rows the baselines are fitted on: whole train batches spread evenly over the stream (PCA covariance over all of them).",
     )
-    ica_rows: int = Field(
-        65_536, gt=0, description="Most of those rows kept in memory for FastICA (an equal share of each batch)."
-    )
+    ica_rows: int = Field(65_536, gt=0, description="Most of those rows kept for FastICA (a share of each batch).")
     inspect: bool = Field(
         False,
         description="Run `dictsweep inspect` over the selected dictionaries at the end: per-latent statistics, contexts and neighbours as a data file and a feature browser per dictionary, logged as artifacts `inspect/` of its run.",
     )
     inspect_tokens: int = Field(1_048_576, gt=0, description="Most train rows the end-of-sweep inspect pass reads.")
+    probing: bool = Field(False, description="Sparse probing and first-letter absorption of every SAE at the end.")
 
 
 class SelectConfig(Section):

@@ -75,6 +75,11 @@ def print_sweep(result, experiment: str | None = None) -> None:
         console.print(f"{'*' if name in result.selected else ' '} {name}: {why}")
     for name, why in sorted(result.failed.items()):
         console.print(f"[red]failed[/red] {name}: {why.splitlines()[0][:300]}")
+    if getattr(result, "seeds", None):
+        from dictsweep.sweep.seeds import describe
+
+        for row in result.seeds:
+            console.print(describe(row))
     band = f" inside L0 [{result.band[0]:.3g}, {result.band[1]:.3g}]" if result.band else ""
     console.print(
         f"dictionaries: {result.export_dir} (index.json; * = selected{band}; each SAE's why: index.json, "

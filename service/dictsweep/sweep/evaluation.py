@@ -148,3 +148,69 @@ def eval_command(config: EvalConfig) -> tuple[dict[str, dict], list[str]]:
         fs.join(config.out, SUMMARY_FILE), json.dumps({"metrics": summary, "notes": evaluated.notes}, indent=1)
     )
     return summary, evaluated.notes
+
+
+# -- at the end of a sweep (`sweep.finish`) ----------------------------------------------------------
+def evaluate_finished(driver) -> Evaluated | None:
+    """Every finished SAE's core metrics (and probing, with `evaluation.probing`) over the sweep's eval
+    rows, as a Ray task on the trainers' device kind: added to its metrics and logged to its run as
+    `eval/<key>` (the eval metrics it already has, such as l0, stay as measured in training's pass);
+    None, with a warning and a tag on the sweep's run, when it fails."""
+    import logging
+
+    import ray
+
+    from dictsweep.errors import first_line
+    from dictsweep.sweep.finish import finish_device
+    from dictsweep.sweep.progress import step
+
+    spec, result, tracker = driver.spec, driver.ledger.result, driver.ledger.tracker
+    if not result.finished:
+        return None
+    uris = {name: r.uri for name, r in sorted(result.finished.items())}
+    config = EvalConfig(target=spec.name, data=spec.data.uri, splice=False, probing=spec.evaluation.probing)
+    device, threads = finish_device(driver)
+    task = ray.remote(evaluate).options(
+        num_gpus=int(device == "cuda"), num_cpus=spec.resources.cpus_per_trainer, max_retries=0
+    )
+    what = "core metrics" + (", probing and absorption" if config.probing else "")
+    try:
+        with step(f"evaluating {len(uris)} dictionaries: SAEBench {what}"):
+            evaluated = ray.get(
+                task.remote(spec.data.uri, uris, config, device, threads, driver.eval_steps * spec.train.batch_rows)
+            )
+    except (InputError, ray.exceptions.RayError) as error:  # the SAEs stand with their own eval metrics
+        logging.getLogger(__name__).warning(f"evaluation failed, nothing recorded: {first_line(error)}")
+        tracker.set_tags(tracker.parent_id, {"dictsweep.evaluation": f"failed: {first_line(error)}"})
+        return None
+    for note in evaluated.notes:
+        logging.getLogger(__name__).info(f"evaluation: {note}")
+    for name, measured in evaluated.results.items():
+        outcome = result.finished[name]
+        new = {key: value for key, value in measured["metrics"].items() if key not in outcome.metrics}
+        outcome.metrics.update(new)
+        tracker.log_metrics(outcome.run_id, {f"eval/{key}": value for key, value in new.items()}, spec.train.tokens)
+    return evaluated
+
+
+def write_evaluations(driver, evaluated: Evaluated | None) -> None:
+    """Each finished SAE's `saebench_core.json` (and `probing.json`) beside its dictionary, so that its
+    export carries them, and as artifacts `dictionary/` of its run; after every spliced evaluation."""
+    from dictsweep.track import DICTIONARY_PATH
+
+    if evaluated is None:
+        return
+    spec, result, tracker = driver.spec, driver.ledger.result, driver.ledger.tracker
+    for name, measured in evaluated.results.items():
+        outcome = result.finished[name]
+        document = core_document(
+            name,
+            json.loads(fs.read_text(fs.join(outcome.uri, "cfg.json"))),
+            measured["core"],
+            outcome.metrics,
+            getattr(result, "splice_tokens", 0),
+            driver.dataset,
+            spec.name,
+        )
+        for uri in write_documents(outcome.uri, document, measured["probing"]):
+            tracker.log_bytes(outcome.run_id, fs.read_bytes(uri), os.path.basename(uri), DICTIONARY_PATH)

@@ -19,7 +19,8 @@ from dictsweep.sweep.driver import Driver
 from dictsweep.sweep.plan import GridPoint
 from dictsweep.sweep.progress import step
 from dictsweep.sweep.results import INDEX_METRICS, BaselineResult, SweepResult
-from dictsweep.sweep.select import select
+from dictsweep.sweep.evaluation import evaluate_finished, write_evaluations
+from dictsweep.sweep.seeds import plot_points, seed_groups, seed_report, select_over_seeds
 from dictsweep.track import SELECTED_TAG, WHY_TAG
 
 log = logging.getLogger(__name__)
@@ -31,8 +32,12 @@ def finish(driver: Driver) -> None:
     tracker, result = ledger.tracker, ledger.result
     if not spec.evaluation.splice_selected_only:
         splice(driver, sorted(result.finished), [])
-    choices = select(
+    evaluated = evaluate_finished(driver)
+    groups = seed_groups({name: r.point for name, r in result.finished.items()})
+    result.seeds = seed_report(driver, groups)
+    choices = select_over_seeds(
         {name: {"n_latents": r.point.n_latents, "metrics": r.metrics} for name, r in result.finished.items()},
+        groups,
         spec.select,
         driver.dataset.d_model,
     )
@@ -46,6 +51,7 @@ def finish(driver: Driver) -> None:
     late = sorted(result.selected) if spec.evaluation.splice_selected_only else []
     if late or result.baselines:
         splice(driver, late, result.baselines)
+    write_evaluations(driver, evaluated)
     entries = []
     with step(f"exporting {len(result.selected)} dictionaries to {spec.export_dir}", total=len(result.selected)) as bar:
         for name in sorted(result.selected):
@@ -248,6 +254,7 @@ def splice(driver: Driver, names: list[str], baselines: list[BaselineResult]) ->
         log.warning(f"spliced evaluation skipped: {first_line(error)}")
         tracker.set_tags(tracker.parent_id, {"dictsweep.splice": f"skipped: {first_line(error)}"})
         return {}
+    result.splice_tokens = outcome.tokens
     tracker.set_tags(
         tracker.parent_id,
         {
@@ -314,16 +321,7 @@ def plot(driver: Driver) -> None:
     from dictsweep.sweep.report import pareto_plot
 
     result, tracker = driver.ledger.result, driver.ledger.tracker
-    saes = [
-        {
-            **r.point.params(),
-            "l0": r.metrics["l0"],
-            "fvu": r.metrics["fvu"],
-            "selected": name in result.selected,
-            "rejected": name in result.ruled_out,
-        }
-        for name, r in result.finished.items()
-    ]
+    saes = plot_points(result, seed_groups({name: r.point for name, r in result.finished.items()}))
     baselines = [{"kind": b.kind, "k": b.k, "l0": b.metrics["l0"], "fvu": b.metrics["fvu"]} for b in result.baselines]
     png = pareto_plot(saes, baselines, title=f"{driver.spec.name}: eval L0 against FVU", band=result.band)
     fs.write_bytes(fs.join(driver.spec.export_dir, "pareto.png"), png)

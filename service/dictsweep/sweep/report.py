@@ -26,6 +26,11 @@ BASELINE_STYLES = {
 }  # marker, colour
 
 
+def interval(half_width: float | None) -> float:
+    """An error bar's half length: 0 where there is no interval (one seed)."""
+    return 0.0 if half_width is None or half_width != half_width else float(half_width)
+
+
 def pareto_plot(
     saes: list[dict], baselines: list[dict], title: str = "", band: tuple[float, float] | None = None
 ) -> bytes:
@@ -41,7 +46,8 @@ def pareto_figure(
     """Eval FVU against eval L0.
 
     `saes`: {"architecture", "n_latents", "l0", "fvu", "selected", and optionally "rejected": True
-    for one the selection ruled out whatever its neighbours} per finished SAE;
+    for one the selection ruled out whatever its neighbours, and "l0_ci95", "fvu_ci95": the 95%
+    intervals' half widths of a grid point drawn at its seed means} per finished SAE or grid point;
     `baselines`: {"kind", "k", "l0", "fvu"} per baseline dictionary; `band`: the selection's L0 band.
     """
     figure = Figure(figsize=(10, 5.5), dpi=100)
@@ -63,6 +69,18 @@ def pareto_figure(
             markersize=6,
             markerfacecolor="none",
         )
+        spread = [p for p in points if p.get("fvu_ci95") is not None]  # a grid point's seeds: 95% t-intervals
+        if spread:
+            axes.errorbar(
+                [p["l0"] for p in spread],
+                [p["fvu"] for p in spread],
+                xerr=[interval(p.get("l0_ci95")) for p in spread],
+                yerr=[interval(p["fvu_ci95"]) for p in spread],
+                fmt="none",
+                ecolor=color,
+                elinewidth=1,
+                capsize=3,
+            )
         best = pareto_front({i: (p["l0"], p["fvu"]) for i, p in enumerate(points)})
         front = sorted((points[i] for i in best), key=lambda point: (point["l0"], point["fvu"]))
         axes.plot(
@@ -109,6 +127,8 @@ def pareto_figure(
         axes.set_xscale("log")
     if saes and any(p["selected"] for p in saes):
         axes.scatter([], [], s=110, facecolors="none", edgecolors="black", label="selected")
+    if any(p.get("fvu_ci95") is not None for p in saes):
+        axes.errorbar([], [], xerr=[], yerr=[], fmt="none", ecolor="0.3", capsize=3, label="seed mean, 95% t-interval")
     if any(p.get("rejected") for p in saes):
         axes.plot([], [], "o", color="0.3", markersize=6, markerfacecolor="none", label="rejected (band or bounds)")
     if band is not None:

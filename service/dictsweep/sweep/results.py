@@ -26,8 +26,10 @@ METRICS = (
     Metric("fvu", "fvu", "fvu", ".4f"),
     Metric("mse", "mse", None, ".4g"),
     Metric("dead_fraction", "dead_fraction", "dead", ".3f"),
-    Metric("mmcs_ground_truth", "mmcs_ground_truth", "mmcs_gt", ".3f"),
+    Metric("mmcs_ground_truth", "mmcs_ground_truth", "mmcs_gt", ".3f", shown_when_measured=True),  # synthetic data
     Metric("loss_recovered", None, "loss_rec", ".3f", shown_when_measured=True),  # spliced into the model
+    Metric("sae_top_1_test_accuracy", None, "probe", ".3f", shown_when_measured=True),  # evaluation.probing
+    Metric("mean_absorption_fraction_score", None, "absorb", ".3f", shown_when_measured=True),
 )
 INDEX_METRICS = tuple(metric for metric in METRICS if metric.index_name is not None)
 
@@ -73,3 +75,5 @@ class SweepResult:
     why: dict[str, str] = field(default_factory=dict)  # name -> why it was or was not selected
     ruled_out: set[str] = field(default_factory=set)  # not selected whatever their neighbours (band, bounds)
     band: tuple[float, float] | None = None  # the selection's L0 band
+    seeds: list[dict] = field(default_factory=list)  # grid points of several seeds: means, intervals (`sweep.seeds`)
+    splice_tokens: int = 0  # positions the spliced evaluation scored
