@@ -148,6 +148,7 @@ td.num { text-align: right; font-variant-numeric: tabular-nums; } .tokens { font
 .ctx .tok { border-radius: 2px; } .ctx .center { outline: 1px solid #c2410c; font-weight: 600; }
 .kind { font-size: 11px; color: #8993a6; width: 34px; display: inline-block; }
 ul.plain { list-style: none; padding: 0; margin: 0; } ul.plain li { padding: 2px 0; font-variant-numeric: tabular-nums; }
+.evaluation { background: #eef3fb; padding: 6px 10px; border-radius: 4px; margin: 0 0 12px; font-variant-numeric: tabular-nums; }
 .muted { color: #8993a6; } a { color: #2457c5; text-decoration: none; } a:hover { text-decoration: underline; }
 </style></head>
 <body>
@@ -155,6 +156,7 @@ ul.plain { list-style: none; padding: 0; margin: 0; } ul.plain li { padding: 2px
 <main>
 <pre id="errors"></pre>
 <div id="notes"></div>
+<div id="evaluation"></div>
 <div id="view"></div>
 </main>
 <script src="data.js"></script>
@@ -274,6 +276,7 @@ ul.plain { list-style: none; padding: 0; margin: 0; } ul.plain li { padding: 2px
   document.getElementById('title').textContent = meta.dictionary;
   document.getElementById('meta').textContent = meta.architecture + ', ' + meta.n_latents + ' latents, d_in ' + meta.d_in + ' | ' + meta.rows + ' rows of ' + meta.dataset + (meta.hook ? ' (' + meta.hook + ')' : '');
   if (meta.notes.length) document.getElementById('notes').replaceChildren.apply(document.getElementById('notes'), meta.notes.map(function (note) { return el('p', {'class': 'notes', text: note}); }));
+  if (meta.evaluation && meta.evaluation.length) document.getElementById('evaluation').replaceChildren(el('p', {'class': 'evaluation', text: 'evaluation (SAEBench definitions): ' + meta.evaluation.map(function (row) { return row[0] + ' ' + fmt(row[1]); }).join(' | ')}));
   window.addEventListener('hashchange', route);
   route();
 })();

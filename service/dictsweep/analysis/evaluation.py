@@ -153,3 +153,45 @@ def probe_dictionaries(
         if result["absorption"]["not_measured"]:
             notes.append(f"{name}: absorption not measured: {result['absorption']['not_measured']}")
     return results, notes
+
+
+BROWSER_METRICS = (  # (file, path of keys, label): what the feature browser's page shows of the evaluations
+    (
+        "saebench_core.json",
+        ("eval_result_metrics", "reconstruction_quality", "explained_variance"),
+        "explained variance",
+    ),
+    ("saebench_core.json", ("eval_result_metrics", "reconstruction_quality", "cossim"), "cosine (x, x_hat)"),
+    ("saebench_core.json", ("eval_result_metrics", "shrinkage", "l2_ratio"), "L2 ratio"),
+    ("saebench_core.json", ("eval_result_metrics", "sparsity", "l0"), "L0"),
+    ("saebench_core.json", ("eval_result_metrics", "model_behavior_preservation", "kl_div_score"), "KL score"),
+    ("saebench_core.json", ("eval_result_metrics", "model_performance_preservation", "ce_loss_score"), "CE score"),
+    ("saebench_core.json", ("eval_result_metrics", "misc_metrics", "frac_alive"), "alive"),
+    ("probing.json", ("sparse_probing", "llm", "llm_test_accuracy"), "probe: dense ceiling"),
+    ("probing.json", ("sparse_probing", "sae", "sae_top_1_test_accuracy"), "probe: 1 latent"),
+    ("probing.json", ("sparse_probing", "sae", "sae_top_5_test_accuracy"), "probe: 5 latents"),
+    ("probing.json", ("absorption", "mean", "mean_absorption_fraction_score"), "absorption fraction"),
+    ("probing.json", ("absorption", "mean", "mean_full_absorption_score"), "full absorption"),
+)
+
+
+def evaluation_summary(folder: str) -> list[list]:
+    """[label, value] of the evaluations stored beside a dictionary (`dictsweep eval`, a sweep's end),
+    for its feature browser; numbers only (the files are read as untrusted), -1 (unmeasured) left out."""
+    import json
+    import math
+
+    files, rows = {}, []
+    for name, path, label in BROWSER_METRICS:
+        if name not in files:
+            uri = fs.join(folder, name)
+            try:
+                files[name] = json.loads(fs.read_text(uri)) if fs.exists(uri) else {}
+            except ValueError:
+                files[name] = {}
+        value = files[name]
+        for key in path:
+            value = value.get(key) if isinstance(value, dict) else None
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value != -1:
+            rows.append([label, float(value)])
+    return rows

@@ -19,6 +19,7 @@ import torch
 from dictsweep.analysis.config import SAMPLES, InspectConfig
 from dictsweep.analysis.contexts import Request, Source, Window, windows
 from dictsweep.analysis.datafile import LatentTables, latent_tables, write_data_file
+from dictsweep.analysis.evaluation import evaluation_summary
 from dictsweep.analysis.directions import feature_matches, nearest_latents, output_embedding, token_effects
 from dictsweep.analysis.scan import ScanResult, row_key_position, scan
 from dictsweep.analysis.stats import NO_ROW, Summary
@@ -159,6 +160,7 @@ def inspect_targets(config: InspectConfig, targets: list[Target]) -> InspectResu
             "hook": source.hook,
             "notes": notes,
             "dictionaries": sorted(dictionaries),
+            "evaluation": evaluation_summary(target.uri),
         }
         write_data_file(os.path.join(folder, DATA_FILE), tables[target.name], meta)
         write_browser(folder, tables[target.name], meta)
