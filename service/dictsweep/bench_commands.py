@@ -138,6 +138,24 @@ def bench_inspect_command(
     print_result(result, as_json, f"bench inspect: {n_latents} latents on {uri}")
 
 
+@bench_app.command("eval")
+def bench_eval_command(
+    uri: str = typer.Option(..., help="Dataset prefix (a harvest, with contexts/, for probing too)."),
+    n_latents: int = typer.Option(4096, help="Latents of the SAE."),
+    k: int = typer.Option(32, help="Active latents per row (topk) of the trained and of the bench dictionary."),
+    tokens: int = typer.Option(2_000_000, help="Training tokens per SAE (the sweep's train.tokens)."),
+    eval_rows: int = typer.Option(None, help="Eval rows of the core pass (the sweep's eval_tokens; default: all)."),
+    probing: bool = typer.Option(True, help="Time probing and absorption too (evaluation.probing)."),
+    device: str = typer.Option("cuda" if cuda_available() else "cpu", help="Device to run on."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
+) -> None:
+    """Seconds of the end-of-sweep evaluation per SAE beside its training, and their ratio."""
+    from dictsweep.sweep.bench_eval import bench_eval
+
+    result = bench_eval(uri, n_latents, k, tokens, eval_rows, probing, device)
+    print_result(result, as_json, f"bench eval: {n_latents} latents on {uri}")
+
+
 @bench_app.command("recovery")
 def bench_recovery_command(
     d_model: int = typer.Option(128, help="Width of the synthetic activations."),

@@ -39,20 +39,44 @@ def test_relu_sweep_table(capsys):
 
 
 def test_widest_table_fits_80_columns_and_reasons_wrap_below(capsys):
-    """Every optional column, the longest architecture name and sizes: nothing cut; the reasons
-    (`why`) go under the table and wrap there."""
+    """Every optional column that can appear together (ground-truth recovery is for synthetic data,
+    which has no model to splice or probe), the longest architecture name and sizes: nothing cut; the
+    reasons (`why`) go under the table and wrap there."""
     points = [GridPoint("batchtopk", 1_048_576, 0.003, 0, k=128), GridPoint("jumprelu", 65_536, 0.003, 0, l1_coef=0.25)]
     result = result_of(*points)
-    for outcome in result.finished.values():
-        outcome.metrics.update(l0=1234.56, loss_recovered=0.876)
+    for outcome in result.finished.values():  # a harvested dataset: spliced and probed, no ground truth
+        outcome.metrics.update(l0=1234.56, loss_recovered=0.876, sae_top_1_test_accuracy=0.912)
+        outcome.metrics.pop("mmcs_ground_truth")
     result.why = {points[0].name: "Pareto-best of its size at L0 1234.56 within the band 1000-1500 asked for"}
     print_sweep(result)
     printed = capsys.readouterr().out
     lines = printed.splitlines()
     assert all(len(line) <= 80 for line in lines) and "…" not in printed
-    assert header(printed) == ["arch", "n_latents", "l1/k", "l0", "fvu", "dead", "mmcs_gt", "loss_rec", "sel"]
+    assert header(printed) == [*("arch", "n_latents", "l1/k", "l0", "fvu", "dead", "loss_rec", "probe", "sel")]
     assert any(line.split()[:2] == ["batchtopk", "1048576"] and line.split()[-1] == "*" for line in lines)
     assert f"* {points[0].name}: Pareto-best of its size" in printed and "asked for" in printed
+
+
+def test_seed_lines_under_the_table(capsys):
+    """A grid point of several seeds: its means and 95% intervals and its feature stability, in a line."""
+    result = result_of(GridPoint("topk", 64, 0.003, 0, k=8))
+    result.seeds = [
+        {
+            "point": "topk-n64-k8-lr0.003",
+            "seeds": 3,
+            "feature_stability": 0.8123,
+            "fvu": 0.25,
+            "fvu_ci95": 0.0125,
+            "l0": 8.0,
+            "l0_ci95": 0.0,
+        }
+    ]
+    print_sweep(result)
+    printed = " ".join(capsys.readouterr().out.split())
+    assert (
+        "topk-n64-k8-lr0.003 (3 seeds, 95% t-interval): fvu 0.25 +- 0.0125, l0 8 +- 0, feature stability 0.812"
+        in printed
+    )
 
 
 def test_mixed_sweep_names_both_sparsity_settings(capsys):

@@ -76,3 +76,41 @@ def test_feature_stability_between_seeds():
     assert 0.2 < stability([decoder, other]) < 0.8  # random directions in 16 dimensions
     assert stability([decoder, shuffled, other]) == pytest.approx((1.0 + 2 * stability([decoder, other])) / 3)
     assert math.isnan(stability([decoder]))
+
+
+def test_pareto_plot_draws_each_points_interval():
+    from matplotlib.container import ErrorbarContainer
+
+    from dictsweep.sweep.report import pareto_figure
+
+    saes = [
+        {
+            "architecture": "topk",
+            "n_latents": 64,
+            "l0": 8.0,
+            "fvu": 0.30,
+            "l0_ci95": 0.5,
+            "fvu_ci95": 0.02,
+            "selected": False,
+        },
+        {
+            "architecture": "topk",
+            "n_latents": 64,
+            "l0": 16.0,
+            "fvu": 0.20,
+            "l0_ci95": float("nan"),
+            "fvu_ci95": 0.01,
+            "selected": True,
+        },
+    ]
+    axes = pareto_figure(saes, []).axes[0]
+    segments = [
+        segment
+        for container in axes.containers
+        if isinstance(container, ErrorbarContainer)
+        for collection in container.lines[2]
+        for segment in collection.get_segments()
+    ]
+    vertical = sorted((float(s[0][1]), float(s[1][1])) for s in segments if s[0][0] == s[1][0] and s[0][1] != s[1][1])
+    assert vertical == [pytest.approx((0.19, 0.21)), pytest.approx((0.28, 0.32))]  # fvu +- its half width
+    assert "seed mean, 95% t-interval" in [text.get_text() for text in axes.get_legend().get_texts()]

@@ -115,6 +115,11 @@ def test_identity_recovers_everything_and_zero_nothing_on_minilm(tmp_path, minil
     assert identity["loss_recovered"] == pytest.approx(1.0, abs=1e-3)
     assert zero["loss_recovered"] == pytest.approx(0.0, abs=1e-6)
     assert zero["kl_spliced"] == pytest.approx(zero["kl_zero"], rel=1e-6)
+    # SAEBench's names of the same measures (its core eval)
+    assert (
+        identity["kl_div_score"] == identity["loss_recovered"] and identity["kl_div_with_sae"] == identity["kl_spliced"]
+    )
+    assert zero["kl_div_with_ablation"] == zero["kl_zero"] and "ce_loss_score" not in zero  # no LM head: no CE
 
 
 def test_sweep_on_minilm_reports_loss_recovered_of_selected_saes(tmp_path, monkeypatch, ray_local, minilm_data):
@@ -210,6 +215,14 @@ def test_causal_lm_uses_next_token_cross_entropy(tmp_path):
     assert zero["ce_zero"] != pytest.approx(zero["ce_clean"], rel=1e-4)
     assert identity["loss_recovered"] == pytest.approx(1.0, abs=1e-3)
     assert zero["loss_recovered"] == pytest.approx(0.0, abs=1e-6)
+    # SAEBench's names: CE as above, and KL over every position for a causal LM too
+    assert (
+        identity["ce_loss_score"] == identity["loss_recovered"]
+        and identity["ce_loss_without_sae"] == identity["ce_clean"]
+    )
+    assert zero["ce_loss_with_ablation"] == zero["ce_zero"] and zero["ce_loss_with_sae"] == zero["ce_spliced"]
+    assert identity["kl_div_with_sae"] < 1e-6 < zero["kl_div_with_ablation"] == pytest.approx(zero["kl_div_with_sae"])
+    assert zero["kl_div_score"] == pytest.approx(0.0, abs=1e-6)
 
 
 def test_masked_lm_checkpoint_reads_its_own_head(tmp_path):

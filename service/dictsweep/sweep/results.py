@@ -29,7 +29,6 @@ METRICS = (
     Metric("mmcs_ground_truth", "mmcs_ground_truth", "mmcs_gt", ".3f", shown_when_measured=True),  # synthetic data
     Metric("loss_recovered", None, "loss_rec", ".3f", shown_when_measured=True),  # spliced into the model
     Metric("sae_top_1_test_accuracy", None, "probe", ".3f", shown_when_measured=True),  # evaluation.probing
-    Metric("mean_absorption_fraction_score", None, "absorb", ".3f", shown_when_measured=True),
 )
 INDEX_METRICS = tuple(metric for metric in METRICS if metric.index_name is not None)
 
