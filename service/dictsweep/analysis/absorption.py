@@ -162,7 +162,8 @@ def absorption(
         test_latents = sae.encode(test_x).float()
     ranking = l1_probe_weights(train_latents, data["train_letters"].to(device), settings["seed"])
     train_letters = data["train_letters"].to(device)
-    cosines = torch.nn.functional.cosine_similarity(weights.float()[:, None, :], sae.W_dec.float()[None], dim=-1)
+    unit = torch.nn.functional.normalize
+    cosines = unit(weights.float(), dim=-1) @ unit(sae.W_dec.float(), dim=-1).t()  # [26, n_latents]
     positive = one_vs_rest(train_letters)  # [26, rows]
     both = positive.any(1) & ~positive.all(1)  # a letter missing from the train rows is not fitted (weights 0)
     balance = torch.stack([balanced_weights(p) for p in positive]) * both[:, None]

@@ -97,7 +97,21 @@ def probing_data(dataset: ActivationDataset, config: EvalConfig, device: str) ->
         "test_letters": torch.from_numpy(letters[test_rows]).to(device),
     }
     probes = ground_truth_probes(words["train_x"], words["train_letters"]) if len(train_rows) else None
+    (train_x, test_x), tasks = compact(train_x, test_x, tasks)
     return ProbingData(train_x, test_x, tasks, llm, words, probes, notes)
+
+
+def compact(train_x: Tensor, test_x: Tensor, tasks: list[Task]) -> tuple[tuple[Tensor, Tensor], list[Task]]:
+    """Only the rows some task uses (each dictionary encodes them: rows x n_latents), tasks re-indexed."""
+    kept, positions = [], []
+    for x, split in ((train_x, "train"), (test_x, "test")):
+        used = np.unique(np.concatenate([getattr(task, split) for task in tasks] or [np.zeros(0, np.int64)]))
+        position = np.full(len(x), -1, dtype=np.int64)
+        position[used] = np.arange(len(used))
+        kept.append(x[torch.from_numpy(used).to(x.device)])
+        positions.append(position)
+    tasks = [task._replace(train=positions[0][task.train], test=positions[1][task.test]) for task in tasks]
+    return (kept[0], kept[1]), tasks
 
 
 def probe_dictionary(sae: Dictionary, data: ProbingData, config: EvalConfig, device: str) -> dict:

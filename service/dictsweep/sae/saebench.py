@@ -95,7 +95,7 @@ class CoreSums:
     def add(self, x: Tensor, x_hat: Tensor, latents: Tensor, seqs: Tensor | None = None) -> None:
         """One batch: `x`, `x_hat` `[B, d_model]`, dense `latents` `[B, n_latents]`, and each row's
         context (`seq`, `[B]`) where known."""
-        x, x_hat, latents = x.double(), x_hat.double(), latents.double()
+        x, x_hat = x.double(), x_hat.double()  # [B, d_model]; the latents stay as they are (B x n_latents)
         norm_in, norm_out = x.norm(dim=-1), x_hat.norm(dim=-1)  # [B]
         error = (x - x_hat).pow(2).sum(-1)  # [B]
         centred = (x - x.mean(0)).pow(2).sum(-1)  # [B], about this batch's mean (the legacy formula)
@@ -111,7 +111,7 @@ class CoreSums:
         self.out_sq_sum += norm_out.pow(2).sum()
         self.dot_sum += (x * x_hat).sum()
         self.l0_sum += (latents != 0).sum()
-        self.l1_sum += latents.sum()
+        self.l1_sum += latents.sum(dtype=torch.float64)
         positive = latents > 0  # [B, n_latents]
         self.fires += positive.sum(0)
         if seqs is not None:
