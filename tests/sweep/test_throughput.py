@@ -20,6 +20,7 @@ def usage(wait: float, busy: float, members: list[int], gpu_busy=None, utilizati
         "busy_seconds": busy,
         "wait_seconds": wait,
         "data_wait_fraction": wait / (wait + busy),
+        "checkpoint_seconds": busy / 10,
         "gpu_busy_seconds": gpu_busy,
         "gpu_utilization": utilization,
         "gpu_note": note,
@@ -46,6 +47,7 @@ def test_waves_add_up():
     assert total["wait_seconds"] == 4.0 and total["busy_seconds"] == 8.0
     assert total["data_wait_fraction"] == pytest.approx(4.0 / 12.0)
     assert total["train_seconds"] == 10.0
+    assert total["checkpoint_seconds"] == pytest.approx(0.3 + 0.4)  # each wave's slowest trainer
     assert total["sae_samples"] == (6 * 10 + 10 + 3 * 4) * 256
     assert total["sae_samples_per_s"] == pytest.approx(total["sae_samples"] / 10.0)
     assert total["device"] == "cuda"
@@ -96,6 +98,7 @@ def test_bench_sweep_reports_what_the_trainers_counted(tmp_path, monkeypatch, ra
         uri = fs.join(run_dir, "checkpoints", f"{trainer['key']}.pt")
         saved = read_checkpoint(fs.read_bytes(uri), uri)
         assert (trainer["wait_seconds"], trainer["busy_seconds"]) == (saved["wait"], saved["busy"])
+        assert 0 < trainer["checkpoint_seconds"] <= report["checkpoint_seconds"]
         assert trainer["steps"] == tokens // rows and trainer["device_share"] == 0.5
         # a trainer's counters run inside the driver's training phase
         assert trainer["wait_seconds"] + trainer["busy_seconds"] <= report["train_seconds"]

@@ -4,8 +4,9 @@ decoder they step with, its data wait, and on a CPU no GPU reading at all (a not
 import pytest
 import torch
 
+from dictsweep.train.device import DeviceLoop
 from dictsweep.train.usage import DeviceUsage
-from tests.train.test_device import ROWS, STEPS, loop, train
+from tests.train.test_device import CONFIG, D_MODEL, ROWS, SPECS, STEPS, loop, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -61,3 +62,22 @@ def test_cpu_usage_touches_no_cuda(monkeypatch):
         "gpu_utilization": None,
         "gpu_note": "no GPU: the trainer ran on the CPU",
     }
+
+
+def test_writing_checkpoints_is_not_waiting_for_data(tmp_path):
+    """Batches handed over back to back: the trainer never waits for data, however long its
+    checkpoints take to write (they were once counted as data wait, the time before the next step)."""
+    device_loop = DeviceLoop(
+        SPECS,
+        D_MODEL,
+        CONFIG.model_copy(update={"checkpoint_every_tokens": ROWS}),
+        STEPS,
+        1.5,
+        "float32",
+        "cpu",
+        str(tmp_path / "trainer.pt"),
+    )
+    train(device_loop, 0, STEPS, "whole")
+    usage = device_loop.usage()
+    assert usage["checkpoint_seconds"] > 0
+    assert usage["wait_seconds"] < usage["checkpoint_seconds"] / 4

@@ -36,12 +36,14 @@ def trainer_entry(key: str, usage: dict, steps: int, rows: int, seconds: float, 
 
 def merge_stream_stats(total: dict, readers: list[dict], trainers: list[dict], seconds: float) -> dict:
     """`total` with one more wave: bytes read per node, the trainers' data wait, SAE-samples and the
-    seconds of its training phase, and the GPU readings (means over the trainers that have them)."""
+    seconds of its training phase (and of it, writing checkpoints), and the GPU readings (means over
+    the trainers that have them)."""
     total = dict(total) or {
         "bytes_read_per_node": [],
         "wait_seconds": 0.0,
         "busy_seconds": 0.0,
         "train_seconds": 0.0,
+        "checkpoint_seconds": 0.0,
         "sae_samples": 0,
         "trainers": [],
     }
@@ -51,6 +53,8 @@ def merge_stream_stats(total: dict, readers: list[dict], trainers: list[dict], s
     waited = total["wait_seconds"] + total["busy_seconds"]
     total["data_wait_fraction"] = total["wait_seconds"] / waited if waited else 0.0
     total["train_seconds"] += seconds
+    # trainers write their checkpoints side by side: the wave's slowest is what its phase lost
+    total["checkpoint_seconds"] += max((t["checkpoint_seconds"] for t in trainers), default=0.0)
     total["sae_samples"] += sum(t["sae_samples"] for t in trainers)
     total["sae_samples_per_s"] = total["sae_samples"] / total["train_seconds"] if total["train_seconds"] else None
     total["trainers"] = total["trainers"] + trainers
@@ -70,7 +74,7 @@ def summary(stream: dict) -> dict[str, float]:
         "data_wait_fraction": stream["data_wait_fraction"],
         "bytes_read_per_node": sum(stream["bytes_read_per_node"]) / max(1, len(stream["bytes_read_per_node"])),
     }
-    for key in ("sae_samples_per_s", "train_seconds", "gpu_busy_fraction", "gpu_utilization"):
+    for key in ("sae_samples_per_s", "train_seconds", "checkpoint_seconds", "gpu_busy_fraction", "gpu_utilization"):
         if stream.get(key) is not None:
             metrics[key] = float(stream[key])
     return metrics
@@ -86,7 +90,8 @@ def report_lines(stream: dict) -> list[str]:
         return lines
     line = (
         f"training: {stream['sae_samples_per_s']:,.0f} SAE-samples/s ({stream['sae_samples']:,} in "
-        f"{stream['train_seconds']:.1f} s on {stream['device']})"
+        f"{stream['train_seconds']:.1f} s on {stream['device']}, {stream['checkpoint_seconds']:.1f} s of it writing "
+        "checkpoints)"
     )
     if stream["gpu_busy_fraction"] is not None:
         line += f"; GPU busy {stream['gpu_busy_fraction']:.0%} of it (CUDA events)"
@@ -105,6 +110,7 @@ def sweep_report(stream: dict) -> dict:
         "sae_samples_per_s",
         "sae_samples",
         "train_seconds",
+        "checkpoint_seconds",
         "data_wait_fraction",
         "wait_seconds",
         "busy_seconds",

@@ -166,6 +166,7 @@ class DeviceLoop:
         self.position = 0  # steps done = index of the next batch to train on
         self.failed: dict[str, str] = {}  # point name -> why it was stopped
         self.busy_seconds = self.wait_seconds = 0.0
+        self.checkpoint_seconds = 0.0  # writing checkpoints from the step (this process)
         self.last_done: float | None = None
         self.gpu = DeviceUsage(self.device)  # this process's GPU time of its training steps
         self.replay: list[dict] = []  # the curve points of the checkpoint's own step, once restored
@@ -280,6 +281,9 @@ class DeviceLoop:
             self.position == self.total_steps or (every and tokens // every != (tokens - rows) // every)
         ):
             self.checkpoint(records)
+            written = time.perf_counter()  # writing it is neither training nor waiting for data
+            self.checkpoint_seconds += written - self.last_done
+            self.last_done = written
         return records
 
     @torch.no_grad()
@@ -326,6 +330,7 @@ class DeviceLoop:
         trains: each ensemble's shape and the kernel and decoder it steps with."""
         return {
             **self.data_wait(),
+            "checkpoint_seconds": self.checkpoint_seconds,
             **self.gpu.report(),
             "device": self.device.type,
             "ensembles": [
