@@ -98,6 +98,8 @@ def bench_sweep_command(
     # with --json, stdout holds the JSON alone: the sweep's own output goes to stderr
     with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():
         result = run_sweep(spec, address)
+        if not result.stream:
+            raise InputError(f"{spec_path}: no SAE trained on a trainer actor (all under ZeRO): nothing to report")
         report = {"name": spec.name, "saes": len(result.finished), **sweep_report(result.stream)}
         if compare:
             report.update(bench_train_equivalent(result.stream, steps, rounds))
