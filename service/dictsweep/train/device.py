@@ -197,6 +197,7 @@ class DeviceLoop:
             paths.append((kernel, decode))
         if self.device.type == "cuda":
             torch.cuda.empty_cache()  # the measured candidates' memory
+            torch.cuda.reset_peak_memory_stats(self.device)  # the first step's peak is checked against the plan
         if record:
             fs.write_text(record, json.dumps([{"kernel": kernel, "decode": decode} for kernel, decode in paths]))
         return paths
