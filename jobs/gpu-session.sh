@@ -148,9 +148,11 @@ cp dictionaries/gpu-smoke/index.json "$OUT/index-1trainer.json" 2>/dev/null
 cp dictionaries/gpu-smoke/pareto.png "$OUT/pareto-1trainer.png" 2>/dev/null
 rm -rf sweeps dictionaries  # the disk: checkpoints and dictionaries of 32 SAEs
 
-# two trainers sharing the GPU, half the tokens, no baselines or inspect (the first run had them)
+# two trainers sharing the GPU (on a CPU: two trainers), half the tokens, no baselines or inspect (the
+# first run had them)
 step sweep-2trainers 120 "$PY" -m dictsweep.cli bench sweep "$spec" "${sets[@]}" \
   --set resources.gpus_per_trainer=0.5 --set train.tokens=$([ -n "$dry" ] && echo 16384 || echo 1048576) \
+  $([ -n "$dry" ] && echo --set resources.trainers=2) \
   --set "baselines=[]" --set evaluation.inspect=false --compare --json
 tail -1 "$OUT/sweep-2trainers.log" > "$OUT/sweep-2trainers.json"
 
