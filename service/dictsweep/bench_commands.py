@@ -69,6 +69,43 @@ def bench_train_command(
     print_result(result, as_json, f"bench train: {architecture} d_model={d_model} n_latents={n_latents}")
 
 
+@bench_app.command("sweep")
+def bench_sweep_command(
+    spec_path: str = typer.Argument(..., metavar="SPEC.yaml", help="Sweep spec (YAML)."),
+    overrides: list[str] = typer.Option(
+        [], "--set", help="Override a spec key: --set train.tokens=20000 (repeatable)."
+    ),
+    address: str = typer.Option(None, help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)."),
+    compare: bool = typer.Option(
+        False, "--compare", help="Then time the sweep's ensembles with bench train here, with the trainers' kernels."
+    ),
+    steps: int = typer.Option(10, help="With --compare: timed steps per round of bench train."),
+    rounds: int = typer.Option(3, help="With --compare: rounds of bench train (medians)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
+) -> None:
+    """Run a sweep as `run` does, then its training phase's SAE-samples/s, data wait, GPU busy time and
+    utilisation, and its ensembles' shapes (with --compare, their bench train rate on this device)."""
+    import contextlib
+    import sys
+
+    from dictsweep.spec_file import load_spec
+    from dictsweep.sweep.run import run_sweep
+    from dictsweep.sweep.throughput import bench_train_equivalent, sweep_report
+
+    spec = load_spec(spec_path, overrides)
+    if steps < 1 or rounds < 1:
+        raise InputError(f"--steps and --rounds must be at least 1, got {steps} and {rounds}")
+    # with --json, stdout holds the JSON alone: the sweep's own output goes to stderr
+    with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():
+        result = run_sweep(spec, address)
+        if not result.stream:
+            raise InputError(f"{spec_path}: no SAE trained on a trainer actor (all under ZeRO): nothing to report")
+        report = {"name": spec.name, "saes": len(result.finished), **sweep_report(result.stream)}
+        if compare:
+            report.update(bench_train_equivalent(result.stream, steps, rounds))
+    print_result(report, as_json, f"bench sweep: {spec.name}")
+
+
 @bench_app.command("ica")
 def bench_ica_command(
     rows: int = typer.Option(200_000, help="Rows of the synthetic mixture."),

@@ -141,3 +141,30 @@ def test_bench_train_on_cuda(architecture):
     assert result["device"].startswith("cuda") and result["sae_samples_per_s"] > 0
     assert len(result["candidates"]) == 2 * len(decodes) and result["peak_gpu_mb"] > 0
     assert result["speedup_vs_reference"] > 0 and result["max_abs_weight_diff_vs_reference"] < 5e-2
+
+
+def test_first_step_peak_is_the_step_not_the_kernel_measurement():
+    """The peak a trainer reports after its first step (checked against the plan's memory model) is
+    that of training: measuring the kernel candidates, several copies of the ensemble at once, is
+    not counted (it made the plan look wrong for a trainer holding one large ensemble)."""
+    import gc
+
+    members = tuple(Member(lr=1e-3, seed=seed, k=32) for seed in range(4))
+    spec = EnsembleSpec("topk", 8192, members, tuple(f"m{seed}" for seed in range(4)))
+    config = TrainConfig(tokens=ROWS * 10, batch_rows=ROWS, lr_warmup_steps=1, log_every_tokens=ROWS * 10)
+    batch = [np.random.default_rng(0).standard_normal((ROWS, 256)).astype(np.float16)]
+
+    def first_step_peak(kernel: str, decode: str) -> tuple[int, tuple[str, str]]:
+        chosen = DeviceLoop(
+            [spec], 256, config.model_copy(update={"kernel": kernel, "decode": decode}), 10, 1.0, "float16", "cuda"
+        )
+        peak = next(r["peak_device_bytes"] for r in chosen.step(0, batch) if "peak_device_bytes" in r)
+        path = chosen.chosen[0]
+        del chosen
+        gc.collect()
+        torch.cuda.empty_cache()
+        return peak, path
+
+    measured, path = first_step_peak("auto", "auto")  # candidates measured first
+    alone, _ = first_step_peak(*path)  # the same path, nothing measured
+    assert measured <= alone * 1.1, f"{measured / 2**20:.0f} MiB after measuring, {alone / 2**20:.0f} MiB alone"

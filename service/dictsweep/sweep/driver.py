@@ -27,6 +27,7 @@ from dictsweep.stream.streams import Streams
 from dictsweep.sweep.lease import Lease
 from dictsweep.sweep.ledger import Ledger
 from dictsweep.sweep.plan import GridPoint, Plan, TrainerPlan, ZeroPlan
+from dictsweep.sweep.throughput import merge_stream_stats, trainer_entry
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,8 @@ class Slot:
     done: bool = False
     error: str = ""
     restarts: int = 0
+    first_step: int | None = None  # where it stood when this driver first located it
+    trained_at: float | None = None  # when its last training step came back
 
     @property
     def points(self) -> list[GridPoint]:
@@ -182,12 +185,9 @@ class Driver:
             for slot in slots:
                 self.locate(slot)
             self.start_baseline_feed(slots[0].node)
+            started = time.perf_counter()
             self.drive(slots, streams, label)
-            self.ledger.result.stream = merge_stream_stats(
-                self.ledger.result.stream,
-                streams.stats(),
-                [ray.get(slot.actor.data_wait.remote()) for slot in slots if slot.alive],
-            )
+            self.record_throughput(slots, streams, started, gpus if cuda else 1 / len(slots))
         finally:
             for slot in slots:
                 ray.kill(slot.actor, no_restart=True)
@@ -196,6 +196,26 @@ class Driver:
         for slot in slots:
             if not slot.done:  # not saved in storage: `--resume` tries these trainers again
                 self.ledger.record_failure({p.name: slot.error for p in slot.points})
+
+    def record_throughput(self, slots: list[Slot], streams: Streams, started: float, share: float) -> None:
+        """Add a wave to the sweep's stream and training-phase figures (`throughput`): its training phase
+        ran from `started` to the last trainer's last training step; each trainer had `share` of a device."""
+        import ray
+
+        seconds = max((slot.trained_at for slot in slots if slot.trained_at), default=started) - started
+        trainers = [
+            trainer_entry(
+                slot.key,
+                ray.get(slot.actor.usage.remote()),
+                max(0, self.total_steps - slot.first_step),
+                self.spec.train.batch_rows,
+                seconds,
+                share,
+            )
+            for slot in slots
+            if slot.alive
+        ]
+        self.ledger.result.stream = merge_stream_stats(self.ledger.result.stream, streams.stats(), trainers, seconds)
 
     def locate(self, slot: Slot) -> None:
         """Ask a (re)started trainer where it stands; its task sequence resumes there."""
@@ -215,6 +235,7 @@ class Driver:
                 slot.alive, slot.error = False, f"trainer {slot.key} failed: {first_line(error)}"
                 return
         slot.node, slot.cursor = status["node"], status["position"]
+        slot.first_step = status["position"] if slot.first_step is None else slot.first_step
         slot.in_flight.clear()
         with held_stop():  # points already stored are skipped: only what a dead driver missed
             self.ledger.log_records(status["replay"], slot.key)
@@ -311,6 +332,8 @@ class Driver:
                 return
             with held_stop():  # a finished task is recorded whole before a stop signal goes on
                 if task < self.total_steps:
+                    if task == self.total_steps - 1:
+                        slot.trained_at = time.perf_counter()
                     for record in [r for r in value if "peak_device_bytes" in r]:
                         self.ledger.check_memory(slot.key, slot.plan, record["peak_device_bytes"])
                     self.ledger.log_records([r for r in value if "name" in r], slot.key)
@@ -398,14 +421,3 @@ def input_error(error: BaseException) -> InputError | None:
     while isinstance(error, ray.exceptions.RayTaskError) and error.cause is not None:
         error = error.cause
     return error if isinstance(error, InputError) and not isinstance(error, ray.exceptions.RayError) else None
-
-
-def merge_stream_stats(total: dict, readers: list[dict], trainers: list[dict]) -> dict:
-    """Bytes read per node and the trainers' data-wait, summed over waves."""
-    total = dict(total) or {"bytes_read_per_node": [], "wait_seconds": 0.0, "busy_seconds": 0.0}
-    total["bytes_read_per_node"] = total["bytes_read_per_node"] + [r["bytes_read"] for r in readers]
-    total["wait_seconds"] += sum(t["wait_seconds"] for t in trainers)
-    total["busy_seconds"] += sum(t["busy_seconds"] for t in trainers)
-    seconds = total["wait_seconds"] + total["busy_seconds"]
-    total["data_wait_fraction"] = total["wait_seconds"] / seconds if seconds else 0.0
-    return total

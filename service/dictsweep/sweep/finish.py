@@ -15,6 +15,7 @@ import numpy as np
 from dictsweep.errors import RunError, first_line
 from dictsweep.store import fs
 from dictsweep.stream.streams import Streams
+from dictsweep.sweep import throughput
 from dictsweep.sweep.driver import Driver
 from dictsweep.sweep.plan import GridPoint
 from dictsweep.sweep.progress import step
@@ -81,12 +82,11 @@ def finish(driver: Driver) -> None:
         **mmcs_between_sizes(result),
     }
     if result.stream:
-        summary["data_wait_fraction"] = result.stream["data_wait_fraction"]
-        summary["bytes_read_per_node"] = float(np.mean(result.stream["bytes_read_per_node"]))
-        log.info(
-            f"stream: {summary['bytes_read_per_node'] / 1e6:,.1f} MB read per node; trainers waited for "
-            f"data {summary['data_wait_fraction']:.1%} of the time"
-        )
+        summary.update(throughput.summary(result.stream))
+        for line in throughput.report_lines(result.stream):
+            log.info(line)
+        if result.stream["gpu_note"]:
+            tracker.set_tags(tracker.parent_id, {"dictsweep.gpu": result.stream["gpu_note"]})
     tracker.log_metrics(tracker.parent_id, summary, 0)
     plot(driver)
     tracker.log_comparison(comparison(result))

@@ -85,5 +85,9 @@ class Trainer:
     def data_wait(self) -> dict:
         return self.loop.data_wait()
 
+    def usage(self) -> dict:
+        """Data wait, GPU busy time and utilisation, and the ensembles with their kernels (`DeviceLoop.usage`)."""
+        return self.loop.usage()
+
     def finish(self, storage_uri: str, metadata: dict[str, dict], ground_truth: np.ndarray | None) -> dict:
         return self.loop.finish(storage_uri, metadata, ground_truth)

@@ -32,6 +32,7 @@ from dictsweep.train.checkpoint import checkpoint_bytes, read_checkpoint
 from dictsweep.train.evaluate import Evaluator, export_member
 from dictsweep.train.kernels import KERNELS, choose_path
 from dictsweep.train.loop import DeviceTrainer, EnsembleTrainer
+from dictsweep.train.usage import DeviceUsage
 
 # a batch: one array, pieces whose rows concatenate to it, or a function giving the pieces (called
 # by the prefetching thread, e.g. to resolve object-store references off the step's path)
@@ -152,7 +153,8 @@ class DeviceLoop:
         self.config, self.data_dtype, self.specs = config, data_dtype, ensembles
         self.total_steps, self.checkpoint_uri = total_steps, checkpoint_uri
         self.trainers = []
-        for spec, (kernel, decode) in zip(ensembles, self.paths(d_model)):
+        self.chosen = self.paths(d_model)  # each ensemble's (kernel, decode)
+        for spec, (kernel, decode) in zip(ensembles, self.chosen):
             ensemble = build_ensemble(
                 spec.architecture, d_model, spec.n_latents, list(spec.members), kernel=kernel, decode=decode
             )
@@ -164,7 +166,9 @@ class DeviceLoop:
         self.position = 0  # steps done = index of the next batch to train on
         self.failed: dict[str, str] = {}  # point name -> why it was stopped
         self.busy_seconds = self.wait_seconds = 0.0
+        self.checkpoint_seconds = 0.0  # writing checkpoints from the step (this process)
         self.last_done: float | None = None
+        self.gpu = DeviceUsage(self.device)  # this process's GPU time of its training steps
         self.replay: list[dict] = []  # the curve points of the checkpoint's own step, once restored
         self.restored = self.restore()
 
@@ -193,6 +197,7 @@ class DeviceLoop:
             paths.append((kernel, decode))
         if self.device.type == "cuda":
             torch.cuda.empty_cache()  # the measured candidates' memory
+            torch.cuda.reset_peak_memory_stats(self.device)  # the first step's peak is checked against the plan
         if record:
             fs.write_text(record, json.dumps([{"kernel": kernel, "decode": decode} for kernel, decode in paths]))
         return paths
@@ -258,7 +263,9 @@ class DeviceLoop:
             self.stager.prefetch(("train", index + 1), upcoming)
         computing = time.perf_counter()
         self.wait_seconds += computing - start  # the batch's copy that had not finished
+        mark = self.gpu.begin()
         self.device_trainer.step(batch)
+        self.gpu.end(mark)
         self.stager.release(slot)
         self.position += 1
         tokens, rows = self.position * self.config.batch_rows, self.config.batch_rows
@@ -275,6 +282,9 @@ class DeviceLoop:
             self.position == self.total_steps or (every and tokens // every != (tokens - rows) // every)
         ):
             self.checkpoint(records)
+            written = time.perf_counter()  # writing it is neither training nor waiting for data
+            self.checkpoint_seconds += written - self.last_done
+            self.last_done = written
         return records
 
     @torch.no_grad()
@@ -314,6 +324,29 @@ class DeviceLoop:
             "busy_seconds": self.busy_seconds,
             "wait_seconds": self.wait_seconds,
             "data_wait_fraction": self.wait_seconds / total if total else 0.0,
+        }
+
+    def usage(self) -> dict:
+        """`data_wait` with the GPU's busy time and utilisation (`DeviceUsage`) and what this device
+        trains: each ensemble's shape and the kernel and decoder it steps with."""
+        return {
+            **self.data_wait(),
+            "checkpoint_seconds": self.checkpoint_seconds,
+            **self.gpu.report(),
+            "device": self.device.type,
+            "ensembles": [
+                {
+                    "architecture": spec.architecture,
+                    "d_model": trainer.ensemble.d_model,
+                    "n_latents": spec.n_latents,
+                    "members": len(spec.members),
+                    "k": max(member.k for member in spec.members),  # the largest; 0 for relu, jumprelu
+                    "batch_rows": self.config.batch_rows,
+                    "kernel": kernel,
+                    "decode": decode,
+                }
+                for spec, trainer, (kernel, decode) in zip(self.specs, self.trainers, self.chosen)
+            ],
         }
 
     # -- evaluation and export -------------------------------------------------------------------------
