@@ -21,6 +21,7 @@ from dictsweep.sweep.progress import step
 from dictsweep.sweep.results import INDEX_METRICS, BaselineResult, SweepResult
 from dictsweep.sweep.select import select
 from dictsweep.track import SELECTED_TAG, WHY_TAG
+from dictsweep.track_views import EVAL_STEP
 
 log = logging.getLogger(__name__)
 
@@ -259,7 +260,7 @@ def splice(driver: Driver, names: list[str], baselines: list[BaselineResult]) ->
         tracker.log_metrics(
             runs[name],
             {f"eval/{key}": value for key, value in metrics.items()},
-            spec.train.tokens if name in result.finished else 0,
+            EVAL_STEP,
         )
         if name in result.finished:
             result.finished[name].metrics.update(metrics)
