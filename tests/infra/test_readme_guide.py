@@ -101,3 +101,10 @@ def test_the_readme_spec_example_validates(tmp_path):
     (tmp_path / "sweep.yaml").write_text(example)
     spec = load_spec(str(tmp_path / "sweep.yaml"))
     assert spec.grid.architecture == ["relu", "topk"] and spec.select.l0 == [8, 128]
+
+
+def test_the_readme_commands_are_the_ones_ci_runs():
+    blocks = re.findall(r"```bash\n(.*?)\n```", (REPO / "README.md").read_text(), re.S)
+    main, tests = blocks[0].strip(), blocks[1].strip()
+    assert main.endswith("dictsweep run jobs/quickstart.yaml") and "\n" not in main
+    assert tests in (REPO / ".ci" / "run").read_text().splitlines()  # the same line, character for character
