@@ -374,6 +374,38 @@ def eval_(
     print_evaluation(summary, out)
 
 
+@app.command()
+def publish(
+    target: str = typer.Argument(..., help="A folder with index.json (an export or a pull) or one dictionary."),
+    out: str = typer.Option(..., help="New folder to write (it must not exist, or be empty)."),
+    form: str = typer.Option(..., "--format", help="hf (a Hugging Face repository SAELens loads) or neuronpedia."),
+    repo_id: str = typer.Option(None, help="hf: the repository's OWNER/NAME, for the model card's example."),
+    inspect_dir: str = typer.Option(
+        None, "--inspect", help="neuronpedia: the `dictsweep inspect` output (default: TARGET/inspect)."
+    ),
+    model_id: str = typer.Option(None, help="neuronpedia: the model's id there (default: from cfg.json)."),
+    layer: int = typer.Option(None, help="neuronpedia: the layer number (default: the hook name's first number)."),
+    source_set: str = typer.Option(None, help="neuronpedia: source set prefix (default: the sweep's name)."),
+    hf_repo_id: str = typer.Option(None, help="neuronpedia: the Hugging Face repository holding the weights."),
+) -> None:
+    """Lay exported dictionaries out for sharing, as files only (no network): a Hugging Face
+    repository that SAELens's from_pretrained reads, or Neuronpedia's import layout."""
+    from dictsweep.analysis.publish import publish as run_publish
+
+    written = run_publish(
+        target,
+        out,
+        form,
+        repo_id=repo_id,
+        inspect=inspect_dir,
+        model_id=model_id,
+        layer=layer,
+        source_set=source_set,
+        hf_repo_id=hf_repo_id,
+    )
+    typer.echo(f"{out}: {len(written)} files ({form})")
+
+
 def main() -> None:
     """Console entry point. Click reports usage errors itself (exit 2); ours print one line:
     exit 2 for invalid input, 1 for a failure while running."""

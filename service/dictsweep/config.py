@@ -1,7 +1,7 @@
 """The sweep spec: what to train, on which data, and where results go (pydantic, from YAML).
 
-Every field carries a one-line description; the same text is the CLI help and the README's spec
-reference. Reading a spec file and naming its errors: `spec_file`.
+Every field carries a one-line description; the same text is the CLI help and the spec reference
+(docs/reference.md). Reading a spec file and naming its errors: `spec_file`.
 """
 
 from __future__ import annotations

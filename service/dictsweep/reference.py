@@ -3,7 +3,7 @@ reads, and the sweep spec's keys, generated from the config's own field descript
 
     python -m dictsweep.reference                      # the spec reference (markdown) on stdout
     python -m dictsweep.reference environment          # the environment table
-    python -m dictsweep.reference --write README.md    # rewrite both generated blocks in place
+    python -m dictsweep.reference --write docs/reference.md    # rewrite both generated blocks in place
 """
 
 from __future__ import annotations
@@ -146,7 +146,7 @@ def spec_rows(model: type[BaseModel] | None = None, prefix: str = "") -> list[tu
 def spec_reference_markdown() -> str:
     """Every key of the sweep spec (YAML) with its type, default and description, as a markdown table."""
     lines = [
-        "Generated from `dictsweep.config` by `python -m dictsweep.reference --write README.md`; "
+        "Generated from `dictsweep.config` by `python -m dictsweep.reference --write docs/reference.md`; "
         "every key can also be set with `--set KEY=VALUE`.",
         "",
         "| Key | Type | Default | Description |",
@@ -212,7 +212,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "what", nargs="?", choices=("spec", "environment"), default="spec", help="Which table to print (default: spec)."
     )
-    parser.add_argument("--write", metavar="FILE", help="Rewrite the generated blocks of FILE (e.g. README.md).")
+    parser.add_argument(
+        "--write", metavar="FILE", help="Rewrite the generated blocks of FILE (e.g. docs/reference.md)."
+    )
     args = parser.parse_args(argv)
     if args.write:
         written = write_blocks(args.write)

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 from dictsweep.errors import InputError, RunError, held_stop
+from dictsweep.track_views import KIND_TAG, TRAINING_KIND  # noqa: F401  (re-exported: the kind a sweep has)
+from dictsweep.track_views import VIEW_TAG, experiment_tags, holds_view, run_url, runs_url
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -43,13 +45,6 @@ SELECTED_TAG, POINT_TAG, STATUS_TAG = "dictsweep.selected", "dictsweep.point", "
 WHY_TAG = "dictsweep.why"  # why an SAE was or was not selected
 DICTIONARY_PATH = "dictionary"
 INSPECT_PATH = "inspect"  # a run's `dictsweep inspect` output
-# MLflow 3's UI files an experiment as GenAI (traces) or model training by this tag, and by the URL's
-# `workflowType` (which wins over the tag where the UI offers both): sweeps are model training
-KIND_TAG, TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
-# the runs page as a flat table, best eval FVU first (sorted by a metric, MLflow does not fold the SAEs
-# under their sweep's run), so that the chart view draws every SAE's curves
-RUNS_VIEW = "workflowType=machine_learning&orderByKey=metrics.%60eval%2Ffvu%60&orderByAsc=true"
-LOCAL_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves a local store
 
 
 def tracking_uri(uri: str | None) -> str:
@@ -109,8 +104,8 @@ class Tracker:
             self.client = MlflowClient(self.uri)
             self.experiment_id = self.now(experiment_id, self.client, experiment)
         found = self.now(self.client.get_experiment, self.experiment_id)
-        if found.tags.get(KIND_TAG) != TRAINING_KIND:
-            self.now(self.client.set_experiment_tag, self.experiment_id, KIND_TAG, TRAINING_KIND)
+        for key, value in experiment_tags(found.tags).items():  # model training, the runs table's view
+            self.now(self.client.set_experiment_tag, self.experiment_id, key, value)
         self.queue: list[tuple[str, Callable[[], None]]] = []  # (what, operation) waiting to be sent
         self.retry_at = 0.0  # during an outage: when to try the queue again
         self.parent_id: str | None = None
@@ -253,6 +248,13 @@ class Tracker:
     def experiment_url(self) -> str:
         return runs_url(self.uri, self.experiment_id)
 
+    def log_dataset(self, run_id: str, fields: dict) -> None:
+        """Queue the activation dataset (`track_views.dataset_input`) as the run's input: its Dataset column."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        inputs = [DatasetInput(Dataset(**fields), [InputTag("mlflow.data.context", "train")])]
+        self.later(f"dataset of {run_id}", lambda: self.client.log_inputs(run_id, datasets=inputs))
+
     # -- artifacts and registry ----------------------------------------------------------------------
     def log_folder(self, run_id: str, fetch: Callable[[str], str], artifact_path: str = DICTIONARY_PATH) -> None:
         """Queue uploading a folder; `fetch(local_dir)` puts its files in a local folder when it is sent."""
@@ -305,6 +307,7 @@ class Tracker:
                 model_name,
                 source=f"runs:/{run_id}/{DICTIONARY_PATH}",
                 run_id=run_id,
+                run_link=run_url(self.uri, self.experiment_id, run_id),  # its page in the model-training view
                 tags={key: str(value) for key, value in tags.items()},
             )
 
@@ -343,12 +346,6 @@ def experiment_id(client, name: str) -> str:
         return client.get_experiment_by_name(name).experiment_id
 
 
-def runs_url(uri: str, experiment_id: str) -> str:
-    """The address a person opens to see a sweep's runs table (a local store: once `mlflow ui` runs)."""
-    server = uri.rstrip("/") if uri.startswith(("http://", "https://")) else LOCAL_UI
-    return f"{server}/#/experiments/{experiment_id}/runs?{RUNS_VIEW}"
-
-
 def sweep_url(uri: str | None, experiment: str) -> str | None:
     """`runs_url` of the experiment named `experiment`; None if MLflow does not answer or lacks it."""
     from mlflow import MlflowClient
@@ -358,7 +355,7 @@ def sweep_url(uri: str | None, experiment: str) -> str | None:
         found = MlflowClient(resolved).get_experiment_by_name(experiment)
     except Exception:  # only a hint at the end of a sweep: never fail it
         return None
-    return runs_url(resolved, found.experiment_id) if found else None
+    return runs_url(resolved, found.experiment_id, holds_view(found.tags.get(VIEW_TAG))) if found else None
 
 
 def unreachable(error: Exception) -> bool:

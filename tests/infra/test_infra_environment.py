@@ -76,7 +76,7 @@ def test_every_variable_the_package_reads_is_listed():
     assert not missing, (
         f"the package reads {missing} but service/dictsweep/reference.py ENVIRONMENT does "
         f"not list them: add each with what it does, then "
-        f"`python -m dictsweep.reference --write README.md`"
+        f"`python -m dictsweep.reference --write docs/reference.md`"
     )
 
 

@@ -16,7 +16,7 @@ from dictsweep.reference import ENVIRONMENT
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # ray.scripts imports
 SCHEMA = yaml.safe_load((Path(__file__).parent / "kuberay_crd_subset.yaml").read_text())
-# what every Ray container needs to reach MLflow and S3 (README, "Environment")
+# what every Ray container needs to reach MLflow and S3 (docs/reference.md, "Environment")
 NEEDED_ENV = {
     "MLFLOW_TRACKING_URI",
     "AWS_ENDPOINT_URL",

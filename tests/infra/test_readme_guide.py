@@ -1,5 +1,6 @@
-"""The README's guide points at things that exist: commands of the CLI, exit codes of the errors,
-files under infra/ and jobs/; and every YAML under infra/ and jobs/ is claimed by a validating test."""
+"""The README and the docs point at things that exist: commands of the CLI, exit codes of the errors,
+files under infra/ and jobs/, pages of docs/; the README's spec example validates; and every YAML under
+infra/ and jobs/ is claimed by a validating test."""
 
 import re
 from pathlib import Path
@@ -8,7 +9,7 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
-DOCS = (REPO / "README.md", REPO / "infra" / "README.md")
+DOCS = (REPO / "README.md", REPO / "infra" / "README.md", *sorted((REPO / "docs").glob("*.md")))
 
 
 def code(text: str) -> str:
@@ -36,7 +37,7 @@ def test_documented_commands_exist(command):
 def test_exit_codes_match_the_errors():
     from dictsweep.errors import InputError, RunError
 
-    text = (REPO / "README.md").read_text()
+    text = (REPO / "docs" / "reference.md").read_text()
     assert InputError.exit_code == 2 and RunError.exit_code == 1
     assert re.search(r"\| 0 \| Done", text) and re.search(r"\| 2 \| Invalid input", text)
     assert re.search(r"\| 1 \| A failure while running", text)
@@ -78,3 +79,32 @@ def test_infra_readme_lists_every_file():
     assert listed == present, (
         f"infra/README.md lists {sorted(listed - present)} that do not exist, misses {sorted(present - listed)}"
     )
+
+
+def test_links_between_the_docs_lead_to_pages_and_headings_that_exist():
+    def anchors(path: Path) -> set[str]:
+        headings = re.findall(r"^#+ (.+)$", path.read_text(), re.M)
+        return {re.sub(r"[^\w\- ]", "", heading).strip().lower().replace(" ", "-") for heading in headings}
+
+    for doc in (REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))):
+        for target, anchor in re.findall(r"\]\(((?:docs/)?[\w-]+\.md)(?:#([\w-]+))?\)", doc.read_text()):
+            page = (doc.parent / target).resolve()
+            assert page.is_file(), f"{doc.name} links to {target}, which does not exist"
+            assert not anchor or anchor in anchors(page), f"{doc.name} links to {target}#{anchor}: no such heading"
+
+
+def test_the_readme_spec_example_validates(tmp_path):
+    from dictsweep.spec_file import load_spec
+
+    text = (REPO / "README.md").read_text()
+    (example,) = [block for block in re.findall(r"```yaml\n(.*?)```", text, re.S) if "grid:" in block]
+    (tmp_path / "sweep.yaml").write_text(example)
+    spec = load_spec(str(tmp_path / "sweep.yaml"))
+    assert spec.grid.architecture == ["relu", "topk"] and spec.select.l0 == [8, 128]
+
+
+def test_the_readme_commands_are_the_ones_ci_runs():
+    blocks = re.findall(r"```bash\n(.*?)\n```", (REPO / "README.md").read_text(), re.S)
+    main, tests = blocks[0].strip(), blocks[1].strip()
+    assert main.endswith("dictsweep run jobs/quickstart.yaml") and "\n" not in main
+    assert tests in (REPO / ".ci" / "run").read_text().splitlines()  # the same line, character for character

@@ -1,4 +1,4 @@
-"""The README's generated blocks are what dictsweep.reference generates from the code, and they
+"""docs/reference.md's generated blocks are what dictsweep.reference generates from the code, and they
 cover every key of the spec model."""
 
 import subprocess
@@ -20,8 +20,8 @@ from dictsweep.reference import (
     write_blocks,
 )
 
-README = Path(__file__).resolve().parents[2] / "README.md"
-REGENERATE = "out of date: run `python -m dictsweep.reference --write README.md`"
+REFERENCE = Path(__file__).resolve().parents[2] / "docs" / "reference.md"
+REGENERATE = "out of date: run `python -m dictsweep.reference --write docs/reference.md`"
 
 
 def field_paths(model: type[BaseModel], prefix: str = "") -> list[str]:
@@ -37,16 +37,16 @@ def field_paths(model: type[BaseModel], prefix: str = "") -> list[str]:
     return paths
 
 
-def test_spec_reference_in_readme_is_generated():
-    block = generated_block(README.read_text(), SPEC_MARKERS)
-    assert block is not None, f"README.md has no {SPEC_MARKERS[0]} ... {SPEC_MARKERS[1]} block"
-    assert block + "\n" == spec_reference_markdown(), f"README spec reference {REGENERATE}"
+def test_spec_reference_in_the_docs_is_generated():
+    block = generated_block(REFERENCE.read_text(), SPEC_MARKERS)
+    assert block is not None, f"docs/reference.md has no {SPEC_MARKERS[0]} ... {SPEC_MARKERS[1]} block"
+    assert block + "\n" == spec_reference_markdown(), f"the spec reference {REGENERATE}"
 
 
-def test_environment_in_readme_is_generated():
-    block = generated_block(README.read_text(), ENVIRONMENT_MARKERS)
+def test_environment_in_the_docs_is_generated():
+    block = generated_block(REFERENCE.read_text(), ENVIRONMENT_MARKERS)
     assert block is not None
-    assert block + "\n" == environment_markdown(), f"README environment table {REGENERATE}"
+    assert block + "\n" == environment_markdown(), f"the environment table {REGENERATE}"
     for name in ENVIRONMENT:
         assert f"| `{name}` |" in block
 
@@ -78,7 +78,7 @@ def test_the_module_prints_and_rewrites(tmp_path):
         [sys.executable, "-m", "dictsweep.reference"], capture_output=True, text=True, check=True
     ).stdout
     assert printed == spec_reference_markdown()
-    stale = tmp_path / "README.md"
+    stale = tmp_path / "reference.md"
     stale.write_text(
         f"# x\n\n{SPEC_MARKERS[0]}\nold\n{SPEC_MARKERS[1]}\n\ntext\n\n"
         f"{ENVIRONMENT_MARKERS[0]}\n{ENVIRONMENT_MARKERS[1]}\nend\n"

@@ -4,7 +4,7 @@ ground-truth feature count recovers the features (mean max cosine >= 0.95) withi
 
 The shapes are seeded draws at the small end of the range the defaults are measured on (d_model
 32-256, features 1-4x d_model, decay 0.99-1, 3-10 active); larger ones: `dictsweep bench recovery`
-and the README's "Defaults".
+and docs/measurements.md.
 """
 
 import numpy as np

@@ -18,6 +18,7 @@ from dictsweep.errors import RunError
 from dictsweep.store.dataset import ActivationDataset
 from dictsweep.sweep.run import run_sweep
 from dictsweep.sweep.pull import pull
+from dictsweep.track_views import EVAL_STEP, dataset_input
 
 from tests import conftest
 
@@ -159,6 +160,12 @@ def test_sweep_end_to_end(tmp_path, monkeypatch, ray_local, capsys):
     assert sorted(row["name"] for row in table) == sorted(result.finished)
     assert {row["name"] for row in table if row["selected"]} == result.selected
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    # the dataset is every run's input (the table's Dataset column); final metrics sit at step 0, where
+    # the run page draws them as values, not as one point over an axis around the token count
+    digest = dataset_input(dataset.uri, dataset.manifest)["digest"]
+    for run in [parent, *children]:
+        assert [(d.dataset.name, d.dataset.digest) for d in run.inputs.dataset_inputs] == [("toy", digest)]
+    assert [m.step for m in client.get_metric_history(child.info.run_id, "eval/fvu")] == [EVAL_STEP]
     assert result.tracking_url.startswith(f"http://127.0.0.1:5000/#/experiments/{experiment.experiment_id}/runs?")
     versions = client.search_model_versions("name = 'e2e'")
     assert len(versions) == len(result.selected)

@@ -1,4 +1,4 @@
-"""The per-latent data file of `dictsweep inspect`: one Parquet row per latent (schema in README)."""
+"""The per-latent data file of `dictsweep inspect`: one Parquet row per latent (schema in docs/inspect.md)."""
 
 from __future__ import annotations
 

@@ -82,6 +82,7 @@ class Driver:
             if isinstance(unspliceable, str):
                 raise InputError(f"select.metric: loss_recovered needs a dataset with a source model; {unspliceable}")
         self.ledger = Ledger(spec, plan, run_dir, resume, lease, self.input_scale)
+        self.ledger.log_dataset(spec.data.uri, dataset.manifest)
         self.baseline_feed = None  # sweep.baselines.BaselineFeed, from the first wave this driver runs
 
     # -- waves ------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from dictsweep.sweep.results import INDEX_METRICS, BaselineResult, SweepResult
 from dictsweep.sweep.evaluation import evaluate_finished, write_evaluations
 from dictsweep.sweep.seeds import plot_points, seed_groups, seed_report, select_over_seeds
 from dictsweep.track import SELECTED_TAG, WHY_TAG
+from dictsweep.track_views import EVAL_STEP
 
 log = logging.getLogger(__name__)
 
@@ -266,7 +267,7 @@ def splice(driver: Driver, names: list[str], baselines: list[BaselineResult]) ->
         tracker.log_metrics(
             runs[name],
             {f"eval/{key}": value for key, value in metrics.items()},
-            spec.train.tokens if name in result.finished else 0,
+            EVAL_STEP,
         )
         if name in result.finished:
             result.finished[name].metrics.update(metrics)

@@ -24,6 +24,7 @@ from dictsweep.sweep.points import store_points, stored_points
 from dictsweep.sweep.progress import SaeBoard
 from dictsweep.sweep.results import SAEResult, SweepResult
 from dictsweep.track import STATUS_TAG, Tracker
+from dictsweep.track_views import EVAL_STEP, dataset_input
 from dictsweep.train.evaluate import in_eval_units
 
 STOP_PATIENCE_SECONDS = 30.0  # a stopped driver waits this long for MLflow to take what it holds
@@ -131,6 +132,13 @@ class Ledger:
         fs.write_text(fs.join(self.storage, "plan.json"), json.dumps(self.plan.to_dict(), indent=1))
         return runs
 
+    def log_dataset(self, uri: str, manifest) -> None:
+        """Queue the activation dataset as the input of the sweep's run and of every SAE's (the runs
+        table's Dataset column); MLflow keeps one input per run and dataset, so a resumed sweep adds none."""
+        fields = dataset_input(uri, manifest)
+        for run_id in [self.tracker.parent_id, *self.runs.values()]:
+            self.tracker.log_dataset(run_id, fields)
+
     def check_memory(self, key: str, plan: TrainerPlan, measured: int) -> None:
         """Compare a trainer's measured first step with the plan's memory model; warn when it is off."""
         planned, device = plan.used_bytes, plan.memory_bytes
@@ -186,13 +194,14 @@ class Ledger:
             run = self.runs[name]
             if only is not None and run not in only:
                 continue
-            metrics = {f"eval/{k}": v for k, v in done["metrics"].items()}
-            if "l1_coef" in done:  # steered to an L0 target: the coefficient it ended with
-                metrics["l1_coef"] = done["l1_coef"]
-            if only is None:
-                tracker.log_metrics(run, metrics, tokens)
-            else:
-                tracker.log_missing(run, {tokens: metrics})
+            points = {EVAL_STEP: {f"eval/{k}": v for k, v in done["metrics"].items()}}
+            if "l1_coef" in done:  # steered to an L0 target: the coefficient it ended with, on its curve
+                points[tokens] = {"l1_coef": done["l1_coef"]}
+            for step, metrics in points.items():
+                if only is None:
+                    tracker.log_metrics(run, metrics, step)
+                else:
+                    tracker.log_missing(run, {step: metrics})
             tracker.log_folder(run, lambda local, uri=done["uri"]: fs.download_folder(uri, local))
             if done.get("plot"):
                 tracker.log_bytes(run, fs.read_bytes(done["plot"]), "density_and_norms.png", "plots")
