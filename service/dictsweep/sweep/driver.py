@@ -5,9 +5,11 @@ Each trainer works through one sequence of tasks: train batches 0..T-1, eval bat
 trainer (backpressure) and hands every trainer on a node the same batches as pieces of the windows
 that node's readers hold in its object store (`stream.streams`); a trainer a window budget ahead of
 the slowest one on its node waits for it. A trainer that crashes is restarted by Ray from its
-checkpoint; the driver asks where it stands and sends the batches from there. Every SAE is recorded (`ledger`) as soon as its
-trainer finishes, so a later failure loses nothing that finished, and `--resume` picks a sweep up
-where its driver stopped.
+checkpoint (on another node when its own left the cluster) while the others go on; the driver asks
+where it stands and sends the batches from there, cut from the windows of the node it is on now. A
+trainer that no node takes within NODE_WAIT_SECONDS fails with its node named, and keeps its
+checkpoint for `--resume`. Every SAE is recorded (`ledger`) as soon as its trainer finishes, so a
+later failure loses nothing that finished, and `--resume` picks a sweep up where its driver stopped.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from dictsweep.stream.streams import Streams
 from dictsweep.sweep.lease import Lease
 from dictsweep.sweep.ledger import Ledger
 from dictsweep.sweep.plan import GridPoint, Plan, TrainerPlan, ZeroPlan
+from dictsweep.sweep.restarts import describe_node, placement, poll_restarts, restart
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +49,11 @@ class Slot:
     done: bool = False
     error: str = ""
     restarts: int = 0
+    bundle: int = 0  # its bundle in the wave's placement group: where Ray restarts it
+    restarting: object = None  # while Ray restarts it: the status call that answers once it is back
+    crashed_at: float = 0.0
+    lost_node: str | None = None  # the node it ran on before it crashed
+    lost: bool = False  # failed because no node took it after its node left: `--resume` continues it
 
     @property
     def points(self) -> list[GridPoint]:
@@ -176,13 +184,14 @@ class Driver:
                 threads,
                 fs.join(self.storage, "checkpoints", f"{key}.pt"),
             )
-            slots.append(Slot(key, plan, actor))
+            slots.append(Slot(key, plan, actor, bundle=bundle_index))
         streams = Streams(spec, self.dataset, self.total_steps, self.eval_steps)
         try:
             for slot in slots:
                 self.locate(slot)
+            log.info(f"{label}: placement {placement(slots)}")
             self.start_baseline_feed(slots[0].node)
-            self.drive(slots, streams, label)
+            self.drive(slots, streams, label, group)
             self.ledger.result.stream = merge_stream_stats(
                 self.ledger.result.stream,
                 streams.stats(),
@@ -196,6 +205,8 @@ class Driver:
         for slot in slots:
             if not slot.done:  # not saved in storage: `--resume` tries these trainers again
                 self.ledger.record_failure({p.name: slot.error for p in slot.points})
+                if slot.lost:  # its checkpoint waits in storage: this run is not over
+                    self.ledger.result.resumable.update(p.name for p in slot.points)
 
     def locate(self, slot: Slot) -> None:
         """Ask a (re)started trainer where it stands; its task sequence resumes there."""
@@ -214,12 +225,22 @@ class Driver:
             except ray.exceptions.RayError as error:
                 slot.alive, slot.error = False, f"trainer {slot.key} failed: {first_line(error)}"
                 return
-        slot.node, slot.cursor = status["node"], status["position"]
+        self.placed(slot, status)
+
+    def placed(self, slot: Slot, status: dict) -> None:
+        """A trainer that answers: it goes on from its checkpoint's step, on the node it runs on now."""
+        slot.node, slot.cursor, slot.restarting = status["node"], status["position"], None
         slot.in_flight.clear()
+        self.ledger.result.placements.setdefault(slot.key, []).append(
+            {"node": slot.node, "position": slot.cursor, "restored": status["restored"]}
+        )
+        if slot.lost_node is not None:
+            where = "on the same node" if slot.node == slot.lost_node else f"on node {describe_node(slot.node)}"
+            log.info(f"trainer {slot.key} restarted {where}, from step {slot.cursor}")
         with held_stop():  # points already stored are skipped: only what a dead driver missed
             self.ledger.log_records(status["replay"], slot.key)
 
-    def drive(self, slots: list[Slot], streams: Streams, label: str) -> None:
+    def drive(self, slots: list[Slot], streams: Streams, label: str, group) -> None:
         """Send every trainer its tasks in order, at most `batches_in_flight` ahead; collect results."""
         import ray
 
@@ -234,6 +255,7 @@ class Driver:
                 for slot in slots:
                     while (
                         slot.alive
+                        and slot.restarting is None
                         and slot.cursor <= last
                         and len(slot.in_flight) < limit
                         and not (self.checkpoints_after(slot.cursor) and slot.in_flight)
@@ -246,9 +268,13 @@ class Driver:
                 heads = [slot.in_flight[0][1] for slot in slots if slot.alive and slot.in_flight]
                 if heads:
                     ray.wait(heads, num_returns=1, timeout=5.0)
+                else:
+                    time.sleep(0.2)  # every trainer left is restarting
                 check_stop()  # a stop signal that landed inside Ray goes on from here
                 for slot in slots:
                     self.collect(slot)
+                for slot, status in poll_restarts(slots, group):
+                    self.placed(slot, status)
                 if self.baseline_feed is not None:
                     self.baseline_feed.pump()  # never waits: the trainers go on whatever it does
                 steps = min((min(s.cursor - len(s.in_flight), last) for s in slots if s.alive), default=last)
@@ -301,7 +327,7 @@ class Driver:
                 if slot.restarts > self.spec.resources.max_restarts:
                     slot.alive, slot.error = False, f"trainer {slot.key} failed: {first_line(error)}"
                     return
-                self.locate(slot)  # waits for Ray's restart; the checkpoint says where to go on
+                restart(slot)  # Ray restarts it; its checkpoint says where to go on
                 return
             except ray.exceptions.RayTaskError as error:  # a bug or bad data: restarting will not help
                 bad_input = input_error(error)
@@ -401,9 +427,15 @@ def input_error(error: BaseException) -> InputError | None:
 
 
 def merge_stream_stats(total: dict, readers: list[dict], trainers: list[dict]) -> dict:
-    """Bytes read per node and the trainers' data-wait, summed over waves."""
-    total = dict(total) or {"bytes_read_per_node": [], "wait_seconds": 0.0, "busy_seconds": 0.0}
+    """Bytes read per node (and by node ID, with the reads of each shard) and the trainers' data-wait,
+    summed over waves."""
+    total = dict(total) or {"bytes_read_per_node": [], "reads_by_node": {}, "wait_seconds": 0.0, "busy_seconds": 0.0}
     total["bytes_read_per_node"] = total["bytes_read_per_node"] + [r["bytes_read"] for r in readers]
+    for reader in readers:
+        node = total["reads_by_node"].setdefault(reader["node"], {"bytes_read": 0, "shard_reads": {}})
+        node["bytes_read"] += reader["bytes_read"]
+        for shard, reads in reader["shard_reads"].items():
+            node["shard_reads"][shard] = node["shard_reads"].get(shard, 0) + reads
     total["wait_seconds"] += sum(t["wait_seconds"] for t in trainers)
     total["busy_seconds"] += sum(t["busy_seconds"] for t in trainers)
     seconds = total["wait_seconds"] + total["busy_seconds"]

@@ -73,3 +73,6 @@ class SweepResult:
     why: dict[str, str] = field(default_factory=dict)  # name -> why it was or was not selected
     ruled_out: set[str] = field(default_factory=set)  # not selected whatever their neighbours (band, bounds)
     band: tuple[float, float] | None = None  # the selection's L0 band
+    # trainer key -> where it ran: each start or restart, {"node", "position" (step), "restored"}
+    placements: dict[str, list[dict]] = field(default_factory=dict)
+    resumable: set[str] = field(default_factory=set)  # failed with a lost node: `--resume` continues them

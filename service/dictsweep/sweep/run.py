@@ -127,7 +127,13 @@ def run_under_lease(spec: SweepSpec, dataset: ActivationDataset, resume: bool, l
         raise RunError(
             f"{len(result.failed)} of {len(ledger.points)} SAEs failed: "
             + "; ".join(f"{name}: {why[:200]}" for name, why in sorted(result.failed.items()))
-            + f". The {len(result.finished)} finished ones are exported and logged.",
+            + f". The {len(result.finished)} finished ones are exported and logged."
+            + (
+                f" The {len(result.resumable)} SAEs of trainers lost with their node continue from their "
+                "checkpoints when the sweep is run again with --resume."
+                if result.resumable
+                else ""
+            ),
             result=result,
         )
     return result
