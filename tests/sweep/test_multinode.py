@@ -11,8 +11,11 @@ order, as the node-loss tests remove nodes for good. Every sweep here is tiny (d
 
 import json
 import os
+import shutil
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -47,6 +50,13 @@ def cluster(s3_server, tmp_path_factory):
 
     had_local = ray.is_initialized()
     ray.shutdown()
+    # Ray turns 127.0.0.1 in an address into this machine's outward address (for clusters across
+    # machines), where a loopback-only cluster does not listen; with this variable its processes (the
+    # head's job agent, a job's driver) keep 127.0.0.1, and so does this process while it connects
+    environment = pytest.MonkeyPatch()
+    environment.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    # the nodes run the Python that has dictsweep's dependencies (a job's `python`), as a cluster image does
+    environment.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     ports = {
         name: conftest.free_port()
         for name in ("dashboard_port", "dashboard_agent_listen_port", "metrics_export_port", "runtime_env_agent_port")
@@ -69,12 +79,11 @@ def cluster(s3_server, tmp_path_factory):
             **ports,
         },
     )
+    cluster.temp_dirs = []
     try:
         for index in range(WORKERS):
             add_worker(cluster, index)
-        # Ray turns 127.0.0.1 in an address into this machine's outward address (for clusters across
-        # machines), where a loopback-only cluster does not listen: here it stays itself
-        with pytest.MonkeyPatch.context() as patch:
+        with pytest.MonkeyPatch.context() as patch:  # this process read the variable when it imported ray
             patch.setattr(services, "get_node_ip_address", lambda address=None: "127.0.0.1")
             ray.init(address=cluster.address, _node_ip_address="127.0.0.1", logging_level="warning")
         cluster.wait_for_nodes()
@@ -83,12 +92,21 @@ def cluster(s3_server, tmp_path_factory):
     finally:
         ray.shutdown()
         cluster.shutdown()
+        environment.undo()
+        for folder in cluster.temp_dirs:
+            shutil.rmtree(folder, ignore_errors=True)
         if had_local:  # as conftest's `ray_local` started it
             ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="warning")
 
 
 def add_worker(cluster, index: int):
+    """A worker node with its own temp folder (sessions, logs, unpacked job files), as a node of a real
+    cluster has its own disk: nodes sharing one would delete each other's copy of a job's files."""
+    import tempfile
+
+    cluster.temp_dirs.append(tempfile.mkdtemp(prefix=f"ray{index}-"))  # short: Ray's socket paths must fit 107 bytes
     return cluster.add_node(
+        temp_dir=cluster.temp_dirs[-1],
         num_cpus=WORKER_CPUS,
         object_store_memory=OBJECT_STORE_BYTES,
         node_ip_address="127.0.0.1",
@@ -312,7 +330,8 @@ def test_submit_to_the_clusters_jobs_api_runs_to_the_end(tmp_path, cluster, data
     assert state == "SUCCEEDED", jobs.logs(job, cluster.dashboard)[-3000:]
     index = json.loads(fs.read_text("s3://multinode/exports/submitted/index.json"))
     assert index and all(fs.exists(f"s3://multinode/exports/submitted/{e['path']}/cfg.json") for e in index)
-    assert "placement node" in jobs.logs(job, cluster.dashboard)
+    [placement] = [line for line in jobs.logs(job, cluster.dashboard).splitlines() if "placement node" in line]
+    assert placement.count("node ") == 3  # one trainer per worker node
 
 
 def test_killed_node_its_trainers_restart_on_the_others_bit_for_bit(tmp_path, monkeypatch, cluster, data, one_node):
