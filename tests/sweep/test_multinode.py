@@ -11,6 +11,7 @@ order, as the node-loss tests remove nodes for good. Every sweep here is tiny (d
 
 import json
 import os
+import re
 import shutil
 import sys
 import threading
@@ -57,6 +58,13 @@ def cluster(s3_server, tmp_path_factory):
     environment.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     # the nodes run the Python that has dictsweep's dependencies (a job's `python`), as a cluster image does
     environment.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    head_temp = str(tmp_path_factory.mktemp("ray"))
+    # the cluster's address goes to its own temp folder, where its job supervisor looks for it, not to
+    # Ray's shared /tmp/ray (other local clusters' file: a job would join whichever it named)
+    write_address = ray._private.utils.write_ray_address
+    environment.setattr(
+        ray._private.utils, "write_ray_address", lambda address, temp_dir=None: write_address(address, head_temp)
+    )
     ports = {
         name: conftest.free_port()
         for name in ("dashboard_port", "dashboard_agent_listen_port", "metrics_export_port", "runtime_env_agent_port")
@@ -69,7 +77,7 @@ def cluster(s3_server, tmp_path_factory):
             "node_ip_address": "127.0.0.1",
             "include_dashboard": True,
             "dashboard_host": "127.0.0.1",
-            "temp_dir": str(tmp_path_factory.mktemp("ray")),
+            "temp_dir": head_temp,
             # a node that stops answering is declared dead within ~3 s (Ray's default: ~30 s)
             "_system_config": {
                 "health_check_period_ms": 1000,
@@ -237,6 +245,31 @@ def test_trainers_on_three_nodes_read_once_per_node_and_match_one_node(
     assert_bit_identical(weights(result), reference_weights)
 
 
+def test_local_paths_on_several_nodes_are_warned_about(tmp_path, caplog, cluster, data):
+    from dictsweep.sweep.run import pin_paths, warn_local_paths
+
+    spec = pin_paths(load_spec(spec_file(tmp_path, data, "paths")))
+    caplog.set_level("WARNING", logger="dictsweep.sweep.run")
+    warn_local_paths(spec)  # everything in the bucket: every node sees the same
+    assert not caplog.records
+    spec.storage.dir = str(tmp_path / "sweeps")
+    warn_local_paths(spec)
+    [record] = caplog.records
+    assert f"has {1 + WORKERS} nodes" in record.message and f"storage.dir {tmp_path}/sweeps" in record.message
+    assert "data.uri" not in record.message and "export.dir" not in record.message
+
+
+def test_bench_driver_measures_batches_and_mlflow_writes_per_second(tmp_path, run_cli, cluster):
+    code, out = run_cli(
+        "bench", "driver", "--trainers", "3", "--steps", "30", "--tracking-uri", f"sqlite:///{tmp_path}/m.db",
+        "--writes", "5", "--json",
+    )  # fmt: skip
+    assert code == 0, out
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["trainers"] == 3 and result["steps"] == 30 and result["batches_per_s"] > 0
+    assert result["seconds"] > 0 and 0 < result["driver_cpu_fraction"] and result["log_batch_per_s"] > 0
+
+
 class Killer(threading.Thread):
     """Once trainer `key` of sweep `name` is past step `past` (a few checkpoints in), remove the
     worker node it runs on from the cluster, its processes SIGKILLed; `killed` names that node."""
@@ -330,8 +363,9 @@ def test_submit_to_the_clusters_jobs_api_runs_to_the_end(tmp_path, cluster, data
     assert state == "SUCCEEDED", jobs.logs(job, cluster.dashboard)[-3000:]
     index = json.loads(fs.read_text("s3://multinode/exports/submitted/index.json"))
     assert index and all(fs.exists(f"s3://multinode/exports/submitted/{e['path']}/cfg.json") for e in index)
-    [placement] = [line for line in jobs.logs(job, cluster.dashboard).splitlines() if "placement node" in line]
-    assert placement.count("node ") == 3  # one trainer per worker node
+    logs = " ".join(jobs.logs(job, cluster.dashboard).split())  # the job's console wraps long lines
+    placement = logs[logs.index("placement node") :].split(" INFO ")[0]
+    assert len(set(re.findall(r"node ([0-9a-f]{12}) \(127\.0\.0\.1\)", placement))) == 3  # a trainer per worker
 
 
 def test_killed_node_its_trainers_restart_on_the_others_bit_for_bit(tmp_path, monkeypatch, cluster, data, one_node):
