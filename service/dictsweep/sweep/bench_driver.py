@@ -29,7 +29,7 @@ def bench_driver(trainers: int, steps: int, in_flight: int, address: str | None 
     """Batches per second that one driver hands `trainers` idle trainers, `steps` each."""
     import ray
 
-    start_ray(address)
+    start_ray(address, log_to_driver=False)  # the JSON alone on stdout
     window = ray.put(np.zeros((4096, 16), np.float16))  # a window: the tasks carry a reference to it
     actors = [ray.remote(num_cpus=0)(IdleTrainer).remote() for _ in range(trainers)]
     ray.get([actor.step.remote(-1, []) for actor in actors])  # started
