@@ -81,7 +81,8 @@ class Ledger:
         in order)."""
         tracker = self.tracker
         statuses = tracker.statuses()
-        again = {self.runs[name] for name in self.points if name not in self.recorded()} | {tracker.parent_id}
+        recorded = self.recorded()
+        again = {self.runs[name] for name in self.points if name not in recorded} | {tracker.parent_id}
         self.open_runs = {
             run for run, status in statuses.items() if status not in ("FINISHED", "FAILED") or run in again
         }
