@@ -157,6 +157,30 @@ def bench_stream_command(
     )
 
 
+@bench_app.command("driver")
+def bench_driver_command(
+    trainers: int = typer.Option(8, help="Idle trainer actors the driver feeds (one per GPU of a sweep)."),
+    steps: int = typer.Option(200, help="Batches handed to each trainer."),
+    in_flight: int = typer.Option(8, help="Batches queued per trainer (stream.batches_in_flight)."),
+    address: str = typer.Option(None, help="Ray cluster to run on (default: a local Ray)."),
+    tracking_uri: str = typer.Option(
+        None, help="Also time MLflow log_batch writes (one per SAE and curve point) there."
+    ),
+    writes: int = typer.Option(200, help="log_batch writes timed with --tracking-uri."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
+) -> None:
+    """Batches per second one sweep driver hands out (its ceiling), and MLflow writes per second."""
+    from dictsweep.sweep.bench_driver import bench_driver, bench_tracking
+
+    for name, value in (("--trainers", trainers), ("--steps", steps), ("--in-flight", in_flight), ("--writes", writes)):
+        if value < 1:
+            raise InputError(f"{name} must be at least 1, got {value}")
+    result = bench_driver(trainers, steps, in_flight, address)
+    if tracking_uri:
+        result.update(bench_tracking(tracking_uri, writes))
+    print_result(result, as_json, "bench driver")
+
+
 @bench_app.command("inspect")
 def bench_inspect_command(
     uri: str = typer.Option(..., help="Dataset prefix (a harvest, with contexts/, for the whole inspect)."),

@@ -150,7 +150,9 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-@ray.remote(num_cpus=0.25)
+# no CPU of its own: a node's readers must start wherever its trainers landed, and trainers whose
+# bundles take every CPU of their node would otherwise wait for ever for their first window
+@ray.remote(num_cpus=0)
 class WindowReader:
     """Produces whole windows of one dataset's stream, each read, checked and shuffled once."""
 
@@ -161,6 +163,7 @@ class WindowReader:
         self.memory = ReaderMemory()  # a returned window is copied into the object store: reuse is safe
         self.memory.reserve(self.dataset, shuffle_shards)
         self.bytes_read = 0
+        self.shard_reads: dict[str, int] = {}  # "split/shard" -> times read (once per epoch per node)
         pa.float16().to_pandas_dtype()  # decoding's dtype lookup imports pandas: now, not in the first window
         self.seconds = 0.0
 
@@ -168,14 +171,19 @@ class WindowReader:
         """The rows `[window rows, d_model]` of window `sequence` of a split's stream, in stream order."""
         start = time.perf_counter()
         order = self.orders[split]
-        rows, read = read_window(self.dataset, order, order.window(sequence), split, self.pool, self.memory)
+        window = order.window(sequence)
+        rows, read = read_window(self.dataset, order, window, split, self.pool, self.memory)
         self.bytes_read += read
+        for shard in window.shards:
+            self.shard_reads[f"{split}/{shard}"] = self.shard_reads.get(f"{split}/{shard}", 0) + 1
         self.seconds += time.perf_counter() - start
         return rows
 
     def stats(self) -> dict:
         return {
+            "node": ray.get_runtime_context().get_node_id(),
             "bytes_read": self.bytes_read,
+            "shard_reads": dict(self.shard_reads),
             "read_seconds": self.seconds,
             "peak_rss_mb": peak_rss_mb(),
             "cpu_seconds": time.process_time(),

@@ -37,15 +37,25 @@ class Streams:
             self.windows[node, split].advance(slowest)
 
     def stats(self) -> list[dict]:
-        """Per node: bytes its readers read and seconds they spent."""
+        """Per node: bytes its readers read, times each shard was read, seconds they spent. A node that
+        left the cluster took its readers' counts with it: it is not listed."""
         import ray
 
         totals = []
-        for readers in self.readers.values():
-            stats = ray.get([reader.stats.remote() for reader in readers])
+        for node, readers in self.readers.items():
+            try:
+                stats = ray.get([reader.stats.remote() for reader in readers], timeout=60)
+            except ray.exceptions.RayError:  # pinned to a node that is gone: dead, unschedulable, or waiting
+                continue
+            shard_reads: dict[str, int] = {}
+            for reader in stats:
+                for shard, reads in reader["shard_reads"].items():
+                    shard_reads[shard] = shard_reads.get(shard, 0) + reads
             totals.append(
                 {
+                    "node": node,
                     "bytes_read": sum(s["bytes_read"] for s in stats),
+                    "shard_reads": shard_reads,
                     "read_seconds": sum(s["read_seconds"] for s in stats),
                     "peak_rss_mb": max(s["peak_rss_mb"] for s in stats),
                 }

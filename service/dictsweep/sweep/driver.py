@@ -5,9 +5,11 @@ Each trainer works through one sequence of tasks: train batches 0..T-1, eval bat
 trainer (backpressure) and hands every trainer on a node the same batches as pieces of the windows
 that node's readers hold in its object store (`stream.streams`); a trainer a window budget ahead of
 the slowest one on its node waits for it. A trainer that crashes is restarted by Ray from its
-checkpoint; the driver asks where it stands and sends the batches from there. Every SAE is recorded (`ledger`) as soon as its
-trainer finishes, so a later failure loses nothing that finished, and `--resume` picks a sweep up
-where its driver stopped.
+checkpoint (on another node when its own left the cluster) while the others go on; the driver asks
+where it stands and sends the batches from there, cut from the windows of the node it is on now. A
+trainer that no node takes within NODE_WAIT_SECONDS fails with its node named, and keeps its
+checkpoint for `--resume`. Every SAE is recorded (`ledger`) as soon as its trainer finishes, so a
+later failure loses nothing that finished, and `--resume` picks a sweep up where its driver stopped.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from dictsweep.sweep.lease import Lease
 from dictsweep.sweep.ledger import Ledger
 from dictsweep.sweep.plan import GridPoint, Plan, TrainerPlan, ZeroPlan
 from dictsweep.sweep.throughput import merge_stream_stats, trainer_entry
+from dictsweep.sweep.restarts import describe_node, placement, poll_restarts, restart
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +52,11 @@ class Slot:
     restarts: int = 0
     first_step: int | None = None  # where it stood when this driver first located it
     trained_at: float | None = None  # when its last training step came back
+    bundle: int = 0  # its bundle in the wave's placement group: where Ray restarts it
+    restarting: object = None  # while Ray restarts it: the status call that answers once it is back
+    crashed_at: float = 0.0
+    lost_node: str | None = None  # the node it ran on before it crashed
+    lost: bool = False  # failed because no node took it after its node left: `--resume` continues it
 
     @property
     def points(self) -> list[GridPoint]:
@@ -180,14 +188,15 @@ class Driver:
                 threads,
                 fs.join(self.storage, "checkpoints", f"{key}.pt"),
             )
-            slots.append(Slot(key, plan, actor))
+            slots.append(Slot(key, plan, actor, bundle=bundle_index))
         streams = Streams(spec, self.dataset, self.total_steps, self.eval_steps)
         try:
             for slot in slots:
                 self.locate(slot)
+            log.info(f"{label}: placement {placement(slots)}")
             self.start_baseline_feed(slots[0].node)
             started = time.perf_counter()
-            self.drive(slots, streams, label)
+            self.drive(slots, streams, label, group)
             self.record_throughput(slots, streams, started, gpus if cuda else 1 / len(slots))
         finally:
             for slot in slots:
@@ -197,6 +206,8 @@ class Driver:
         for slot in slots:
             if not slot.done:  # not saved in storage: `--resume` tries these trainers again
                 self.ledger.record_failure({p.name: slot.error for p in slot.points})
+                if slot.lost:  # its checkpoint waits in storage: this run is not over
+                    self.ledger.result.resumable.update(p.name for p in slot.points)
 
     def record_throughput(self, slots: list[Slot], streams: Streams, started: float, share: float) -> None:
         """Add a wave to the sweep's stream and training-phase figures (`throughput`): its training phase
@@ -235,13 +246,23 @@ class Driver:
             except ray.exceptions.RayError as error:
                 slot.alive, slot.error = False, f"trainer {slot.key} failed: {first_line(error)}"
                 return
-        slot.node, slot.cursor = status["node"], status["position"]
+        self.placed(slot, status)
+
+    def placed(self, slot: Slot, status: dict) -> None:
+        """A trainer that answers: it goes on from its checkpoint's step, on the node it runs on now."""
+        slot.node, slot.cursor, slot.restarting = status["node"], status["position"], None
         slot.first_step = status["position"] if slot.first_step is None else slot.first_step
         slot.in_flight.clear()
+        self.ledger.result.placements.setdefault(slot.key, []).append(
+            {"node": slot.node, "position": slot.cursor, "restored": status["restored"]}
+        )
+        if slot.lost_node is not None:
+            where = "on the same node" if slot.node == slot.lost_node else f"on node {describe_node(slot.node)}"
+            log.info(f"trainer {slot.key} restarted {where}, from step {slot.cursor}")
         with held_stop():  # points already stored are skipped: only what a dead driver missed
             self.ledger.log_records(status["replay"], slot.key)
 
-    def drive(self, slots: list[Slot], streams: Streams, label: str) -> None:
+    def drive(self, slots: list[Slot], streams: Streams, label: str, group) -> None:
         """Send every trainer its tasks in order, at most `batches_in_flight` ahead; collect results."""
         import ray
 
@@ -256,6 +277,7 @@ class Driver:
                 for slot in slots:
                     while (
                         slot.alive
+                        and slot.restarting is None
                         and slot.cursor <= last
                         and len(slot.in_flight) < limit
                         and not (self.checkpoints_after(slot.cursor) and slot.in_flight)
@@ -268,9 +290,13 @@ class Driver:
                 heads = [slot.in_flight[0][1] for slot in slots if slot.alive and slot.in_flight]
                 if heads:
                     ray.wait(heads, num_returns=1, timeout=5.0)
+                else:
+                    time.sleep(0.2)  # every trainer left is restarting
                 check_stop()  # a stop signal that landed inside Ray goes on from here
                 for slot in slots:
                     self.collect(slot)
+                for slot, status in poll_restarts(slots, group):
+                    self.placed(slot, status)
                 if self.baseline_feed is not None:
                     self.baseline_feed.pump()  # never waits: the trainers go on whatever it does
                 steps = min((min(s.cursor - len(s.in_flight), last) for s in slots if s.alive), default=last)
@@ -323,7 +349,7 @@ class Driver:
                 if slot.restarts > self.spec.resources.max_restarts:
                     slot.alive, slot.error = False, f"trainer {slot.key} failed: {first_line(error)}"
                     return
-                self.locate(slot)  # waits for Ray's restart; the checkpoint says where to go on
+                restart(slot)  # Ray restarts it; its checkpoint says where to go on
                 return
             except ray.exceptions.RayTaskError as error:  # a bug or bad data: restarting will not help
                 bad_input = input_error(error)

@@ -76,11 +76,17 @@ class Ledger:
             self.catch_up()
 
     def catch_up(self) -> None:
-        """Resuming: reopen the runs a stopped driver marked KILLED, and send MLflow every stored curve
-        point that an earlier driver did not (runs it ended got everything: the queue is in order)."""
+        """Resuming: reopen the runs a stopped driver marked KILLED (or FAILED, where their trainer
+        recorded no outcome: it trains again, e.g. one lost with its node), and send MLflow every
+        stored curve point that an earlier driver did not (runs it ended got everything: the queue is
+        in order)."""
         tracker = self.tracker
         statuses = tracker.statuses()
-        self.open_runs = {run for run, status in statuses.items() if status not in ("FINISHED", "FAILED")}
+        recorded = self.recorded()
+        again = {self.runs[name] for name in self.points if name not in recorded} | {tracker.parent_id}
+        self.open_runs = {
+            run for run, status in statuses.items() if status not in ("FINISHED", "FAILED") or run in again
+        }
         for run in self.open_runs:
             if statuses[run] != "RUNNING":
                 tracker.reopen(run)
@@ -168,6 +174,12 @@ class Ledger:
             self.tracker.log_metrics(self.runs[record["name"]], record["metrics"], record["tokens"])
         if len(self.tracker.queue) > 200:
             self.tracker.flush()
+
+    def recorded(self) -> set[str]:
+        """The SAEs of every outcome in storage (finished or failed for good)."""
+        keys = [f"w{w}-t{t.index}" for w, wave in enumerate(self.plan.waves) for t in wave]
+        outcomes = [self.saved(key) for key in keys + [f"zero-{z}" for z in range(len(self.plan.zero))]]
+        return {name for outcome in outcomes if outcome for part in ("finished", "failed") for name in outcome[part]}
 
     def saved(self, key: str) -> dict | None:
         """A trainer's outcome recorded in storage by this run (or the run it resumes), if any."""
@@ -260,7 +272,10 @@ class Ledger:
         self.result.failed.update(outcome["failed"])
 
     def complete(self) -> None:
-        """Mark the run done: `--resume` starts the next one afresh."""
+        """Mark the run done: `--resume` starts the next one afresh; not while trainers lost with their
+        node have SAEs to finish (`--resume` continues this run and them)."""
+        if self.result.resumable:
+            return
         fs.write_text(fs.join(self.storage, "complete.json"), json.dumps({"failed": sorted(self.result.failed)}))
 
 

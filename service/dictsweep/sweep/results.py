@@ -76,3 +76,6 @@ class SweepResult:
     band: tuple[float, float] | None = None  # the selection's L0 band
     seeds: list[dict] = field(default_factory=list)  # grid points of several seeds: means, intervals (`sweep.seeds`)
     splice_tokens: int = 0  # positions the spliced evaluation scored
+    # trainer key -> where it ran: each start or restart, {"node", "position" (step), "restored"}
+    placements: dict[str, list[dict]] = field(default_factory=dict)
+    resumable: set[str] = field(default_factory=set)  # failed with a lost node: `--resume` continues them

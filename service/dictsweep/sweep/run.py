@@ -80,6 +80,7 @@ def run_sweep(
     lease = Lease(spec.storage_dir).take(force)
     try:
         start_ray(address)
+        warn_local_paths(spec)
         return run_under_lease(spec, dataset, resume, lease)
     finally:
         lease.release()
@@ -127,10 +128,39 @@ def run_under_lease(spec: SweepSpec, dataset: ActivationDataset, resume: bool, l
         raise RunError(
             f"{len(result.failed)} of {len(ledger.points)} SAEs failed: "
             + "; ".join(f"{name}: {why[:200]}" for name, why in sorted(result.failed.items()))
-            + f". The {len(result.finished)} finished ones are exported and logged.",
+            + f". The {len(result.finished)} finished ones are exported and logged."
+            + (
+                f" The {len(result.resumable)} SAEs of trainers lost with their node continue from their "
+                "checkpoints when the sweep is run again with --resume."
+                if result.resumable
+                else ""
+            ),
             result=result,
         )
     return result
+
+
+def warn_local_paths(spec: SweepSpec) -> None:
+    """A warning when the Ray cluster has several nodes and the spec names local paths: each node's
+    readers, trainers and checkpoints then use that path on their own disk, which holds the same files
+    only on a shared file system (a trainer restarted on another node would not find its checkpoint)."""
+    import ray
+
+    nodes = sum(node["Alive"] for node in ray.nodes())
+    local = [
+        f"{key} {value}"
+        for key, value in (
+            ("data.uri", spec.data.uri),
+            ("storage.dir", spec.storage_dir),
+            ("export.dir", spec.export_dir),
+        )
+        if fs.is_local(value)
+    ]
+    if nodes > 1 and local:
+        log.warning(
+            f"the Ray cluster has {nodes} nodes and these paths are local: {', '.join(local)}; every node "
+            "reads and writes them on its own disk, so they must be one shared file system (else use s3:// URIs)"
+        )
 
 
 def run_id() -> str:

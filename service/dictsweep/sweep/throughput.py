@@ -35,11 +35,12 @@ def trainer_entry(key: str, usage: dict, steps: int, rows: int, seconds: float, 
 
 
 def merge_stream_stats(total: dict, readers: list[dict], trainers: list[dict], seconds: float) -> dict:
-    """`total` with one more wave: bytes read per node, the trainers' data wait, SAE-samples and the
+    """`total` with one more wave: bytes read per node (and by node ID), the trainers' data wait, SAE-samples and the
     seconds of its training phase (and of it, writing checkpoints), and the GPU readings (means over
     the trainers that have them)."""
     total = dict(total) or {
         "bytes_read_per_node": [],
+        "reads_by_node": {},
         "wait_seconds": 0.0,
         "busy_seconds": 0.0,
         "train_seconds": 0.0,
@@ -48,6 +49,11 @@ def merge_stream_stats(total: dict, readers: list[dict], trainers: list[dict], s
         "trainers": [],
     }
     total["bytes_read_per_node"] = total["bytes_read_per_node"] + [r["bytes_read"] for r in readers]
+    for reader in readers:  # by node ID, with the reads of each shard
+        node = total["reads_by_node"].setdefault(reader["node"], {"bytes_read": 0, "shard_reads": {}})
+        node["bytes_read"] += reader["bytes_read"]
+        for shard, reads in reader["shard_reads"].items():
+            node["shard_reads"][shard] = node["shard_reads"].get(shard, 0) + reads
     total["wait_seconds"] += sum(t["wait_seconds"] for t in trainers)
     total["busy_seconds"] += sum(t["busy_seconds"] for t in trainers)
     waited = total["wait_seconds"] + total["busy_seconds"]
