@@ -36,6 +36,7 @@ class GridPoint:
     l1_coef: float | None = None
     k: int | None = None
     target_l0: float | None = None  # set: l1_coef is steered to this L0 during training
+    matryoshka_prefixes: tuple[float, ...] | None = None  # matryoshka_batchtopk: fractions of n_latents
 
     @property
     def name(self) -> str:
