@@ -61,6 +61,7 @@ def synth(
     noise: float = typer.Option(_SYNTH["noise"].default, help=_SYNTH["noise"].description),
     dtype: str = typer.Option(_SYNTH["dtype"].default, help=_SYNTH["dtype"].description),
     seed: int = typer.Option(_SYNTH["seed"].default, help=_SYNTH["seed"].description),
+    d_target: int = typer.Option(_SYNTH["d_target"].default, help=_SYNTH["d_target"].description),
     overwrite: bool = typer.Option(False, help="Replace a dataset that already exists at --out."),
 ) -> None:
     """Write a synthetic activation dataset with known ground-truth features."""
@@ -79,6 +80,7 @@ def synth(
         noise=noise,
         dtype=dtype,
         seed=seed,
+        d_target=d_target,
     )
     with step(f"writing {config.rows:,} + {config.eval_rows:,} synthetic rows to {out}"):
         manifest = synth_dataset(out, config, overwrite=overwrite)

@@ -19,7 +19,7 @@ def test_every_declared_key_is_a_grid_key_and_a_member_field():
         for parameter in architecture.hyperparameters:
             assert parameter.key in GridConfig.model_fields, (name, parameter.key)
             assert parameter.key in member_fields or parameter.replaces in member_fields, (name, parameter.key)
-    assert list(grid_keys()) == ["l1_coef", "target_l0", "k"]
+    assert list(grid_keys()) == ["l1_coef", "target_l0", "k", "matryoshka_prefixes"]
     assert ARCHITECTURES["topk"].hyperparameters == (K,) and ARCHITECTURES["relu"].hyperparameters == (
         L1_COEF,
         TARGET_L0,
