@@ -140,6 +140,16 @@ class Transcoder(Ensemble):
         return state
 
 
+def is_transcoder(architecture: str) -> bool:
+    """Whether the named architecture is a transcoder variant."""
+    return getattr(ARCHITECTURES.get(architecture), "transcoder", False)
+
+
+def trains_transcoders(architectures: list[str]) -> bool:
+    """Whether a grid of these architectures trains transcoders (then its batches carry each row's target)."""
+    return any(is_transcoder(architecture) for architecture in architectures)
+
+
 def add_variants(name: str) -> None:
     """Register `<name>_transcoder` and `<name>_skip_transcoder` over the registered `name`."""
     base = ARCHITECTURES[name]

@@ -27,6 +27,7 @@ from dictsweep.stream.streams import Streams
 from dictsweep.sweep.lease import Lease
 from dictsweep.sweep.ledger import Ledger
 from dictsweep.sweep.plan import GridPoint, Plan, TrainerPlan, ZeroPlan
+from dictsweep.sweep.preflight import transcoder_target
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,8 @@ class Driver:
         self.total_steps = spec.train.tokens // spec.train.batch_rows
         self.eval_steps = min(spec.train.eval_tokens, dataset.n_eval_rows) // spec.train.batch_rows
         self.input_scale = math.sqrt(dataset.d_model / dataset.mean_sq_norm())
-        truth = dataset.ground_truth()
+        self.target = transcoder_target(spec, dataset)  # (d_target, its scale) when the grid trains transcoders
+        truth = dataset.ground_truth("target_features" if self.target else "features")
         self.ground_truth = truth.numpy() if truth is not None else None
         if spec.select.metric == "loss_recovered":
             from dictsweep.sweep.splice import splice_source
@@ -175,6 +177,7 @@ class Driver:
                 plan.device,
                 threads,
                 fs.join(self.storage, "checkpoints", f"{key}.pt"),
+                self.target,
             )
             slots.append(Slot(key, plan, actor))
         streams = Streams(spec, self.dataset, self.total_steps, self.eval_steps)
