@@ -56,6 +56,8 @@ def splice_source(dataset: ActivationDataset) -> SpliceSource | str:
         return f"{dataset.uri} is synthetic: there is no model to splice a dictionary into"
     if not source.get("model") or not source.get("hook"):
         return f"{dataset.uri}/manifest.json names no source model and hook (`source.model`, `source.hook`)"
+    if dataset.d_target:  # an SAE spliced at `hook` would be measured against the wrong activation
+        return f"{dataset.uri} is a transcoder dataset: splicing a transcoder into its model is not supported yet"
     if not fs.exists(fs.join(dataset.uri, "contexts")):
         return f"{dataset.uri} has no contexts/ (the token ids of its sequences)"
     return SpliceSource(
