@@ -39,7 +39,9 @@ class Evaluator:
         self.fires = torch.zeros(
             ensemble.n_members, ensemble.n_latents, device=device
         )  # [K, n], exact below 2**24 rows
-        width = ensemble.W_dec.shape[-1]  # what it reconstructs: d_model (a transcoder's target: d_out)
+        # what it reconstructs: the rows themselves, or a transcoder's target columns (d_out wide)
+        self.target_of = getattr(ensemble, "target_of", lambda x: x)  # baseline stacks are no Ensembles
+        width = getattr(ensemble, "d_out", ensemble.d_model)
         self.x_sum = torch.zeros(width, dtype=torch.float64, device=device)
         self.x_sq_sum = torch.zeros((), dtype=torch.float64, device=device)
 
@@ -47,7 +49,7 @@ class Evaluator:
     def add(self, x: Tensor) -> None:
         """One scaled batch `[B, d_model]` (a transcoder's: `[B, d_in + d_out]`, measured against its target)."""
         out = self.ensemble(x)
-        x = self.ensemble.target_of(x)
+        x = self.target_of(x)
         self.rows += x.shape[0]
         self.squared_error += squared_error(x, out.sae_out).double() * x.shape[0]
         self.fires += out.fire_counts
