@@ -201,6 +201,7 @@ _HARVEST = HarvestConfig.model_fields
 def harvest(
     model: str = typer.Option(..., help=_HARVEST["model"].description),
     hook: list[str] = typer.Option(..., help=_HARVEST["hooks"].description + " Repeat for several."),
+    target_hook: list[str] = typer.Option([], help=_HARVEST["target_hooks"].description),
     text: str = typer.Option(..., help=_HARVEST["text"].description),
     out: str = typer.Option(..., help=_HARVEST["out"].description),
     context: int = typer.Option(_HARVEST["context"].default, help=_HARVEST["context"].description),
@@ -228,6 +229,7 @@ def harvest(
     config = HarvestConfig.from_cli(
         model=model,
         hooks=hook,
+        target_hooks=target_hook,
         text=text,
         out=out,
         context=context,
@@ -251,7 +253,8 @@ def harvest(
         eval_rows = sum(shard.rows for shard in manifest.eval_shards)
         typer.echo(
             f"{hook_name}: {manifest.n_rows} train + {eval_rows} eval rows ({len(manifest.shards)} + "
-            f"{len(manifest.eval_shards)} shards, d_model={manifest.d_model}, {manifest.dtype}) "
+            f"{len(manifest.eval_shards)} shards, d_model={manifest.d_model}"
+            f"{f', d_target={manifest.d_target}' if manifest.d_target else ''}, {manifest.dtype}) "
             f"at {result.prefixes[hook_name]}"
         )
     typer.echo(
