@@ -115,3 +115,12 @@ def test_a_spec_that_cannot_train_transcoders_names_why(tmp_path, monkeypatch, g
     }
     with pytest.raises(InputError, match=words):
         preflight(load_spec(conftest.spec_file(tmp_path, spec, "bad")))
+
+
+def test_baselines_are_refused_for_a_transcoder_sweep(tmp_path, monkeypatch):
+    """PCA, ICA, ... reconstruct their input: no baseline is a map to the target (exit 2, not a late failure)."""
+    from dictsweep.sweep.preflight import preflight
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(InputError, match=r"baselines: \['pca'\] are SAE baselines"):
+        preflight(load_spec(conftest.spec_file(tmp_path, {**BASE, "baselines": ["pca"]}, "bad")))

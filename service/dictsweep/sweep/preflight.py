@@ -72,7 +72,8 @@ def preflight(spec: SweepSpec) -> ActivationDataset:
 def transcoder_target(spec: SweepSpec, dataset: ActivationDataset) -> tuple[int, float] | None:
     """(d_target, the target's training scale sqrt(d_target / E|y|^2)) when the grid trains transcoders,
     else None; InputError when the grid mixes transcoders and SAEs (they reconstruct different things,
-    so selection could not rank them together), the dataset has no target, or ZeRO would be needed."""
+    so selection could not rank them together), the dataset has no target, ZeRO would be needed, or
+    baselines are asked for (they are SAEs of the input)."""
     transcoders = [name for name in spec.grid.architecture if is_transcoder(name)]
     if not transcoders:
         return None
@@ -88,4 +89,6 @@ def transcoder_target(spec: SweepSpec, dataset: ActivationDataset) -> tuple[int,
         )
     if spec.resources.zero == "always":
         raise InputError("resources.zero: always does not train transcoders; set it to auto or never")
+    if spec.baselines:  # PCA, ICA, ... reconstruct their input: none is a map to the target
+        raise InputError(f"baselines: {spec.baselines} are SAE baselines; a transcoder sweep has none: remove the key")
     return dataset.d_target, math.sqrt(dataset.d_target / dataset.mean_sq_norm("target"))

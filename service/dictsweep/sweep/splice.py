@@ -19,6 +19,10 @@ reconstruction (a forward hook on the module, found by `store.models.find_module
   matrix; the missing head's transform is left out): `kl_clean` (0), `kl_spliced`, `kl_zero`.
 - loss_recovered = (zero - spliced) / (zero - clean): 1 when the splice changes nothing, 0 when it
   is as bad as erasing the activation.
+- Transcoder datasets (`source.target_hook`): the transcoder reads the hook's output at the spliced
+  positions and its output replaces the target hook's output there (e.g. an MLP's output computed
+  from the MLP's input); zero ablation zeroes the target hook's output. The hook must run before the
+  target hook (harvest checks it).
 """
 
 from __future__ import annotations
@@ -47,6 +51,8 @@ class SpliceSource(NamedTuple):
     hook: str
     context: int
     include_special: bool
+    target_hook: str | None = None
+    """A transcoder dataset's: the module whose output is replaced (`hook` is read)."""
 
 
 def splice_source(dataset: ActivationDataset) -> SpliceSource | str:
@@ -56,12 +62,16 @@ def splice_source(dataset: ActivationDataset) -> SpliceSource | str:
         return f"{dataset.uri} is synthetic: there is no model to splice a dictionary into"
     if not source.get("model") or not source.get("hook"):
         return f"{dataset.uri}/manifest.json names no source model and hook (`source.model`, `source.hook`)"
-    if dataset.d_target:  # an SAE spliced at `hook` would be measured against the wrong activation
-        return f"{dataset.uri} is a transcoder dataset: splicing a transcoder into its model is not supported yet"
+    if dataset.d_target and not source.get("target_hook"):  # nothing names what a transcoder replaces
+        return f"{dataset.uri}/manifest.json has a target column but names no `source.target_hook`"
     if not fs.exists(fs.join(dataset.uri, "contexts")):
         return f"{dataset.uri} has no contexts/ (the token ids of its sequences)"
     return SpliceSource(
-        source["model"], source["hook"], int(source.get("context") or 0), bool(source.get("include_special", False))
+        source["model"],
+        source["hook"],
+        int(source.get("context") or 0),
+        bool(source.get("include_special", False)),
+        source.get("target_hook") if dataset.d_target else None,
     )
 
 
@@ -144,14 +154,41 @@ class Readout:
         return find_module(self.model.base_model, hook)
 
 
+def first_output(output) -> Tensor:
+    """A module's activation: its output, or the first element of a tuple (or ModelOutput)."""
+    return output[0] if isinstance(output, (tuple, list)) or hasattr(output, "to_tuple") else output
+
+
+class Reads:
+    """What a transcoder reads: its hook module's output in the forward pass under way (`output`,
+    None until the module has run in it)."""
+
+    def __init__(self):
+        self.output: Tensor | None = None
+
+    def keep(self, _module, _args, output) -> None:
+        self.output = first_output(output)
+
+
 @contextmanager
-def replaced(module: torch.nn.Module, positions: Tensor, replace: Callable[[Tensor], Tensor]):
-    """While open, the module's output at `positions [B, T]` (bool) is `replace(rows [n, d_model])`."""
+def replaced(
+    module: torch.nn.Module,
+    positions: Tensor,
+    replace: Callable[[Tensor], Tensor] | None,
+    reads: Reads | None = None,
+):
+    """While open, the module's output at `positions [B, T]` (bool) is `replace(rows [n, d])` (zeros
+    for None), where the rows are the module's own output there, or `reads.output` (a transcoder's)."""
 
     def hook(_module, _args, output):
-        hidden = output[0] if isinstance(output, (tuple, list)) or hasattr(output, "to_tuple") else output
+        hidden = first_output(output)
+        if reads is not None and reads.output is None:
+            raise InputError("the target hook ran before the hook a transcoder reads: it cannot be spliced there")
         new = hidden.clone()
-        new[positions] = replace(hidden[positions].float()).to(hidden.dtype)
+        rows = (hidden if reads is None else reads.output)[positions].float()
+        if reads is not None:
+            reads.output = None  # read once: the next forward pass must run the hook again first
+        new[positions] = 0 if replace is None else replace(rows).to(hidden.dtype)
         if isinstance(output, (tuple, list)):
             return type(output)([new, *output[1:]])
         if hasattr(output, "to_tuple"):
@@ -159,6 +196,8 @@ def replaced(module: torch.nn.Module, positions: Tensor, replace: Callable[[Tens
             return output
         return new
 
+    if reads is not None:
+        reads.output = None  # from a forward pass before this one
     handle = module.register_forward_hook(hook)
     try:
         yield
@@ -192,7 +231,7 @@ class Losses(NamedTuple):
     """Positions scored."""
 
 
-ZERO = object()  # the zero ablation's key among the splices: no name can collide with it
+ZERO = object()  # the zero ablation's key among the splices (replaced by None: zeros): no name can collide with it
 
 
 def splice_losses(
@@ -203,11 +242,33 @@ def splice_losses(
     special_ids: list[int],
     pad_id: int,
     include_special: bool = False,
+    target_hook: str | None = None,
 ) -> Losses:
     """Clean, zero-ablated and spliced losses over `contexts`, in batches; each value of `splices`
-    maps the hooked rows `[n, d_model]` (float32) to their replacement."""
-    module, device = readout.module(hook), readout.device
-    splices = {ZERO: torch.zeros_like, **splices}
+    maps the hooked rows `[n, d_model]` (float32) to their replacement; with `target_hook` (transcoders),
+    to the replacement of the target hook's rows `[n, d_target]`."""
+    module = readout.module(target_hook or hook)
+    reads = Reads() if target_hook else None
+    handle = readout.module(hook).register_forward_hook(reads.keep) if reads else None
+    try:
+        return _losses(readout, module, contexts, {ZERO: None, **splices}, special_ids, pad_id, include_special, reads)
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
+def _losses(
+    readout: Readout,
+    module: torch.nn.Module,
+    contexts: list[np.ndarray],
+    splices: dict,
+    special_ids: list[int],
+    pad_id: int,
+    include_special: bool,
+    reads: Reads | None,
+) -> Losses:
+    """`splice_losses` once the modules are found (and a transcoder's input is being read)."""
+    device = readout.device
     vocab = readout.model.get_input_embeddings().weight.shape[0]
     width = max(len(ids) for ids in contexts)
     per_batch = max(1, LOGIT_BUDGET // (width * vocab))
@@ -236,7 +297,7 @@ def splice_losses(
                 clean_sum = Sums(0.0, clean_sum.count + int(scored.sum()))  # KL of clean from itself
                 clean_probs = clean.exp()
             for name, replace in splices.items():
-                with replaced(module, spliced, replace):
+                with replaced(module, spliced, replace, reads):
                     other = readout.logits(input_ids, attention_mask).log_softmax(-1)
                 if readout.causal:
                     losses = -other[:, :-1].gather(-1, targets).squeeze(-1)[scored]
@@ -285,6 +346,8 @@ def splice_eval(
     readout = Readout(source.model, device)
     template = tokenizer_template(readout.tokenizer)
     modules = {name: load_dictionary(uri).to(device) for name, uri in dictionaries.items()}
+    for name, module in modules.items():
+        check_fits(name, module, dataset)
     losses = splice_losses(
         readout,
         source.hook,
@@ -293,6 +356,7 @@ def splice_eval(
         template.special_ids,
         template.pad_id,
         source.include_special,
+        source.target_hook,
     )
     kind, clean, zero = readout.kind, losses.clean, losses.zero
     metrics = {
@@ -305,3 +369,18 @@ def splice_eval(
         for name, spliced in losses.spliced.items()
     }
     return SpliceResult(metrics, kind, readout.head, losses.tokens, len(contexts))
+
+
+def check_fits(name: str, dictionary, dataset: ActivationDataset) -> None:
+    """InputError unless the dictionary reads the dataset's rows and writes what is spliced: its rows
+    again (an SAE), or its target (a transcoder, on a transcoder dataset)."""
+    d_in, d_out = dictionary.W_enc.shape[0], dictionary.W_dec.shape[1]
+    transcoder = dictionary.architecture.endswith("transcoder")
+    wanted = (dataset.d_model, dataset.d_target or dataset.d_model)
+    if (d_in, d_out) != wanted or transcoder != bool(dataset.d_target):
+        kind = "a transcoder" if transcoder else "an SAE"
+        raise InputError(
+            f"{name}: {kind} of d_in={d_in}, d_out={d_out} cannot be spliced for {dataset.uri} "
+            f"({'a transcoder dataset' if dataset.d_target else 'an SAE dataset'}: reads {wanted[0]}, "
+            f"replaces {wanted[1]})"
+        )
