@@ -124,3 +124,47 @@ def test_baselines_are_refused_for_a_transcoder_sweep(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(InputError, match=r"baselines: \['pca'\] are SAE baselines"):
         preflight(load_spec(conftest.spec_file(tmp_path, {**BASE, "baselines": ["pca"]}, "bad")))
+
+
+def test_the_memory_plan_counts_a_transcoder_at_its_widths():
+    """A skip transcoder 256 -> 1024 holds W_enc [256, n], W_dec [n, 1024], b_dec [1024] and W_skip
+    [256, 1024]: two fit where three SAEs of width 256 would; one too large for a device is not sent
+    to ZeRO (it trains SAEs only) but fits nowhere, saying why."""
+    from dictsweep.config import GridConfig, SweepSpec
+    from dictsweep.sweep.plan import grid_points, make_plan, member_bytes
+
+    spec = SweepSpec(
+        name="plan",
+        data={"uri": "unused"},
+        grid=GridConfig(architecture=["relu_skip_transcoder"], n_latents=[4096], l1_coef=[1, 2, 3, 4]),
+    )
+    points = grid_points(spec)
+    per = member_bytes(256, 4096, 512, d_out=1024, skip=True)
+    assert per == 4 * (4 * ((256 + 1024) * 4096 + 4096 + 1024 + 256 * 1024) + 4 * 512 * 4096)
+    assert 2 * per // member_bytes(256, 4096, 512) == 3  # an SAE-sized estimate would pack three
+    plan = make_plan(points, 256, 512, "cpu", 1, 2 * per, 16, 0.0, d_target=1024)
+    assert [[len(e.points) for e in wave[0].ensembles] for wave in plan.waves] == [[2], [2]]
+    assert plan.waves[0][0].used_bytes == 2 * per
+    tight = make_plan(points, 256, 512, "cuda", 4, per // 2, 16, 0.0, d_target=1024)
+    assert not tight.waves and not tight.zero and len(tight.unplaced) == 4
+    assert all("transcoders do not train under ZeRO" in why for why in tight.unplaced.values())
+
+
+def test_training_curves_of_a_transcoder_are_in_the_targets_units(tmp_path, monkeypatch, ray_local):
+    """The curve's mse is per element of the raw target (its width and scale), as eval/mse is: with a
+    target 4 wide and an input 16 wide, counting it at the input's would be off 16-fold."""
+    from mlflow import MlflowClient
+
+    monkeypatch.chdir(tmp_path)
+    synth = {**BASE["data"]["synth"], "d_target": 4, "rows": 8192}
+    spec = {
+        **BASE,
+        "data": {"uri": "data/narrow", "synth": synth},
+        "grid": {**BASE["grid"], "architecture": ["batchtopk_transcoder"]},
+        "train": {**BASE["train"], "tokens": 7680},
+    }
+    result = run_sweep(load_spec(conftest.spec_file(tmp_path, spec, "units")))
+    client = MlflowClient(result.tracking_uri)
+    [outcome] = result.finished.values()
+    last_mse = client.get_metric_history(outcome.run_id, "mse")[-1].value
+    assert 0.5 < last_mse / outcome.metrics["mse"] < 2

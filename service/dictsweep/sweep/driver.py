@@ -80,7 +80,8 @@ class Driver:
             unspliceable = splice_source(dataset)
             if isinstance(unspliceable, str):
                 raise InputError(f"select.metric: loss_recovered needs a dataset with a source model; {unspliceable}")
-        self.ledger = Ledger(spec, plan, run_dir, resume, lease, self.input_scale)
+        width, scale = self.target or (dataset.d_model, self.input_scale)  # of what the dictionaries reconstruct
+        self.ledger = Ledger(spec, plan, run_dir, resume, lease, scale, width)
         self.baseline_feed = None  # sweep.baselines.BaselineFeed, from the first wave this driver runs
 
     # -- waves ------------------------------------------------------------------------------------------
