@@ -127,15 +127,22 @@ def test_a_perfect_exported_transcoder_recovers_everything_and_a_zero_one_nothin
     assert perfect["loss_recovered"] == pytest.approx(1.0, abs=1e-5)
     assert zero["loss_recovered"] == pytest.approx(0.0, abs=1e-6)
     assert zero["kl_spliced"] == pytest.approx(zero["kl_zero"], rel=1e-6)
-    # an SAE of the hook's rows is no transcoder: refused, naming it
+    # an SAE of the hook's rows is spliced at its own hook: zeroing the neurons is not zeroing the MLP's
+    # output (output.dense adds its bias)
     sae = tmp_path / "sae"
     sae.mkdir()
     config = saelens_config("standard", 1536, d_sae, {}, {})
     weights = {**zeros, "W_dec": torch.zeros(d_sae, 1536), "b_dec": torch.zeros(1536)}
     for name, content in dictionary_files(config, weights, torch.zeros(d_sae)).items():
         (sae / name).write_bytes(content)
-    with pytest.raises(InputError, match="sae: an SAE of d_in=1536, d_out=1536 cannot be spliced"):
-        splice_eval(data, {"sae": str(sae)}, tokens=64)
+    own = splice_eval(data, {"sae": str(sae)}, tokens=256).metrics["sae"]
+    assert own["loss_recovered"] == pytest.approx(0.0, abs=1e-6)
+    assert abs(own["kl_zero"] - zero["kl_zero"]) > 1e-3 * zero["kl_zero"]
+    with pytest.raises(InputError, match="splice SAEs and transcoders separately"):
+        splice_eval(data, {"sae": str(sae), "zero": folders["zero"]}, tokens=64)
+    wide = transcoder_folder(tmp_path / "wide", "transcoder", weights)  # writes 1536: not the target's 384
+    with pytest.raises(InputError, match="wide: a transcoder of d_in=1536, d_out=1536 cannot be spliced"):
+        splice_eval(data, {"wide": wide}, tokens=64)
 
 
 def test_a_transcoder_sweep_runs_from_harvest_to_inspect(tmp_path, monkeypatch, ray_local, mlp_data):

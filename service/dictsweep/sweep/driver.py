@@ -77,7 +77,7 @@ class Driver:
         if spec.select.metric == "loss_recovered":
             from dictsweep.sweep.splice import splice_source
 
-            unspliceable = splice_source(dataset)
+            unspliceable = splice_source(dataset, bool(self.target))
             if isinstance(unspliceable, str):
                 raise InputError(f"select.metric: loss_recovered needs a dataset with a source model; {unspliceable}")
         width, scale = self.target or (dataset.d_model, self.input_scale)  # of what the dictionaries reconstruct

@@ -52,18 +52,19 @@ class SpliceSource(NamedTuple):
     context: int
     include_special: bool
     target_hook: str | None = None
-    """A transcoder dataset's: the module whose output is replaced (`hook` is read)."""
+    """A transcoder dataset's: the module whose output a transcoder replaces (`hook` is read)."""
 
 
-def splice_source(dataset: ActivationDataset) -> SpliceSource | str:
-    """The dataset's source model and hook, or why a spliced evaluation cannot run on it."""
+def splice_source(dataset: ActivationDataset, transcoders: bool = False) -> SpliceSource | str:
+    """The dataset's source model and hook(s), or why a spliced evaluation (of `transcoders`, or of
+    SAEs, which are spliced at their own hook on any dataset) cannot run on it."""
     source = dataset.manifest.source or {}
     if dataset.manifest.ground_truth is not None or source.get("model") == "synthetic":
         return f"{dataset.uri} is synthetic: there is no model to splice a dictionary into"
     if not source.get("model") or not source.get("hook"):
         return f"{dataset.uri}/manifest.json names no source model and hook (`source.model`, `source.hook`)"
-    if dataset.d_target and not source.get("target_hook"):  # nothing names what a transcoder replaces
-        return f"{dataset.uri}/manifest.json has a target column but names no `source.target_hook`"
+    if transcoders and not (dataset.d_target and source.get("target_hook")):  # nothing names what they replace
+        return f"{dataset.uri}/manifest.json names no `source.target_hook` (and `d_target`) to splice transcoders at"
     if not fs.exists(fs.join(dataset.uri, "contexts")):
         return f"{dataset.uri} has no contexts/ (the token ids of its sequences)"
     return SpliceSource(
@@ -339,15 +340,21 @@ def splice_eval(
 
     torch.set_num_threads(threads or os.cpu_count() or 1)  # a Ray task gets one thread by default
     dataset = ActivationDataset.open(dataset_uri)
-    source = splice_source(dataset)
+    modules = {name: load_dictionary(uri).to(device) for name, uri in dictionaries.items()}
+    kinds = {name: module.architecture.endswith("transcoder") for name, module in modules.items()}
+    if len(set(kinds.values())) > 1:
+        raise InputError(
+            f"{sorted(kinds, key=kinds.get)}: splice SAEs and transcoders separately (they replace other hooks)"
+        )
+    transcoders = any(kinds.values())
+    source = splice_source(dataset, transcoders)
     if isinstance(source, str):
         raise InputError(source)
+    for name, module in modules.items():
+        check_fits(name, module, dataset)
     contexts = held_out_contexts(dataset, tokens)
     readout = Readout(source.model, device)
     template = tokenizer_template(readout.tokenizer)
-    modules = {name: load_dictionary(uri).to(device) for name, uri in dictionaries.items()}
-    for name, module in modules.items():
-        check_fits(name, module, dataset)
     losses = splice_losses(
         readout,
         source.hook,
@@ -356,7 +363,7 @@ def splice_eval(
         template.special_ids,
         template.pad_id,
         source.include_special,
-        source.target_hook,
+        source.target_hook if transcoders else None,
     )
     kind, clean, zero = readout.kind, losses.clean, losses.zero
     metrics = {
@@ -372,15 +379,13 @@ def splice_eval(
 
 
 def check_fits(name: str, dictionary, dataset: ActivationDataset) -> None:
-    """InputError unless the dictionary reads the dataset's rows and writes what is spliced: its rows
-    again (an SAE), or its target (a transcoder, on a transcoder dataset)."""
+    """InputError unless the dictionary reads the dataset's rows and writes what it replaces: the rows
+    again (an SAE), or their target (a transcoder)."""
     d_in, d_out = dictionary.W_enc.shape[0], dictionary.W_dec.shape[1]
     transcoder = dictionary.architecture.endswith("transcoder")
-    wanted = (dataset.d_model, dataset.d_target or dataset.d_model)
-    if (d_in, d_out) != wanted or transcoder != bool(dataset.d_target):
-        kind = "a transcoder" if transcoder else "an SAE"
+    wanted = (dataset.d_model, dataset.d_target if transcoder else dataset.d_model)
+    if (d_in, d_out) != wanted:
         raise InputError(
-            f"{name}: {kind} of d_in={d_in}, d_out={d_out} cannot be spliced for {dataset.uri} "
-            f"({'a transcoder dataset' if dataset.d_target else 'an SAE dataset'}: reads {wanted[0]}, "
-            f"replaces {wanted[1]})"
+            f"{name}: {'a transcoder' if transcoder else 'an SAE'} of d_in={d_in}, d_out={d_out} cannot be "
+            f"spliced for {dataset.uri}: it would read {wanted[0]} and replace {wanted[1]}"
         )
