@@ -224,6 +224,9 @@ def bench_recovery_command(
     decay: float = typer.Option(0.99, help="Feature i fires with probability proportional to decay**i."),
     active: float = typer.Option(10.0, help="Mean features active in a row."),
     seed: int = typer.Option(0, help="Seed of the synthetic dataset."),
+    d_target: int = typer.Option(
+        0, help="A synthetic transcoder dataset: targets of this width, for the transcoder architectures."
+    ),
     architecture: list[str] = typer.Option(["relu", "topk"], help="Architecture(s) to train."),
     sizes: list[float] = typer.Option([1.0, 2.0], help="Dictionary sizes as multiples of the feature count."),
     sparsity: list[float] = typer.Option([], help="k (top-k family) or L0 targets (default: active, 2 x active)."),
@@ -234,18 +237,21 @@ def bench_recovery_command(
     """Mean max cosine to the ground truth of SAEs trained with the defaults (only sizes and k or L0
     targets set) on a synthetic dataset, and the best at or above the feature count."""
     from dictsweep.sae import ARCHITECTURES
+    from dictsweep.sae.transcoder import trains_transcoders
     from dictsweep.store.synth import SynthConfig
     from dictsweep.sweep.recovery import bench_recovery
 
     for name in architecture:
         if name not in ARCHITECTURES:
             raise InputError(f"--architecture: {name!r} is not one of {sorted(ARCHITECTURES)}")
+    if trains_transcoders(architecture) and d_target <= 0:
+        raise InputError("--architecture: transcoders need a synthetic transcoder dataset: pass --d-target")
     if any(multiple <= 0 for multiple in sizes):
         raise InputError(f"--sizes must be positive multiples of --n-features, got {sizes}")
     if any(value <= 0 for value in sparsity):
         raise InputError(f"--sparsity must be positive, got {sparsity}")
     synth = SynthConfig.from_cli(
-        d_model=d_model, n_features=n_features, decay=decay, active=active, rows=tokens, seed=seed
+        d_model=d_model, n_features=n_features, decay=decay, active=active, rows=tokens, seed=seed, d_target=d_target
     )
     if threads:
         import torch

@@ -61,6 +61,7 @@ def synth(
     noise: float = typer.Option(_SYNTH["noise"].default, help=_SYNTH["noise"].description),
     dtype: str = typer.Option(_SYNTH["dtype"].default, help=_SYNTH["dtype"].description),
     seed: int = typer.Option(_SYNTH["seed"].default, help=_SYNTH["seed"].description),
+    d_target: int = typer.Option(_SYNTH["d_target"].default, help=_SYNTH["d_target"].description),
     overwrite: bool = typer.Option(False, help="Replace a dataset that already exists at --out."),
 ) -> None:
     """Write a synthetic activation dataset with known ground-truth features."""
@@ -79,6 +80,7 @@ def synth(
         noise=noise,
         dtype=dtype,
         seed=seed,
+        d_target=d_target,
     )
     with step(f"writing {config.rows:,} + {config.eval_rows:,} synthetic rows to {out}"):
         manifest = synth_dataset(out, config, overwrite=overwrite)
@@ -199,6 +201,7 @@ _HARVEST = HarvestConfig.model_fields
 def harvest(
     model: str = typer.Option(..., help=_HARVEST["model"].description),
     hook: list[str] = typer.Option(..., help=_HARVEST["hooks"].description + " Repeat for several."),
+    target_hook: list[str] = typer.Option([], help=_HARVEST["target_hooks"].description),
     text: str = typer.Option(..., help=_HARVEST["text"].description),
     out: str = typer.Option(..., help=_HARVEST["out"].description),
     context: int = typer.Option(_HARVEST["context"].default, help=_HARVEST["context"].description),
@@ -226,6 +229,7 @@ def harvest(
     config = HarvestConfig.from_cli(
         model=model,
         hooks=hook,
+        target_hooks=target_hook,
         text=text,
         out=out,
         context=context,
@@ -249,7 +253,8 @@ def harvest(
         eval_rows = sum(shard.rows for shard in manifest.eval_shards)
         typer.echo(
             f"{hook_name}: {manifest.n_rows} train + {eval_rows} eval rows ({len(manifest.shards)} + "
-            f"{len(manifest.eval_shards)} shards, d_model={manifest.d_model}, {manifest.dtype}) "
+            f"{len(manifest.eval_shards)} shards, d_model={manifest.d_model}"
+            f"{f', d_target={manifest.d_target}' if manifest.d_target else ''}, {manifest.dtype}) "
             f"at {result.prefixes[hook_name]}"
         )
     typer.echo(

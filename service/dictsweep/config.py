@@ -11,6 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from dictsweep.architecture_keys import ArchitectureKeys
 from dictsweep.errors import distinct, number_not_boolean
 from dictsweep.store.synth import SynthConfig
 
@@ -169,12 +170,10 @@ class DataConfig(Section):
     )
 
 
-class GridConfig(Section):
+class GridConfig(Section, ArchitectureKeys):
     """The grid: for each architecture, the product of the keys that apply to it."""
 
-    architecture: list[str] = Field(
-        ["relu"], min_length=1, description="Architectures: relu, topk, batchtopk, jumprelu."
-    )
+    architecture: list[str] = Field(["relu"], min_length=1, description="Architectures (docs/architectures.md).")
     n_latents: list[int] = Field(min_length=1, description="Dictionary sizes (number of latents).")
     l1_coef: list[float] = Field([1.0], min_length=1, description="Sparsity coefficients (relu: L1; jumprelu: L0).")
     target_l0: list[float] | None = Field(
@@ -182,7 +181,7 @@ class GridConfig(Section):
         min_length=1,
         description="Instead of l1_coef (relu, jumprelu): the L0 each SAE is steered to; its coefficient is adapted early in training, then held (train.target_l0_fraction), and exported as its l1_coef.",
     )
-    k: list[int] = Field([32], min_length=1, description="Active latents per row (topk, batchtopk).")
+    k: list[int] = Field([32], min_length=1, description="Active latents per row (the top-k family).")
     lr: list[float] | None = Field(
         None,
         min_length=1,

@@ -19,7 +19,7 @@ def test_every_declared_key_is_a_grid_key_and_a_member_field():
         for parameter in architecture.hyperparameters:
             assert parameter.key in GridConfig.model_fields, (name, parameter.key)
             assert parameter.key in member_fields or parameter.replaces in member_fields, (name, parameter.key)
-    assert list(grid_keys()) == ["l1_coef", "target_l0", "k"]
+    assert list(grid_keys()) == ["l1_coef", "target_l0", "k", "matryoshka_prefixes"]
     assert ARCHITECTURES["topk"].hyperparameters == (K,) and ARCHITECTURES["relu"].hyperparameters == (
         L1_COEF,
         TARGET_L0,
@@ -44,7 +44,15 @@ def test_grid_points_take_each_architectures_own_keys():
         "topk-n64-k4-lr0.001-s1",
     ]
     topk = points[-1]
-    assert topk.params() == {"architecture": "topk", "n_latents": 64, "l1_coef": None, "k": 4, "lr": 0.001, "seed": 1}
+    assert topk.params() == {
+        "architecture": "topk",
+        "n_latents": 64,
+        "l1_coef": None,
+        "k": 4,
+        "matryoshka_prefixes": None,
+        "lr": 0.001,
+        "seed": 1,
+    }
     assert "target_l0" not in points[0].params()  # a key that replaces another is a param only where set
     assert topk.member() == Member(lr=0.001, seed=1, l1_coef=0.0, k=4)
     assert member_from_params(points[2].params()) == Member(lr=0.001, seed=0, l1_coef=2.0, k=0)
@@ -70,6 +78,7 @@ def test_a_key_that_replaces_another_takes_its_place_where_declared():
         "l1_coef": None,
         "target_l0": 8.0,
         "k": None,
+        "matryoshka_prefixes": None,
         "lr": 0.001,
         "seed": 0,
     }

@@ -72,3 +72,25 @@ def test_bench_recovery_names_a_wrong_option(run_cli, args, named):
     code, out = run_cli("bench", "recovery", "--tokens", "1024", *args)
     assert code == 2
     assert named in out
+
+
+def test_bench_recovery_scores_transcoders_against_the_target_features(run_cli):
+    """A synthetic transcoder dataset (--d-target): each transcoder maps the rows to their targets and
+    is scored against the target features, beside SAEs of the same rows scored against the input's."""
+    code, out = run_cli(
+        "bench", "recovery", "--d-model", "16", "--d-target", "12", "--n-features", "16", "--decay", "1",
+        "--active", "2", "--sizes", "2", "--sparsity", "2", "--tokens", "20000",
+        "--architecture", "relu_transcoder", "--architecture", "matryoshka_batchtopk_transcoder",
+        "--architecture", "matryoshka_batchtopk", "--json",
+    )  # fmt: skip
+    assert code == 0, out
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["d_target"] == 12
+    assert result["relu_transcoder/best"] == "relu_transcoder-n32-l0_2-lr0.01-s0"  # an L0 target, as relu's
+    # 12-wide decoder rows against the 12-wide target features: at 16 features, 20k tokens, near exact
+    assert result["relu_transcoder/best_mmcs_ground_truth"] > 0.97
+    assert result["matryoshka_batchtopk_transcoder/best_mmcs_ground_truth"] > 0.6
+    assert result["matryoshka_batchtopk/best"] == "matryoshka_batchtopk-n32-k2-m0.0625_0.25-lr0.01-s0"
+    assert result["matryoshka_batchtopk/best_mmcs_ground_truth"] > 0.6
+    code, out = run_cli("bench", "recovery", "--tokens", "1024", "--architecture", "relu_transcoder")
+    assert code == 2 and "--d-target" in out

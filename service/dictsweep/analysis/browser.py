@@ -274,7 +274,7 @@ ul.plain { list-style: none; padding: 0; margin: 0; } ul.plain li { padding: 2px
   if (!DATA) { dictsweepError('data.js did not load'); return; }
   var meta = DATA.meta;
   document.getElementById('title').textContent = meta.dictionary;
-  document.getElementById('meta').textContent = meta.architecture + ', ' + meta.n_latents + ' latents, d_in ' + meta.d_in + ' | ' + meta.rows + ' rows of ' + meta.dataset + (meta.hook ? ' (' + meta.hook + ')' : '');
+  document.getElementById('meta').textContent = meta.architecture + ', ' + meta.n_latents + ' latents, d_in ' + meta.d_in + (meta.target_hook ? ', d_out ' + meta.d_out : '') + ' | ' + meta.rows + ' rows of ' + meta.dataset + (meta.hook ? ' (' + meta.hook + (meta.target_hook ? ' \u2192 ' + meta.target_hook : '') + ')' : '');
   if (meta.notes.length) document.getElementById('notes').replaceChildren.apply(document.getElementById('notes'), meta.notes.map(function (note) { return el('p', {'class': 'notes', text: note}); }));
   if (meta.evaluation && meta.evaluation.length) document.getElementById('evaluation').replaceChildren(el('p', {'class': 'evaluation', text: 'evaluation (SAEBench definitions): ' + meta.evaluation.map(function (row) { return row[0] + ' ' + fmt(row[1]); }).join(' | ')}));
   window.addEventListener('hashchange', route);

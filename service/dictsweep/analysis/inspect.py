@@ -131,7 +131,7 @@ def inspect_targets(config: InspectConfig, targets: list[Target]) -> InspectResu
     dataset = ActivationDataset.open(config.data)
     device = resolve_device(config.device)
     for target in targets:
-        d_in = target.sae.W_dec.shape[1]
+        d_in = target.sae.W_enc.shape[0]  # what it reads (a transcoder writes its target's width)
         if d_in != dataset.d_model:
             raise InputError(
                 f"dictionary {target.uri} has d_in={d_in} but dataset {config.data} has "
@@ -156,8 +156,10 @@ def inspect_targets(config: InspectConfig, targets: list[Target]) -> InspectResu
             "architecture": target.sae.architecture,
             "n_latents": int(target.sae.W_dec.shape[0]),
             "d_in": dataset.d_model,
+            "d_out": int(target.sae.W_dec.shape[1]),
             "model": (dataset.manifest.source or {}).get("model"),
             "hook": source.hook,
+            "target_hook": (dataset.manifest.source or {}).get("target_hook") if dataset.d_target else None,
             "notes": notes,
             "dictionaries": sorted(dictionaries),
             "evaluation": evaluation_summary(target.uri),
@@ -201,7 +203,9 @@ def describe(
             if config.neighbours
             else {}
         )
-        effects = token_effects(W_dec, embedding, config.token_effects) if embedding is not None else None
+        # through the output embedding: decoder rows (a transcoder's, of its target) of the model's width
+        readable = embedding is not None and W_dec.shape[1] == embedding.shape[1]
+        effects = token_effects(W_dec, embedding, config.token_effects) if readable else None
         by_latent: dict[int, list[tuple[str, Window]]] = {}
         for (latent, label, _), window in zip(kinds[name], found.get(name, [])):
             by_latent.setdefault(latent, []).append((label, window))

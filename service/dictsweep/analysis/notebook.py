@@ -39,7 +39,7 @@ def top_contexts(
 
     sae = load_dictionary(sae) if isinstance(sae, str) else sae
     dataset = ActivationDataset.open(dataset) if isinstance(dataset, str) else dataset
-    n_latents, d_in = sae.W_dec.shape
+    d_in, n_latents = sae.W_enc.shape  # what it reads (a transcoder writes another width)
     if not 0 <= latent < n_latents:
         raise InputError(f"latent {latent}: the dictionary has latents 0 to {n_latents - 1}")
     if d_in != dataset.d_model:

@@ -3,7 +3,7 @@
 Each architecture lives in its own module and registers itself by name in `ARCHITECTURES`.
 """
 
-from dictsweep.sae import batchtopk, jumprelu, relu, topk  # noqa: F401  (registers the architectures)
+from dictsweep.sae import batchtopk, jumprelu, matryoshka, relu, topk, transcoder  # noqa: F401  (registers the architectures)
 from dictsweep.sae.ensemble import ARCHITECTURES, Ensemble, EnsembleOutput, Member, build_ensemble
 from dictsweep.sae.hyperparameters import HyperParameter
 

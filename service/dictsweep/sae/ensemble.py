@@ -36,6 +36,7 @@ class Member:
     seed: int
     l1_coef: float = 0.0
     k: int = 0
+    matryoshka_prefixes: tuple[float, ...] = ()  # matryoshka_batchtopk: prefix widths, fractions of n_latents
 
 
 class EnsembleOutput(NamedTuple):
@@ -180,14 +181,15 @@ class Ensemble(nn.Module):
         if use_triton(values):  # GPUs: the Triton kernel reads the fp32 table, accumulates in fp32
             return sparse_decode(values, indices, self.W_dec)
         n_members, rows, k = indices.shape
+        width = self.W_dec.shape[-1]  # d_model (a transcoder's: d_out)
         offsets = torch.arange(n_members, device=indices.device).view(-1, 1, 1) * self.n_latents
         # CUDA's embedding_bag has no bf16 backward: there (no Triton) it gathers in fp32
         dtype = torch.float32 if values.is_cuda else values.dtype
-        table = self.W_dec.reshape(-1, self.d_model).to(dtype)  # [K * n_latents, d_model]
+        table = self.W_dec.reshape(-1, width).to(dtype)  # [K * n_latents, d_model]
         out = nn.functional.embedding_bag(
             (indices + offsets).view(-1, k), table, mode="sum", per_sample_weights=values.reshape(-1, k).to(dtype)
         )  # [K * B, d_model]
-        return out.view(n_members, rows, self.d_model).to(values.dtype)
+        return out.view(n_members, rows, width).to(values.dtype)
 
     def densify(self, values: Tensor, indices: Tensor) -> Tensor:
         """Dense `[K, B, n_latents]` latents from `[K, B, k]` values and indices (added: a padded
@@ -214,6 +216,10 @@ class Ensemble(nn.Module):
         `auxk_coef` and `auxk_k` (0: d_model // 2) set the AuxK loss where the architecture has one.
         """
         raise NotImplementedError
+
+    def target_of(self, x: Tensor) -> Tensor:
+        """What the dictionary reconstructs of a scaled batch: `x` itself (a transcoder: its target columns)."""
+        return x
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
         """Inference latents of a scaled batch `[B, d_model]` for every member."""

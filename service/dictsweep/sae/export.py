@@ -25,6 +25,11 @@ WEIGHT_NAMES = {
     "standard": ("W_enc", "b_enc", "W_dec", "b_dec"),
     "topk": ("W_enc", "b_enc", "W_dec", "b_dec"),
     "jumprelu": ("W_enc", "b_enc", "W_dec", "b_dec", "threshold"),
+    # transcoders (SAELens' names): W_dec [d_sae, d_out], b_dec [d_out], W_skip [d_out, d_in]
+    "transcoder": ("W_enc", "b_enc", "W_dec", "b_dec"),
+    "skip_transcoder": ("W_enc", "b_enc", "W_dec", "b_dec", "W_skip"),
+    "jumprelu_transcoder": ("W_enc", "b_enc", "W_dec", "b_dec", "threshold"),
+    "jumprelu_skip_transcoder": ("W_enc", "b_enc", "W_dec", "b_dec", "threshold", "W_skip"),
 }
 
 
@@ -83,16 +88,18 @@ class Dictionary(nn.Module):
         if self.architecture == "topk":
             values, indices = pre.topk(self.k, dim=-1)
             return torch.zeros_like(pre).scatter(-1, indices, values.relu())
-        if self.architecture == "jumprelu":
+        if self.architecture.startswith("jumprelu"):
             return pre.relu() * (pre > self.threshold)
         return pre.relu()
 
     def decode(self, latents: Tensor) -> Tensor:
-        """Reconstruction `[..., d_in]` of latent activations `[..., d_sae]`."""
+        """Reconstruction `[..., d_in]` (a transcoder's: `[..., d_out]`, without its skip path) of latent
+        activations `[..., d_sae]`."""
         return latents @ self.W_dec + self.b_dec
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.decode(self.encode(x))
+        out = self.decode(self.encode(x))
+        return out + x @ self.W_skip.t() if "skip" in self.architecture else out
 
 
 def read_dictionary(read: Callable[[str], bytes | None], where: str) -> Dictionary:
@@ -103,13 +110,15 @@ def read_dictionary(read: Callable[[str], bytes | None], where: str) -> Dictiona
     """
     config = read_config(read("cfg.json"), f"{where}/cfg.json")
     architecture, d_in, d_sae = config["architecture"], config["d_in"], config["d_sae"]
+    d_out = config.get("d_out", d_in)
     weights = read_tensors(read("sae_weights.safetensors"), f"{where}/sae_weights.safetensors", required=True)
     shapes = {
         "W_enc": (d_in, d_sae),
         "b_enc": (d_sae,),
-        "W_dec": (d_sae, d_in),
-        "b_dec": (d_in,),
+        "W_dec": (d_sae, d_out),
+        "b_dec": (d_out,),
         "threshold": (d_sae,),
+        "W_skip": (d_out, d_in),
     }
     check_tensors(
         weights,
@@ -158,7 +167,7 @@ def read_config(raw: bytes | None, where: str) -> dict:
     architecture = field("architecture", str)
     if architecture not in WEIGHT_NAMES:
         raise InputError(f"{where}: field 'architecture' is {architecture!r}; expected one of {sorted(WEIGHT_NAMES)}")
-    for name in ("d_in", "d_sae"):
+    for name in ("d_in", "d_sae", *(["d_out"] if architecture.endswith("transcoder") else [])):
         if field(name, int) <= 0:
             raise InputError(f"{where}: field {name!r} must be > 0, found {config[name]}")
     dtype = field("dtype", str, required=False)
@@ -178,6 +187,8 @@ def read_config(raw: bytes | None, where: str) -> dict:
                 "(dictsweep folds the scale into the weights); load the folder with SAELens instead"
             )
     field("metadata", dict, required=False)
+    if architecture.endswith("transcoder") and config.get("apply_b_dec_to_input"):
+        raise InputError(f"{where}: field 'apply_b_dec_to_input' is true; a transcoder's b_dec is its output's bias")
     if architecture == "topk":
         k = field("k", int)
         if not 0 < k <= config["d_sae"]:

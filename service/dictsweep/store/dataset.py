@@ -28,7 +28,7 @@ class ActivationDataset:
     def __init__(self, uri: str, manifest: Manifest):
         self.uri = uri.rstrip("/")
         self.manifest = manifest
-        self._mean_sq_norm: float | None = None
+        self._mean_sq_norm: dict[str, float] | None = None  # column -> its value, when read from shards
 
     @classmethod
     def open(cls, uri: str) -> ActivationDataset:
@@ -46,6 +46,11 @@ class ActivationDataset:
     @property
     def torch_dtype(self) -> torch.dtype:
         return TORCH_DTYPES[self.manifest.dtype]
+
+    @property
+    def d_target(self) -> int:
+        """The width of a transcoder dataset's `target` column; 0: the dataset has none."""
+        return self.manifest.d_target or 0
 
     @property
     def n_rows(self) -> int:
@@ -99,21 +104,25 @@ class ActivationDataset:
     def decode(
         self, data: bytearray, index: int, split: Split = "train", columns: bool = False
     ) -> torch.Tensor | tuple[torch.Tensor, dict[str, np.ndarray]]:
-        """Decode bytes from read_shard_bytes: [rows, d_model] (and the integer columns)."""
+        """Decode bytes from read_shard_bytes: [rows, d_model] (and the integer columns; a transcoder
+        dataset's `target` [rows, d_target] among them, checked as `act` is)."""
         info = self.shards(split)[index]
-        acts, extra = decode_shard(data, self.d_model, self.dtype, name=f"{info.path} of {self.uri}")
-        if len(acts) != info.rows:
-            raise DatasetError(
-                f"shard {info.path} of {self.uri}: {len(acts)} rows, the manifest "
-                f"says {info.rows}: the manifest does not describe this shard"
-            )
-        bad = first_non_finite(acts)
-        if bad is not None:
-            row, column, value = bad
-            raise DatasetError(
-                f"shard {info.path} of {self.uri}: row {row} holds {value} (column {column}); "
-                "activations must be finite: fix what wrote the shard and write it again"
-            )
+        acts, extra = decode_shard(data, self.d_model, self.dtype, f"{info.path} of {self.uri}", self.d_target)
+        for name, values in (("act", acts), ("target", extra.get("target"))):
+            if values is None:
+                continue
+            if len(values) != info.rows:
+                raise DatasetError(
+                    f"shard {info.path} of {self.uri}: {len(values)} rows, the manifest "
+                    f"says {info.rows}: the manifest does not describe this shard"
+                )
+            bad = first_non_finite(values)
+            if bad is not None:
+                row, column, value = bad
+                raise DatasetError(
+                    f"shard {info.path} of {self.uri}: row {row} holds {value} (column {column}{' of target' * (name == 'target')}); "
+                    "activations must be finite: fix what wrote the shard and write it again"
+                )
         return (acts, extra) if columns else acts
 
     def read_shard(
@@ -122,27 +131,30 @@ class ActivationDataset:
         """One verified shard as [rows, d_model] of the stored dtype (and its integer columns)."""
         return self.decode(self.read_shard_bytes(index, split), index, split, columns)
 
-    def mean_sq_norm(self) -> float:
-        """Mean squared L2 norm of the train rows (manifest stats, else the first few shards)."""
-        stats = self.manifest.stats or {}
-        if isinstance(stats.get("mean_sq_norm"), (int, float)) and not isinstance(stats["mean_sq_norm"], bool):
-            if not 0 < stats["mean_sq_norm"] < math.inf:
+    def mean_sq_norm(self, column: str = "act") -> float:
+        """Mean squared L2 norm of the train rows' `column` (act, or a transcoder dataset's target):
+        manifest stats (`mean_sq_norm`, `target_mean_sq_norm`), else the first few shards."""
+        stats, key = self.manifest.stats or {}, "mean_sq_norm" if column == "act" else f"{column}_mean_sq_norm"
+        if isinstance(stats.get(key), (int, float)) and not isinstance(stats[key], bool):
+            if not 0 < stats[key] < math.inf:
                 raise DatasetError(
-                    f"{fs.join(self.uri, 'manifest.json')}: field 'stats.mean_sq_norm' is "
-                    f"{stats['mean_sq_norm']}; it must be a finite number > 0 (or absent)"
+                    f"{fs.join(self.uri, 'manifest.json')}: field 'stats.{key}' is "
+                    f"{stats[key]}; it must be a finite number > 0 (or absent)"
                 )
-            return float(stats["mean_sq_norm"])
-        if self._mean_sq_norm is None:
+            return float(stats[key])
+        if self._mean_sq_norm is None or column not in self._mean_sq_norm:
             total, rows = 0.0, 0
             for index in range(min(NORM_SHARDS, len(self.manifest.shards))):
-                acts = self.read_shard(index)
-                total += sum_sq_norms(acts)
-                rows += len(acts)
-            self._mean_sq_norm = total / max(rows, 1)
-        return self._mean_sq_norm
+                acts, extra = self.read_shard(index, columns=True)
+                values = acts if column == "act" else extra[column]
+                total += sum_sq_norms(values)
+                rows += len(values)
+            self._mean_sq_norm = {**(self._mean_sq_norm or {}), column: total / max(rows, 1)}
+        return self._mean_sq_norm[column]
 
-    def ground_truth(self) -> torch.Tensor | None:
-        """The true features [n_features, d_model] (float32) of a synthetic dataset, else None."""
+    def ground_truth(self, name: str = "features") -> torch.Tensor | None:
+        """The true features [n_features, d_model] (float32) of a synthetic dataset, else None; `name`
+        "target_features": a synthetic transcoder dataset's [n_features, d_target]."""
         if self.manifest.ground_truth is None:
             return None
         uri = fs.join(self.uri, self.manifest.ground_truth)
@@ -152,10 +164,12 @@ class ActivationDataset:
             raise DatasetError(f"{uri} is missing (named by manifest.json field 'ground_truth')") from None
         except Exception as error:  # safetensors raises its own error types for bad files
             raise DatasetError(f"{uri}: not a readable safetensors file ({error})") from None
-        features = tensors.get("features")
-        if features is None or features.ndim != 2 or features.shape[1] != self.d_model:
+        features, width = tensors.get(name), self.d_model if name == "features" else self.d_target
+        if name != "features" and features is None and not self.d_target:
+            return None
+        if features is None or features.ndim != 2 or features.shape[1] != width:
             found = "no such tensor" if features is None else f"shape {list(features.shape)}"
-            raise DatasetError(f"{uri}: expected tensor 'features' [n_features, {self.d_model}], found {found}")
+            raise DatasetError(f"{uri}: expected tensor {name!r} [n_features, {width}], found {found}")
         return features.float()
 
 
@@ -170,13 +184,16 @@ class DatasetWriter:
         shard_rows: int = 65536,
         source: dict | None = None,
         overwrite: bool = False,
+        d_target: int = 0,
     ):
+        """`d_target` > 0: a transcoder dataset, whose every row has a `target` of that width."""
         if dtype not in TORCH_DTYPES:
             raise DatasetError(f"dtype {dtype!r} is not one of {', '.join(TORCH_DTYPES)}")
         if d_model <= 0 or shard_rows <= 0:
             raise DatasetError(f"d_model and shard_rows must be > 0, got {d_model} and {shard_rows}")
         self.uri = uri.rstrip("/")
         self.d_model, self.dtype, self.shard_rows, self.source = d_model, dtype, shard_rows, source
+        self.d_target = d_target
         manifest_uri = fs.join(self.uri, MANIFEST_NAME)
         if fs.exists(manifest_uri):
             if not overwrite:
@@ -188,11 +205,18 @@ class DatasetWriter:
         self._pending: dict[str, list] = {"train": [], "eval": []}
         self._pending_rows = {"train": 0, "eval": 0}
         self._written: dict[str, list[ShardInfo]] = {"train": [], "eval": []}
-        self._sum_sq_norms = 0.0  # float64 sum over written train rows
+        self._sum_sq_norms = {"act": 0.0, "target": 0.0}  # float64 sums over written train rows
         self._closed = False
 
-    def add(self, acts: torch.Tensor, split: Split = "train", columns: dict[str, np.ndarray] | None = None) -> None:
-        """Buffer rows [n, d_model] (and integer columns [n]); write every shard that fills."""
+    def add(
+        self,
+        acts: torch.Tensor,
+        split: Split = "train",
+        columns: dict[str, np.ndarray] | None = None,
+        target: torch.Tensor | None = None,
+    ) -> None:
+        """Buffer rows [n, d_model] (and integer columns [n]; a transcoder dataset's `target` [n, d_target]);
+        write every shard that fills."""
         self._check_open()
         if split not in self._pending:
             raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
@@ -204,6 +228,15 @@ class DatasetWriter:
         ):
             found = f"{list(acts.shape)} {acts.dtype}" if isinstance(acts, torch.Tensor) else type(acts).__name__
             raise DatasetError(f"DatasetWriter.add: expected a float tensor of shape [n, {self.d_model}], got {found}")
+        if (target is None) != (not self.d_target) or (
+            target is not None and (target.shape != (len(acts), self.d_target) or not target.is_floating_point())
+        ):
+            found = "none" if target is None else f"{list(target.shape)} {target.dtype}"
+            raise DatasetError(
+                f"DatasetWriter.add: expected target [{len(acts)}, {self.d_target}] (d_target={self.d_target}), got {found}"
+            )
+        if target is not None:  # buffered beside the rows' act: [n, d_model + d_target]
+            acts = torch.cat([acts.to(TORCH_DTYPES[self.dtype]), target.to(acts.device, TORCH_DTYPES[self.dtype])], 1)
         columns = {name: np.array(values) for name, values in (columns or {}).items()}  # copies
         for name, values in columns.items():
             if values.shape != (len(acts),) or values.dtype.kind not in "iu":
@@ -229,8 +262,14 @@ class DatasetWriter:
         self._check_open()
         fs.write_bytes(fs.join(self.uri, rel_path), data)
 
-    def close(self, ground_truth: torch.Tensor | None = None, extra_stats: dict | None = None) -> Manifest:
-        """Write the last partial shards, the ground truth if given, then manifest.json."""
+    def close(
+        self,
+        ground_truth: torch.Tensor | None = None,
+        extra_stats: dict | None = None,
+        target_ground_truth: torch.Tensor | None = None,
+    ) -> Manifest:
+        """Write the last partial shards, the ground truth if given (`features`, and a synthetic
+        transcoder dataset's `target_features` [n_features, d_target]), then manifest.json."""
         self._check_open()
         for split in ("train", "eval"):
             self._flush(split, final=True)
@@ -241,9 +280,14 @@ class DatasetWriter:
         if ground_truth is not None:
             if ground_truth.ndim != 2 or ground_truth.shape[1] != self.d_model:
                 raise DatasetError(f"ground truth must be [n_features, {self.d_model}], got {list(ground_truth.shape)}")
-            features = ground_truth.detach().to("cpu", torch.float32).contiguous()
-            self.write_file(GROUND_TRUTH_NAME, safetensors.torch.save({"features": features}))
+            tensors = {"features": ground_truth.detach().to("cpu", torch.float32).contiguous()}
+            if target_ground_truth is not None:
+                tensors["target_features"] = target_ground_truth.detach().to("cpu", torch.float32).contiguous()
+            self.write_file(GROUND_TRUTH_NAME, safetensors.torch.save(tensors))
             ground_truth_name = GROUND_TRUTH_NAME
+        stats = {"mean_sq_norm": self._sum_sq_norms["act"] / n_rows}
+        if self.d_target:
+            stats["target_mean_sq_norm"] = self._sum_sq_norms["target"] / n_rows
         manifest = write_manifest(
             self.uri,
             self.d_model,
@@ -252,7 +296,8 @@ class DatasetWriter:
             self._written["eval"],
             source=self.source,
             ground_truth=ground_truth_name,
-            stats={"mean_sq_norm": self._sum_sq_norms / n_rows, **(extra_stats or {})},
+            stats={**stats, **(extra_stats or {})},
+            d_target=self.d_target or None,
         )
         self._closed = True
         return manifest
@@ -292,20 +337,28 @@ class DatasetWriter:
     def _write_shard(self, split: str, acts: torch.Tensor, columns: dict[str, np.ndarray]) -> None:
         """Write `acts` [rows, d_model] (stored dtype) and `columns` as the split's next shard."""
         path = f"{split}/{len(self._written[split]):05d}.arrow"
-        self._written[split].append(write_shard(self.uri, path, acts, self.dtype, columns))
+        acts, target = (acts[:, : self.d_model], acts[:, self.d_model :]) if self.d_target else (acts, None)
+        self._written[split].append(write_shard(self.uri, path, acts, self.dtype, columns, target))
         if split == "train":
-            self._sum_sq_norms += sum_sq_norms(acts)
+            self._sum_sq_norms["act"] += sum_sq_norms(acts)
+            self._sum_sq_norms["target"] += sum_sq_norms(target) if target is not None else 0.0
 
 
 def write_shard(
-    uri: str, path: str, acts: torch.Tensor, dtype: str, columns: dict[str, np.ndarray] | None = None
+    uri: str,
+    path: str,
+    acts: torch.Tensor,
+    dtype: str,
+    columns: dict[str, np.ndarray] | None = None,
+    target: torch.Tensor | None = None,
 ) -> ShardInfo:
-    """Write `acts` [rows, d_model] (cast to `dtype`) and `columns` as the shard `<uri>/<path>`.
+    """Write `acts` [rows, d_model] (cast to `dtype`), `columns` and a transcoder's `target` [rows,
+    d_target] as the shard `<uri>/<path>`.
 
     For writers that place shards themselves (several workers, one dataset); the manifest entry
     it returns goes to `write_manifest` once every shard is written.
     """
-    data = encode_shard(acts, dtype, columns)
+    data = encode_shard(acts, dtype, columns, target)
     fs.write_bytes(fs.join(uri, path), data)
     return ShardInfo(
         path=path,
@@ -333,6 +386,7 @@ def write_manifest(
     source: dict | None = None,
     stats: dict | None = None,
     ground_truth: str | None = None,
+    d_target: int | None = None,
 ) -> Manifest:
     """Write `<uri>/manifest.json` for shards already written: the last step of any writer."""
     manifest = Manifest(
@@ -345,6 +399,7 @@ def write_manifest(
         source=source,
         stats=stats,
         ground_truth=ground_truth,
+        d_target=d_target,
     )
     fs.write_text(fs.join(uri, MANIFEST_NAME), manifest.to_json())
     return manifest

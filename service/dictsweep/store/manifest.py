@@ -52,6 +52,9 @@ class Manifest(BaseModel):
     source: dict | None = None
     stats: dict | None = None
     ground_truth: str | None = None
+    d_target: int | None = Field(
+        default=None, gt=0, description="A transcoder dataset's target width (column `target`)."
+    )
 
     @field_validator("ground_truth")
     @classmethod

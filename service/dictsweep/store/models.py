@@ -89,8 +89,8 @@ def load_model(name_or_path: str, device: str = "cpu", dtype: str = "float32"):
     return model.to(device).eval(), load_tokenizer(name_or_path)
 
 
-def find_module(model: torch.nn.Module, hook: str) -> torch.nn.Module:
-    """The module at path `hook`; InputError naming the hook and the nearest module names if absent."""
+def find_module(model: torch.nn.Module, hook: str, option: str = "--hook") -> torch.nn.Module:
+    """The module at path `hook`; InputError naming the hook (as `option`) and the nearest module names if absent."""
     modules = dict(model.named_modules())
     if hook in modules and hook:
         return modules[hook]
@@ -104,7 +104,7 @@ def find_module(model: torch.nn.Module, hook: str) -> torch.nn.Module:
     suggestions = list(dict.fromkeys(close + children))[:SUGGESTIONS]
     where = f"'{parent}' holds" if parent else "top-level modules are"
     raise InputError(
-        f"--hook {hook!r}: no such module in {type(model).__name__}; {where} "
+        f"{option} {hook!r}: no such module in {type(model).__name__}; {where} "
         f"{', '.join(children[:SUGGESTIONS]) or 'nothing'}; did you mean "
         f"{' or '.join(repr(name) for name in suggestions)}? (hooks are paths from "
         "model.named_modules(), e.g. 'encoder.layer.3')"
@@ -240,10 +240,17 @@ def hub_name(name_or_path: str) -> str:
 
 def export_names(source: dict) -> dict:
     """SAELens `metadata` naming of a dataset's source (manifest `source`): `model_name` (portable),
-    `hook_name` as harvested, and `hook_name_transformer_lens` where there is one."""
+    `hook_name` as harvested, and `hook_name_transformer_lens` where there is one; for a transcoder
+    dataset `hook_name_out` (its target hook) and `hook_name_out_transformer_lens` likewise."""
     model, hook = source.get("model"), source.get("hook")
     names = {"model_name": source.get("model_name") or (hub_name(model) if model else None), "hook_name": hook}
     lens = transformer_lens_hook(hook, source.get("model_type")) if hook else None
     if lens:
         names["hook_name_transformer_lens"] = lens
+    target = source.get("target_hook")  # a transcoder's output hook (SAELens: `hook_name_out`)
+    if target:
+        names["hook_name_out"] = target
+        lens = transformer_lens_hook(target, source.get("model_type"))
+        if lens:
+            names["hook_name_out_transformer_lens"] = lens
     return names

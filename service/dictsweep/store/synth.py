@@ -56,6 +56,11 @@ class SynthConfig(BaseModel):
         "float32", description="Stored dtype: float16, bfloat16 or float32."
     )
     seed: int = Field(0, ge=0, description="Random seed: the same seed gives the same dataset.")
+    d_target: int = Field(
+        0,
+        ge=0,
+        description="A transcoder dataset: a `target` column of this width, each row the same sparse code times a second set of unit directions (the target features), with its own noise (0: no target).",
+    )
 
     @field_validator("*", mode="before")
     @classmethod
@@ -85,6 +90,7 @@ class SynthModel(NamedTuple):
     features: torch.Tensor  # [n_features, d_model] float32 unit rows: the ground truth
     probabilities: np.ndarray  # [n_features] float64 firing probability of each feature
     loadings: np.ndarray  # [n_features, CORRELATION_RANK] float32 unit rows: the copula's correlation
+    target_features: torch.Tensor | None = None  # [n_features, d_target] unit rows: a transcoder's ground truth
 
 
 def firing_probabilities(config: SynthConfig) -> np.ndarray:
@@ -109,10 +115,16 @@ def build_model(config: SynthConfig) -> SynthModel:
     loadings = rng.standard_normal((config.n_features, CORRELATION_RANK))
     features /= np.linalg.norm(features, axis=1, keepdims=True)
     loadings /= np.linalg.norm(loadings, axis=1, keepdims=True)
+    target_features = None
+    if config.d_target:  # drawn from a stream of its own: the input side is the same with or without a target
+        target_features = np.random.default_rng([config.seed, 3]).standard_normal((config.n_features, config.d_target))
+        target_features /= np.linalg.norm(target_features, axis=1, keepdims=True)  # [n_features, d_target]
+        target_features = torch.from_numpy(target_features.astype(np.float32))
     return SynthModel(
         features=torch.from_numpy(features.astype(np.float32)),
         probabilities=firing_probabilities(config),
         loadings=loadings.astype(np.float32),
+        target_features=target_features,
     )
 
 
@@ -134,6 +146,19 @@ def sample_rows(
     if config.noise > 0:
         acts += config.noise * torch.from_numpy(rng.standard_normal((rows, config.d_model), dtype=np.float32))
     return acts, coefficients
+
+
+def sample_targets(
+    model: SynthModel, config: SynthConfig, coefficients: torch.Tensor, rng: np.random.Generator
+) -> torch.Tensor:
+    """The targets [rows, d_target] (float32) of rows with sparse `coefficients` [rows, n_features]:
+    the same codes times the target features, plus their own noise."""
+    import torch
+
+    targets = torch.sparse.mm(coefficients, model.target_features)  # [rows, d_target]
+    if config.noise > 0:
+        targets += config.noise * torch.from_numpy(rng.standard_normal(tuple(targets.shape), dtype=np.float32))
+    return targets
 
 
 def _independent_fires(
@@ -179,13 +204,18 @@ def synth_dataset(out: str, config: SynthConfig, overwrite: bool = False) -> Man
         "dataset": describe(config),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    with DatasetWriter(out, config.d_model, config.dtype, config.shard_rows, source, overwrite) as writer:
+    if config.d_target:
+        source["target_hook"] = "toy-superposition-target"
+    writer = DatasetWriter(out, config.d_model, config.dtype, config.shard_rows, source, overwrite, config.d_target)
+    with writer:
         for stream, split, rows in ((1, "train", config.rows), (2, "eval", config.eval_rows)):
             rng = np.random.default_rng([config.seed, stream])
+            target_rng = np.random.default_rng([config.seed, stream, 1])
             for start in range(0, rows, chunk_rows):
-                acts, _ = sample_rows(model, config, min(chunk_rows, rows - start), rng)
-                writer.add(acts, split)
-        return writer.close(ground_truth=model.features)
+                acts, coefficients = sample_rows(model, config, min(chunk_rows, rows - start), rng)
+                target = sample_targets(model, config, coefficients, target_rng) if config.d_target else None
+                writer.add(acts, split, target=target)
+        return writer.close(ground_truth=model.features, target_ground_truth=model.target_features)
 
 
 def describe(config: SynthConfig) -> str:
@@ -193,6 +223,6 @@ def describe(config: SynthConfig) -> str:
     values = " ".join(
         f"{name}={value}"
         for name, value in config.model_dump().items()
-        if name not in ("rows", "eval_rows", "shard_rows", "dtype")
+        if name not in ("rows", "eval_rows", "shard_rows", "dtype") and not (name == "d_target" and not value)
     )
     return f"synthetic toy superposition: {values}"

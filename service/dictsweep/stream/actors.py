@@ -5,7 +5,9 @@ fetches the window's shards concurrently, verifies and decodes each straight fro
 bytes, and scatters their rows into the window's stream order in one pass. The window it returns
 lives once in the node's shared-memory object store; a batch is a list of `(window, start, stop)`
 pieces (`BatchPieces`), so every trainer on the node cuts its batches from the same bytes without
-a copy. bfloat16 travels as its 16-bit pattern (numpy has no bfloat16).
+a copy. bfloat16 travels as its 16-bit pattern (numpy has no bfloat16). For transcoders (`target`)
+a window row is the shard row's `act` then its `target`, `[d_model + d_target]` wide: every trainer
+still sees the same rows in the same order, and a window is as large as its shards' float columns.
 """
 
 from __future__ import annotations
@@ -63,11 +65,12 @@ class ReaderMemory:
         self.window = np.empty(0, np.uint8)
         self.shards: dict[int, bytearray] = {}  # position in the window -> bytes buffer
 
-    def reserve(self, dataset: ActivationDataset, shuffle_shards: int) -> None:
-        """Take (and touch) the largest buffers the dataset's windows need, before the first window."""
+    def reserve(self, dataset: ActivationDataset, shuffle_shards: int, width: int | None = None) -> None:
+        """Take (and touch) the largest buffers the dataset's windows (rows `width` wide, default d_model)
+        need, before the first window."""
         infos = dataset.shards("train") + dataset.shards("eval")
         largest = sorted((info.rows for info in infos), reverse=True)[:shuffle_shards]
-        self.window_rows(sum(largest), dataset.d_model, NUMPY_DTYPES[dataset.dtype]).fill(0)
+        self.window_rows(sum(largest), width or dataset.d_model, NUMPY_DTYPES[dataset.dtype]).fill(0)
         if not fs.is_local(dataset.uri):
             for position in range(min(shuffle_shards, len(infos))):
                 self.shard_bytes(position, max(info.bytes for info in infos))
@@ -91,8 +94,10 @@ def read_window(
     split: str,
     pool: ThreadPoolExecutor | None = None,
     memory: ReaderMemory | None = None,
+    target: bool = False,
 ) -> tuple[np.ndarray, int]:
-    """A window's rows in stream order `[window.rows, d_model]` (stored dtype) and the bytes read.
+    """A window's rows in stream order `[window.rows, d_model]` (stored dtype) and the bytes read;
+    with `target`, `[window.rows, d_model + d_target]`: each row's act, then its target.
 
     Each shard is fetched (a local one mapped, not copied), checked (size, checksum, rows, finite
     values) and decoded as a view of its bytes, then scattered to its rows' places in the window:
@@ -104,28 +109,33 @@ def read_window(
     starts = np.cumsum([0] + [shards[shard].rows for shard in window.shards])
     permutation = order.row_permutation(window)
 
-    def fetch(position: int) -> tuple[np.ndarray, int]:
+    def fetch(position: int) -> tuple[list[np.ndarray], int]:
+        """The shard's float columns (act, and target with `target`), views of its bytes, and the bytes read."""
         shard = window.shards[position]
         buffer = memory.shard_bytes(position, shards[shard].bytes) if memory is not None and not local else None
         data = dataset.read_shard_bytes(shard, split, buffer, mapped=True)  # local: the page cache's bytes
-        return as_numpy(dataset.decode(data, shard, split)), len(data)  # [shard rows, d_model], a view of `data`
+        acts, extra = dataset.decode(data, shard, split, columns=True)  # [shard rows, d_model], a view of `data`
+        return [as_numpy(acts)] + ([as_numpy(extra["target"])] if target else []), len(data)
 
     if permutation is None and len(window.shards) == 1:
-        return fetch(0)  # the decoded shard as it is: no copy at all
+        parts, read = fetch(0)
+        return (parts[0] if len(parts) == 1 else np.concatenate(parts, 1)), read  # one shard alone: no copy of act
     place = np.arange(window.rows) if permutation is None else np.empty_like(permutation)
     if permutation is not None:
         place[permutation] = np.arange(window.rows)  # where each row of the concatenated shards goes
-    dtype, d_model = NUMPY_DTYPES[dataset.dtype], dataset.d_model
-    # [window rows, d_model]
+    dtype, width = NUMPY_DTYPES[dataset.dtype], dataset.d_model + (dataset.d_target if target else 0)
+    # [window rows, d_model (+ d_target)]
     rows_out = (
-        memory.window_rows(window.rows, d_model, dtype)
-        if memory is not None
-        else np.empty((window.rows, d_model), dtype)
+        memory.window_rows(window.rows, width, dtype) if memory is not None else np.empty((window.rows, width), dtype)
     )
 
     def fill(position: int) -> int:
-        rows, read = fetch(position)
-        as_words(rows_out)[place[starts[position] : starts[position + 1]]] = as_words(rows)
+        parts, read = fetch(position)
+        column = 0
+        for part in parts:  # act, then target: each into its columns of the window
+            columns = rows_out[:, column : column + part.shape[1]]
+            as_words(columns)[place[starts[position] : starts[position + 1]]] = as_words(part)
+            column += part.shape[1]
         return read
 
     positions = range(len(window.shards))
@@ -156,12 +166,13 @@ def peak_rss_mb() -> float:
 class WindowReader:
     """Produces whole windows of one dataset's stream, each read, checked and shuffled once."""
 
-    def __init__(self, uri: str, batch_rows: int, shuffle_shards: int, seed: int):
+    def __init__(self, uri: str, batch_rows: int, shuffle_shards: int, seed: int, target: bool = False):
         self.dataset = ActivationDataset.open(uri)
         self.orders = stream_orders(self.dataset, batch_rows, shuffle_shards, seed)
         self.pool = ThreadPoolExecutor(shuffle_shards)
+        self.target = target  # windows carry each row's target after its act (transcoders)
         self.memory = ReaderMemory()  # a returned window is copied into the object store: reuse is safe
-        self.memory.reserve(self.dataset, shuffle_shards)
+        self.memory.reserve(self.dataset, shuffle_shards, self.dataset.d_model + self.dataset.d_target * target)
         self.bytes_read = 0
         self.shard_reads: dict[str, int] = {}  # "split/shard" -> times read (once per epoch per node)
         pa.float16().to_pandas_dtype()  # decoding's dtype lookup imports pandas: now, not in the first window
@@ -172,7 +183,7 @@ class WindowReader:
         start = time.perf_counter()
         order = self.orders[split]
         window = order.window(sequence)
-        rows, read = read_window(self.dataset, order, window, split, self.pool, self.memory)
+        rows, read = read_window(self.dataset, order, window, split, self.pool, self.memory, self.target)
         self.bytes_read += read
         for shard in window.shards:
             self.shard_reads[f"{split}/{shard}"] = self.shard_reads.get(f"{split}/{shard}", 0) + 1

@@ -10,6 +10,7 @@ most `stream.windows_per_node` windows of a split are held per node, from the sl
 from __future__ import annotations
 
 from dictsweep.config import SweepSpec
+from dictsweep.sae.transcoder import trains_transcoders
 from dictsweep.store.dataset import ActivationDataset
 from dictsweep.stream.actors import BatchPieces, stream_orders
 from dictsweep.stream.windows import WindowStream
@@ -83,7 +84,13 @@ class Streams:
                     scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
                     max_restarts=-1,
                     max_task_retries=-1,
-                ).remote(self.dataset.uri, self.spec.train.batch_rows, stream.shuffle_shards, stream.seed)
+                ).remote(
+                    self.dataset.uri,
+                    self.spec.train.batch_rows,
+                    stream.shuffle_shards,
+                    stream.seed,
+                    trains_transcoders(self.spec.grid.architecture),
+                )
                 for _ in range(stream.readers_per_node)
             ]
         if (node, split) not in self.windows:

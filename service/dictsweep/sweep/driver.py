@@ -29,6 +29,7 @@ from dictsweep.stream.streams import Streams
 from dictsweep.sweep.lease import Lease
 from dictsweep.sweep.ledger import Ledger
 from dictsweep.sweep.plan import GridPoint, Plan, TrainerPlan, ZeroPlan
+from dictsweep.sweep.preflight import transcoder_target
 from dictsweep.sweep.throughput import merge_stream_stats, trainer_entry
 from dictsweep.sweep.restarts import describe_node, placement, poll_restarts, restart
 
@@ -81,15 +82,17 @@ class Driver:
         self.total_steps = spec.train.tokens // spec.train.batch_rows
         self.eval_steps = min(spec.train.eval_tokens, dataset.n_eval_rows) // spec.train.batch_rows
         self.input_scale = math.sqrt(dataset.d_model / dataset.mean_sq_norm())
-        truth = dataset.ground_truth()
+        self.target = transcoder_target(spec, dataset)  # (d_target, its scale) when the grid trains transcoders
+        truth = dataset.ground_truth("target_features" if self.target else "features")
         self.ground_truth = truth.numpy() if truth is not None else None
         if spec.select.metric == "loss_recovered":
             from dictsweep.sweep.splice import splice_source
 
-            unspliceable = splice_source(dataset)
+            unspliceable = splice_source(dataset, bool(self.target))
             if isinstance(unspliceable, str):
                 raise InputError(f"select.metric: loss_recovered needs a dataset with a source model; {unspliceable}")
-        self.ledger = Ledger(spec, plan, run_dir, resume, lease, self.input_scale)
+        width, scale = self.target or (dataset.d_model, self.input_scale)  # of what the dictionaries reconstruct
+        self.ledger = Ledger(spec, plan, run_dir, resume, lease, scale, width)
         self.ledger.log_dataset(spec.data.uri, dataset.manifest)
         self.baseline_feed = None  # sweep.baselines.BaselineFeed, from the first wave this driver runs
 
@@ -187,6 +190,7 @@ class Driver:
                 plan.device,
                 threads,
                 fs.join(self.storage, "checkpoints", f"{key}.pt"),
+                self.target,
             )
             slots.append(Slot(key, plan, actor, bundle=bundle_index))
         streams = Streams(spec, self.dataset, self.total_steps, self.eval_steps)

@@ -236,7 +236,7 @@ def splice(driver: Driver, names: list[str], baselines: list[BaselineResult]) ->
     if spec.evaluation.splice_baselines:
         runs.update({baseline.name: baseline.run_id for baseline in baselines})
         uris.update({baseline.name: baseline.uri for baseline in baselines})
-    source = splice_source(driver.dataset)
+    source = splice_source(driver.dataset, bool(driver.target))
     if not spec.evaluation.splice or not uris or isinstance(source, str):
         if spec.evaluation.splice and isinstance(source, str):  # synthetic data: expected, not a warning
             (log.info if driver.dataset.manifest.ground_truth is not None else log.warning)(

@@ -61,9 +61,12 @@ class Ledger:
         resume: bool,
         lease: Lease | None = None,
         input_scale: float = 1.0,
+        width: int = 0,
     ):
+        """`input_scale` and `width` (0: d_model): the training scale over raw, and the width, of what the
+        dictionaries reconstruct (a transcoder's: its target's); training curves are logged in raw units."""
         self.spec, self.plan, self.storage, self.lease = spec, plan, run_dir, lease
-        self.input_scale = input_scale  # training scale / raw: training curves are logged in raw units
+        self.input_scale, self.width = input_scale, width or plan.d_model
         self.points = {p.name: p for p in plan.points}
         self.result = SweepResult(plan, export_dir=spec.export_dir)
         self.tracker = Tracker(spec.tracking.uri, spec.experiment)
@@ -161,10 +164,7 @@ class Ledger:
         """Training metrics from a trainer: stored, then queued for MLflow; records a restarted trainer
         replays are neither stored nor logged twice."""
         new = [record for record in records if record["tokens"] > self.logged_tokens.get(record["name"], 0)]
-        new = [
-            {**record, "metrics": in_eval_units(record["metrics"], self.plan.d_model, self.input_scale)}
-            for record in new
-        ]
+        new = [{**record, "metrics": in_eval_units(record["metrics"], self.width, self.input_scale)} for record in new]
         self.board.add(new)
         if new:
             self.check_lease()

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from dictsweep.config import SweepSpec
 from dictsweep.errors import InputError
 from dictsweep.sae import ARCHITECTURES, Member, grid_keys
+from dictsweep.sae.transcoder import is_transcoder
 from dictsweep.train.actor import EnsembleSpec
 from dictsweep.train.target_l0 import point_member
 
@@ -36,6 +37,7 @@ class GridPoint:
     l1_coef: float | None = None
     k: int | None = None
     target_l0: float | None = None  # set: l1_coef is steered to this L0 during training
+    matryoshka_prefixes: tuple[float, ...] | None = None  # matryoshka_batchtopk: fractions of n_latents
 
     @property
     def name(self) -> str:
@@ -133,10 +135,20 @@ def zero_bytes_per_worker(
     )
 
 
-def member_bytes(d_model: int, n_latents: int, batch_rows: int) -> int:
-    """Memory one SAE needs while training: fp32 weights, gradients, Adam state, batch activations."""
-    params = 2 * d_model * n_latents + n_latents + d_model
+def member_bytes(d_model: int, n_latents: int, batch_rows: int, d_out: int = 0, skip: bool = False) -> int:
+    """Memory one SAE needs while training: fp32 weights, gradients, Adam state, batch activations; a
+    transcoder's (`d_out`: its target's width) encoder reads d_model, its decoder writes d_out (and a
+    skip transcoder holds W_skip [d_model, d_out])."""
+    d_out = d_out or d_model
+    params = (d_model + d_out) * n_latents + n_latents + d_out + skip * d_model * d_out
     return BYTES_PER_FLOAT * (STATE_COPIES * params + ACTIVATION_COPIES * batch_rows * n_latents)
+
+
+def point_bytes(point: GridPoint, d_model: int, batch_rows: int, d_target: int) -> int:
+    """`member_bytes` of a grid point: a transcoder's decoder writes the dataset's target (`d_target` wide)."""
+    if not is_transcoder(point.architecture):
+        return member_bytes(d_model, point.n_latents, batch_rows)
+    return member_bytes(d_model, point.n_latents, batch_rows, d_target, ARCHITECTURES[point.architecture].skip)
 
 
 @dataclass
@@ -247,15 +259,23 @@ def make_plan(
     zero_stage: int = 2,
     zero_offload: bool = False,
     zero_workers: int = 0,
+    d_target: int = 0,
 ) -> Plan:
     """Pack points into ensembles and ensembles onto `n_devices` devices, in as few waves as fit;
-    points that fit no device alone (or all, with zero="always") go to DeepSpeed ZeRO."""
+    points that fit no device alone (or all, with zero="always") go to DeepSpeed ZeRO (not transcoders,
+    whose target is `d_target` wide: ZeRO trains SAEs only)."""
     budget = int(device_memory_bytes * (1 - headroom))
     groups: dict[tuple, list[GridPoint]] = {}
     zero_plans, unplaced = [], {}
     for point in points:
-        per_member = member_bytes(d_model, point.n_latents, batch_rows)
+        per_member = point_bytes(point, d_model, batch_rows, d_target)
         try:
+            if is_transcoder(point.architecture) and (zero == "always" or per_member > budget):
+                raise InputError(
+                    f"needs {per_member / 2**30:.1f} GiB, more than a {device} device's budget of "
+                    f"{budget / 2**30:.1f} GiB, and transcoders do not train under ZeRO; lower n_latents or "
+                    "train.batch_rows"
+                )
             if zero == "always" or (per_member > budget and zero == "auto"):
                 zero_plans.append(
                     plan_zero(
@@ -275,14 +295,15 @@ def make_plan(
             groups.setdefault((point.architecture, point.n_latents), []).append(point)
     ensembles = []
     for (architecture, n_latents), members in groups.items():
-        per_member = member_bytes(d_model, n_latents, batch_rows)
+        per_member = point_bytes(members[0], d_model, batch_rows, d_target)
+        d_out = d_target if is_transcoder(architecture) else d_model
         size = max(1, min(max_members, budget // per_member))
         count = math.ceil(len(members) / size)
         for chunk in range(count):  # near-equal ensembles rather than full ones and a remainder
             part = members[chunk::count]
             ensembles.append(
                 EnsemblePlan(
-                    architecture, n_latents, part, per_member * len(part), 10 * d_model * n_latents * len(part)
+                    architecture, n_latents, part, per_member * len(part), 5 * (d_model + d_out) * n_latents * len(part)
                 )
             )
     ensembles.sort(key=lambda e: (-e.flops_per_row, e.architecture, e.n_latents))
@@ -356,8 +377,9 @@ def plan_from_dict(data: dict) -> Plan:
     return Plan(data["d_model"], data["batch_rows"], waves, zero)
 
 
-def plan_sweep(spec: SweepSpec, d_model: int, device: str, n_devices: int, memory: int) -> Plan:
-    """The plan of a spec's grid on `n_devices` devices of `memory` bytes each."""
+def plan_sweep(spec: SweepSpec, d_model: int, device: str, n_devices: int, memory: int, d_target: int = 0) -> Plan:
+    """The plan of a spec's grid on `n_devices` devices of `memory` bytes each (`d_target`: a transcoder
+    dataset's target width)."""
     resources = spec.resources
     return make_plan(
         grid_points(spec),
@@ -372,4 +394,5 @@ def plan_sweep(spec: SweepSpec, d_model: int, device: str, n_devices: int, memor
         resources.zero_stage,
         resources.zero_offload,
         resources.zero_workers,
+        d_target,
     )

@@ -5,11 +5,13 @@ the spec against the dataset. Each problem is one line and exit 2."""
 from __future__ import annotations
 
 import logging
+import math
 
 from dictsweep.config import SweepSpec
 from dictsweep.spec_file import spec_warnings
 from dictsweep.errors import InputError
 from dictsweep.sae import ARCHITECTURES
+from dictsweep.sae.transcoder import is_transcoder
 from dictsweep.store import fs
 from dictsweep.store.dataset import ActivationDataset
 from dictsweep.track import check_tracking
@@ -62,5 +64,31 @@ def preflight(spec: SweepSpec) -> ActivationDataset:
             "metrics need held-out rows"
         )
     dataset.mean_sq_norm()  # the input scale: read now (first shards, when the manifest has no stats)
+    transcoder_target(spec, dataset)
     warn(sweep_warnings(spec, dataset.n_eval_rows))  # a spec that passed: what it will not do as it says
     return dataset
+
+
+def transcoder_target(spec: SweepSpec, dataset: ActivationDataset) -> tuple[int, float] | None:
+    """(d_target, the target's training scale sqrt(d_target / E|y|^2)) when the grid trains transcoders,
+    else None; InputError when the grid mixes transcoders and SAEs (they reconstruct different things,
+    so selection could not rank them together), the dataset has no target, ZeRO would be needed, or
+    baselines are asked for (they are SAEs of the input)."""
+    transcoders = [name for name in spec.grid.architecture if is_transcoder(name)]
+    if not transcoders:
+        return None
+    if len(transcoders) < len(spec.grid.architecture):
+        others = sorted(set(spec.grid.architecture) - set(transcoders))
+        raise InputError(
+            f"grid.architecture: {others} with transcoders {transcoders}: train SAEs and transcoders in separate sweeps"
+        )
+    if not dataset.d_target:
+        raise InputError(
+            f"grid.architecture: {transcoders} need a transcoder dataset (a `target` column, manifest d_target); "
+            f"{dataset.uri} has none: harvest it with --target-hook, or `dictsweep synth --d-target`"
+        )
+    if spec.resources.zero == "always":
+        raise InputError("resources.zero: always does not train transcoders; set it to auto or never")
+    if spec.baselines:  # PCA, ICA, ... reconstruct their input: none is a map to the target
+        raise InputError(f"baselines: {spec.baselines} are SAE baselines; a transcoder sweep has none: remove the key")
+    return dataset.d_target, math.sqrt(dataset.d_target / dataset.mean_sq_norm("target"))

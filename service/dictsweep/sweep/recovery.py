@@ -1,7 +1,9 @@
 """Recovery of known features by the defaults: SAEs with only their grid set (sizes, and k or L0
 targets), trained on synthetic activations whose feature directions are known, scored by mean max
 cosine to them. `dictsweep bench recovery` prints it for one synthetic shape; the defaults' tests
-train their small shapes through `train_synthetic`.
+train their small shapes through `train_synthetic`. Transcoders train on a synthetic transcoder dataset
+(`d_target`: each row's target is its code times the target features) and are scored against the
+target features.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from dictsweep.config import GridConfig, SweepSpec, TrainConfig
 from dictsweep.sae import ARCHITECTURES, build_ensemble
 from dictsweep.sae.hyperparameters import K, TARGET_L0
 from dictsweep.sae.metrics import max_cosine, mmcs_ground_truth
-from dictsweep.store.synth import SynthConfig, build_model, firing_probabilities, sample_rows
+from dictsweep.sae.transcoder import is_transcoder
+from dictsweep.store.synth import SynthConfig, build_model, firing_probabilities, sample_rows, sample_targets
 from dictsweep.sweep.plan import grid_points
 from dictsweep.train.loop import EnsembleTrainer
 
@@ -39,9 +42,12 @@ def train_synthetic(
     n_latents: int,
     sparsity: list[float],
     train: TrainConfig,
+    targets: torch.Tensor | None = None,
 ) -> list[dict]:
     """Train the grid's points at `n_latents` on the rows `acts [tokens, d_model]` (in order, one pass,
-    every other setting at `train`'s) and score each against `features [n_features, d_model]`."""
+    every other setting at `train`'s) and score each against `features [n_features, d_model]`; a
+    transcoder maps the rows to their `targets [tokens, d_target]` and is scored against the target
+    features (`features [n_features, d_target]`)."""
     spec = SweepSpec(
         name="recovery",
         data={"uri": "unused"},
@@ -49,8 +55,12 @@ def train_synthetic(
         train=train,
     )
     points = grid_points(spec)
-    ensemble = build_ensemble(architecture, synth.d_model, n_latents, [point.member() for point in points])
+    options = {"d_out": targets.shape[1]} if targets is not None else {}
+    ensemble = build_ensemble(architecture, synth.d_model, n_latents, [point.member() for point in points], **options)
     ensemble.input_scale.fill_(float((synth.d_model / acts[:SCALE_ROWS].pow(2).sum(-1).mean()).sqrt()))
+    if targets is not None:  # each row its input then its target, as a transcoder sweep streams them
+        ensemble.target_scale.fill_(float((targets.shape[1] / targets[:SCALE_ROWS].pow(2).sum(-1).mean()).sqrt()))
+        acts = torch.cat([acts, targets], 1)  # [tokens, d_model + d_target]
     rows = spec.train.batch_rows
     steps = len(acts) // rows
     trainer = EnsembleTrainer(ensemble, spec.train, steps)
@@ -104,12 +114,16 @@ def bench_recovery(
     same `tokens` rows of `synth` with the defaults; per architecture, the best recovery among the
     dictionaries at or above the feature count."""
     model = build_model(synth)
-    acts, _ = sample_rows(model, synth, tokens, np.random.default_rng(synth.seed))
+    acts, coefficients = sample_rows(model, synth, tokens, np.random.default_rng(synth.seed))
+    targets = None
+    if synth.d_target:
+        targets = sample_targets(model, synth, coefficients, np.random.default_rng([synth.seed, 1]))
     sparsity = sparsity or [synth.active, 2 * synth.active]
     train = TrainConfig(tokens=tokens, **(train_overrides or {}))
     fires = firing_probabilities(synth) * tokens
     result: dict = {
         "d_model": synth.d_model,
+        **({"d_target": synth.d_target} if synth.d_target else {}),
         "n_features": synth.n_features,
         "decay": synth.decay,
         "active": synth.active,
@@ -126,9 +140,13 @@ def bench_recovery(
     started = time.perf_counter()
     for architecture in architectures:
         scores = []
+        transcoder = is_transcoder(architecture)
+        features = model.target_features if transcoder else model.features
         for multiple in size_multiples:
             n_latents = max(1, round(multiple * synth.n_features))
-            scores += train_synthetic(synth, acts, model.features, architecture, n_latents, sparsity, train)
+            scores += train_synthetic(
+                synth, acts, features, architecture, n_latents, sparsity, train, targets if transcoder else None
+            )
         for score in scores:
             result[f"mmcs_ground_truth/{score['name']}"] = round(score["mmcs_ground_truth"], 4)
         at_or_above = [s for s in scores if s["n_latents"] >= synth.n_features] or scores

@@ -49,18 +49,18 @@ def plan_without_running(spec: SweepSpec, address: str | None, resume: bool) -> 
     if resume and latest and not is_complete(latest):
         return saved_plan(latest)
     if to_write(spec):
-        d_model = spec.data.synth.d_model
+        d_model, d_target = spec.data.synth.d_model, spec.data.synth.d_target
         warn(sweep_warnings(spec, spec.data.synth.eval_rows))
     else:
         dataset = open_dataset(spec)
-        d_model = dataset.d_model
+        d_model, d_target = dataset.d_model, dataset.d_target
         warn(sweep_warnings(spec, dataset.n_eval_rows))
     if given_devices(spec):  # planning for a cluster this machine need not be part of
-        return plan_sweep(spec, d_model, *given_devices(spec))
+        return plan_sweep(spec, d_model, *given_devices(spec), d_target)
     if spec.resources.device == "cpu" or not (address or os.environ.get("RAY_ADDRESS")):
-        return plan_sweep(spec, d_model, *local_devices(spec))
+        return plan_sweep(spec, d_model, *local_devices(spec), d_target)
     start_ray(address)
-    return plan_sweep(spec, d_model, *cluster_devices(spec))
+    return plan_sweep(spec, d_model, *cluster_devices(spec), d_target)
 
 
 def run_sweep(
@@ -95,7 +95,7 @@ def run_under_lease(spec: SweepSpec, dataset: ActivationDataset, resume: bool, l
             log.info(f"nothing to resume under {spec.storage_dir}: starting the sweep afresh")
         resume = False
         run_dir = fs.join(spec.storage_dir, "runs", run_id())
-        plan = plan_sweep(spec, dataset.d_model, *cluster_devices(spec))
+        plan = plan_sweep(spec, dataset.d_model, *cluster_devices(spec), dataset.d_target)
     if plan.unplaced:
         raise InputError(
             "grid: these SAEs fit no device: "

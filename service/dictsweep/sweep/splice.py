@@ -22,6 +22,10 @@ reconstruction (a forward hook on the module, found by `store.models.find_module
 - SAEBench's names of the same measures (its core eval): `kl_div_score`, `kl_div_with_sae`,
   `kl_div_with_ablation` (KL over every non-padding position, causal LMs too) and, for causal LMs,
   `ce_loss_score`, `ce_loss_with_sae`, `ce_loss_with_ablation`, `ce_loss_without_sae`.
+- Transcoder datasets (`source.target_hook`): the transcoder reads the hook's output at the spliced
+  positions and its output replaces the target hook's output there (e.g. an MLP's output computed
+  from the MLP's input); zero ablation zeroes the target hook's output. The hook must run before the
+  target hook (harvest checks it).
 """
 
 from __future__ import annotations
@@ -50,19 +54,28 @@ class SpliceSource(NamedTuple):
     hook: str
     context: int
     include_special: bool
+    target_hook: str | None = None
+    """A transcoder dataset's: the module whose output a transcoder replaces (`hook` is read)."""
 
 
-def splice_source(dataset: ActivationDataset) -> SpliceSource | str:
-    """The dataset's source model and hook, or why a spliced evaluation cannot run on it."""
+def splice_source(dataset: ActivationDataset, transcoders: bool = False) -> SpliceSource | str:
+    """The dataset's source model and hook(s), or why a spliced evaluation (of `transcoders`, or of
+    SAEs, which are spliced at their own hook on any dataset) cannot run on it."""
     source = dataset.manifest.source or {}
     if dataset.manifest.ground_truth is not None or source.get("model") == "synthetic":
         return f"{dataset.uri} is synthetic: there is no model to splice a dictionary into"
     if not source.get("model") or not source.get("hook"):
         return f"{dataset.uri}/manifest.json names no source model and hook (`source.model`, `source.hook`)"
+    if transcoders and not (dataset.d_target and source.get("target_hook")):  # nothing names what they replace
+        return f"{dataset.uri}/manifest.json names no `source.target_hook` (and `d_target`) to splice transcoders at"
     if not fs.exists(fs.join(dataset.uri, "contexts")):
         return f"{dataset.uri} has no contexts/ (the token ids of its sequences)"
     return SpliceSource(
-        source["model"], source["hook"], int(source.get("context") or 0), bool(source.get("include_special", False))
+        source["model"],
+        source["hook"],
+        int(source.get("context") or 0),
+        bool(source.get("include_special", False)),
+        source.get("target_hook") if dataset.d_target else None,
     )
 
 
@@ -145,14 +158,41 @@ class Readout:
         return find_module(self.model.base_model, hook)
 
 
+def first_output(output) -> Tensor:
+    """A module's activation: its output, or the first element of a tuple (or ModelOutput)."""
+    return output[0] if isinstance(output, (tuple, list)) or hasattr(output, "to_tuple") else output
+
+
+class Reads:
+    """What a transcoder reads: its hook module's output in the forward pass under way (`output`,
+    None until the module has run in it)."""
+
+    def __init__(self):
+        self.output: Tensor | None = None
+
+    def keep(self, _module, _args, output) -> None:
+        self.output = first_output(output)
+
+
 @contextmanager
-def replaced(module: torch.nn.Module, positions: Tensor, replace: Callable[[Tensor], Tensor]):
-    """While open, the module's output at `positions [B, T]` (bool) is `replace(rows [n, d_model])`."""
+def replaced(
+    module: torch.nn.Module,
+    positions: Tensor,
+    replace: Callable[[Tensor], Tensor] | None,
+    reads: Reads | None = None,
+):
+    """While open, the module's output at `positions [B, T]` (bool) is `replace(rows [n, d])` (zeros
+    for None), where the rows are the module's own output there, or `reads.output` (a transcoder's)."""
 
     def hook(_module, _args, output):
-        hidden = output[0] if isinstance(output, (tuple, list)) or hasattr(output, "to_tuple") else output
+        hidden = first_output(output)
+        if reads is not None and reads.output is None:
+            raise InputError("the target hook ran before the hook a transcoder reads: it cannot be spliced there")
         new = hidden.clone()
-        new[positions] = replace(hidden[positions].float()).to(hidden.dtype)
+        rows = (hidden if reads is None else reads.output)[positions].float()
+        if reads is not None:
+            reads.output = None  # read once: the next forward pass must run the hook again first
+        new[positions] = 0 if replace is None else replace(rows).to(hidden.dtype)
         if isinstance(output, (tuple, list)):
             return type(output)([new, *output[1:]])
         if hasattr(output, "to_tuple"):
@@ -160,6 +200,8 @@ def replaced(module: torch.nn.Module, positions: Tensor, replace: Callable[[Tens
             return output
         return new
 
+    if reads is not None:
+        reads.output = None  # from a forward pass before this one
     handle = module.register_forward_hook(hook)
     try:
         yield
@@ -196,7 +238,7 @@ class Losses(NamedTuple):
     kl_zero: float = float("nan")
 
 
-ZERO = object()  # the zero ablation's key among the splices: no name can collide with it
+ZERO = object()  # the zero ablation's key among the splices (replaced by None: zeros): no name can collide with it
 
 
 def splice_losses(
@@ -207,11 +249,33 @@ def splice_losses(
     special_ids: list[int],
     pad_id: int,
     include_special: bool = False,
+    target_hook: str | None = None,
 ) -> Losses:
     """Clean, zero-ablated and spliced losses over `contexts`, in batches; each value of `splices`
-    maps the hooked rows `[n, d_model]` (float32) to their replacement."""
-    module, device = readout.module(hook), readout.device
-    splices = {ZERO: torch.zeros_like, **splices}
+    maps the hooked rows `[n, d_model]` (float32) to their replacement; with `target_hook` (transcoders),
+    to the replacement of the target hook's rows `[n, d_target]`."""
+    module = readout.module(target_hook or hook)
+    reads = Reads() if target_hook else None
+    handle = readout.module(hook).register_forward_hook(reads.keep) if reads else None
+    try:
+        return _losses(readout, module, contexts, {ZERO: None, **splices}, special_ids, pad_id, include_special, reads)
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
+def _losses(
+    readout: Readout,
+    module: torch.nn.Module,
+    contexts: list[np.ndarray],
+    splices: dict,
+    special_ids: list[int],
+    pad_id: int,
+    include_special: bool,
+    reads: Reads | None,
+) -> Losses:
+    """`splice_losses` once the modules are found (and a transcoder's input is being read)."""
+    device = readout.device
     vocab = readout.model.get_input_embeddings().weight.shape[0]
     width = max(len(ids) for ids in contexts)
     per_batch = max(1, LOGIT_BUDGET // (width * vocab))
@@ -241,7 +305,7 @@ def splice_losses(
                 clean_sum = Sums(0.0, clean_sum.count + int(scored.sum()))  # KL of clean from itself
             clean_probs = clean.exp()
             for name, replace in splices.items():
-                with replaced(module, spliced, replace):
+                with replaced(module, spliced, replace, reads):
                     other = readout.logits(input_ids, attention_mask).log_softmax(-1)
                 kl = (clean_probs * (clean - other)).sum(-1)[attention_mask.bool()]  # KL(P_clean || P) per position
                 if readout.causal:
@@ -292,13 +356,21 @@ def splice_eval(
 
     torch.set_num_threads(threads or os.cpu_count() or 1)  # a Ray task gets one thread by default
     dataset = ActivationDataset.open(dataset_uri)
-    source = splice_source(dataset)
+    modules = {name: load_dictionary(uri).to(device) for name, uri in dictionaries.items()}
+    kinds = {name: module.architecture.endswith("transcoder") for name, module in modules.items()}
+    if len(set(kinds.values())) > 1:
+        raise InputError(
+            f"{sorted(kinds, key=kinds.get)}: splice SAEs and transcoders separately (they replace other hooks)"
+        )
+    transcoders = any(kinds.values())
+    source = splice_source(dataset, transcoders)
     if isinstance(source, str):
         raise InputError(source)
+    for name, module in modules.items():
+        check_fits(name, module, dataset)
     contexts = held_out_contexts(dataset, tokens)
     readout = Readout(source.model, device)
     template = tokenizer_template(readout.tokenizer)
-    modules = {name: load_dictionary(uri).to(device) for name, uri in dictionaries.items()}
     losses = splice_losses(
         readout,
         source.hook,
@@ -307,6 +379,7 @@ def splice_eval(
         template.special_ids,
         template.pad_id,
         source.include_special,
+        source.target_hook if transcoders else None,
     )
     kind, clean, zero = readout.kind, losses.clean, losses.zero
     metrics = {
@@ -338,3 +411,16 @@ def saebench_names(losses: Losses, name: str, causal: bool) -> dict[str, float]:
             "ce_loss_without_sae": losses.clean,
         }
     return metrics
+
+
+def check_fits(name: str, dictionary, dataset: ActivationDataset) -> None:
+    """InputError unless the dictionary reads the dataset's rows and writes what it replaces: the rows
+    again (an SAE), or their target (a transcoder)."""
+    d_in, d_out = dictionary.W_enc.shape[0], dictionary.W_dec.shape[1]
+    transcoder = dictionary.architecture.endswith("transcoder")
+    wanted = (dataset.d_model, dataset.d_target if transcoder else dataset.d_model)
+    if (d_in, d_out) != wanted:
+        raise InputError(
+            f"{name}: {'a transcoder' if transcoder else 'an SAE'} of d_in={d_in}, d_out={d_out} cannot be "
+            f"spliced for {dataset.uri}: it would read {wanted[0]} and replace {wanted[1]}"
+        )

@@ -51,10 +51,13 @@ class Trainer:
         device: str = "cpu",
         torch_threads: int = 0,
         checkpoint_uri: str | None = None,
+        target: tuple[int, float] | None = None,
     ):
         if torch_threads:
             torch.set_num_threads(torch_threads)
-        self.loop = DeviceLoop(ensembles, d_model, config, total_steps, input_scale, data_dtype, device, checkpoint_uri)
+        self.loop = DeviceLoop(
+            ensembles, d_model, config, total_steps, input_scale, data_dtype, device, checkpoint_uri, target
+        )
 
     def status(self) -> dict:
         """Where this trainer is: steps done, restored from a checkpoint, node, process, memory, and

@@ -27,6 +27,7 @@ import torch
 from dictsweep.config import TrainConfig
 from dictsweep.errors import InputError
 from dictsweep.sae.ensemble import Member, build_ensemble
+from dictsweep.sae.transcoder import is_transcoder
 from dictsweep.store import fs
 from dictsweep.train.checkpoint import checkpoint_bytes, read_checkpoint
 from dictsweep.train.evaluate import Evaluator, export_member
@@ -148,17 +149,24 @@ class DeviceLoop:
         data_dtype: str,
         device: str = "cpu",
         checkpoint_uri: str | None = None,
+        target: tuple[int, float] | None = None,
     ):
+        """`target`: (d_target, target_scale) of a transcoder dataset, whose batches are `[B, d_model +
+        d_target]` (act, then target); transcoder ensembles read both, the others act alone."""
         self.device = torch.device("cuda" if device == "cuda" else "cpu")
         self.config, self.data_dtype, self.specs = config, data_dtype, ensembles
         self.total_steps, self.checkpoint_uri = total_steps, checkpoint_uri
+        d_target, target_scale = target or (0, 1.0)
         self.trainers = []
-        self.chosen = self.paths(d_model)  # each ensemble's (kernel, decode)
+        self.chosen = self.paths(d_model, d_target)  # each ensemble's (kernel, decode)
         for spec, (kernel, decode) in zip(ensembles, self.chosen):
+            options = {"d_out": d_target} if is_transcoder(spec.architecture) else {}
             ensemble = build_ensemble(
-                spec.architecture, d_model, spec.n_latents, list(spec.members), kernel=kernel, decode=decode
+                spec.architecture, d_model, spec.n_latents, list(spec.members), kernel=kernel, decode=decode, **options
             )
             ensemble.input_scale.fill_(input_scale)
+            if options:
+                ensemble.target_scale.fill_(target_scale)
             self.trainers.append(EnsembleTrainer(ensemble, config, total_steps, self.device))
         self.device_trainer = DeviceTrainer(self.trainers, self.device)
         self.stager = BatchStager(data_dtype, self.device)
@@ -173,7 +181,7 @@ class DeviceLoop:
         self.restored = self.restore()
 
     # -- start and checkpoints -------------------------------------------------------------------------
-    def paths(self, d_model: int) -> list[tuple[str, str]]:
+    def paths(self, d_model: int, d_target: int = 0) -> list[tuple[str, str]]:
         """Each ensemble's kernel and decoder: as recorded beside the checkpoint, else measured on
         this device at the sweep's shapes (and recorded: a restarted trainer computes as before)."""
         record = self.checkpoint_uri + ".kernels.json" if self.checkpoint_uri else None
@@ -193,6 +201,7 @@ class DeviceLoop:
                     candidates=None if kernel == "auto" else (kernel,),
                     total_steps=self.total_steps,
                     decode=decode,
+                    d_target=d_target if is_transcoder(spec.architecture) else 0,
                 )
             paths.append((kernel, decode))
         if self.device.type == "cuda":

@@ -39,13 +39,17 @@ class Evaluator:
         self.fires = torch.zeros(
             ensemble.n_members, ensemble.n_latents, device=device
         )  # [K, n], exact below 2**24 rows
-        self.x_sum = torch.zeros(ensemble.d_model, dtype=torch.float64, device=device)
+        # what it reconstructs: the rows themselves, or a transcoder's target columns (d_out wide)
+        self.target_of = getattr(ensemble, "target_of", lambda x: x)  # baseline stacks are no Ensembles
+        width = getattr(ensemble, "d_out", ensemble.d_model)
+        self.x_sum = torch.zeros(width, dtype=torch.float64, device=device)
         self.x_sq_sum = torch.zeros((), dtype=torch.float64, device=device)
 
     @torch.no_grad()
     def add(self, x: Tensor) -> None:
-        """One scaled batch `[B, d_model]`."""
+        """One scaled batch `[B, d_model]` (a transcoder's: `[B, d_in + d_out]`, measured against its target)."""
         out = self.ensemble(x)
+        x = self.target_of(x)
         self.rows += x.shape[0]
         self.squared_error += squared_error(x, out.sae_out).double() * x.shape[0]
         self.fires += out.fire_counts
@@ -54,9 +58,9 @@ class Evaluator:
 
     def results(self) -> list[dict[str, float]]:
         """Per member: mse (raw units, per element), fvu, l0, dead_fraction on the eval rows."""
-        scale = float(self.ensemble.input_scale)
+        scale = float(getattr(self.ensemble, "target_scale", self.ensemble.input_scale))  # of what it reconstructs
         error = self.squared_error / self.rows  # [K], per row in scaled units
-        per_element = mse(error, self.ensemble.d_model, scale)
+        per_element = mse(error, len(self.x_sum), scale)
         fvu = fvu_from_moments(error, self.x_sum, self.x_sq_sum, self.rows)
         l0 = l0_from_counts(self.fires.double(), self.rows)
         dead = dead_fraction(self.fires)

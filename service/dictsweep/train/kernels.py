@@ -107,6 +107,7 @@ def choose_path(
     steps: int = 4,
     total_steps: int | None = None,
     decode: str = "auto",
+    d_target: int = 0,
 ) -> tuple[str, str, dict[str, float]]:
     """The fastest kernel and decoder for this ensemble shape on `device` over `total_steps` planned
     steps (None: unknown), and what was measured: seconds per step of each candidate tried (named
@@ -117,7 +118,9 @@ def choose_path(
     if candidates is not None and len(candidates) == 1 and len(decodes) == 1:
         return candidates[0], decodes[0], {}
     generator = torch.Generator().manual_seed(0)
-    batches = [torch.randn(batch_rows, d_model, generator=generator).to(device) for _ in range(steps)]
+    # a transcoder's rows: input, then target
+    batches = [torch.randn(batch_rows, d_model + d_target, generator=generator).to(device) for _ in range(steps)]
+    options = {"d_out": d_target} if d_target else {}
     # the steady step: no sparsity warm-up, in which the top-k family keeps 4k latents a row
     config = TrainConfig(tokens=batch_rows * 1000, batch_rows=batch_rows, l1_warmup_fraction=0)
 
@@ -128,7 +131,9 @@ def choose_path(
         made = {}
         for kernel, decoder in pairs:
             try:
-                ensemble = build_ensemble(architecture, d_model, n_latents, members, kernel=kernel, decode=decoder)
+                ensemble = build_ensemble(
+                    architecture, d_model, n_latents, members, kernel=kernel, decode=decoder, **options
+                )
                 made[name(kernel, decoder)] = EnsembleTrainer(ensemble, config, 1000, device)
             except Exception as error:  # noqa: BLE001 - e.g. out of memory: this candidate is dropped
                 drop_note(name(kernel, decoder), error)

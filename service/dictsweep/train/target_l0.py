@@ -44,10 +44,11 @@ class TargetedMember(Member):
 
 
 def initial_coef(architecture: str) -> float:
-    """The coefficient a targeted member of `architecture` starts from."""
-    if architecture not in INITIAL_COEF:
-        raise ValueError(f"target_l0 applies to {sorted(INITIAL_COEF)}, not {architecture!r}")
-    return INITIAL_COEF[architecture]
+    """The coefficient a targeted member of `architecture` (or of its transcoder variants) starts from."""
+    base = architecture.removesuffix("_transcoder").removesuffix("_skip")  # a transcoder's sparsity is its base's
+    if base not in INITIAL_COEF:
+        raise ValueError(f"target_l0 applies to {sorted(INITIAL_COEF)} (and their transcoders), not {architecture!r}")
+    return INITIAL_COEF[base]
 
 
 def point_member(params: dict) -> Member:

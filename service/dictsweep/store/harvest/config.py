@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from dictsweep.errors import distinct, option_errors
 
@@ -12,6 +12,7 @@ WORK_DIR = "_harvest"  # plan and per-block progress; removed once the manifests
 PLAN_KEYS = (
     "model",
     "hooks",
+    "target_hooks",
     "text",
     "text_field",
     "text_split",
@@ -37,6 +38,10 @@ class HarvestConfig(BaseModel):
     hooks: list[str] = Field(
         min_length=1,
         description="Module paths whose outputs are harvested, e.g. encoder.layer.3 (first element of a tuple output).",
+    )
+    target_hooks: list[str] = Field(
+        [],
+        description="A transcoder dataset: module paths whose outputs are each row's `target` (e.g. an MLP's output, encoder.layer.3.output.dense, with --hook encoder.layer.3.attention.output, its input); one per --hook, paired in order.",
     )
     text: str = Field(
         description="Text: a .txt file, a JSONL file (one document per line), a folder of them, a saved `datasets` folder, or a Hugging Face dataset name (NAME or NAME:CONFIG)."
@@ -90,6 +95,25 @@ class HarvestConfig(BaseModel):
     def _distinct(cls, hooks: list[str]) -> list[str]:
         return distinct(hooks, "hook(s)")
 
+    @field_validator("target_hooks")
+    @classmethod
+    def _pairs(cls, targets: list[str], info: ValidationInfo) -> list[str]:
+        """One target per --hook, in order (or none), and none the hook itself."""
+        hooks = info.data.get("hooks") or []
+        if targets and len(targets) != len(hooks):
+            raise ValueError(
+                f"{len(hooks)} --hook and {len(targets)} --target-hook: give one --target-hook per --hook "
+                "(paired in order), or none"
+            )
+        same = [hook for hook, target in zip(hooks, targets) if hook == target]
+        if same:
+            raise ValueError(f"{same[0]} is also its own --hook: a transcoder maps one activation to another")
+        return targets
+
+    def targets(self) -> dict[str, str]:
+        """hook -> the hook whose output is its rows' target ({} for an SAE dataset)."""
+        return dict(zip(self.hooks, self.target_hooks))
+
     @classmethod
     def from_cli(cls, **values) -> HarvestConfig:
         """The config from CLI options; InputError names each wrong option (`--max-tokens`)."""
@@ -106,4 +130,4 @@ class HarvestConfig(BaseModel):
 def _option(field: str) -> str:
     """The CLI option of a config field: `max_tokens` -> `--max-tokens`, `hooks` -> `--hook`."""
     field = field.split(".")[0]  # a list item's error names its list
-    return "--hook" if field == "hooks" else "--" + field.replace("_", "-")
+    return {"hooks": "--hook", "target_hooks": "--target-hook"}.get(field, "--" + field.replace("_", "-"))

@@ -76,6 +76,8 @@ def harvest(config: HarvestConfig, overwrite: bool = False, progress: bool = Tru
         )
     plan = read_json(fs.join(root, WORK_DIR, "plan.json"))
     settings = json.loads(json.dumps(config.plan_settings()))  # as stored: tuples become lists
+    if plan is not None:  # a plan from before target hooks existed had none
+        plan["settings"].setdefault("target_hooks", [])
     if plan is not None and plan["settings"] != settings:
         differ = ", ".join(
             f"{key}: {plan['settings'].get(key)!r} there, {settings[key]!r} now"
@@ -115,6 +117,8 @@ def _check_model(config: HarvestConfig):
     structure = load_structure(config.model)
     for hook in config.hooks:
         find_module(structure, hook)
+    for target in config.target_hooks:
+        find_module(structure, target, option="--target-hook")
     limit = getattr(structure.config, "max_position_embeddings", None)
     if isinstance(limit, int) and config.context > limit:
         raise InputError(f"--context {config.context}: {config.model} takes at most {limit} positions")
@@ -357,12 +361,13 @@ def _write_manifests(
             "rerun the same command to finish them"
         )
     created = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    manifests = {}
+    manifests, targets = {}, config.targets()
     for hook, prefix in prefixes.items():
         shards = {"train": [], "eval": []}
-        total_sq, d_models = 0.0, set()
+        total_sq, total_target_sq, d_models, d_targets = 0.0, 0.0, set(), set()
         for record in records:
             d_models.update([record["d_model"][hook]] if record["n_shards"] else [])
+            d_targets.update([record["d_model"][targets[hook]]] if record["n_shards"] and hook in targets else [])
             for shard in sorted(record["shards"], key=lambda shard: shard["index"]):
                 entry = shard["hooks"][hook]
                 shards[record["split"]].append(
@@ -375,14 +380,16 @@ def _write_manifests(
                     )
                 )
                 total_sq += entry["sum_sq_norm"]
-        if len(d_models) != 1:
-            raise RunError(f"--hook {hook}: blocks report output widths {sorted(d_models)}; expected one")
+                total_target_sq += entry.get("target_sum_sq_norm", 0.0)
+        if len(d_models) != 1 or len(d_targets) > 1:
+            raise RunError(f"--hook {hook}: blocks report output widths {sorted(d_models | d_targets)}; expected one")
         n_rows = sum(shard.rows for shard in shards["train"])
         source = {
             "model": config.model,
             "model_name": config.model_name,
             "model_type": model_type,
             "hook": hook,
+            **({"target_hook": targets[hook]} if hook in targets else {}),
             "dataset": config.text,
             "context": config.context,
             "created": created,
@@ -399,7 +406,11 @@ def _write_manifests(
             shards["train"],
             shards["eval"],
             source=source,
-            stats={"mean_sq_norm": total_sq / max(n_rows, 1)},
+            stats={
+                "mean_sq_norm": total_sq / max(n_rows, 1),
+                **({"target_mean_sq_norm": total_target_sq / max(n_rows, 1)} if d_targets else {}),
+            },
+            d_target=d_targets.pop() if d_targets else None,
         )
     return manifests
 

@@ -86,8 +86,9 @@ class BlockHarvester:
             "pos": np.concatenate([np.flatnonzero(keep) for keep in keeps]).astype(np.int32),
             "token_id": np.concatenate([ids[keep] for ids, keep in zip(contexts, keeps)]).astype(np.int32),
         }
-        buffers: dict[str, torch.Tensor] = {}  # hook -> [n_rows, d_model] in the stored dtype
+        buffers: dict[str, torch.Tensor] = {}  # hook (and target hook) -> [n_rows, width] in the stored dtype
         yield from self._forward(contexts, keeps, buffers)
+        targets = config.targets()
 
         n_rows = len(columns["seq"])
         record |= {
@@ -101,20 +102,24 @@ class BlockHarvester:
             if shard in finished:
                 continue
             per_hook = {}
-            for hook, buffer in buffers.items():
-                acts = buffer[torch.from_numpy(indices)]  # [shard rows, d_model]
+            for hook in config.hooks:
+                acts = buffers[hook][torch.from_numpy(indices)]  # [shard rows, d_model]
+                target = buffers[targets[hook]][torch.from_numpy(indices)] if hook in targets else None
                 info = write_shard(
                     self.prefixes[hook],
                     shard_path(block, shard),
                     acts,
                     config.dtype,
                     {name: values[indices] for name, values in columns.items()},
+                    target,
                 )
+                train = block.split == "train"
                 per_hook[hook] = {
                     "bytes": info.bytes,
                     "sha256": info.sha256,
                     "blake3": info.blake3,
-                    "sum_sq_norm": sum_sq_norms(acts) if block.split == "train" else 0.0,
+                    "sum_sq_norm": sum_sq_norms(acts) if train else 0.0,
+                    **({"target_sum_sq_norm": sum_sq_norms(target) if train else 0.0} if target is not None else {}),
                 }
             record["shards"].append(
                 {"index": shard, "path": shard_path(block, shard), "rows": len(indices), "hooks": per_hook}
@@ -135,7 +140,8 @@ class BlockHarvester:
 
         config, store_dtype = self.config, TORCH_DTYPES[self.config.dtype]
         n_rows, row = int(sum(keep.sum() for keep in keeps)), 0
-        with capture_outputs(self._model, config.hooks) as capture:
+        hooks = list(dict.fromkeys(config.hooks + config.target_hooks))  # a target may be another pair's input
+        with capture_outputs(self._model, hooks) as capture:
             for start in range(0, len(contexts), config.batch_size):
                 batch = contexts[start : start + config.batch_size]
                 batch_keeps = keeps[start : start + config.batch_size]
@@ -148,15 +154,17 @@ class BlockHarvester:
                 outputs = capture.run(
                     input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device)
                 )
+                check_order(list(outputs), config.targets())
                 batch_index = torch.from_numpy(np.repeat(np.arange(len(batch)), [keep.sum() for keep in batch_keeps]))
                 positions = torch.from_numpy(np.concatenate([np.flatnonzero(keep) for keep in batch_keeps]))
                 for hook, output in outputs.items():
-                    _check_output(hook, output, (len(batch), width))
+                    option = f"--hook {hook}" if hook in config.hooks else f"--target-hook {hook}"
+                    _check_output(option, output, (len(batch), width))
                     rows = output[batch_index.to(output.device), positions.to(output.device)]
                     rows = rows.to("cpu", store_dtype)  # [kept positions, d_model]
                     if not torch.isfinite(rows).all():
                         raise RunError(
-                            f"--hook {hook}: non-finite activations in the block's contexts "
+                            f"{option}: non-finite activations in the block's contexts "
                             f"{start}..{start + len(batch) - 1}: outside {config.dtype}'s range? "
                             "try --dtype bfloat16 or float32"
                         )
@@ -167,14 +175,25 @@ class BlockHarvester:
                 yield {"tokens": int(sum(len(ids) for ids in batch))}
 
 
-def _check_output(hook: str, output, batch_shape: tuple[int, int]) -> None:
-    """InputError unless a hook's output is [batch, tokens, d_model]."""
+def check_order(ran: list[str], targets: dict[str, str]) -> None:
+    """InputError unless each hook's module ran before its target's (`ran`: hooks in the order they ran):
+    a transcoder spliced into the model replaces its target with what it reads from its hook."""
+    for hook, target in targets.items():
+        if ran.index(target) < ran.index(hook):
+            raise InputError(
+                f"--target-hook {target} runs before its --hook {hook} in the forward pass; a transcoder "
+                "reads an earlier activation (e.g. an MLP's input) and reconstructs a later one (its output)"
+            )
+
+
+def _check_output(option: str, output, batch_shape: tuple[int, int]) -> None:
+    """InputError unless a hook's output is [batch, tokens, d_model]; `option` names the hook."""
     import torch
 
     if not isinstance(output, torch.Tensor) or output.ndim != 3 or tuple(output.shape[:2]) != batch_shape:
         found = list(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
         raise InputError(
-            f"--hook {hook}: its output is {found}, expected [batch, tokens, d_model] = "
+            f"{option}: its output is {found}, expected [batch, tokens, d_model] = "
             f"[{batch_shape[0]}, {batch_shape[1]}, d]; choose a module that outputs one "
             "vector per token"
         )
