@@ -29,6 +29,10 @@ def usage(wait: float, busy: float, members: list[int], gpu_busy=None, utilizati
     }
 
 
+def reader(node: str, bytes_read: int, shard_reads: dict[str, int]) -> dict:
+    return {"node": node, "bytes_read": bytes_read, "shard_reads": shard_reads}
+
+
 def test_waves_add_up():
     first = [
         trainer_entry("w0-t0", usage(1.0, 3.0, [4, 2], 2.0, 90, None), 10, 256, 8.0, 0.5),
@@ -36,14 +40,15 @@ def test_waves_add_up():
     ]
     assert first[0]["sae_samples"] == 6 * 10 * 256 and first[1]["sae_samples"] == 10 * 256
     assert first[0]["gpu_busy_fraction"] == 2.0 / 8.0 and first[1]["gpu_busy_fraction"] == 6.0 / 8.0
-    total = merge_stream_stats({}, [{"bytes_read": 100}], first, 8.0)
+    total = merge_stream_stats({}, [reader("n1", 100, {"train/0": 1, "train/1": 1})], first, 8.0)
     total = merge_stream_stats(
         total,
-        [{"bytes_read": 50}],
+        [reader("n1", 50, {"train/1": 1})],
         [trainer_entry("w1-t0", usage(0.0, 4.0, [3], 2.0, 70, None), 4, 256, 2.0, 1.0)],
         2.0,
     )
     assert total["bytes_read_per_node"] == [100, 50]
+    assert total["reads_by_node"] == {"n1": {"bytes_read": 150, "shard_reads": {"train/0": 1, "train/1": 2}}}
     assert total["wait_seconds"] == 4.0 and total["busy_seconds"] == 8.0
     assert total["data_wait_fraction"] == pytest.approx(4.0 / 12.0)
     assert total["train_seconds"] == 10.0

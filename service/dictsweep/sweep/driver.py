@@ -100,20 +100,15 @@ class Driver:
     def run(self) -> None:
         ledger = self.ledger
         for wave_index, wave in enumerate(self.plan.waves):
-            slots = []
+            pending = []
             for trainer in wave:
-                key = f"w{wave_index}-t{trainer.index}"
-                saved = ledger.saved(key)
+                saved = ledger.saved(f"w{wave_index}-t{trainer.index}")
                 if saved is not None:  # finished before the driver stopped: already recorded
                     ledger.replay(saved)
                 else:
-                    slots.append(key)
-            if slots:
-                self.run_wave(
-                    wave_index,
-                    [t for t in wave if f"w{wave_index}-t{t.index}" in slots],
-                    f"wave {wave_index + 1}/{len(self.plan.waves)}",
-                )
+                    pending.append(trainer)
+            if pending:
+                self.run_wave(wave_index, pending, f"wave {wave_index + 1}/{len(self.plan.waves)}")
         for index, zero in enumerate(self.plan.zero):
             key = f"zero-{index}"
             saved = ledger.saved(key)
