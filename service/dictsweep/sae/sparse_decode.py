@@ -169,6 +169,35 @@ class SparseDecode(torch.autograd.Function):
         return (grad_values if need_values else None, None, grad_table.to(table.dtype) if need_table else None)
 
 
+def scatter_outer(values: Tensor, indices: Tensor, rows: Tensor, n_latents: int) -> Tensor:
+    """`[K, n_latents, d]` fp32: values[m, b, j] * rows[m, b] summed into row indices[m, b, j] of member
+    m, from `[K, B, k]` values and indices and `rows [K, B, d]` (the decoder backward's scatter; the
+    top-k encoder's weight gradient, transposed). Entries of value 0 add nothing and cost no atomic."""
+    values, indices, rows = values.contiguous(), indices.contiguous(), rows.contiguous()
+    n_members, n_rows, k = values.shape
+    d_model = rows.shape[-1]
+    out = torch.zeros(n_members, n_latents, d_model, dtype=torch.float32, device=values.device)
+    _, backward_kernel = kernels()
+    grid = (n_members * n_rows, -(-k // BLOCK_J))
+    backward_kernel[grid](
+        rows,
+        values,
+        indices,
+        out,
+        values,
+        out,
+        n_rows,
+        n_latents,
+        d_model,
+        k,
+        NEED_VALUES=False,
+        NEED_TABLE=True,
+        BLOCK_J=BLOCK_J,
+        BLOCK_D=BLOCK_D,
+    )
+    return out
+
+
 @torch.compiler.disable
 def sparse_decode(values: Tensor, indices: Tensor, table: Tensor) -> Tensor:
     """Sum of the selected rows of each member's decoder `table [K, n, d]` weighted by `values`,
