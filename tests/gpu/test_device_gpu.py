@@ -1,7 +1,7 @@
 """The trainer's device path on CUDA end to end, without Ray (a small synth dataset as batch pieces
 with prefetch through pinned memory and a side stream: train, checkpoint, restore bit for bit on
-the same GPU, evaluate, export that `load_dictionary` loads), the kernel and decoder chosen by
-measurement there, and `bench_train(..., device="cuda")` for each architecture."""
+the same GPU, evaluate, export that `load_dictionary` loads), the kernel, decoder and encoder chosen
+by measurement there, and `bench_train(..., device="cuda")` for each architecture."""
 
 import numpy as np
 import pytest
@@ -107,19 +107,20 @@ def assert_same_state(saved, again, path=""):
         assert saved == again, path
 
 
-def test_auto_measures_kernel_and_decoder_and_drops_what_fails(monkeypatch, caplog):
+def test_auto_measures_kernel_decoder_and_encoder_and_drops_what_fails(monkeypatch, caplog):
     members = [Member(lr=1e-3, seed=seed, k=16) for seed in range(4)]
-    kernel, decode, timings = choose_path("topk", 256, 4096, members, 1024, "cuda", total_steps=100_000)
-    assert decode in ("dense", "sparse") and {"bmm/dense", "bmm/sparse"} <= set(timings)
+    kernel, decode, encode, timings = choose_path("topk", 256, 4096, members, 1024, "cuda", total_steps=100_000)
+    assert decode in ("dense", "sparse") and encode in ("dense", "sparse", "sparse-chunked")
+    assert {"bmm/dense/dense", "bmm/sparse/sparse", "bmm/sparse/sparse-chunked"} <= set(timings)
     from dictsweep.sae import ensemble
 
     def broken(*args):
         raise NotImplementedError("no sparse decoder here")
 
     monkeypatch.setattr(ensemble, "sparse_decode", broken)
-    kernel, decode, timings = choose_path("topk", 256, 4096, members, 1024, "cuda", candidates=("bmm",))
-    assert (kernel, decode) == ("bmm", "dense") and "bmm/sparse" not in timings
-    assert "kernel choice: bmm/sparse dropped (NotImplementedError: no sparse decoder here)" in caplog.messages
+    kernel, decode, encode, timings = choose_path("topk", 256, 4096, members, 1024, "cuda", candidates=("bmm",))
+    assert (kernel, decode) == ("bmm", "dense") and not any(name.startswith("bmm/sparse/") for name in timings)
+    assert "kernel choice: bmm/sparse/sparse dropped (NotImplementedError: no sparse decoder here)" in caplog.messages
 
 
 @pytest.mark.parametrize("architecture", ["relu", "topk", "batchtopk", "jumprelu"])
@@ -141,3 +142,14 @@ def test_bench_train_on_cuda(architecture):
     assert result["device"].startswith("cuda") and result["sae_samples_per_s"] > 0
     assert len(result["candidates"]) == 2 * len(decodes) and result["peak_gpu_mb"] > 0
     assert result["speedup_vs_reference"] > 0 and result["max_abs_weight_diff_vs_reference"] < 5e-2
+
+
+@pytest.mark.parametrize("architecture", ["topk", "batchtopk"])
+def test_bench_train_times_the_encoders_on_cuda(architecture):
+    encodes = ("dense", "sparse", "sparse-chunked")
+    result = bench_train(
+        256, 4096, 1024, 4, steps=5, architecture=architecture, kernels=("bmm",), device="cuda",
+        decodes=("sparse",), rounds=2, k=32, encodes=encodes,
+    )  # fmt: skip
+    assert set(result["candidates"]) == {f"bmm/sparse/{encode}" for encode in encodes}
+    assert result["encode"] in encodes and result["max_abs_weight_diff_vs_reference"] < 5e-2

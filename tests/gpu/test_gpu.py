@@ -1,5 +1,6 @@
 """Every architecture trains on CUDA as on the CPU: decode (dense, sparse) x kernel (bmm, compile)
-x precision (bf16, fp32), 50 steps, against the same SAEs trained on the CPU in fp32; the Triton
+x precision (bf16, fp32), 50 steps, against the same SAEs trained on the CPU in fp32 (and the top-k
+family with each encoder: dense, sparse, sparse-chunked); the Triton
 sparse decoder against the dense decode at a realistic width; no host sync inside a step.
 
 Tolerance: the mean loss of each SAE over the last 10 of 50 steps is within 5% (fp32) or 10%
@@ -58,10 +59,14 @@ def config(precision: str) -> TrainConfig:
     )
 
 
-def losses(architecture: str, device: str, kernel: str, decode: str, precision: str) -> dict[str, torch.Tensor]:
+def losses(
+    architecture: str, device: str, kernel: str, decode: str, precision: str, encode: str = "auto"
+) -> dict[str, torch.Tensor]:
     """Per-SAE loss and squared error of each batch (summed over its optimizer steps), `[STEPS, K]`
     each (read at the end: no sync inside the loop)."""
-    ensemble = build_ensemble(architecture, D_MODEL, N_LATENTS, members(architecture), kernel=kernel, decode=decode)
+    ensemble = build_ensemble(
+        architecture, D_MODEL, N_LATENTS, members(architecture), kernel=kernel, decode=decode, encode=encode
+    )
     ensemble.input_scale.fill_(input_scale())
     trainer = EnsembleTrainer(ensemble, config(precision), STEPS, device)
     per_step = {"loss": [], "mse": []}
@@ -98,6 +103,15 @@ def test_trains_on_cuda_as_on_cpu(architecture, decode, kernel, precision):
         gpu["loss"][-10:].mean(0), cpu["loss"][-10:].mean(0), rtol=TOLERANCE[precision], atol=1e-3
     )
     torch.testing.assert_close(gpu["mse"][-10:].mean(0), cpu["mse"][-10:].mean(0), rtol=TOLERANCE[precision], atol=1e-3)
+
+
+@pytest.mark.parametrize("encode", ["dense", "sparse", "sparse-chunked"])
+@pytest.mark.parametrize("architecture", ["topk", "batchtopk"])
+def test_top_k_encoders_train_on_cuda_as_on_cpu(architecture, encode):
+    gpu = losses(architecture, "cuda", "bmm", "sparse", "bf16", encode)
+    cpu = cpu_reference(architecture)
+    assert torch.isfinite(gpu["loss"]).all()
+    torch.testing.assert_close(gpu["loss"][-10:].mean(0), cpu["loss"][-10:].mean(0), rtol=TOLERANCE["bf16"], atol=1e-3)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

@@ -254,7 +254,7 @@ def test_auxk_on_gpus_starts_at_the_logging_point_after_latents_die():
 def test_device_path_imports_no_ray_mlflow_or_deepspeed():
     code = (
         "import sys, dictsweep.train.device, dictsweep.train.bench, dictsweep.sae.sparse_decode; "
-        "sys.path.insert(0, 'tests'); import gpu.conftest, gpu.test_gpu, gpu.test_device_gpu; "
+        "sys.path.insert(0, 'tests'); import gpu.conftest, gpu.test_gpu, gpu.test_device_gpu, gpu.test_sparse_encode_gpu; "
         "print(sorted(m for m in ('ray', 'mlflow', 'deepspeed') if m in sys.modules))"
     )
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
