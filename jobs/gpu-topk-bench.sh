@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The top-k encoder's GPU figures (docs/gpu.md, "Top-k encoder backward"): its GPU tests, then
 # `bench train --device cuda` at the shapes below, bf16 autocast, batch 4096, k 32, each run timing
-# the fused encoder (sparse, sparse-chunked) beside the dense encoder and, at 768 x 24576, the
-# per-SAE loop. About 4 minutes on one H100 or H200.
+# the fused encoder (sparse, sparse-chunked, sparse-csr) beside the dense encoder and, at 768 x 24576,
+# the per-SAE loop. About 4 minutes on one H100 or H200.
 #
 # From the repository root on the GPU machine, with pydantic importable (the machine lacks it: carry
 # .gpu/site.tar.xz from shared/gpu/bundle.sh, or pydantic's wheels in .whl/; this script unpacks
@@ -32,10 +32,10 @@ else
   rounds=3; limit=120
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/bench.log"
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/bench.log"
-  # correctness first: the encoder's GPU tests and auto's choice of it (about a minute)
-  timeout 150 python3 -m pytest -q -x -m cuda -p no:cacheprovider tests/gpu/test_sparse_encode_gpu.py \
+  # correctness first: the encoder's GPU tests, auto's choice of it, steps without host syncs (1-2 minutes)
+  timeout 180 python3 -m pytest -q -m cuda -p no:cacheprovider tests/gpu/test_sparse_encode_gpu.py \
     "tests/gpu/test_device_gpu.py::test_auto_measures_kernel_decoder_and_encoder_and_drops_what_fails" \
-    >"$OUT/tests.log" 2>&1
+    tests/gpu/test_gpu.py -k "encode or never_wait" >"$OUT/tests.log" 2>&1
   echo "gpu tests: exit $? (tests.log)" | tee -a "$OUT/bench.log"
 fi
 common=(--device "$device" --batch-rows "$rows" --k 32 --steps "$steps" --rounds "$rounds" --kernel bmm --json)
@@ -48,12 +48,15 @@ bench() {  # NAME ARGS...: one bench train run under a time limit, its JSON to $
 
 # 768 x 24576, 8 SAEs: every decoder x encoder, and the per-SAE loop (its first decoder and encoder: the sparse ones)
 bench topk-768x24576x8 "${big[@]}" --members 8 --architecture topk \
-  --decode sparse --decode dense --encode sparse --encode dense --encode sparse-chunked
+  --decode sparse --decode dense --encode sparse --encode dense --encode sparse-chunked --encode sparse-csr
 bench batchtopk-768x24576x8 "${big[@]}" --members 8 --architecture batchtopk \
-  --decode sparse --decode dense --encode sparse --encode dense --encode sparse-chunked
-# 2048 x 65536, 4 SAEs: the sparse decoder (today's best) with each encoder; no per-SAE loop (memory: an H100)
+  --decode sparse --decode dense --encode sparse --encode dense --encode sparse-chunked --encode sparse-csr
+# 2048 x 65536, 4 SAEs: the sparse decoder (today's best) with each encoder, three trainers a run (17 GB
+# of weights, gradients and Adam moments each: an H100 holds three); no per-SAE loop
 bench topk-2048x65536x4 "${huge[@]}" --members 4 --architecture topk --no-reference \
   --decode sparse --encode sparse --encode dense --encode sparse-chunked
+bench topk-2048x65536x4-csr "${huge[@]}" --members 4 --architecture topk --no-reference \
+  --decode sparse --encode sparse --encode sparse-csr
 bench batchtopk-2048x65536x4 "${huge[@]}" --members 4 --architecture batchtopk --no-reference \
   --decode sparse --encode sparse --encode dense
 # relu at the same shape (no top-k encoder: the yardstick of the matmul rate)

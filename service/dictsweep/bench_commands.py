@@ -31,7 +31,7 @@ def bench_train_command(
     kernel: list[str] = typer.Option([], help="Kernel(s) to time: bmm, loop, compile (default: those auto would try)."),
     decode: list[str] = typer.Option(["auto"], help="Decoder(s) of the top-k family to time: dense, sparse, auto."),
     encode: list[str] = typer.Option(
-        ["auto"], help="Encoder(s) of the top-k family to time: dense, sparse, sparse-chunked, auto."
+        ["auto"], help="Encoder(s) of the top-k family to time: dense, sparse, sparse-chunked, sparse-csr, auto."
     ),
     reference: bool = typer.Option(True, help="Also time the same SAEs trained one at a time."),
     device: str = typer.Option("cuda" if cuda_available() else "cpu", help="Device to run on."),

@@ -110,8 +110,10 @@ def assert_same_state(saved, again, path=""):
 def test_auto_measures_kernel_decoder_and_encoder_and_drops_what_fails(monkeypatch, caplog):
     members = [Member(lr=1e-3, seed=seed, k=16) for seed in range(4)]
     kernel, decode, encode, timings = choose_path("topk", 256, 4096, members, 1024, "cuda", total_steps=100_000)
-    assert decode in ("dense", "sparse") and encode in ("dense", "sparse", "sparse-chunked")
-    assert {"bmm/dense/dense", "bmm/sparse/sparse", "bmm/sparse/sparse-chunked"} <= set(timings)
+    assert decode in ("dense", "sparse") and encode in ("dense", "sparse", "sparse-chunked", "sparse-csr")
+    assert {"bmm/dense/dense", "bmm/sparse/sparse", "bmm/sparse/sparse-chunked", "bmm/sparse/sparse-csr"} <= set(
+        timings
+    )
     from dictsweep.sae import ensemble
 
     def broken(*args):
@@ -146,7 +148,7 @@ def test_bench_train_on_cuda(architecture):
 
 @pytest.mark.parametrize("architecture", ["topk", "batchtopk"])
 def test_bench_train_times_the_encoders_on_cuda(architecture):
-    encodes = ("dense", "sparse", "sparse-chunked")
+    encodes = ("dense", "sparse", "sparse-chunked", "sparse-csr")
     result = bench_train(
         256, 4096, 1024, 4, steps=5, architecture=architecture, kernels=("bmm",), device="cuda",
         decodes=("sparse",), rounds=2, k=32, encodes=encodes,

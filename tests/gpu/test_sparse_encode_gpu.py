@@ -1,5 +1,5 @@
-"""The fused top-k encoder on CUDA: the Triton scatter of its weight gradient and the torch (CSR)
-fallback against the dense path at a realistic width, fp32 and bf16 autocast, topk and batchtopk with
+"""The fused top-k encoder on CUDA: the Triton scatter of its weight gradient and the CSR matmul
+(`sparse-csr`) against the dense path at a realistic width, fp32 and bf16 autocast, topk and batchtopk with
 AuxK, mixed k and the k warm-up; the two-stage top-k against torch.topk. (`test_gpu.py` trains with
 each encoder against the same SAEs on the CPU.)"""
 
@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from dictsweep.sae import Member, build_ensemble
-from dictsweep.sae import sparse_encode as sparse_encode_module
 from dictsweep.sae.sparse_decode import scatter_outer
 from dictsweep.sae.sparse_encode import chunked_topk
 
@@ -30,14 +29,12 @@ def step(architecture: str, encode: str, bf16: bool, warming_up: bool) -> tuple:
     return out, {name: param.grad for name, param in ensemble.named_parameters()}
 
 
-@pytest.mark.parametrize("triton", [True, False])
+@pytest.mark.parametrize("encode", ["sparse", "sparse-csr"])  # the Triton scatter, a CSR matmul (cuSPARSE)
 @pytest.mark.parametrize("bf16", [False, True])
 @pytest.mark.parametrize("architecture,warming_up", [("topk", False), ("topk", True), ("batchtopk", False)])
-def test_fused_encoder_equals_the_dense_path_on_cuda(monkeypatch, architecture, warming_up, bf16, triton):
-    if not triton:  # the torch path: a CSR matmul (cuSPARSE)
-        monkeypatch.setattr(sparse_encode_module, "use_triton", lambda tensor: False)
+def test_fused_encoder_equals_the_dense_path_on_cuda(architecture, warming_up, bf16, encode):
     dense, dense_grads = step(architecture, "dense", bf16, warming_up)
-    sparse, sparse_grads = step(architecture, "sparse", bf16, warming_up)
+    sparse, sparse_grads = step(architecture, encode, bf16, warming_up)
     assert (dense.aux_loss > 0).all() and torch.equal(sparse.latent_indices, dense.latent_indices)
     torch.testing.assert_close(sparse.loss, dense.loss, rtol=1e-6, atol=1e-6)
     for name, grad in dense_grads.items():

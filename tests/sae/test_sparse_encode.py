@@ -83,11 +83,13 @@ def test_fused_encoder_equals_the_dense_path_under_bf16_autocast(architecture):
         assert float((sparse_grads[name] - grad).abs().max()) <= 2**-6 * scale, name
 
 
-def test_two_stage_selection_trains_as_one_stage():
-    # 2048 latents: two chunks of 1024 for topk's rows and AuxK's; batchtopk's flattened batch in chunks too
+@pytest.mark.parametrize("encode", ["sparse-chunked", "sparse-csr"])
+def test_the_other_fused_encoders_train_as_sparse(encode):
+    # 2048 latents: two chunks of 1024 for topk's rows and AuxK's; batchtopk's flattened batch in chunks
+    # too; sparse-csr on CPUs is sparse (a CSR weight gradient either way)
     for architecture in ("topk", "batchtopk"):
         one, one_grads, _ = run(architecture, 2048, "sparse")
-        two, two_grads, _ = run(architecture, 2048, "sparse-chunked")
+        two, two_grads, _ = run(architecture, 2048, encode)
         assert torch.equal(two.latent_indices, one.latent_indices) and torch.equal(two.loss, one.loss)
         for name, grad in one_grads.items():
             torch.testing.assert_close(two_grads[name], grad, rtol=1e-6, atol=1e-6, msg=name)
@@ -140,7 +142,7 @@ def test_inference_and_evaluation_take_the_dense_path():
         out = ensemble(batch())
     values, indices = ensemble.encode(batch())
     assert torch.equal(out.latent_acts, values) and torch.equal(out.latent_indices, indices)
-    with pytest.raises(ValueError, match="encode must be one of auto, dense, sparse, sparse-chunked"):
+    with pytest.raises(ValueError, match="encode must be one of auto, dense, sparse, sparse-chunked, sparse-csr"):
         build_ensemble("topk", D_MODEL, 96, TEAM, encode="fused")
 
 

@@ -309,7 +309,10 @@ def test_bench_train_times_the_encoders_beside_each_other():
     out = subprocess.run(
         [sys.executable, "-m", "dictsweep.cli", "bench", "train", "--encode", "fused"], capture_output=True, text=True
     )
-    assert out.returncode == 2 and "--encode: 'fused' is not one of auto, dense, sparse, sparse-chunked" in out.stderr
+    assert (
+        out.returncode == 2
+        and "--encode: 'fused' is not one of auto, dense, sparse, sparse-chunked, sparse-csr" in out.stderr
+    )
 
 
 @pytest.mark.parametrize("architecture", ["topk", "batchtopk", "jumprelu"])

@@ -27,8 +27,9 @@ from dictsweep.sae.sparse_decode import sparse_decode, triton_available
 SPARSE_DECODE_MAX_DENSITY = 1 / 32  # decode="auto": gather when k <= this fraction of n_latents (CPU crossover)
 AUXK_COEF = 1 / 32  # Gao et al. 2024
 # the top-k family's encoder backward: autograd through the dense pre-activations, or the fused top-k
-# encoder (sparse_encode.py) with torch.topk or a two-stage top-k ("sparse-chunked"); auto: topk.py's rule
-ENCODES = ("auto", "dense", "sparse", "sparse-chunked")
+# encoder (sparse_encode.py): with a two-stage top-k ("sparse-chunked"), with its weight gradient as a
+# CSR matmul on GPUs too ("sparse-csr"); auto: topk.py's rule
+ENCODES = ("auto", "dense", "sparse", "sparse-chunked", "sparse-csr")
 
 
 @dataclass(frozen=True)

@@ -88,7 +88,8 @@ class TopKEnsemble(Ensemble):
             return [select(pre), *([self.auxk_select(pre, dead_mask, auxk_k)] if auxk else [])]
 
         if self.sparse_encoding() and self.training and torch.is_grad_enabled():
-            selected = sparse_encode(x, self.W_enc, self.encoder_bias(), self.matmul, selection)
+            csr = self.encoding == "sparse-csr"
+            selected = sparse_encode(x, self.W_enc, self.encoder_bias(), self.matmul, selection, csr)
         else:
             selected = selection(self.pre_acts(x))
         return selected[0], (selected[1] if auxk else None)

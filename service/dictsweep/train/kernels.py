@@ -63,13 +63,15 @@ def decode_candidates(architecture: str, device: torch.device | str, decode: str
 
 def encode_candidates(architecture: str, device: torch.device | str, encode: str = "auto") -> tuple[str, ...]:
     """Encoders worth measuring: for the top-k family under `auto`, the dense path and the fused
-    encoder (on GPUs also with its two-stage selection, which is slower on CPUs); otherwise the one
-    configured."""
+    encoder (on GPUs also with its two-stage selection, which is slower on CPUs, and with its CSR
+    weight gradient instead of the Triton scatter, which CPUs always use); otherwise the one configured."""
     from dictsweep.sae.ensemble import ARCHITECTURES
 
     if encode != "auto" or ARCHITECTURES[architecture].sparsity_key != "k":
         return (encode,)
-    return ("dense", "sparse", "sparse-chunked") if torch.device(device).type == "cuda" else ("dense", "sparse")
+    if torch.device(device).type == "cuda":
+        return ("dense", "sparse", "sparse-chunked", "sparse-csr")
+    return ("dense", "sparse")
 
 
 class Path(NamedTuple):
