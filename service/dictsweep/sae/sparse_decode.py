@@ -7,7 +7,8 @@ Backward: the decoder gradient is a scatter-add of values[m, b, j] * grad_out[m,
 selected rows (fp32 atomics, straight into the fp32 master weights' gradient: no bf16 copy of the
 table is made; entries of value 0, such as the padding of batchtopk's shorter rows, are skipped in
 both directions), and the value gradient is the dot product of grad_out[m, b] with each selected
-row. Neither direction materialises `[K, B, n_latents]`.
+row. Neither direction materialises `[K, B, n_latents]`. The same scatter (`scatter_outer`) builds
+the fused top-k encoder's weight gradient (`sparse_encode.py`).
 
 Triton is imported on first use only, so CPU users never need it (CPUs decode with
 `embedding_bag`, see `Ensemble.gather_decode`). `TRITON_INTERPRET=1` runs the kernels on CPU
