@@ -30,12 +30,16 @@ def bench_train_command(
     k: int = typer.Option(0, help="Active latents per row for topk and batchtopk (0: min(32, n_latents / 16))."),
     kernel: list[str] = typer.Option([], help="Kernel(s) to time: bmm, loop, compile (default: those auto would try)."),
     decode: list[str] = typer.Option(["auto"], help="Decoder(s) of the top-k family to time: dense, sparse, auto."),
+    encode: list[str] = typer.Option(
+        ["auto"], help="Encoder(s) of the top-k family to time: dense, sparse, sparse-chunked, sparse-csr, auto."
+    ),
     reference: bool = typer.Option(True, help="Also time the same SAEs trained one at a time."),
     device: str = typer.Option("cuda" if cuda_available() else "cpu", help="Device to run on."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
 ) -> None:
     """SAE-samples/s of a stacked ensemble vs one-at-a-time training, and peak memory."""
     from dictsweep.sae import ARCHITECTURES
+    from dictsweep.sae.ensemble import ENCODES
     from dictsweep.train.bench import bench_train
     from dictsweep.train.kernels import KERNELS
 
@@ -47,6 +51,9 @@ def bench_train_command(
     for name in decode:
         if name not in ("auto", "dense", "sparse"):
             raise InputError(f"--decode: {name!r} is not one of auto, dense, sparse")
+    for name in encode:
+        if name not in ENCODES:
+            raise InputError(f"--encode: {name!r} is not one of {', '.join(ENCODES)}")
     import torch
 
     cuda = torch.cuda.is_available()
@@ -65,6 +72,7 @@ def bench_train_command(
         decodes=tuple(decode),
         rounds=rounds,
         k=k,
+        encodes=tuple(encode),
     )
     print_result(result, as_json, f"bench train: {architecture} d_model={d_model} n_latents={n_latents}")
 

@@ -1,7 +1,7 @@
 """The trainer's device path on CUDA end to end, without Ray (a small synth dataset as batch pieces
 with prefetch through pinned memory and a side stream: train, checkpoint, restore bit for bit on
-the same GPU, evaluate, export that `load_dictionary` loads), the kernel and decoder chosen by
-measurement there, and `bench_train(..., device="cuda")` for each architecture."""
+the same GPU, evaluate, export that `load_dictionary` loads), the kernel, decoder and encoder chosen
+by measurement there, and `bench_train(..., device="cuda")` for each architecture."""
 
 import numpy as np
 import pytest
@@ -107,19 +107,22 @@ def assert_same_state(saved, again, path=""):
         assert saved == again, path
 
 
-def test_auto_measures_kernel_and_decoder_and_drops_what_fails(monkeypatch, caplog):
+def test_auto_measures_kernel_decoder_and_encoder_and_drops_what_fails(monkeypatch, caplog):
     members = [Member(lr=1e-3, seed=seed, k=16) for seed in range(4)]
-    kernel, decode, timings = choose_path("topk", 256, 4096, members, 1024, "cuda", total_steps=100_000)
-    assert decode in ("dense", "sparse") and {"bmm/dense", "bmm/sparse"} <= set(timings)
+    kernel, decode, encode, timings = choose_path("topk", 256, 4096, members, 1024, "cuda", total_steps=100_000)
+    assert decode in ("dense", "sparse") and encode in ("dense", "sparse", "sparse-chunked", "sparse-csr")
+    assert {"bmm/dense/dense", "bmm/sparse/sparse", "bmm/sparse/sparse-chunked", "bmm/sparse/sparse-csr"} <= set(
+        timings
+    )
     from dictsweep.sae import ensemble
 
     def broken(*args):
         raise NotImplementedError("no sparse decoder here")
 
     monkeypatch.setattr(ensemble, "sparse_decode", broken)
-    kernel, decode, timings = choose_path("topk", 256, 4096, members, 1024, "cuda", candidates=("bmm",))
-    assert (kernel, decode) == ("bmm", "dense") and "bmm/sparse" not in timings
-    assert "kernel choice: bmm/sparse dropped (NotImplementedError: no sparse decoder here)" in caplog.messages
+    kernel, decode, encode, timings = choose_path("topk", 256, 4096, members, 1024, "cuda", candidates=("bmm",))
+    assert (kernel, decode) == ("bmm", "dense") and not any(name.startswith("bmm/sparse/") for name in timings)
+    assert "kernel choice: bmm/sparse/sparse dropped (NotImplementedError: no sparse decoder here)" in caplog.messages
 
 
 @pytest.mark.parametrize("architecture", ["relu", "topk", "batchtopk", "jumprelu"])
@@ -154,7 +157,7 @@ def test_first_step_peak_is_the_step_not_the_kernel_measurement():
     config = TrainConfig(tokens=ROWS * 10, batch_rows=ROWS, lr_warmup_steps=1, log_every_tokens=ROWS * 10)
     batch = [np.random.default_rng(0).standard_normal((ROWS, 256)).astype(np.float16)]
 
-    def first_step_peak(kernel: str, decode: str) -> tuple[int, tuple[str, str]]:
+    def first_step_peak(kernel: str, decode: str) -> tuple[int, tuple[str, str, str]]:
         chosen = DeviceLoop(
             [spec], 256, config.model_copy(update={"kernel": kernel, "decode": decode}), 10, 1.0, "float16", "cuda"
         )
@@ -166,5 +169,16 @@ def test_first_step_peak_is_the_step_not_the_kernel_measurement():
         return peak, path
 
     measured, path = first_step_peak("auto", "auto")  # candidates measured first
-    alone, _ = first_step_peak(*path)  # the same path, nothing measured
+    alone, _ = first_step_peak(*path[:2])  # the same path, nothing measured
     assert measured <= alone * 1.1, f"{measured / 2**20:.0f} MiB after measuring, {alone / 2**20:.0f} MiB alone"
+
+
+@pytest.mark.parametrize("architecture", ["topk", "batchtopk"])
+def test_bench_train_times_the_encoders_on_cuda(architecture):
+    encodes = ("dense", "sparse", "sparse-chunked", "sparse-csr")
+    result = bench_train(
+        256, 4096, 1024, 4, steps=5, architecture=architecture, kernels=("bmm",), device="cuda",
+        decodes=("sparse",), rounds=2, k=32, encodes=encodes,
+    )  # fmt: skip
+    assert set(result["candidates"]) == {f"bmm/sparse/{encode}" for encode in encodes}
+    assert result["encode"] in encodes and result["max_abs_weight_diff_vs_reference"] < 5e-2

@@ -1,5 +1,6 @@
 """Every architecture trains on CUDA as on the CPU: decode (dense, sparse) x kernel (bmm, compile)
-x precision (bf16, fp32), 50 steps, against the same SAEs trained on the CPU in fp32; the Triton
+x precision (bf16, fp32), 50 steps, against the same SAEs trained on the CPU in fp32 (and the top-k
+family with each encoder: dense, sparse, sparse-chunked, sparse-csr); the Triton
 sparse decoder against the dense decode at a realistic width; no host sync inside a step.
 
 Tolerance: the mean loss of each SAE over the last 10 of 50 steps is within 5% (fp32) or 10%
@@ -58,10 +59,14 @@ def config(precision: str) -> TrainConfig:
     )
 
 
-def losses(architecture: str, device: str, kernel: str, decode: str, precision: str) -> dict[str, torch.Tensor]:
+def losses(
+    architecture: str, device: str, kernel: str, decode: str, precision: str, encode: str = "auto"
+) -> dict[str, torch.Tensor]:
     """Per-SAE loss and squared error of each batch (summed over its optimizer steps), `[STEPS, K]`
     each (read at the end: no sync inside the loop)."""
-    ensemble = build_ensemble(architecture, D_MODEL, N_LATENTS, members(architecture), kernel=kernel, decode=decode)
+    ensemble = build_ensemble(
+        architecture, D_MODEL, N_LATENTS, members(architecture), kernel=kernel, decode=decode, encode=encode
+    )
     ensemble.input_scale.fill_(input_scale())
     trainer = EnsembleTrainer(ensemble, config(precision), STEPS, device)
     per_step = {"loss": [], "mse": []}
@@ -100,6 +105,15 @@ def test_trains_on_cuda_as_on_cpu(architecture, decode, kernel, precision):
     torch.testing.assert_close(gpu["mse"][-10:].mean(0), cpu["mse"][-10:].mean(0), rtol=TOLERANCE[precision], atol=1e-3)
 
 
+@pytest.mark.parametrize("encode", ["dense", "sparse", "sparse-chunked", "sparse-csr"])
+@pytest.mark.parametrize("architecture", ["topk", "batchtopk"])
+def test_top_k_encoders_train_on_cuda_as_on_cpu(architecture, encode):
+    gpu = losses(architecture, "cuda", "bmm", "sparse", "bf16", encode)
+    cpu = cpu_reference(architecture)
+    assert torch.isfinite(gpu["loss"]).all()
+    torch.testing.assert_close(gpu["loss"][-10:].mean(0), cpu["loss"][-10:].mean(0), rtol=TOLERANCE["bf16"], atol=1e-3)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_triton_decoder_equals_dense_decode(dtype):
     generator = torch.Generator(device="cuda").manual_seed(0)
@@ -123,11 +137,21 @@ def test_triton_decoder_equals_dense_decode(dtype):
 
 
 @pytest.mark.parametrize(
-    "architecture,decode", [("relu", "dense"), ("jumprelu", "dense"), ("topk", "dense"), ("topk", "sparse")]
+    "architecture,decode,encode",
+    [
+        ("relu", "dense", "auto"),
+        ("jumprelu", "dense", "auto"),
+        ("topk", "dense", "dense"),
+        ("topk", "sparse", "auto"),
+        ("topk", "sparse", "sparse-chunked"),
+        ("topk", "sparse", "sparse-csr"),
+    ],
 )
-def test_steps_between_logging_points_never_wait_for_the_gpu(architecture, decode):
+def test_steps_between_logging_points_never_wait_for_the_gpu(architecture, decode, encode):
     """(batchtopk sizes its rows from the batch, a read of the device per step, by design.)"""
-    ensemble = build_ensemble(architecture, D_MODEL, N_LATENTS, members(architecture), kernel="bmm", decode=decode)
+    ensemble = build_ensemble(
+        architecture, D_MODEL, N_LATENTS, members(architecture), kernel="bmm", decode=decode, encode=encode
+    )
     trainer = EnsembleTrainer(ensemble, config("bf16"), STEPS, "cuda")
     data = [batch.cuda() for batch in batches()]
     for batch in data[:12]:  # past the dead window and a logging point: AuxK on (resampling at step 20)

@@ -47,8 +47,8 @@ CONFIG = TrainConfig(
 )
 
 
-def train(architecture, members, kernel="bmm", decode="auto"):
-    ensemble = build_ensemble(architecture, D_MODEL, N_LATENTS, members, kernel=kernel, decode=decode)
+def train(architecture, members, kernel="bmm", decode="auto", encode="auto"):
+    ensemble = build_ensemble(architecture, D_MODEL, N_LATENTS, members, kernel=kernel, decode=decode, encode=encode)
     ensemble.input_scale.fill_(1.7)
     trainer = EnsembleTrainer(ensemble, CONFIG, total_batches=STEPS)
     for batch in batches():
@@ -64,16 +64,18 @@ def assert_same_member(stacked, index, alone):
             torch.testing.assert_close(buffer[index], getattr(alone, name)[0], rtol=1e-5, atol=1e-6)
 
 
-CASES = [(architecture, kernel, "dense") for architecture in sorted(SPARSITY) for kernel in ("bmm", "loop")]
-CASES += [("topk", "bmm", "sparse"), ("batchtopk", "bmm", "sparse")]
+# the top-k family's encoder: auto (the fused encoder) and dense
+CASES = [(architecture, kernel, "dense", "auto") for architecture in sorted(SPARSITY) for kernel in ("bmm", "loop")]
+CASES += [("topk", "bmm", "sparse", "auto"), ("batchtopk", "bmm", "sparse", "auto")]
+CASES += [("topk", "bmm", "sparse", "dense"), ("batchtopk", "loop", "dense", "dense")]
 
 
-@pytest.mark.parametrize("architecture,kernel,decode", CASES)
-def test_ensemble_equals_independent_members(architecture, kernel, decode):
+@pytest.mark.parametrize("architecture,kernel,decode,encode", CASES)
+def test_ensemble_equals_independent_members(architecture, kernel, decode, encode):
     members = members_of(architecture)
-    stacked, stacked_trainer = train(architecture, members, kernel, decode)
+    stacked, stacked_trainer = train(architecture, members, kernel, decode, encode)
     for index, member in enumerate(members):
-        alone, alone_trainer = train(architecture, [member], kernel, decode)
+        alone, alone_trainer = train(architecture, [member], kernel, decode, encode)
         assert_same_member(stacked, index, alone)
         # the members moved away from their start, so the comparison means something
         assert not torch.allclose(alone.W_dec[0], alone.init_member(member.seed)[1], atol=1e-3)

@@ -221,6 +221,23 @@ def test_hostile_kernel_record_names_the_file(tmp_path):
         loop(uri)
 
 
+def test_kernel_record_holds_the_encoder_and_older_records_read_as_dense(tmp_path):
+    uri = str(tmp_path / "w0-t0.pt")
+    assert [t.ensemble.encoding for t in loop(uri).trainers] == ["auto", "auto"]  # set kernel on a CPU: not measured
+    with open(uri + ".kernels.json") as file:
+        assert json.load(file) == [{"kernel": "bmm", "decode": "sparse", "encode": "auto"}] * 2
+    with open(uri + ".kernels.json", "w") as file:  # written before the encoder was a choice: it trained dense
+        json.dump([{"kernel": "bmm", "decode": "sparse"}, "loop"], file)
+    assert [(t.ensemble.kernel, t.ensemble.encoding) for t in loop(uri).trainers] == [
+        ("bmm", "dense"),
+        ("loop", "dense"),
+    ]
+    with open(uri + ".kernels.json", "w") as file:
+        json.dump([{"kernel": "bmm", "decode": "sparse", "encode": "__import__('os')"}, "bmm"], file)
+    with pytest.raises(InputError, match=r"w0-t0\.pt\.kernels\.json: expected 2 entries .* encode"):
+        loop(uri)
+
+
 def test_auxk_on_gpus_starts_at_the_logging_point_after_latents_die():
     wide = [EnsembleSpec("topk", 512, (Member(lr=3e-3, seed=1, k=4),), ("a",))]  # 512 rows fire <= 512 x 4
     device_loop = DeviceLoop(wide, D_MODEL, CONFIG, STEPS, 1.5, "float32", "cpu")
@@ -237,7 +254,7 @@ def test_auxk_on_gpus_starts_at_the_logging_point_after_latents_die():
 def test_device_path_imports_no_ray_mlflow_or_deepspeed():
     code = (
         "import sys, dictsweep.train.device, dictsweep.train.bench, dictsweep.sae.sparse_decode; "
-        "sys.path.insert(0, 'tests'); import gpu.conftest, gpu.test_gpu, gpu.test_device_gpu; "
+        "sys.path.insert(0, 'tests'); import gpu.conftest, gpu.test_gpu, gpu.test_device_gpu, gpu.test_sparse_encode_gpu; "
         "print(sorted(m for m in ('ray', 'mlflow', 'deepspeed') if m in sys.modules))"
     )
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -210,12 +210,45 @@ def test_compile_is_tried_only_when_the_planned_steps_repay_it():
 
 def test_choose_kernel_weighs_the_build_against_the_planned_steps(monkeypatch):
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
-    kernel, decode, timings = kernels.choose_path("relu", 16, 64, MEMBERS, 64, total_steps=10)
+    kernel, decode, encode, timings = kernels.choose_path("relu", 16, 64, MEMBERS, 64, total_steps=10)
     assert set(timings) == {"bmm", "loop"} and kernel == min(timings, key=timings.get)  # not worth trying
-    assert decode == "auto"  # CPUs keep the density rule
-    kernel, _, timings = kernels.choose_path("relu", 16, 64, MEMBERS, 64, candidates=("bmm", "compile"), total_steps=10)
+    assert (decode, encode) == ("auto", "auto")  # CPUs keep the density rule; relu has no top-k encoder
+    kernel, _, _, timings = kernels.choose_path(
+        "relu", 16, 64, MEMBERS, 64, candidates=("bmm", "compile"), total_steps=10
+    )
     assert timings["compile_seconds"] > 0 and timings["compile"] > 0
     assert kernel == "bmm"  # ten steps never repay a build
+
+
+def test_choose_path_measures_the_top_k_encoders_on_one_trainer(monkeypatch, caplog):
+    built = []
+    monkeypatch.setattr(
+        kernels, "build_ensemble", lambda *args, **options: built.append(options) or build_ensemble(*args, **options)
+    )
+    kernel, decode, encode, timings = kernels.choose_path(
+        "topk", 16, 64, MEMBERS, 64, candidates=("bmm",), total_steps=10
+    )
+    assert set(timings) == {"bmm/auto/dense", "bmm/auto/sparse"} and (kernel, decode) == ("bmm", "auto")
+    assert f"bmm/auto/{encode}" == min(timings, key=timings.get)
+    assert len(built) == 1  # the encoders took turns on one trainer: no second copy of the weights
+    monkeypatch.setattr(kernels, "build_ensemble", build_ensemble)
+
+    def broken(*args):
+        raise RuntimeError("no sparse encoder here")
+
+    monkeypatch.setattr("dictsweep.sae.topk.sparse_encode", broken)
+    kernel, decode, encode, timings = kernels.choose_path(
+        "topk", 16, 64, MEMBERS, 64, candidates=("bmm",), total_steps=10
+    )
+    assert (kernel, decode, encode) == ("bmm", "auto", "dense") and set(timings) == {"bmm/auto/dense"}
+    assert "kernel choice: bmm/auto/sparse dropped (RuntimeError: no sparse encoder here)" in caplog.messages
+    # set, not measured: nothing to choose
+    assert kernels.choose_path("topk", 16, 64, MEMBERS, 64, candidates=("bmm",), encode="sparse") == (
+        "bmm",
+        "auto",
+        "sparse",
+        {},
+    )
 
 
 def bench(*options):
@@ -257,6 +290,31 @@ def test_bench_train_json():
     assert 0 < result["fraction_of_matmul_rate"] and result["reference_sae_samples_per_s"] > 0
 
 
+def test_bench_train_times_the_encoders_beside_each_other():
+    result = bench_train(
+        16,
+        64,
+        128,
+        3,
+        steps=2,
+        architecture="topk",
+        kernels=("bmm",),
+        decodes=("sparse",),
+        encodes=("dense", "sparse"),
+        rounds=2,
+    )
+    assert set(result["candidates"]) == {"bmm/sparse/dense", "bmm/sparse/sparse"}
+    assert f"bmm/sparse/{result['encode']}" == max(result["candidates"], key=result["candidates"].get)
+    assert result["max_abs_weight_diff_vs_reference"] < 1e-5  # the per-SAE loop (dense encoder) trains the same SAEs
+    out = subprocess.run(
+        [sys.executable, "-m", "dictsweep.cli", "bench", "train", "--encode", "fused"], capture_output=True, text=True
+    )
+    assert (
+        out.returncode == 2
+        and "--encode: 'fused' is not one of auto, dense, sparse, sparse-chunked, sparse-csr" in out.stderr
+    )
+
+
 @pytest.mark.parametrize("architecture", ["topk", "batchtopk", "jumprelu"])
 def test_bench_train_covers_architectures_and_decoders(architecture):
     result = bench_train(
@@ -276,7 +334,7 @@ def test_a_candidate_that_raises_is_dropped_with_a_note(monkeypatch, caplog):
         step(trainer, batch)
 
     monkeypatch.setattr(EnsembleTrainer, "step", loop_fails)
-    kernel, decode, timings = kernels.choose_path("relu", 16, 64, MEMBERS, 64, total_steps=10)
+    kernel, decode, _, timings = kernels.choose_path("relu", 16, 64, MEMBERS, 64, total_steps=10)
     assert (kernel, decode) == ("bmm", "auto") and set(timings) == {"bmm"}
     assert [(record.levelname, record.getMessage()) for record in caplog.records] == [
         ("WARNING", "kernel choice: loop dropped (RuntimeError: no such kernel here)")

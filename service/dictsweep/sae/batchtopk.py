@@ -42,7 +42,7 @@ class BatchTopKEnsemble(TopKEnsemble):
         the widest row's width would pass over `[K, B, n_latents]` twice more.)"""
         n_members, rows, n_latents = pre.shape
         flat = pre.flatten(1)  # [K, B * n_latents]
-        top, where = flat.detach().topk(self.widest_k() * rows, dim=-1, sorted=True)  # [K, L]
+        top, where = self.top_k(flat.detach(), self.widest_k() * rows)  # [K, L]
         kept = self.k_now(sparsity_scale).view(-1, 1) * rows  # [K, 1]
         smallest = top.gather(1, kept - 1).clamp_min(0)  # [K, 1]
         keep = (torch.arange(top.shape[1], device=pre.device) < kept) & (top > 0)  # [K, L]
@@ -70,14 +70,21 @@ class BatchTopKEnsemble(TopKEnsemble):
         auxk_coef: float = AUXK_COEF,
         auxk_k: int = 0,
     ) -> EnsembleOutput:
-        pre = self.pre_acts(x)  # [K, B, n_latents]
-        if not (self.training and torch.is_grad_enabled()):  # evaluation: as the exported dictionary
-            latent_acts, latent_indices = self.activate(pre)
-        else:
-            latent_acts, latent_indices, smallest = self.batch_topk(pre, sparsity_scale)
+        training = self.training and torch.is_grad_enabled()
+        smallest = []  # the smallest kept value [K], from the selection
+
+        def select(pre: Tensor) -> tuple[Tensor, Tensor | None]:
+            if not training:  # evaluation: as the exported dictionary
+                return self.activate(pre)
+            values, indices, least = self.batch_topk(pre, sparsity_scale)
+            smallest.append(least)
+            return values, indices
+
+        (latent_acts, latent_indices), dead = self.encode_selected(x, select, dead_mask, auxk_coef, auxk_k)
+        if training:
             with torch.no_grad():
-                estimate = self.threshold.lerp(smallest.float(), THRESHOLD_RATE)
-                self.threshold.copy_(torch.where(self.threshold > 0, estimate, smallest.float()))
+                estimate = self.threshold.lerp(smallest[0].float(), THRESHOLD_RATE)
+                self.threshold.copy_(torch.where(self.threshold > 0, estimate, smallest[0].float()))
         sae_out = self.decode(latent_acts, latent_indices)
         no_penalty = torch.zeros(self.n_members, device=x.device)
         return self.output(
@@ -87,7 +94,7 @@ class BatchTopKEnsemble(TopKEnsemble):
             latent_indices,
             self.fire_counts(latent_acts, latent_indices),
             no_penalty,
-            self.auxk_loss(x, pre, sae_out, dead_mask, auxk_coef, auxk_k),
+            self.auxk_from(x, sae_out, dead, dead_mask, auxk_coef),
         )
 
     def member_config(self, index: int) -> dict:

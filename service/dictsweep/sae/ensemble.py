@@ -26,6 +26,10 @@ from dictsweep.sae.sparse_decode import sparse_decode, triton_available
 
 SPARSE_DECODE_MAX_DENSITY = 1 / 32  # decode="auto": gather when k <= this fraction of n_latents (CPU crossover)
 AUXK_COEF = 1 / 32  # Gao et al. 2024
+# the top-k family's encoder backward: autograd through the dense pre-activations, or the fused top-k
+# encoder (sparse_encode.py): with a two-stage top-k ("sparse-chunked"), with its weight gradient as a
+# CSR matmul on GPUs too ("sparse-csr"); auto: topk.py's rule
+ENCODES = ("auto", "dense", "sparse", "sparse-chunked", "sparse-csr")
 
 
 @dataclass(frozen=True)
@@ -104,14 +108,24 @@ class Ensemble(nn.Module):
     hyperparameters: ClassVar[tuple[HyperParameter, ...]] = (L1_COEF, TARGET_L0)  # its grid keys besides lr and seed
     sparsity_key: ClassVar[str] = "l1_coef"  # the grid key that sets its sparsity: hyperparameters[0]'s
 
-    def __init__(self, d_model: int, n_latents: int, members: list[Member], kernel: str = "bmm", decode: str = "auto"):
+    def __init__(
+        self,
+        d_model: int,
+        n_latents: int,
+        members: list[Member],
+        kernel: str = "bmm",
+        decode: str = "auto",
+        encode: str = "auto",
+    ):
         super().__init__()
         if not members:
             raise ValueError("an ensemble needs at least one member")
         if decode not in ("auto", "dense", "sparse"):
             raise ValueError(f"decode must be auto, dense or sparse, got {decode!r}")
+        if encode not in ENCODES:
+            raise ValueError(f"encode must be one of {', '.join(ENCODES)}, got {encode!r}")
         self.d_model, self.n_latents, self.members = d_model, n_latents, list(members)
-        self.kernel, self.decoding = kernel, decode
+        self.kernel, self.decoding, self.encoding = kernel, decode, encode
         inits = [self.init_member(member.seed) for member in members]
         self.W_enc = nn.Parameter(torch.stack([w_enc for w_enc, _ in inits]))  # [K, d_model, n_latents]
         self.W_dec = nn.Parameter(torch.stack([w_dec for _, w_dec in inits]))  # [K, n_latents, d_model]
@@ -152,8 +166,11 @@ class Ensemble(nn.Module):
         (Folding the biases into the matmuls as an extra row of ones costs more than it saves: the
         odd width d_model + 1 slows every matmul by 10-20%.)
         """
-        bias = self.b_enc.unsqueeze(1) - torch.bmm(self.b_dec.unsqueeze(1), self.W_enc)  # [K, 1, n_latents]
-        return self.matmul(x.expand(self.n_members, *x.shape), self.W_enc, bias)
+        return self.matmul(x.expand(self.n_members, *x.shape), self.W_enc, self.encoder_bias())
+
+    def encoder_bias(self) -> Tensor:
+        """b_enc - b_dec @ W_enc, `[K, 1, n_latents]`: the bias of the pre-activations of unshifted inputs."""
+        return self.b_enc.unsqueeze(1) - torch.bmm(self.b_dec.unsqueeze(1), self.W_enc)
 
     def sparse_decode(self, k: int) -> bool:
         """Whether k active latents per row are decoded by gathering decoder rows instead of a matmul."""

@@ -7,7 +7,8 @@ Backward: the decoder gradient is a scatter-add of values[m, b, j] * grad_out[m,
 selected rows (fp32 atomics, straight into the fp32 master weights' gradient: no bf16 copy of the
 table is made; entries of value 0, such as the padding of batchtopk's shorter rows, are skipped in
 both directions), and the value gradient is the dot product of grad_out[m, b] with each selected
-row. Neither direction materialises `[K, B, n_latents]`.
+row. Neither direction materialises `[K, B, n_latents]`. The same scatter (`scatter_outer`) builds
+the fused top-k encoder's weight gradient (`sparse_encode.py`).
 
 Triton is imported on first use only, so CPU users never need it (CPUs decode with
 `embedding_bag`, see `Ensemble.gather_decode`). `TRITON_INTERPRET=1` runs the kernels on CPU
@@ -167,6 +168,35 @@ class SparseDecode(torch.autograd.Function):
             BLOCK_D=BLOCK_D,
         )
         return (grad_values if need_values else None, None, grad_table.to(table.dtype) if need_table else None)
+
+
+def scatter_outer(values: Tensor, indices: Tensor, rows: Tensor, n_latents: int) -> Tensor:
+    """`[K, n_latents, d]` fp32: values[m, b, j] * rows[m, b] summed into row indices[m, b, j] of member
+    m, from `[K, B, k]` values and indices and `rows [K, B, d]` (the decoder backward's scatter; the
+    top-k encoder's weight gradient, transposed). Entries of value 0 add nothing and cost no atomic."""
+    values, indices, rows = values.contiguous(), indices.contiguous(), rows.contiguous()
+    n_members, n_rows, k = values.shape
+    d_model = rows.shape[-1]
+    out = torch.zeros(n_members, n_latents, d_model, dtype=torch.float32, device=values.device)
+    _, backward_kernel = kernels()
+    grid = (n_members * n_rows, -(-k // BLOCK_J))
+    backward_kernel[grid](
+        rows,
+        values,
+        indices,
+        out,
+        values,
+        out,
+        n_rows,
+        n_latents,
+        d_model,
+        k,
+        NEED_VALUES=False,
+        NEED_TABLE=True,
+        BLOCK_J=BLOCK_J,
+        BLOCK_D=BLOCK_D,
+    )
+    return out
 
 
 @torch.compiler.disable

@@ -17,6 +17,7 @@ from torch import Tensor
 from dictsweep.sae.ensemble import AUXK_COEF, Ensemble, EnsembleOutput, register
 from dictsweep.sae.hyperparameters import K
 from dictsweep.sae.metrics import squared_error, variance
+from dictsweep.sae.sparse_encode import Selection, chunked_topk, sparse_encode
 
 # k at the start of the sparsity warm-up, as a multiple of k. d_model 128, 512 features (decay 0.99,
 # 10 active), 2048 latents, k=10, 1M tokens, warm-up 0.2: mean max cosine 0.938 -> 0.991 (from
@@ -64,8 +65,37 @@ class TopKEnsemble(Ensemble):
         keep = torch.arange(values.shape[-1], device=values.device) < self.k_now(sparsity_scale).view(-1, 1, 1)
         return values * keep  # keep: [K, 1, w]
 
+    def top_k(self, scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """The k largest of the last dimension, sorted: one torch.topk, or two stages ("sparse-chunked")."""
+        if self.encoding == "sparse-chunked":
+            return chunked_topk(scores, k)
+        return scores.topk(k, dim=-1, sorted=True)
+
+    def sparse_encoding(self) -> bool:
+        """Whether training steps run the fused encoder, whose backward touches only the selected
+        latents (sparse_encode.py); auto: always (CPU measurements in docs/gpu.md; GPUs measure)."""
+        return self.encoding != "dense"
+
+    def encode_selected(
+        self, x: Tensor, select, dead_mask: Tensor | None, auxk_coef: float, auxk_k: int
+    ) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor] | None]:
+        """The latents `select(pre)` keeps of a scaled batch `[B, d_model]`, and AuxK's top dead latents
+        (None when AuxK is off), values and indices `[K, B, w]`: through the fused encoder while
+        training, else autograd through the dense pre-activations."""
+        auxk = dead_mask is not None and auxk_coef != 0
+
+        def selection(pre: Tensor) -> Selection:
+            return [select(pre), *([self.auxk_select(pre, dead_mask, auxk_k)] if auxk else [])]
+
+        if self.sparse_encoding() and self.training and torch.is_grad_enabled():
+            csr = self.encoding == "sparse-csr"
+            selected = sparse_encode(x, self.W_enc, self.encoder_bias(), self.matmul, selection, csr)
+        else:
+            selected = selection(self.pre_acts(x))
+        return selected[0], (selected[1] if auxk else None)
+
     def activate(self, pre: Tensor, sparsity_scale: Tensor | float = 1.0) -> tuple[Tensor, Tensor]:
-        values, indices = pre.topk(self.widest_k(), dim=-1, sorted=True)  # [K, B, w]
+        values, indices = self.top_k(pre, self.widest_k())  # [K, B, w]
         return self.keep_first_k(torch.relu(values), sparsity_scale), indices
 
     def forward(
@@ -76,8 +106,9 @@ class TopKEnsemble(Ensemble):
         auxk_coef: float = AUXK_COEF,
         auxk_k: int = 0,
     ) -> EnsembleOutput:
-        pre = self.pre_acts(x)  # [K, B, n_latents]
-        latent_acts, latent_indices = self.activate(pre, sparsity_scale)  # [K, B, w]
+        (latent_acts, latent_indices), dead = self.encode_selected(
+            x, lambda pre: self.activate(pre, sparsity_scale), dead_mask, auxk_coef, auxk_k
+        )  # [K, B, w]
         sae_out = self.decode(latent_acts, latent_indices)
         no_penalty = torch.zeros(self.n_members, device=x.device)
         return self.output(
@@ -87,28 +118,45 @@ class TopKEnsemble(Ensemble):
             latent_indices,
             self.fire_counts(latent_acts, latent_indices),
             no_penalty,
-            self.auxk_loss(x, pre, sae_out, dead_mask, auxk_coef, auxk_k),
+            self.auxk_from(x, sae_out, dead, dead_mask, auxk_coef),
         )
 
     def auxk_loss(
         self, x: Tensor, pre: Tensor, sae_out: Tensor, dead_mask: Tensor | None, coef: float, k_aux: int
     ) -> Tensor | None:
-        """AuxK (Gao et al. 2024), `[K]`: the top k_aux dead latents of each row (ReLU'd), decoded
+        """AuxK (Gao et al. 2024), `[K]`, from the pre-activations `[K, B, n_latents]`: `auxk_from` of
+        `auxk_select`."""
+        if dead_mask is None or coef == 0:
+            return None
+        return self.auxk_from(x, sae_out, self.auxk_select(pre, dead_mask, k_aux), dead_mask, coef)
+
+    def auxk_select(self, pre: Tensor, dead_mask: Tensor, k_aux: int) -> tuple[Tensor, Tensor]:
+        """The top k_aux (0: d_model // 2) dead latents of each row, ReLU'd, values and indices `[K, B, k_aux]`."""
+        k_aux = min(k_aux or self.d_model // 2, self.n_latents)
+        dead_pre = pre.masked_fill(~dead_mask.unsqueeze(1), float("-inf"))  # [K, B, n_latents]
+        if self.encoding == "sparse-chunked":
+            values, indices = chunked_topk(dead_pre, k_aux)
+        else:
+            values, indices = dead_pre.topk(k_aux, dim=-1, sorted=False)  # -inf: not dead, ReLU'd to 0
+        return values.relu(), indices
+
+    def auxk_from(
+        self, x: Tensor, sae_out: Tensor, dead: tuple[Tensor, Tensor] | None, dead_mask: Tensor | None, coef: float
+    ) -> Tensor | None:
+        """AuxK (Gao et al. 2024), `[K]`: the `dead` latents (`auxk_select`'s, None: no AuxK), decoded
         without bias, reconstruct the residual e = x - sae_out.
 
         Gao et al. divide the main and the auxiliary squared error by their targets' variances; our
         main loss is the plain squared error, so the auxiliary one is |e_hat - e|^2 * var(x) / var(e).
         Members with fewer than k_aux dead latents weigh it by dead / k_aux (as sparsify does).
         """
-        if dead_mask is None or coef == 0:
+        if dead is None:
             return None
-        k_aux = min(k_aux or self.d_model // 2, self.n_latents)
-        dead_pre = pre.masked_fill(~dead_mask.unsqueeze(1), float("-inf"))  # [K, B, n_latents]
-        values, indices = dead_pre.topk(k_aux, dim=-1, sorted=False)  # [K, B, k_aux]; -inf: not dead, ReLU'd to 0
+        values, indices = dead  # [K, B, k_aux]
         residual = (x - sae_out.float()).detach()  # [K, B, d_model]
-        error = squared_error(residual, self.decode(values.relu(), indices, bias=False))  # [K]
+        error = squared_error(residual, self.decode(values, indices, bias=False))  # [K]
         normalised = error * variance(x) / variance(residual)  # [K]
-        return coef * (dead_mask.sum(-1) / k_aux).clamp(max=1.0) * normalised
+        return coef * (dead_mask.sum(-1) / values.shape[-1]).clamp(max=1.0) * normalised
 
     def member_config(self, index: int) -> dict:
         return {"k": int(self.k[index]), "rescale_acts_by_decoder_norm": False}

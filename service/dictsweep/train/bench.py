@@ -1,7 +1,7 @@
 """`dictsweep bench train`: SAE-samples/s of a stacked ensemble against per-SAE training.
 
-In one process and on the same batches it times (a) the ensemble with each candidate kernel and
-decoder, (b) a reference that steps the same K SAEs one at a time, each with its own optimizer (how
+In one process and on the same batches it times (a) the ensemble with each candidate kernel,
+decoder and encoder (each its own trainer), (b) a reference that steps the same K SAEs one at a time, each with its own optimizer (how
 per-SAE trainers work), and (c) torch's own matmul at the encoder's shape. Timings are interleaved
 in rounds (every candidate once per round, on the same batches) and medians are reported, so a
 busy machine slows all of them alike. It checks that ensemble and reference give the same weights.
@@ -86,8 +86,10 @@ def bench_train(
     decodes: tuple[str, ...] = ("auto",),
     rounds: int = 3,
     k: int = 0,
+    encodes: tuple[str, ...] = ("auto",),
 ) -> dict:
-    """Measure one ensemble shape; returns the JSON-ready result (samples/s are medians over rounds)."""
+    """Measure one ensemble shape; returns the JSON-ready result (samples/s are medians over rounds).
+    Candidates are named kernel/decode, and kernel/decode/encode when `encodes` is not just auto."""
     device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -107,18 +109,23 @@ def bench_train(
     samples = n_members * batch_rows  # SAE-samples per step
     dtype = torch.bfloat16 if uses_bf16(config, device) else torch.float32  # the yardstick's matmul
 
-    trainers, warmup_seconds = {}, {}
+    trainers, warmup_seconds, paths = {}, {}, {}
     for kernel in kernels or default_candidates(device):
         for decode in decodes:
-            ensemble = build_ensemble(architecture, d_model, n_latents, members, kernel=kernel, decode=decode)
-            trainers[f"{kernel}/{decode}"] = trainer = EnsembleTrainer(ensemble, config, total_steps, device)
-            start = time.perf_counter()
-            time_steps(trainer, batches[:warmup], warmup)  # builds the compiled kernel
-            warmup_seconds[kernel] = time.perf_counter() - start
+            for encode in encodes:
+                name = f"{kernel}/{decode}" + ("" if encodes == ("auto",) else f"/{encode}")
+                ensemble = build_ensemble(
+                    architecture, d_model, n_latents, members, kernel=kernel, decode=decode, encode=encode
+                )
+                trainers[name] = trainer = EnsembleTrainer(ensemble, config, total_steps, device)
+                paths[name] = (kernel, decode, encode)
+                start = time.perf_counter()
+                time_steps(trainer, batches[:warmup], warmup)  # builds the compiled kernel
+                warmup_seconds[kernel] = time.perf_counter() - start
     if reference:
         singles = [
             EnsembleTrainer(
-                build_ensemble(architecture, d_model, n_latents, [member], decode=decodes[0]),
+                build_ensemble(architecture, d_model, n_latents, [member], decode=decodes[0], encode=encodes[0]),
                 config,
                 total_steps,
                 device,
@@ -136,7 +143,7 @@ def bench_train(
     rate = {name: samples / statistics.median(values) for name, values in seconds.items() if name != "matmul"}
     candidates = {name: rate[name] for name in trainers if name != "reference"}
     best = max(candidates, key=candidates.get)
-    kernel, decode = best.split("/")
+    kernel, decode, encode = paths[best]
 
     result = {
         "architecture": architecture,
@@ -150,6 +157,7 @@ def bench_train(
         "device": str(device),
         "kernel": kernel,
         "decode": decode,
+        "encode": encode,
         "sae_samples_per_s": candidates[best],
         "candidates": {name: round(value, 1) for name, value in candidates.items()},
     }
@@ -165,7 +173,8 @@ def bench_train(
 
     # 5 matmuls of 2*B*d*n per member per step: encoder and decoder forward, decoder weight and
     # input gradients, encoder weight gradient (biases ride them). With a sparse decoder, two of
-    # them are gathers: the figure is then dense-equivalent.
+    # them are gathers, and with the sparse encoder a third is a scatter: the figure is then
+    # dense-equivalent.
     matmul_flops = 2 * batch_rows * d_model * n_latents * n_members
     achieved = 5 * matmul_flops * candidates[best] / samples
     matmul_rate = matmul_flops / statistics.median(seconds["matmul"])

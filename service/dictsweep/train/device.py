@@ -26,7 +26,7 @@ import torch
 
 from dictsweep.config import TrainConfig
 from dictsweep.errors import InputError
-from dictsweep.sae.ensemble import Member, build_ensemble
+from dictsweep.sae.ensemble import ENCODES, Member, build_ensemble
 from dictsweep.sae.transcoder import is_transcoder
 from dictsweep.store import fs
 from dictsweep.train.checkpoint import checkpoint_bytes, read_checkpoint
@@ -158,11 +158,18 @@ class DeviceLoop:
         self.total_steps, self.checkpoint_uri = total_steps, checkpoint_uri
         d_target, target_scale = target or (0, 1.0)
         self.trainers = []
-        self.chosen = self.paths(d_model, d_target)  # each ensemble's (kernel, decode)
-        for spec, (kernel, decode) in zip(ensembles, self.chosen):
+        self.chosen = self.paths(d_model, d_target)  # each ensemble's (kernel, decode, encode)
+        for spec, (kernel, decode, encode) in zip(ensembles, self.chosen):
             options = {"d_out": d_target} if is_transcoder(spec.architecture) else {}
             ensemble = build_ensemble(
-                spec.architecture, d_model, spec.n_latents, list(spec.members), kernel=kernel, decode=decode, **options
+                spec.architecture,
+                d_model,
+                spec.n_latents,
+                list(spec.members),
+                kernel=kernel,
+                decode=decode,
+                encode=encode,
+                **options,
             )
             ensemble.input_scale.fill_(input_scale)
             if options:
@@ -181,17 +188,17 @@ class DeviceLoop:
         self.restored = self.restore()
 
     # -- start and checkpoints -------------------------------------------------------------------------
-    def paths(self, d_model: int, d_target: int = 0) -> list[tuple[str, str]]:
-        """Each ensemble's kernel and decoder: as recorded beside the checkpoint, else measured on
-        this device at the sweep's shapes (and recorded: a restarted trainer computes as before)."""
+    def paths(self, d_model: int, d_target: int = 0) -> list[tuple[str, str, str]]:
+        """Each ensemble's kernel, decoder and encoder: as recorded beside the checkpoint, else measured
+        on this device at the sweep's shapes (and recorded: a restarted trainer computes as before)."""
         record = self.checkpoint_uri + ".kernels.json" if self.checkpoint_uri else None
         if record and fs.exists(record):
             return read_paths(record, len(self.specs))
         paths = []
         for spec in self.specs:
-            kernel, decode = self.config.kernel, self.config.decode
-            if kernel == "auto" or (decode == "auto" and self.device.type == "cuda"):
-                kernel, decode, _ = choose_path(
+            kernel, decode, encode = self.config.kernel, self.config.decode, "auto"
+            if kernel == "auto" or self.device.type == "cuda":  # on GPUs the top-k family's encoder is measured
+                kernel, decode, encode, _ = choose_path(
                     spec.architecture,
                     d_model,
                     spec.n_latents,
@@ -203,12 +210,12 @@ class DeviceLoop:
                     decode=decode,
                     d_target=d_target if is_transcoder(spec.architecture) else 0,
                 )
-            paths.append((kernel, decode))
+            paths.append((kernel, decode, encode))
         if self.device.type == "cuda":
             torch.cuda.empty_cache()  # the measured candidates' memory
             torch.cuda.reset_peak_memory_stats(self.device)  # the first step's peak is checked against the plan
         if record:
-            fs.write_text(record, json.dumps([{"kernel": kernel, "decode": decode} for kernel, decode in paths]))
+            fs.write_text(record, json.dumps([dict(zip(("kernel", "decode", "encode"), path)) for path in paths]))
         return paths
 
     def state(self, records: list[dict] | None = None) -> dict:
@@ -416,16 +423,25 @@ def checked_records(records, names: set[str], tokens: int) -> list[dict]:
     return records
 
 
-def read_paths(record: str, count: int) -> list[tuple[str, str]]:
-    """The kernels and decoders recorded beside a checkpoint (untrusted: checked; the older form,
-    a list of kernel names, reads as decode auto)."""
+def read_paths(record: str, count: int) -> list[tuple[str, str, str]]:
+    """The kernels, decoders and encoders recorded beside a checkpoint (untrusted: checked; older
+    forms: a list of kernel names reads as decode auto, an entry without encode as the dense encoder
+    it trained with)."""
     try:
         entries = json.loads(fs.read_text(record))
-        paths = [(entry, "auto") if isinstance(entry, str) else (entry["kernel"], entry["decode"]) for entry in entries]
-    except (ValueError, KeyError, TypeError) as error:
+        paths = [
+            (entry, "auto", "dense")
+            if isinstance(entry, str)
+            else (entry["kernel"], entry["decode"], entry.get("encode", "dense"))
+            for entry in entries
+        ]
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
         raise InputError(f"{record}: not a kernel record ({error})") from None
-    if len(paths) != count or any(kernel not in KERNELS or decode not in DECODES for kernel, decode in paths):
+    if len(paths) != count or any(
+        kernel not in KERNELS or decode not in DECODES or encode not in ENCODES for kernel, decode, encode in paths
+    ):
         raise InputError(
-            f"{record}: expected {count} entries of kernel {KERNELS} and decode {DECODES}, got {str(entries)[:200]}"
+            f"{record}: expected {count} entries of kernel {KERNELS}, decode {DECODES} and encode {ENCODES},"
+            f" got {str(entries)[:200]}"
         )
     return paths
