@@ -71,6 +71,35 @@ def test_fused_encoder_equals_the_dense_path_in_fp32(architecture, warming_up, k
         torch.testing.assert_close(sparse_grads[name], grad, rtol=1e-6, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize(
+    "architecture,d_out",
+    [("matryoshka_batchtopk", 0), ("batchtopk_transcoder", 24), ("matryoshka_batchtopk_skip_transcoder", 24)],
+)
+def test_fused_encoder_of_matryoshka_and_transcoders_equals_the_dense_path(architecture, d_out):
+    """Matryoshka's per-group AuxK selections and a transcoder's input columns (its rows hold input,
+    then target) go through the same fused encoder."""
+    team = [Member(lr=1e-3, seed=m.seed, k=m.k, matryoshka_prefixes=(0.25, 0.5)) for m in TEAM]
+    rows = torch.cat([batch(), batch(1)[:, :d_out]], dim=1)  # [B, d_model + d_out]
+
+    def run_with(encode):
+        options = {"d_out": d_out} if d_out else {}
+        ensemble = build_ensemble(architecture, D_MODEL, 96, team, decode="sparse", encode=encode, **options)
+        with torch.no_grad():
+            ensemble.b_enc.copy_(torch.randn(ensemble.b_enc.shape, generator=torch.Generator().manual_seed(7)) * 0.3)
+        dead = torch.rand(len(team), 96, generator=torch.Generator().manual_seed(9)) < 0.6
+        out = ensemble(rows, 1.0, dead, 1 / 32, 8)
+        out.loss.sum().backward()
+        return out, {name: param.grad for name, param in ensemble.named_parameters()}
+
+    dense, dense_grads = run_with("dense")
+    sparse, sparse_grads = run_with("sparse")
+    assert (dense.aux_loss > 0).all() and torch.equal(sparse.latent_indices, dense.latent_indices)
+    torch.testing.assert_close(sparse.loss, dense.loss, rtol=1e-6, atol=1e-6)
+    for name, grad in dense_grads.items():
+        assert grad.abs().max() > 0, name
+        torch.testing.assert_close(sparse_grads[name], grad, rtol=1e-6, atol=1e-6, msg=name)
+
+
 @pytest.mark.parametrize("architecture", ["topk", "batchtopk"])
 def test_fused_encoder_equals_the_dense_path_under_bf16_autocast(architecture):
     dense, dense_grads, _ = run(architecture, 96, "dense", bf16=True)

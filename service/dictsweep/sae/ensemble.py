@@ -166,7 +166,12 @@ class Ensemble(nn.Module):
         (Folding the biases into the matmuls as an extra row of ones costs more than it saves: the
         odd width d_model + 1 slows every matmul by 10-20%.)
         """
-        return self.matmul(x.expand(self.n_members, *x.shape), self.W_enc, self.encoder_bias())
+        inputs = self.encoder_input(x)
+        return self.matmul(inputs.expand(self.n_members, *inputs.shape), self.W_enc, self.encoder_bias())
+
+    def encoder_input(self, x: Tensor) -> Tensor:
+        """What the encoder reads of a scaled batch: the whole row (a transcoder: its input columns)."""
+        return x
 
     def encoder_bias(self) -> Tensor:
         """b_enc - b_dec @ W_enc, `[K, 1, n_latents]`: the bias of the pre-activations of unshifted inputs."""

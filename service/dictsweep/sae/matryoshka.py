@@ -101,11 +101,19 @@ class MatryoshkaBatchTopKEnsemble(BatchTopKEnsemble):
     ) -> EnsembleOutput:
         if not (self.training and torch.is_grad_enabled()):  # evaluation: the whole dictionary, as exported
             return super().forward(x, sparsity_scale, dead_mask, auxk_coef, auxk_k)
-        pre = self.pre_acts(x)  # [K, B, n_latents]
-        latent_acts, latent_indices, smallest = self.batch_topk(pre, sparsity_scale)  # [K, B, w]
+        smallest = []  # the smallest kept value [K], from the selection
+        auxk = dead_mask is not None and auxk_coef != 0
+
+        def selection(pre: Tensor) -> list[tuple[Tensor, Tensor]]:
+            values, indices, least = self.batch_topk(pre, sparsity_scale)
+            smallest.append(least)
+            groups = [dead_mask & (self.group == level) for level in range(self.levels)] if auxk else []
+            return [(values, indices), *(self.auxk_select(pre, dead, auxk_k) for dead in groups)]
+
+        (latent_acts, latent_indices), *dead = self.select_latents(x, selection)  # [K, B, w]
         with torch.no_grad():
-            estimate = self.threshold.lerp(smallest.float(), THRESHOLD_RATE)
-            self.threshold.copy_(torch.where(self.threshold > 0, estimate, smallest.float()))
+            estimate = self.threshold.lerp(smallest[0].float(), THRESHOLD_RATE)
+            self.threshold.copy_(torch.where(self.threshold > 0, estimate, smallest[0].float()))
         group = self.group.gather(1, latent_indices.flatten(1)).view_as(latent_indices)  # [K, B, w]
         prefix_outs = [self.decode(latent_acts * (group <= level), latent_indices) for level in range(self.levels)]
         sae_out = prefix_outs[-1]  # the whole dictionary: every group
@@ -121,26 +129,22 @@ class MatryoshkaBatchTopKEnsemble(BatchTopKEnsemble):
             latent_indices,
             self.fire_counts(latent_acts, latent_indices),
             no_penalty,
-            self.matryoshka_auxk_loss(x, pre, prefix_outs, dead_mask, auxk_coef, auxk_k),
+            self.matryoshka_auxk_loss(x, dead, prefix_outs, dead_mask, auxk_coef) if auxk else None,
         )
         return out._replace(loss=out.loss + sum(inner_losses, torch.zeros_like(out.loss)))
 
     def matryoshka_auxk_loss(
-        self, x: Tensor, pre: Tensor, prefix_outs: list[Tensor], dead_mask: Tensor | None, coef: float, k_aux: int
-    ) -> Tensor | None:
-        """AuxK per group `[K]` (SAELens' `use_matryoshka_aux_loss`): the top k_aux dead latents of group g
-        reconstruct the residual x - (prefix g's reconstruction), each group's loss normalised as `auxk_loss`
-        does and weighed by min(1, its dead latents / k_aux); summed over groups."""
-        if dead_mask is None or coef == 0:
-            return None
-        k_aux = min(k_aux or self.d_model // 2, self.n_latents)
+        self, x: Tensor, dead: list[tuple[Tensor, Tensor]], prefix_outs: list[Tensor], dead_mask: Tensor, coef: float
+    ) -> Tensor:
+        """AuxK per group `[K]` (SAELens' `use_matryoshka_aux_loss`): the top dead latents of group g
+        (`dead[g]`, `auxk_select`'s) reconstruct the residual x - (prefix g's reconstruction), each
+        group's loss normalised as `auxk_from` does and weighed by min(1, its dead latents / k_aux);
+        summed over groups."""
         total = torch.zeros(self.n_members, device=x.device)
-        for level, prefix_out in enumerate(prefix_outs):
-            dead = dead_mask & (self.group == level)  # [K, n_latents]
-            dead_pre = pre.masked_fill(~dead.unsqueeze(1), float("-inf"))  # [K, B, n_latents]
-            values, indices = dead_pre.topk(k_aux, dim=-1, sorted=False)  # [K, B, k_aux]; -inf: ReLU'd to 0
+        for level, (prefix_out, (values, indices)) in enumerate(zip(prefix_outs, dead)):
             residual = (x - prefix_out.float()).detach()  # [K, B, d_model]
-            error = squared_error(residual, self.decode(values.relu(), indices, bias=False))  # [K]
+            error = squared_error(residual, self.decode(values, indices, bias=False))  # [K]
             normalised = error * variance(x) / variance(residual).clamp_min(1e-12)
-            total = total + (dead.sum(-1) / k_aux).clamp(max=1.0) * normalised
+            group_dead = (dead_mask & (self.group == level)).sum(-1)  # [K]
+            total = total + (group_dead / values.shape[-1]).clamp(max=1.0) * normalised
         return coef * total

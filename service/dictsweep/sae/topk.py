@@ -2,7 +2,7 @@
 
 Sparsity is fixed by k, so there is no penalty; the decoder rows are kept at unit norm.
 Members of one ensemble may have different k: the top max(k) are taken once, sorted, and each
-member keeps its first k of them. Dead latents learn through the AuxK loss (`auxk_loss`).
+member keeps its first k of them. Dead latents learn through the AuxK loss (`auxk_from`).
 
 The sparsity warm-up (`train.l1_warmup_fraction`) is k's: training starts at K_WARMUP_START x k
 latents per row (at most d_model / 4) and falls linearly to k (as sparsify's k decay does, from
@@ -79,20 +79,22 @@ class TopKEnsemble(Ensemble):
     def encode_selected(
         self, x: Tensor, select, dead_mask: Tensor | None, auxk_coef: float, auxk_k: int
     ) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor] | None]:
-        """The latents `select(pre)` keeps of a scaled batch `[B, d_model]`, and AuxK's top dead latents
-        (None when AuxK is off), values and indices `[K, B, w]`: through the fused encoder while
-        training, else autograd through the dense pre-activations."""
+        """The latents `select(pre)` keeps of a scaled batch, and AuxK's top dead latents (None when
+        AuxK is off), values and indices `[K, B, w]`."""
         auxk = dead_mask is not None and auxk_coef != 0
+        selected = self.select_latents(
+            x, lambda pre: [select(pre), *([self.auxk_select(pre, dead_mask, auxk_k)] if auxk else [])]
+        )
+        return selected[0], (selected[1] if auxk else None)
 
-        def selection(pre: Tensor) -> Selection:
-            return [select(pre), *([self.auxk_select(pre, dead_mask, auxk_k)] if auxk else [])]
-
+    def select_latents(self, x: Tensor, selection) -> Selection:
+        """The (values, indices) pairs `selection(pre)` takes of the pre-activations of a scaled batch:
+        through the fused encoder while training (its backward touches only what they hold), else
+        autograd through the dense pre-activations."""
         if self.sparse_encoding() and self.training and torch.is_grad_enabled():
             csr = self.encoding == "sparse-csr"
-            selected = sparse_encode(x, self.W_enc, self.encoder_bias(), self.matmul, selection, csr)
-        else:
-            selected = selection(self.pre_acts(x))
-        return selected[0], (selected[1] if auxk else None)
+            return sparse_encode(self.encoder_input(x), self.W_enc, self.encoder_bias(), self.matmul, selection, csr)
+        return selection(self.pre_acts(x))
 
     def activate(self, pre: Tensor, sparsity_scale: Tensor | float = 1.0) -> tuple[Tensor, Tensor]:
         values, indices = self.top_k(pre, self.widest_k())  # [K, B, w]
@@ -120,15 +122,6 @@ class TopKEnsemble(Ensemble):
             no_penalty,
             self.auxk_from(x, sae_out, dead, dead_mask, auxk_coef),
         )
-
-    def auxk_loss(
-        self, x: Tensor, pre: Tensor, sae_out: Tensor, dead_mask: Tensor | None, coef: float, k_aux: int
-    ) -> Tensor | None:
-        """AuxK (Gao et al. 2024), `[K]`, from the pre-activations `[K, B, n_latents]`: `auxk_from` of
-        `auxk_select`."""
-        if dead_mask is None or coef == 0:
-            return None
-        return self.auxk_from(x, sae_out, self.auxk_select(pre, dead_mask, k_aux), dead_mask, coef)
 
     def auxk_select(self, pre: Tensor, dead_mask: Tensor, k_aux: int) -> tuple[Tensor, Tensor]:
         """The top k_aux (0: d_model // 2) dead latents of each row, ReLU'd, values and indices `[K, B, k_aux]`."""

@@ -66,9 +66,12 @@ class Transcoder(Ensemble):
         """The target columns of a scaled batch, on the target's training scale, `[B, d_out]`."""
         return x[:, self.d_in :].float() * (self.target_scale / self.input_scale)
 
-    def pre_acts(self, x: Tensor) -> Tensor:
-        inputs = self.input_of(x)
-        return self.matmul(inputs.expand(self.n_members, *inputs.shape), self.W_enc, self.b_enc.unsqueeze(1))
+    def encoder_input(self, x: Tensor) -> Tensor:
+        return self.input_of(x)
+
+    def encoder_bias(self) -> Tensor:
+        """b_enc `[K, 1, n_latents]`: the input is not shifted by b_dec (the output's bias)."""
+        return self.b_enc.unsqueeze(1)
 
     def forward(self, x: Tensor, *args, **kwargs):
         self.batch = x  # the skip path reads its input columns (`decode`)
@@ -88,8 +91,8 @@ class Transcoder(Ensemble):
     def output(self, x: Tensor, sae_out: Tensor, *args, **kwargs):
         return super().output(self.target_of(x), sae_out, *args, **kwargs)
 
-    def auxk_loss(self, x: Tensor, *args) -> Tensor | None:
-        return super().auxk_loss(self.target_of(x), *args)
+    def auxk_from(self, x: Tensor, *args) -> Tensor | None:
+        return super().auxk_from(self.target_of(x), *args)
 
     def matryoshka_auxk_loss(self, x: Tensor, *args) -> Tensor | None:
         return super().matryoshka_auxk_loss(self.target_of(x), *args)

@@ -256,7 +256,7 @@ class ZeroTrainer(EnsembleTrainer):
 
     @torch.no_grad()
     def auxk_variance_correction(self, x: Tensor, out: EnsembleOutput) -> Tensor:
-        """`TopKEnsemble.auxk_loss` weighs its error by var(x) / var(x - sae_out) over the batch; each
+        """`TopKEnsemble.auxk_from` weighs its error by var(x) / var(x - sae_out) over the batch; each
         worker used its slice's: this factor (a constant, like the weight) swaps in the global batch's."""
         residual = x - out.sae_out[0].float()  # [B/G, d_model]
         local = variance(x) / variance(residual)
