@@ -314,7 +314,8 @@ def test_zero_sae_across_two_nodes_trains_as_on_one(tmp_path, monkeypatch, clust
         path = tmp_path / f"{name}.yaml"
         spec = json.loads(open(spec_file(tmp_path, data, name)).read())
         spec["grid"] = {"architecture": ["relu"], "n_latents": [32], "l1_coef": [1.0], "lr": [0.003]}
-        spec["resources"] = {"device": "cpu", "zero": "always", "zero_workers": 2}
+        # the end-of-sweep evaluation task takes a trainer's CPUs: half a CPU fits beside the fillers
+        spec["resources"] = {"device": "cpu", "zero": "always", "zero_workers": 2, "cpus_per_trainer": 0.5}
         spec["train"]["tokens"] = 8192
         path.write_text(json.dumps(spec))
         before = set(workers())
