@@ -50,24 +50,26 @@ class ReluEnsemble(Ensemble):
 
         Per member, rows of the batch `x [B, d_model]` are drawn with probability proportional to
         the square of their squared error, from the member's own generator; a dead latent's decoder
-        row becomes the row's direction at the mean alive decoder norm (the 2023 recipe's unit norm,
+        row becomes the row's direction (a transcoder's: its target's) at the mean alive decoder norm (the 2023 recipe's unit norm,
         in our free-norm parameterisation), its encoder row that direction at 0.2 x the mean alive
         encoder norm, its encoder bias 0. Returns, per parameter name, the mask of changed entries
         (their optimizer state must be reset).
         """
         dead = dead & (dead.sum(-1, keepdim=True) < self.n_latents)  # [K, n]; all dead: nothing to copy
-        losses = (sae_out.float() - x).pow(2).sum(-1)  # [K, B]
+        inputs, targets = self.encoder_input(x), self.target_of(x)  # both x, but for transcoders
+        losses = (sae_out.float() - targets).pow(2).sum(-1)  # [K, B]
         for member in range(self.n_members):
             latents = dead[member].nonzero().squeeze(1)  # [n_dead]
             if len(latents) == 0:
                 continue
             weights = (losses[member].pow(2) + 1e-12).cpu()
             rows = torch.multinomial(weights, len(latents), replacement=True, generator=generators[member])
-            directions = nn.functional.normalize(x[rows.to(x.device)], dim=-1)  # [n_dead, d_model]
+            rows = rows.to(x.device)
             alive = ~dead[member]
             decoder_norm = self.W_dec[member, alive].norm(dim=-1).mean()
             encoder_norm = self.W_enc[member][:, alive].norm(dim=0).mean()
-            self.W_dec[member, latents] = directions * decoder_norm
+            self.W_dec[member, latents] = nn.functional.normalize(targets[rows], dim=-1) * decoder_norm
+            directions = nn.functional.normalize(inputs[rows], dim=-1)  # [n_dead, d_in]
             self.W_enc[member][:, latents] = directions.t() * RESAMPLE_ENCODER_NORM * encoder_norm
             self.b_enc[member, latents] = 0.0
         return {"W_enc": dead.unsqueeze(1), "b_enc": dead, "W_dec": dead.unsqueeze(-1)}

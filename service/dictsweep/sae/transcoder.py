@@ -27,7 +27,6 @@ import torch
 from torch import Tensor, nn
 
 from dictsweep.sae.ensemble import ARCHITECTURES, Ensemble, Member, register
-from dictsweep.sae.relu import RESAMPLE_ENCODER_NORM
 
 SAELENS_TRANSCODERS = {"standard": "transcoder", "jumprelu": "jumprelu_transcoder"}  # SAE export -> transcoder's
 BASES = ("relu", "jumprelu", "batchtopk", "matryoshka_batchtopk")
@@ -100,30 +99,6 @@ class Transcoder(Ensemble):
     @torch.no_grad()
     def init_decoder_bias(self, x: Tensor) -> None:
         super().init_decoder_bias(self.target_of(x))
-
-    @torch.no_grad()
-    def resample(self, dead: Tensor, x: Tensor, sae_out: Tensor, generators: list[torch.Generator]) -> dict:
-        """relu's resampling (Anthropic, 2023) with rows drawn by their error against the target: a dead
-        latent's decoder row becomes the drawn row's target direction, its encoder row the row's input
-        direction (at relu's norms)."""
-        dead = dead & (dead.sum(-1, keepdim=True) < self.n_latents)  # [K, n]
-        inputs, targets = self.input_of(x).float(), self.target_of(x)
-        losses = (sae_out.float() - targets).pow(2).sum(-1)  # [K, B]
-        for member in range(self.n_members):
-            latents = dead[member].nonzero().squeeze(1)  # [n_dead]
-            if len(latents) == 0:
-                continue
-            weights = (losses[member].pow(2) + 1e-12).cpu()
-            rows = torch.multinomial(weights, len(latents), replacement=True, generator=generators[member])
-            rows = rows.to(x.device)
-            alive = ~dead[member]
-            decoder_norm = self.W_dec[member, alive].norm(dim=-1).mean()
-            encoder_norm = self.W_enc[member][:, alive].norm(dim=0).mean()
-            self.W_dec[member, latents] = nn.functional.normalize(targets[rows], dim=-1) * decoder_norm
-            directions = nn.functional.normalize(inputs[rows], dim=-1)  # [n_dead, d_in]
-            self.W_enc[member][:, latents] = directions.t() * RESAMPLE_ENCODER_NORM * encoder_norm
-            self.b_enc[member, latents] = 0.0
-        return {"W_enc": dead.unsqueeze(1), "b_enc": dead, "W_dec": dead.unsqueeze(-1)}
 
     # -- export -------------------------------------------------------------------------------------
     def member_config(self, index: int) -> dict:
