@@ -25,6 +25,7 @@ def test_usage_names_the_ensembles_and_reads_no_gpu_on_a_cpu():
             "batch_rows": ROWS,
             "kernel": "bmm",
             "decode": "sparse",
+            "encode": "auto",  # the kernel was set: nothing measured, the top-k family's default
         },
         {
             "architecture": "relu",
@@ -35,6 +36,7 @@ def test_usage_names_the_ensembles_and_reads_no_gpu_on_a_cpu():
             "batch_rows": ROWS,
             "kernel": "bmm",
             "decode": "sparse",
+            "encode": "auto",
         },
     ]
     assert {

@@ -15,7 +15,7 @@ import logging
 log = logging.getLogger(__name__)
 
 # what makes two ensembles the same for `bench train`
-SHAPE_KEYS = ("architecture", "d_model", "n_latents", "members", "k", "batch_rows", "kernel", "decode")
+SHAPE_KEYS = ("architecture", "d_model", "n_latents", "members", "k", "batch_rows", "kernel", "decode", "encode")
 
 
 def trainer_entry(key: str, usage: dict, steps: int, rows: int, seconds: float, share: float) -> dict:
@@ -134,7 +134,7 @@ def sweep_report(stream: dict) -> dict:
 
 def bench_train_equivalent(stream: dict, steps: int = 10, rounds: int = 3) -> dict:
     """The sweep's ensembles timed by `bench train` in this process (on the trainers' device kind,
-    with the kernel and decoder each trainer chose), and the rate the sweep would have had at those
+    with the kernel, decoder and encoder each trainer chose), and the rate the sweep would have had at those
     speeds: in each wave, every trainer steps its ensembles in turn on every batch and the wave's
     devices run in parallel (trainers sharing a GPU share its time)."""
     from dictsweep.train.bench import bench_train
@@ -156,6 +156,7 @@ def bench_train_equivalent(stream: dict, steps: int = 10, rounds: int = 3) -> di
                     reference=False,
                     device=trainer["device"],
                     decodes=(ensemble["decode"],),
+                    encodes=(ensemble["encode"],),
                     rounds=rounds,
                     k=ensemble["k"],
                 )

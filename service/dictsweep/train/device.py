@@ -344,7 +344,7 @@ class DeviceLoop:
 
     def usage(self) -> dict:
         """`data_wait` with the GPU's busy time and utilisation (`DeviceUsage`) and what this device
-        trains: each ensemble's shape and the kernel and decoder it steps with."""
+        trains: each ensemble's shape and the kernel, decoder and encoder it steps with."""
         return {
             **self.data_wait(),
             "checkpoint_seconds": self.checkpoint_seconds,
@@ -360,8 +360,9 @@ class DeviceLoop:
                     "batch_rows": self.config.batch_rows,
                     "kernel": kernel,
                     "decode": decode,
+                    "encode": encode,
                 }
-                for spec, trainer, (kernel, decode) in zip(self.specs, self.trainers, self.chosen)
+                for spec, trainer, (kernel, decode, encode) in zip(self.specs, self.trainers, self.chosen)
             ],
         }
 
