@@ -102,6 +102,9 @@ def stopped_by_signals():
         if _stop.received is None or isinstance(error, Interrupted):
             raise
         raise Interrupted(_stop.received) from None
+    else:
+        if _stop.received is not None:  # the handler's exception was swallowed (by Ray): still that stop
+            raise Interrupted(_stop.received)
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
