@@ -66,12 +66,14 @@ class Interrupted(DictsweepError):
 
 
 class _Stop(threading.local):
-    """The main thread's stop state: how deep it is in `held_stop` blocks, a signal held there, and
-    the stop signal received (None before one)."""
+    """The main thread's stop state: how deep it is in `held_stop` blocks, a signal held there, the
+    stop signal received (None before one), and whether our own code raised its stop (the handler's
+    raise may land inside Ray, which can swallow it)."""
 
     depth = 0
     pending: int | None = None
     received: int | None = None
+    raised = False
 
 
 _stop = _Stop()
@@ -103,18 +105,20 @@ def stopped_by_signals():
             raise
         raise Interrupted(_stop.received) from None
     else:
-        if _stop.received is not None:  # the handler's exception was swallowed (by Ray): still that stop
+        if _stop.received is not None and not _stop.raised:  # the handler's raise was swallowed (by Ray)
             raise Interrupted(_stop.received)
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
         _stop.pending = _stop.received = None
+        _stop.raised = False
 
 
 def check_stop() -> None:
     """At a safe point of a long loop: raise the stop for a signal whose exception did not get this
     far (Ray may swallow it, or turn it into an error that a handler for trainer failures takes)."""
     if _stop.received is not None and not _stop.depth:
+        _stop.raised = True
         raise Interrupted(_stop.received)
 
 
@@ -130,6 +134,7 @@ def held_stop():
         _stop.depth -= 1
         if not _stop.depth and _stop.pending is not None:
             signum, _stop.pending = _stop.pending, None
+            _stop.raised = True
             raise Interrupted(signum)
 
 
