@@ -78,6 +78,11 @@ def test_too_large_for_a_device_goes_to_zero_or_fits_nowhere():
     steered = make_plan(targeted, 256, 512, "cuda", 4, small_budget, 16, 0.0)
     assert [z.point.target_l0 for z in steered.zero] == [32] and not steered.unplaced
     assert steered.zero[0].point.member().target_l0 == 32
+    # ZeRO does not train batchtopk (its selection spans the whole batch, which no worker holds)
+    batch = grid_points(spec(architecture=["batchtopk"], n_latents=[1024, 65536], l1_coef=[1], k=[8]))
+    too_big = make_plan(batch, 256, 512, "cuda", 4, small_budget, 16, 0.0)
+    assert not too_big.zero and [p.n_latents for p in too_big.points] == [1024]
+    assert ["ZeRO trains only relu, topk" in why for why in too_big.unplaced.values()] == [True]
 
 
 def test_plan_round_trips_through_json():

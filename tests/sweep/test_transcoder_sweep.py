@@ -102,14 +102,17 @@ def test_point_alone_trains_as_in_the_sweep(tmp_path, monkeypatch, ray_local):
     [
         ({"architecture": ["relu", "relu_transcoder"]}, {}, "separate sweeps"),
         ({"architecture": ["relu_transcoder"]}, {"d_target": 0}, "need a transcoder dataset"),
+        ({"architecture": ["relu_transcoder"]}, {"zero": "always"}, r"ZeRO trains only relu, topk, not \['relu_t"),
     ],
 )
 def test_a_spec_that_cannot_train_transcoders_names_why(tmp_path, monkeypatch, grid, synth, words):
     from dictsweep.sweep.preflight import preflight
 
     monkeypatch.chdir(tmp_path)
+    resources = {"resources": {"zero": synth.pop("zero")}} if "zero" in synth else {}
     spec = {
         **BASE,
+        **resources,
         "grid": {**BASE["grid"], **grid},
         "data": {**BASE["data"], "synth": {**BASE["data"]["synth"], **synth}},
     }
@@ -147,7 +150,7 @@ def test_the_memory_plan_counts_a_transcoder_at_its_widths():
     assert plan.waves[0][0].used_bytes == 2 * per
     tight = make_plan(points, 256, 512, "cuda", 4, per // 2, 16, 0.0, d_target=1024)
     assert not tight.waves and not tight.zero and len(tight.unplaced) == 4
-    assert all("transcoders do not train under ZeRO" in why for why in tight.unplaced.values())
+    assert all("ZeRO trains only relu, topk" in why for why in tight.unplaced.values())
 
 
 def test_training_curves_of_a_transcoder_are_in_the_targets_units(tmp_path, monkeypatch, ray_local):

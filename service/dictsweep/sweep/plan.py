@@ -17,6 +17,7 @@ from dictsweep.sae import ARCHITECTURES, Member, grid_keys
 from dictsweep.sae.transcoder import is_transcoder
 from dictsweep.train.actor import EnsembleSpec
 from dictsweep.train.target_l0 import point_member
+from dictsweep.train.zero import ZERO_ARCHITECTURES
 
 # the one memory model (single-device members and ZeRO workers alike), in fp32 floats
 BYTES_PER_FLOAT = 4
@@ -262,19 +263,19 @@ def make_plan(
     d_target: int = 0,
 ) -> Plan:
     """Pack points into ensembles and ensembles onto `n_devices` devices, in as few waves as fit;
-    points that fit no device alone (or all, with zero="always") go to DeepSpeed ZeRO (not transcoders,
-    whose target is `d_target` wide: ZeRO trains SAEs only)."""
+    points that fit no device alone (or all, with zero="always") go to DeepSpeed ZeRO when it trains
+    their architecture (ZERO_ARCHITECTURES), else they are unplaced with the reason."""
     budget = int(device_memory_bytes * (1 - headroom))
     groups: dict[tuple, list[GridPoint]] = {}
     zero_plans, unplaced = [], {}
     for point in points:
         per_member = point_bytes(point, d_model, batch_rows, d_target)
         try:
-            if is_transcoder(point.architecture) and (zero == "always" or per_member > budget):
+            if point.architecture not in ZERO_ARCHITECTURES and (zero == "always" or per_member > budget):
                 raise InputError(
                     f"needs {per_member / 2**30:.1f} GiB, more than a {device} device's budget of "
-                    f"{budget / 2**30:.1f} GiB, and transcoders do not train under ZeRO; lower n_latents or "
-                    "train.batch_rows"
+                    f"{budget / 2**30:.1f} GiB, and ZeRO trains only {', '.join(ZERO_ARCHITECTURES)}; lower "
+                    "n_latents or train.batch_rows"
                 )
             if zero == "always" or (per_member > budget and zero == "auto"):
                 zero_plans.append(

@@ -15,6 +15,7 @@ from dictsweep.sae.transcoder import is_transcoder
 from dictsweep.store import fs
 from dictsweep.store.dataset import ActivationDataset
 from dictsweep.track import check_tracking
+from dictsweep.train.zero import ZERO_ARCHITECTURES
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,12 @@ def preflight(spec: SweepSpec) -> ActivationDataset:
         except fs.StorageError as error:
             raise fs.StorageError(f"{field}: {error}") from None
     check_tracking(spec.tracking.uri)
+    untrainable = sorted(set(spec.grid.architecture) - set(ZERO_ARCHITECTURES))
+    if spec.resources.zero == "always" and untrainable:
+        raise InputError(
+            f"resources.zero: always, and ZeRO trains only {', '.join(ZERO_ARCHITECTURES)}, not {untrainable} "
+            "(grid.architecture); set it to auto or never"
+        )
     dataset = open_dataset(spec)
     rows = spec.train.batch_rows
     if spec.train.tokens < rows:
@@ -72,8 +79,8 @@ def preflight(spec: SweepSpec) -> ActivationDataset:
 def transcoder_target(spec: SweepSpec, dataset: ActivationDataset) -> tuple[int, float] | None:
     """(d_target, the target's training scale sqrt(d_target / E|y|^2)) when the grid trains transcoders,
     else None; InputError when the grid mixes transcoders and SAEs (they reconstruct different things,
-    so selection could not rank them together), the dataset has no target, ZeRO would be needed, or
-    baselines are asked for (they are SAEs of the input)."""
+    so selection could not rank them together), the dataset has no target, or baselines are asked
+    for (they are SAEs of the input)."""
     transcoders = [name for name in spec.grid.architecture if is_transcoder(name)]
     if not transcoders:
         return None
@@ -87,8 +94,6 @@ def transcoder_target(spec: SweepSpec, dataset: ActivationDataset) -> tuple[int,
             f"grid.architecture: {transcoders} need a transcoder dataset (a `target` column, manifest d_target); "
             f"{dataset.uri} has none: harvest it with --target-hook, or `dictsweep synth --d-target`"
         )
-    if spec.resources.zero == "always":
-        raise InputError("resources.zero: always does not train transcoders; set it to auto or never")
     if spec.baselines:  # PCA, ICA, ... reconstruct their input: none is a map to the target
         raise InputError(f"baselines: {spec.baselines} are SAE baselines; a transcoder sweep has none: remove the key")
     return dataset.d_target, math.sqrt(dataset.d_target / dataset.mean_sq_norm("target"))
