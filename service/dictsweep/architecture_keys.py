@@ -5,12 +5,14 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
+MATRYOSHKA_PREFIXES = (0.0625, 0.25)  # matryoshka_batchtopk's default prefixes (sae/ reads them here: no torch)
+
 
 class ArchitectureKeys(BaseModel):
     """Grid keys of one architecture each (lists: the grid is their product with the others)."""
 
     matryoshka_prefixes: list[list[float] | float] = Field(
-        [[0.0625, 0.25]],
+        [list(MATRYOSHKA_PREFIXES)],
         min_length=1,
         description="matryoshka_batchtopk: nested prefix widths of each SAE as fractions of n_latents, increasing (the whole dictionary is the last prefix); each value is one SAE's list (a bare number: one prefix).",
     )

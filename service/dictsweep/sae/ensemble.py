@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from dictsweep.sae.hyperparameters import L1_COEF, TARGET_L0, HyperParameter
 from dictsweep.sae.metrics import fvu, l0_from_counts, squared_error
-from dictsweep.sae.sparse_decode import sparse_decode, triton_available
+from dictsweep.sae.sparse_decode import sparse_decode, use_triton
 
 SPARSE_DECODE_MAX_DENSITY = 1 / 32  # decode="auto": gather when k <= this fraction of n_latents (CPU crossover)
 AUXK_COEF = 1 / 32  # Gao et al. 2024
@@ -69,11 +69,6 @@ class EnsembleOutput(NamedTuple):
 
 
 ARCHITECTURES: dict[str, type["Ensemble"]] = {}
-
-
-def use_triton(values: Tensor) -> bool:
-    """Whether the sparse decode of `values` runs the Triton kernel: on CUDA tensors where Triton imports."""
-    return values.is_cuda and triton_available()
 
 
 def register(name: str):

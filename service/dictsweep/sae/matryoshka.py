@@ -22,13 +22,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from dictsweep.architecture_keys import MATRYOSHKA_PREFIXES as DEFAULT_PREFIXES
 from dictsweep.sae.batchtopk import THRESHOLD_RATE, BatchTopKEnsemble
 from dictsweep.sae.ensemble import AUXK_COEF, EnsembleOutput, register
 from dictsweep.sae.hyperparameters import K, HyperParameter
-from dictsweep.sae.metrics import squared_error, variance
+from dictsweep.sae.metrics import squared_error
 
-# each prefix 4x the one before it, as the paper's 128 ... 32768 (of 32768): the last two of those
-DEFAULT_PREFIXES = (0.0625, 0.25)
+# DEFAULT_PREFIXES: each prefix 4x the one before it, as the paper's 128 ... 32768 (of 32768): the last two
 
 
 def prefix_fractions(value) -> tuple[float, ...]:
@@ -103,12 +103,12 @@ class MatryoshkaBatchTopKEnsemble(BatchTopKEnsemble):
             return super().forward(x, sparsity_scale, dead_mask, auxk_coef, auxk_k)
         smallest = []  # the smallest kept value [K], from the selection
         auxk = dead_mask is not None and auxk_coef != 0
+        dead_groups = [dead_mask & (self.group == level) for level in range(self.levels)] if auxk else []
 
         def selection(pre: Tensor) -> list[tuple[Tensor, Tensor]]:
             values, indices, least = self.batch_topk(pre, sparsity_scale)
             smallest.append(least)
-            groups = [dead_mask & (self.group == level) for level in range(self.levels)] if auxk else []
-            return [(values, indices), *(self.auxk_select(pre, dead, auxk_k) for dead in groups)]
+            return [(values, indices), *(self.auxk_select(pre, dead, auxk_k) for dead in dead_groups)]
 
         (latent_acts, latent_indices), *dead = self.select_latents(x, selection)  # [K, B, w]
         with torch.no_grad():
@@ -129,22 +129,20 @@ class MatryoshkaBatchTopKEnsemble(BatchTopKEnsemble):
             latent_indices,
             self.fire_counts(latent_acts, latent_indices),
             no_penalty,
-            self.matryoshka_auxk_loss(x, dead, prefix_outs, dead_mask, auxk_coef) if auxk else None,
+            self.matryoshka_auxk_loss(x, dead, prefix_outs, dead_groups, auxk_coef) if auxk else None,
         )
         return out._replace(loss=out.loss + sum(inner_losses, torch.zeros_like(out.loss)))
 
     def matryoshka_auxk_loss(
-        self, x: Tensor, dead: list[tuple[Tensor, Tensor]], prefix_outs: list[Tensor], dead_mask: Tensor, coef: float
+        self,
+        x: Tensor,
+        dead: list[tuple[Tensor, Tensor]],
+        prefix_outs: list[Tensor],
+        dead_groups: list[Tensor],
+        coef: float,
     ) -> Tensor:
         """AuxK per group `[K]` (SAELens' `use_matryoshka_aux_loss`): the top dead latents of group g
-        (`dead[g]`, `auxk_select`'s) reconstruct the residual x - (prefix g's reconstruction), each
-        group's loss normalised as `auxk_from` does and weighed by min(1, its dead latents / k_aux);
-        summed over groups."""
-        total = torch.zeros(self.n_members, device=x.device)
-        for level, (prefix_out, (values, indices)) in enumerate(zip(prefix_outs, dead)):
-            residual = (x - prefix_out.float()).detach()  # [K, B, d_model]
-            error = squared_error(residual, self.decode(values, indices, bias=False))  # [K]
-            normalised = error * variance(x) / variance(residual).clamp_min(1e-12)
-            group_dead = (dead_mask & (self.group == level)).sum(-1)  # [K]
-            total = total + (group_dead / values.shape[-1]).clamp(max=1.0) * normalised
-        return coef * total
+        (`dead[g]`, of `dead_groups[g]`) reconstruct the residual x - (prefix g's reconstruction), each
+        group scored by `auxk_from`; summed over groups."""
+        losses = [self.auxk_from(x, *args, coef) for args in zip(prefix_outs, dead, dead_groups)]
+        return sum(losses, torch.zeros(self.n_members, device=x.device))

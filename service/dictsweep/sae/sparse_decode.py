@@ -39,6 +39,12 @@ def triton_available() -> bool:
     return True
 
 
+def use_triton(tensor: Tensor) -> bool:
+    """Whether the Triton kernels (the sparse decode, the encoder's weight-gradient scatter) take
+    `tensor`: on CUDA tensors where Triton imports."""
+    return tensor.is_cuda and triton_available()
+
+
 @functools.cache
 def kernels():
     """The forward and backward kernels, compiled by Triton on first launch."""

@@ -28,7 +28,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from dictsweep.sae.sparse_decode import scatter_outer, triton_available
+from dictsweep.sae.sparse_decode import scatter_outer, use_triton
 
 CHUNK_MIN = 1024  # chunked_topk: the smallest chunk, and at least CHUNK_PER_K x k
 CHUNK_PER_K = 8
@@ -50,12 +50,6 @@ def chunked_topk(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
     where = where + torch.arange(0, width, chunk, device=scores.device).unsqueeze(-1)  # chunk offsets
     values, pick = values.flatten(-2).topk(k, dim=-1, sorted=True)  # [..., k]
     return values, where.flatten(-2).gather(-1, pick)
-
-
-def use_triton(tensor: Tensor) -> bool:
-    """Whether the weight gradient of `tensor`'s entries can be scattered by the Triton kernel: on
-    CUDA tensors where Triton imports."""
-    return tensor.is_cuda and triton_available()
 
 
 def weight_gradient(x: Tensor, grad: Tensor, indices: Tensor, n_latents: int, csr: bool = False) -> Tensor:

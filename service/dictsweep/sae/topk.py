@@ -148,7 +148,7 @@ class TopKEnsemble(Ensemble):
         values, indices = dead  # [K, B, k_aux]
         residual = (x - sae_out.float()).detach()  # [K, B, d_model]
         error = squared_error(residual, self.decode(values, indices, bias=False))  # [K]
-        normalised = error * variance(x) / variance(residual)  # [K]
+        normalised = error * variance(x) / variance(residual).clamp_min(1e-12)  # [K]
         return coef * (dead_mask.sum(-1) / values.shape[-1]).clamp(max=1.0) * normalised
 
     def member_config(self, index: int) -> dict:

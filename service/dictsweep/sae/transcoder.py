@@ -93,9 +93,6 @@ class Transcoder(Ensemble):
     def auxk_from(self, x: Tensor, *args) -> Tensor | None:
         return super().auxk_from(self.target_of(x), *args)
 
-    def matryoshka_auxk_loss(self, x: Tensor, *args) -> Tensor | None:
-        return super().matryoshka_auxk_loss(self.target_of(x), *args)
-
     @torch.no_grad()
     def init_decoder_bias(self, x: Tensor) -> None:
         super().init_decoder_bias(self.target_of(x))

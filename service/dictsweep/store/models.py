@@ -115,6 +115,11 @@ class StopForward(Exception):
     """Raised inside the last needed hook to skip the layers after it."""
 
 
+def first_output(output):
+    """A module's activation: its output, or the first element of a tuple (or ModelOutput)."""
+    return output[0] if isinstance(output, (tuple, list)) or hasattr(output, "to_tuple") else output
+
+
 class Capture:
     """The outputs of named modules during `run`; see `capture_outputs`."""
 
@@ -123,9 +128,7 @@ class Capture:
         self.outputs: dict[str, torch.Tensor] = {}
 
     def _record(self, hook: str, output) -> None:
-        if isinstance(output, (tuple, list)) or hasattr(output, "to_tuple"):
-            output = output[0]
-        self.outputs[hook] = output
+        self.outputs[hook] = first_output(output)
         if self.stop_early and len(self.outputs) == len(self.hooks):
             raise StopForward
 

@@ -43,6 +43,7 @@ from dictsweep.errors import InputError
 from dictsweep.store import fs
 from dictsweep.store.contexts import read_seqs
 from dictsweep.store.dataset import ActivationDataset
+from dictsweep.store.models import first_output
 
 LOGIT_BUDGET = 1 << 25  # logits (floats) per forward pass: contexts per batch = this / (context x vocab)
 
@@ -156,11 +157,6 @@ class Readout:
         from dictsweep.store.models import find_module
 
         return find_module(self.model.base_model, hook)
-
-
-def first_output(output) -> Tensor:
-    """A module's activation: its output, or the first element of a tuple (or ModelOutput)."""
-    return output[0] if isinstance(output, (tuple, list)) or hasattr(output, "to_tuple") else output
 
 
 class Reads:
