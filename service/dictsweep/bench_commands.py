@@ -28,6 +28,9 @@ def bench_train_command(
     rounds: int = typer.Option(3, help="Rounds: every candidate is timed once per round; medians are reported."),
     architecture: str = typer.Option("relu", help="Architecture of the ensemble: relu, topk, batchtopk, jumprelu."),
     k: int = typer.Option(0, help="Active latents per row for topk and batchtopk (0: min(32, n_latents / 16))."),
+    d_target: int = typer.Option(
+        0, help="A transcoder's target width: batches of d_model + d_target columns (0: an SAE; transcoders need > 0)."
+    ),
     kernel: list[str] = typer.Option([], help="Kernel(s) to time: bmm, loop, compile (default: those auto would try)."),
     decode: list[str] = typer.Option(["auto"], help="Decoder(s) of the top-k family to time: dense, sparse, auto."),
     encode: list[str] = typer.Option(
@@ -73,6 +76,7 @@ def bench_train_command(
         rounds=rounds,
         k=k,
         encodes=tuple(encode),
+        d_target=d_target,
     )
     print_result(result, as_json, f"bench train: {architecture} d_model={d_model} n_latents={n_latents}")
 

@@ -75,6 +75,10 @@ def test_transcoder_sweep_end_to_end(tmp_path, monkeypatch, ray_local):
         assert entry["metrics"]["fvu"] == pytest.approx(fvu, rel=1e-3), entry["path"]
         assert entry["metrics"]["fvu"] < 1.0  # better than the target's mean (12.8k tokens: barely, for relu)
         assert 0 < entry["metrics"]["mmcs_ground_truth"] <= 1  # decoder against the target features
+        core = json.loads((tmp_path / "dictionaries/tc" / entry["path"] / "saebench_core.json").read_text())
+        quality = core["eval_result_metrics"]["reconstruction_quality"]  # the end-of-sweep evaluation's, too
+        assert quality["explained_variance"] == pytest.approx(1 - fvu, rel=1e-3), entry["path"]
+        assert quality["mse"] == pytest.approx(float(residual) / len(targets), rel=1e-3)
     assert min(entry["metrics"]["fvu"] for entry in index) < 0.6
     assert any(
         entry["architecture"] == "matryoshka_batchtopk_transcoder" and entry["matryoshka_prefixes"] == [0.25]

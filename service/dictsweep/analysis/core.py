@@ -1,5 +1,6 @@
 """The pass behind SAEBench's core metrics (`sae.saebench`): every dictionary over the same eval
-rows of a dataset, in batches, on raw activations."""
+rows of a dataset, in batches, on raw activations. An SAE is measured against its input; a
+transcoder against the row's `target`, by its whole output (`forward`, with its skip path)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ def core_sums(
 ) -> dict[str, CoreSums]:
     """`CoreSums` of each dictionary over the first `rows` eval rows (all when None), shards in
     manifest order; each row's context from the `seq` column where the shards have one."""
-    sums = {name: CoreSums(sae.W_dec.shape[0], dataset.d_model, device) for name, sae in dictionaries.items()}
+    sums = {name: CoreSums(sae.W_dec.shape[0], sae.W_dec.shape[1], device) for name, sae in dictionaries.items()}
     budget = dataset.n_eval_rows if rows is None else min(rows, dataset.n_eval_rows)
     seen = 0
     for index in range(len(dataset.shards("eval"))):
@@ -35,15 +36,35 @@ def core_sums(
             if take <= 0:
                 break
             x = acts[start : start + take].float().to(device)  # [B, d_model]
+            target = columns["target"][start : start + take].float().to(device) if "target" in columns else None
             batch_seqs = seqs[start : start + take] if seqs is not None else None
             with torch.no_grad():
                 for name, sae in dictionaries.items():
                     latents = sae.encode(x)  # [B, n_latents]
-                    sums[name].add(x, sae.decode(latents), latents, batch_seqs)
+                    reference = target if sae.transcoder else x  # [B, d_out]
+                    sums[name].add(reference, sae.output(x, latents), latents, batch_seqs)
             seen += take
     if seen == 0:
         raise InputError(f"{dataset.uri}: the eval split has no rows; the core metrics are measured on eval rows")
     return sums
+
+
+def check_widths(name: str, sae: Dictionary, dataset: ActivationDataset) -> None:
+    """InputError unless the dictionary reads the dataset's rows and writes what it is measured against:
+    the rows again (an SAE), or their `target` (a transcoder)."""
+    d_in, d_out = sae.W_enc.shape[0], sae.W_dec.shape[1]
+    wanted = dataset.d_target if sae.transcoder else dataset.d_model
+    if d_in != dataset.d_model:
+        raise InputError(
+            f"dictionary {name} has d_in={d_in} but dataset {dataset.uri} has "
+            f"d_model={dataset.d_model}: it was trained on other activations"
+        )
+    if d_out != wanted:  # a transcoder's (an SAE's W_dec is [d_sae, d_in], checked when it is read)
+        has = f"a target of width {dataset.d_target}" if dataset.d_target else "no target column"
+        raise InputError(
+            f"dictionary {name} is a transcoder of d_out={d_out} but dataset {dataset.uri} has {has}: "
+            "a transcoder is measured against the target of the dataset it was trained on"
+        )
 
 
 def core_results(
@@ -54,13 +75,9 @@ def core_results(
 ) -> dict[str, dict]:
     """Per dictionary, `core_metrics` ({"metrics": by category, "details": per latent}) over the eval rows."""
     for name, sae in dictionaries.items():
-        if sae.W_dec.shape[1] != dataset.d_model:
-            raise InputError(
-                f"dictionary {name} has d_in={sae.W_dec.shape[1]} but dataset {dataset.uri} has "
-                f"d_model={dataset.d_model}: it was trained on other activations"
-            )
+        check_widths(name, sae, dataset)
     sums = core_sums(dataset, dictionaries, rows, device)
     return {
-        name: core_metrics(sums[name], weight_metrics(sae.W_enc, sae.W_dec, sae.b_enc))
+        name: core_metrics(sums[name], weight_metrics(sae.W_enc, sae.W_dec, sae.b_enc, same_space=not sae.transcoder))
         for name, sae in dictionaries.items()
     }

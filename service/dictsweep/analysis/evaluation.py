@@ -128,7 +128,9 @@ def probe_dictionary(sae: Dictionary, data: ProbingData, config: EvalConfig, dev
         "min_letters": config.min_letters,
         "seed": config.seed,
     }
-    if data.probes is None:
+    if sae.transcoder:  # the letter probes are directions of the input, a transcoder's decoder rows of its target
+        scores, letters, why = {}, [], "a transcoder's decoder rows are not in the input space of the letter probes"
+    elif data.probes is None:
         scores, letters, why = {}, [], "no whole-word rows"
     else:
         scores, letters, why = absorption(sae, data.absorption, data.probes, settings, device)

@@ -77,13 +77,14 @@ class Dictionary(nn.Module):
         self.cfg, self.architecture = config, config["architecture"]
         self.metadata = config.get("metadata", {})
         self.k = int(config.get("k", 0))
+        self.transcoder = self.architecture.endswith("transcoder")  # reads x, writes its target [..., d_out]
         for name in WEIGHT_NAMES[self.architecture]:
             self.register_parameter(name, nn.Parameter(weights[name], requires_grad=False))
         self.register_buffer("sparsity", sparsity)
 
     def encode(self, x: Tensor) -> Tensor:
         """Latent activations `[..., d_sae]` of activations `[..., d_in]`."""
-        sae_in = x - self.b_dec if self.cfg.get("apply_b_dec_to_input", True) else x
+        sae_in = x - self.b_dec if self.cfg.get("apply_b_dec_to_input", not self.transcoder) else x
         pre = sae_in @ self.W_enc + self.b_enc
         if self.architecture == "topk":
             values, indices = pre.topk(self.k, dim=-1)
@@ -98,7 +99,12 @@ class Dictionary(nn.Module):
         return latents @ self.W_dec + self.b_dec
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self.decode(self.encode(x))
+        return self.output(x, self.encode(x))
+
+    def output(self, x: Tensor, latents: Tensor) -> Tensor:
+        """What the dictionary writes for activations `x` whose latents are `latents`: `decode`, plus a skip
+        transcoder's skip path (the reconstruction an SAE, or a transcoder's target, is measured against)."""
+        out = self.decode(latents)
         return out + x @ self.W_skip.t() if "skip" in self.architecture else out
 
 
@@ -110,7 +116,7 @@ def read_dictionary(read: Callable[[str], bytes | None], where: str) -> Dictiona
     """
     config = read_config(read("cfg.json"), f"{where}/cfg.json")
     architecture, d_in, d_sae = config["architecture"], config["d_in"], config["d_sae"]
-    d_out = config.get("d_out", d_in)
+    d_out = config["d_out"] if architecture.endswith("transcoder") else d_in  # a stray d_out elsewhere means nothing
     weights = read_tensors(read("sae_weights.safetensors"), f"{where}/sae_weights.safetensors", required=True)
     shapes = {
         "W_enc": (d_in, d_sae),
@@ -120,16 +126,16 @@ def read_dictionary(read: Callable[[str], bytes | None], where: str) -> Dictiona
         "threshold": (d_sae,),
         "W_skip": (d_out, d_in),
     }
+    sizes = {"d_in": d_in, "d_sae": d_sae, **({"d_out": d_out} if architecture.endswith("transcoder") else {})}
     check_tensors(
         weights,
         {name: shapes[name] for name in WEIGHT_NAMES[architecture]},
         f"{where}/sae_weights.safetensors",
-        d_in,
-        d_sae,
+        sizes,
     )
     sparsity = read_tensors(read("sparsity.safetensors"), f"{where}/sparsity.safetensors", required=False)
     if sparsity is not None:
-        check_tensors(sparsity, {"sparsity": (d_sae,)}, f"{where}/sparsity.safetensors", d_in, d_sae, finite=False)
+        check_tensors(sparsity, {"sparsity": (d_sae,)}, f"{where}/sparsity.safetensors", sizes, finite=False)
         sparsity = sparsity["sparsity"]
     return Dictionary(config, weights, sparsity)
 
@@ -212,11 +218,11 @@ def check_tensors(
     tensors: dict[str, Tensor],
     shapes: dict[str, tuple[int, ...]],
     where: str,
-    d_in: int,
-    d_sae: int,
+    sizes: dict[str, int],
     finite: bool = True,
 ) -> None:
-    """Each named tensor present, floating, of the shape cfg.json implies (and finite); one dtype for all."""
+    """Each named tensor present, floating, of the shape cfg.json's `sizes` (d_in, d_sae, a transcoder's
+    d_out) imply (and finite); one dtype for all."""
     missing = sorted(set(shapes) - set(tensors))
     if missing:
         raise InputError(f"{where} lacks {missing}")
@@ -227,7 +233,7 @@ def check_tensors(
         if tuple(tensor.shape) != shape:
             raise InputError(
                 f"{where}: tensor {name!r} has shape {list(tensor.shape)}, but cfg.json "
-                f"(d_in={d_in}, d_sae={d_sae}) implies {list(shape)}"
+                f"({', '.join(f'{key}={value}' for key, value in sizes.items())}) implies {list(shape)}"
             )
         if finite and not bool(torch.isfinite(tensor).all()):
             raise InputError(f"{where}: tensor {name!r} holds NaN or infinite values")

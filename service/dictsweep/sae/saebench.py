@@ -4,7 +4,8 @@ core output (the JSON that SAEBench's tooling reads).
 Definitions follow SAEBench 0.6.0 `sae_bench/evals/core/main.py` (adamkarvonen/SAEBench, 8042bb3)
 over every eval row (SAEBench: a few batches of prompts), with SAELens's later corrections of two
 of its formulas (decoderesearch/SAELens #665 and #711):
-- `explained_variance` = 1 - E|x - x_hat|^2 / E|x - mean(x)|^2 over all rows (= 1 - our fvu);
+- `explained_variance` = 1 - E|x - x_hat|^2 / E|x - mean(x)|^2 over all rows (= 1 - our fvu); for a
+  transcoder x is the row's target and x_hat its output (with its skip path), here and below;
   SAEBench 0.6.0 subtracts the squared mean of x^2 instead of that of x (variance about zero).
 - `mse` = E|x - x_hat|^2, summed over d_model, per token; SAEBench 0.6.0 divides that again by the
   eval batch's token count. Our `mse` (per element) is this divided by d_model; this one is logged
@@ -165,14 +166,20 @@ def max_other_cosine(rows: Tensor, chunk: int = 4096) -> Tensor:
     return torch.cat(best).clamp_min(-1.0)
 
 
-def weight_metrics(W_enc: Tensor, W_dec: Tensor, b_enc: Tensor) -> dict[str, Tensor]:
-    """SAEBench's feature-wise weight metrics of a dictionary (`W_enc [d, n]`, `W_dec [n, d]`)."""
-    encoders = W_enc.detach().float().t()  # [n, d]
-    decoders = W_dec.detach().float()
+def weight_metrics(W_enc: Tensor, W_dec: Tensor, b_enc: Tensor, same_space: bool = True) -> dict[str, Tensor]:
+    """SAEBench's feature-wise weight metrics of a dictionary (`W_enc [d, n]`, `W_dec [n, d]`); a
+    transcoder's encoder and decoder rows live in different spaces (`same_space` False): their cosine is
+    undefined (-1)."""
+    encoders = W_enc.detach().float().t()  # [n, d_in]
+    decoders = W_dec.detach().float()  # [n, d_out]
+    if same_space:
+        cosines = torch.nn.functional.cosine_similarity(encoders, decoders, dim=-1)
+    else:
+        cosines = torch.full((len(decoders),), -1.0, device=decoders.device)
     return {
         "encoder_bias": b_enc.detach().float(),
         "encoder_norm": encoders.norm(dim=-1),
-        "encoder_decoder_cosine_sim": torch.nn.functional.cosine_similarity(encoders, decoders, dim=-1),
+        "encoder_decoder_cosine_sim": cosines,
         "max_encoder_cosine_sim": max_other_cosine(encoders),
         "max_decoder_cosine_sim": max_other_cosine(decoders),
     }

@@ -38,8 +38,10 @@ class Transcoder(Ensemble):
     skip: bool = False
     transcoder: bool = True
 
-    def __init__(self, d_model: int, n_latents: int, members: list[Member], d_out: int | None = None, **options):
-        self.d_in, self.d_out = d_model, d_out or d_model  # set first: `init_member` reads them
+    def __init__(self, d_model: int, n_latents: int, members: list[Member], d_out: int = 0, **options):
+        if not (isinstance(d_out, int) and d_out > 0):  # no default: a batch of d_model columns has no target
+            raise ValueError(f"{self.architecture}: d_out (the target's width) must be an integer > 0, got {d_out!r}")
+        self.d_in, self.d_out = d_model, d_out  # set first: `init_member` reads them
         super().__init__(d_model, n_latents, members, **options)
         self.b_dec = nn.Parameter(torch.zeros(self.n_members, self.d_out))  # [K, d_out]
         if self.skip:

@@ -54,11 +54,14 @@ def evaluate(
     dataset = ActivationDataset.open(data)
     modules = {name: load_dictionary(uri).to(device) for name, uri in dictionaries.items()}
     notes, spliced, tokens = [], {}, 0
+    kinds = {module.transcoder for module in modules.values()}
     if config.splice:
         from dictsweep.sweep.splice import splice_eval, splice_source
 
-        source = splice_source(dataset)
-        if isinstance(source, str):
+        source = splice_source(dataset, transcoders=True in kinds)
+        if len(kinds) > 1:  # they replace different hooks' outputs
+            notes.append("KL and CE loss scores not measured: evaluate SAEs and transcoders separately to splice them")
+        elif isinstance(source, str):
             notes.append(f"KL and CE loss scores not measured: {source}")
         else:
             outcome = splice_eval(data, dictionaries, config.splice_tokens, device, threads)

@@ -15,7 +15,18 @@ import logging
 log = logging.getLogger(__name__)
 
 # what makes two ensembles the same for `bench train`
-SHAPE_KEYS = ("architecture", "d_model", "n_latents", "members", "k", "batch_rows", "kernel", "decode", "encode")
+SHAPE_KEYS = (
+    "architecture",
+    "d_model",
+    "d_target",
+    "n_latents",
+    "members",
+    "k",
+    "batch_rows",
+    "kernel",
+    "decode",
+    "encode",
+)
 
 
 def trainer_entry(key: str, usage: dict, steps: int, rows: int, seconds: float, share: float) -> dict:
@@ -159,6 +170,7 @@ def bench_train_equivalent(stream: dict, steps: int = 10, rounds: int = 3) -> di
                     encodes=(ensemble["encode"],),
                     rounds=rounds,
                     k=ensemble["k"],
+                    d_target=ensemble["d_target"],
                 )
                 rates[shape] = measured["sae_samples_per_s"]
                 shapes.append({**dict(zip(SHAPE_KEYS, shape)), "sae_samples_per_s": measured["sae_samples_per_s"]})

@@ -16,8 +16,10 @@ import time
 import torch
 
 from dictsweep.config import TrainConfig
+from dictsweep.errors import InputError
 from dictsweep.sae.ensemble import ARCHITECTURES, Member, build_ensemble
 from dictsweep.sae.hyperparameters import K, L1_COEF
+from dictsweep.sae.transcoder import is_transcoder
 from dictsweep.train.kernels import default_candidates, synchronize, time_steps
 from dictsweep.train.loop import DeviceTrainer, EnsembleTrainer, uses_bf16
 
@@ -31,16 +33,28 @@ def bench_members(architecture: str, n_members: int, n_latents: int, k: int = 0)
     return [Member(lr=1e-3, seed=index, l1_coef=(1.0 + index) * l1_coef, k=k) for index in range(n_members)]
 
 
-def sparse_batches(d_model: int, batch_rows: int, count: int, seed: int = 0) -> list[torch.Tensor]:
-    """Batches of sparse combinations of random directions (activation-like, not white noise)."""
+def sparse_batches(d_model: int, batch_rows: int, count: int, seed: int = 0, d_target: int = 0) -> list[torch.Tensor]:
+    """Batches of sparse combinations of random directions (activation-like, not white noise); with
+    `d_target`, each row's target beside it (the same combination of other directions), as a transcoder
+    dataset streams them: `[batch_rows, d_model + d_target]`."""
     generator = torch.Generator().manual_seed(seed)
     n_features = 4 * d_model
-    features = torch.nn.functional.normalize(torch.randn(n_features, d_model, generator=generator), dim=-1)
+    features = torch.nn.functional.normalize(torch.randn(n_features, d_model + d_target, generator=generator), dim=-1)
     batches = []
     for _ in range(count):
         on = torch.rand(batch_rows, n_features, generator=generator) < 8 / n_features
         batches.append((torch.rand(batch_rows, n_features, generator=generator) * on) @ features)
     return batches
+
+
+def check_d_target(architecture: str, d_target: int) -> None:
+    """InputError unless a transcoder has a target width (--d-target > 0) and an SAE none (0)."""
+    if is_transcoder(architecture) and d_target <= 0:
+        raise InputError(f"--d-target is {d_target}: a transcoder ({architecture}) needs its target's width, > 0")
+    if not is_transcoder(architecture) and d_target != 0:
+        raise InputError(
+            f"--d-target is {d_target}: only a transcoder architecture has a target ({architecture} is an SAE)"
+        )
 
 
 def matmul_seconds(
@@ -87,15 +101,19 @@ def bench_train(
     rounds: int = 3,
     k: int = 0,
     encodes: tuple[str, ...] = ("auto",),
+    d_target: int = 0,
 ) -> dict:
     """Measure one ensemble shape; returns the JSON-ready result (samples/s are medians over rounds).
-    Candidates are named kernel/decode, and kernel/decode/encode when `encodes` is not just auto."""
+    Candidates are named kernel/decode, and kernel/decode/encode when `encodes` is not just auto.
+    `d_target`: a transcoder's target width (batches `[B, d_model + d_target]`; 0 for an SAE)."""
+    check_d_target(architecture, d_target)
+    options = {"d_out": d_target} if d_target else {}
     device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     members = bench_members(architecture, n_members, n_latents, k)
     # on the device already: the trainer overlaps the copy with the previous step (train/device.py)
-    batches = [batch.to(device) for batch in sparse_batches(d_model, batch_rows, steps + warmup)]
+    batches = [batch.to(device) for batch in sparse_batches(d_model, batch_rows, steps + warmup, d_target=d_target)]
     total_steps = warmup + steps * rounds
     # one optimizer step a batch: the figures are per step of `batch_rows`, for every architecture; and
     # the steady step: no sparsity warm-up, in which the top-k family keeps 4k latents a row
@@ -115,7 +133,7 @@ def bench_train(
             for encode in encodes:
                 name = f"{kernel}/{decode}" + ("" if encodes == ("auto",) else f"/{encode}")
                 ensemble = build_ensemble(
-                    architecture, d_model, n_latents, members, kernel=kernel, decode=decode, encode=encode
+                    architecture, d_model, n_latents, members, kernel=kernel, decode=decode, encode=encode, **options
                 )
                 trainers[name] = trainer = EnsembleTrainer(ensemble, config, total_steps, device)
                 paths[name] = (kernel, decode, encode)
@@ -125,7 +143,9 @@ def bench_train(
     if reference:
         singles = [
             EnsembleTrainer(
-                build_ensemble(architecture, d_model, n_latents, [member], decode=decodes[0], encode=encodes[0]),
+                build_ensemble(
+                    architecture, d_model, n_latents, [member], decode=decodes[0], encode=encodes[0], **options
+                ),
                 config,
                 total_steps,
                 device,
@@ -148,6 +168,7 @@ def bench_train(
     result = {
         "architecture": architecture,
         "d_model": d_model,
+        "d_target": d_target,
         "n_latents": n_latents,
         "k": members[0].k,
         "batch_rows": batch_rows,
@@ -172,11 +193,14 @@ def bench_train(
         )
 
     # 5 matmuls of 2*B*d*n per member per step: encoder and decoder forward, decoder weight and
-    # input gradients, encoder weight gradient (biases ride them). With a sparse decoder, two of
+    # input gradients, encoder weight gradient (biases ride them); a transcoder's three decoder ones
+    # are of its target's width (its skip path is left out). With a sparse decoder, two of
     # them are gathers, and with the sparse encoder a third is a scatter: the figure is then
     # dense-equivalent.
     matmul_flops = 2 * batch_rows * d_model * n_latents * n_members
-    achieved = 5 * matmul_flops * candidates[best] / samples
+    d_out = d_target or d_model
+    step_flops = 2 * batch_rows * n_latents * n_members * (2 * d_model + 3 * d_out)
+    achieved = step_flops * candidates[best] / samples
     matmul_rate = matmul_flops / statistics.median(seconds["matmul"])
     result.update(
         {

@@ -354,6 +354,7 @@ class DeviceLoop:
                 {
                     "architecture": spec.architecture,
                     "d_model": trainer.ensemble.d_model,
+                    "d_target": trainer.ensemble.d_out if is_transcoder(spec.architecture) else 0,
                     "n_latents": spec.n_latents,
                     "members": len(spec.members),
                     "k": max(member.k for member in spec.members),  # the largest; 0 for relu, jumprelu
