@@ -75,7 +75,7 @@ def print_sweep(result, experiment: str | None = None) -> None:
         console.print(f"{'*' if name in result.selected else ' '} {name}: {why}")
     for name, why in sorted(result.failed.items()):
         console.print(f"[red]failed[/red] {name}: {why.splitlines()[0][:300]}")
-    if getattr(result, "seeds", None):
+    if result.seeds:
         from dictsweep.sweep.seeds import describe
 
         for row in result.seeds:

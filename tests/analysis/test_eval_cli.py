@@ -80,3 +80,24 @@ def test_probing_results_and_summary(evaluated):
         sum(row["mean_absorption_fraction"] for row in letters) / len(letters)
     )
     assert all(0 <= row["mean_absorption_fraction"] <= 1 and row["num_split_features"] >= 1 for row in letters)
+
+
+@pytest.mark.parametrize("k", ["0", "-1"])
+def test_a_k_below_one_is_refused_by_its_flag(k, tmp_path, run_cli):
+    code, output = run_cli("eval", str(tmp_path), "--data", str(tmp_path), "--out", str(tmp_path / "out"), "--k", k)
+    assert code == 2 and f"--k: Input should be greater than 0 (got {k})" in output and "--ks" not in output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_manifest_context_that_is_no_number_is_refused_before_any_work(synthetic, tmp_path, run_cli):
+    import shutil
+
+    data = tmp_path / "ds"
+    shutil.copytree(synthetic, data)
+    manifest = json.loads((data / "manifest.json").read_text())
+    (data / "manifest.json").write_text(json.dumps({**manifest, "source": {"context": "long"}}))
+    data_dictionary(tmp_path / "dict", str(data), 16)
+    code, output = run_cli("eval", str(tmp_path / "dict"), "--data", str(data), "--out", str(tmp_path / "out"))
+    assert code == 2, output
+    assert f"{data}/manifest.json: field 'source.context' should be a whole number of tokens (got 'long')" in output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dict", "ds"]  # no --out written

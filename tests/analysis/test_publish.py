@@ -316,3 +316,85 @@ def test_publish_refuses_what_it_cannot_do_and_writes_nothing(export, tmp_path, 
     code, output = run_cli("publish", str(folder), "--out", str(tmp_path / "c"), "--format", "zip")
     assert code == 2 and "hf or neuronpedia" in output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]  # nothing half written, no scratch left
+
+
+def test_neuronpedia_refuses_a_model_id_that_is_a_path(export, tmp_path, run_cli):
+    folder, _ = export
+    around = sorted(tmp_path.parent.iterdir())
+    for model_id in ("../..", str(tmp_path / "elsewhere"), "a/b", ""):
+        out = tmp_path / "np"
+        code, output = run_cli("publish", str(folder), "--out", str(out), "--format", "neuronpedia", "--model-id", model_id)  # fmt: skip
+        assert code == 2 and f"--model-id: the name {model_id!r} is not a safe folder name" in output, output
+    assert list(tmp_path.iterdir()) == [] and sorted(tmp_path.parent.iterdir()) == around  # nothing written anywhere
+
+
+def broken_parquet(path: Path, how: str) -> None:
+    """Rewrite an inspect data file as an untrusted one might come: a field null, retyped or gone."""
+    import pyarrow as pa
+
+    table = pq.read_table(path)
+    records = table.to_pylist()
+    if how == "latent":
+        records[1]["latent"] = None
+        table = pa.Table.from_pylist(records, schema=table.schema)
+    elif how == "neighbours.latent":
+        records[0]["neighbours"] = [{"latent": None, "cosine": 0.5}]
+        table = pa.Table.from_pylist(records, schema=table.schema)
+    elif how == "contexts.center":
+        records[2]["contexts"] = [{**records[2]["contexts"][0], "center": None}]
+        table = pa.Table.from_pylist(records, schema=table.schema)
+    elif how == "neighbours":
+        table = table.set_column(table.schema.get_field_index("neighbours"), "neighbours", pa.array(["x"] * len(table)))
+    elif how == "dictsweep.inspect":
+        table = table.replace_schema_metadata({})
+    elif how == "dictsweep.inspect.hist_edges":
+        meta = json.loads(table.schema.metadata[b"dictsweep.inspect"])
+        table = table.replace_schema_metadata({"dictsweep.inspect": json.dumps({**meta, "hist_edges": [1.0, "2"]})})
+    if how == "not parquet":
+        path.write_bytes(b"PAR1 but no more")
+    else:
+        pq.write_table(table, path)
+
+
+@pytest.mark.parametrize(
+    "how, said",
+    [
+        ("latent", "field 'latent' holds an empty value (null)"),
+        ("neighbours.latent", "field 'neighbours.latent' holds an empty value (null)"),
+        ("contexts.center", "field 'contexts.center' holds an empty value (null)"),
+        ("neighbours", "field 'neighbours' should be list<item: struct<latent: int32, cosine: float>> (found string)"),
+        ("dictsweep.inspect", "field 'dictsweep.inspect' of its metadata is missing or not JSON"),
+        ("dictsweep.inspect.hist_edges", "field 'dictsweep.inspect.hist_edges' should be 65 rising positive numbers"),
+        ("not parquet", "not a readable Parquet data file"),
+    ],
+)
+def test_neuronpedia_names_the_file_and_field_of_a_broken_inspect_file(export, tmp_path, run_cli, how, said):
+    from dictsweep.analysis.stats import HIST_BINS
+
+    folder, _ = export
+    inspected = tmp_path / "inspect"
+    shutil.copytree(folder / "inspect", inspected)
+    broken = inspected / NAMES[1] / "latents.parquet"
+    broken_parquet(broken, how)
+    out = tmp_path / "np"
+    code, output = run_cli("publish", str(folder), "--out", str(out), "--format", "neuronpedia", "--inspect", str(inspected))  # fmt: skip
+    assert code == 2, output
+    assert f"{broken}: {said.replace('65', str(HIST_BINS + 1))}" in output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["inspect"]  # no --out, no scratch left
+
+
+def test_publish_names_a_cfg_json_whose_dictsweep_metadata_is_no_object(export, tmp_path, run_cli):
+    folder, _ = export
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    cfg = copy / NAMES[0] / "cfg.json"
+    config = json.loads(cfg.read_text())
+    cfg.write_text(json.dumps({**config, "metadata": {**config["metadata"], "dictsweep": "toy-sweep"}}))
+    for form in ("hf", "neuronpedia"):
+        code, output = run_cli("publish", str(copy), "--out", str(tmp_path / form), "--format", form)
+        assert code == 2, output
+        assert (
+            f"{copy / NAMES[0]}/cfg.json: field 'metadata.dictsweep' should be a JSON object (got 'toy-sweep')"
+            in output
+        )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copy"]

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from dictsweep.sae.metrics import max_cosine
 from dictsweep.sae.saebench import (
     CATEGORIES,
     CoreSums,
@@ -13,7 +14,6 @@ from dictsweep.sae.saebench import (
     core_metrics,
     core_output,
     flat_metrics,
-    max_other_cosine,
     misc_metrics,
     weight_metrics,
     with_splice,
@@ -104,7 +104,11 @@ def test_weight_metrics_against_brute_force(measured):
             torch.cosine_similarity(enc, dec, dim=0).item(), abs=1e-6
         )
         assert got["encoder_norm"][latent].item() == pytest.approx(enc.norm().item())
-    assert max_other_cosine(torch.ones(1, 3)).tolist() == [-1.0]  # one latent: no other
+    assert max_cosine(torch.ones(1, 3), torch.ones(1, 3), exclude_self=True).tolist() == [-1.0]  # no other latent
+    rows = torch.randn(7, 5, generator=torch.Generator().manual_seed(3))
+    cosines = torch.nn.functional.cosine_similarity(rows[:, None], rows[None], dim=-1).fill_diagonal_(-2)
+    chunked = max_cosine(rows, rows, chunk=3, exclude_self=True)  # the masked diagonal crosses chunks
+    assert torch.allclose(chunked, cosines.max(-1).values, atol=1e-6) and (chunked < 0.999).all()
 
 
 def test_misc_metrics_of_a_known_density():

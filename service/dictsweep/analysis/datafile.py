@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from dictsweep.analysis.directions import Matches
 from dictsweep.analysis.stats import HIST_BINS, Summary, hist_edges
+from dictsweep.errors import InputError
+from dictsweep.store import fs
 
 LatentTables = list[dict]  # one record per latent, in SCHEMA's fields
 
@@ -130,6 +134,47 @@ def write_data_file(path: str, records: LatentTables, meta: dict) -> None:
 
 
 def read_data_file(path: str) -> tuple[pa.Table, dict]:
-    """A data file and its `dictsweep.inspect` metadata."""
-    table = pq.read_table(path)
-    return table, json.loads(table.schema.metadata[b"dictsweep.inspect"])
+    """A data file (a path or URI) and its `dictsweep.inspect` metadata, checked as untrusted: an
+    InputError names the file and the field that is not as `write_data_file` writes it."""
+    try:
+        table = pq.read_table(pa.BufferReader(fs.read_bytes(path)))
+    except (pa.ArrowException, OSError) as error:
+        raise InputError(f"{path}: not a readable Parquet data file ({error})") from None
+    for field in SCHEMA:
+        found = table.schema.field(field.name).type if field.name in table.schema.names else None
+        if found is None or not found.equals(field.type):
+            raise InputError(f"{path}: field '{field.name}' should be {field.type} (found {found or 'none'})")
+        where = null_field(table.column(field.name).combine_chunks(), field.name)
+        if where:
+            raise InputError(f"{path}: field '{where}' holds an empty value (null)")
+    try:
+        meta = json.loads((table.schema.metadata or {})[b"dictsweep.inspect"])
+    except (KeyError, ValueError):
+        raise InputError(f"{path}: field 'dictsweep.inspect' of its metadata is missing or not JSON") from None
+    edges = meta.get("hist_edges") if isinstance(meta, dict) else None
+    if not (
+        isinstance(edges, list)
+        and len(edges) == HIST_BINS + 1
+        and all(isinstance(edge, (int, float)) and math.isfinite(edge) and edge > 0 for edge in edges)
+        and edges == sorted(edges)
+    ):
+        raise InputError(
+            f"{path}: field 'dictsweep.inspect.hist_edges' should be {HIST_BINS + 1} rising positive numbers"
+        )
+    return table, meta
+
+
+def null_field(values: pa.Array, name: str) -> str | None:
+    """The first field at or under `name` (`contexts.center`) holding a null; floats may (unknown values)."""
+    if pa.types.is_floating(values.type):
+        return None
+    if values.null_count:
+        return name
+    if pa.types.is_list(values.type) or pa.types.is_fixed_size_list(values.type):
+        return null_field(pc.list_flatten(values), name)
+    if pa.types.is_struct(values.type):
+        for index, child in enumerate(values.type):
+            found = null_field(pc.struct_field(values, [index]), f"{name}.{child.name}")
+            if found:
+                return found
+    return None

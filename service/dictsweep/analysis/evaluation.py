@@ -13,6 +13,7 @@ from torch import Tensor
 from dictsweep.analysis.absorption import absorption, ground_truth_probes, word_split
 from dictsweep.analysis.config import EvalConfig
 from dictsweep.analysis.labels import row_labels, token_table, vocabulary
+from dictsweep.analysis.scan import iter_batches, row_key_position
 from dictsweep.analysis.probing import Task, mean_over_tasks, probe_accuracies, probing_tasks
 from dictsweep.errors import InputError
 from dictsweep.sae.export import Dictionary
@@ -48,22 +49,16 @@ def probing_source(dataset: ActivationDataset) -> str | None:
 
 def read_rows(dataset: ActivationDataset, split: str, most: int) -> tuple[Tensor, np.ndarray, np.ndarray]:
     """The first `most` rows of a split (float32), and their `seq` and `pos` columns."""
-    parts, seqs, positions, count = [], [], [], 0
-    for index in range(len(dataset.shards(split))):
-        if count >= most:
-            break
-        acts, columns = dataset.read_shard(index, split, columns=True)
-        if "seq" not in columns or "pos" not in columns:
+    parts, keys = [], []
+    for batch in iter_batches(dataset, most, most, "cpu", split):
+        if not batch.positions:
             raise InputError(
-                f"{dataset.uri}: {split} shard {dataset.shards(split)[index].path} has no seq/pos columns, "
-                "so its rows cannot be traced to their tokens"
+                f"{dataset.uri}: its {split} shards have no seq/pos columns, so their rows cannot be traced to their tokens"
             )
-        take = min(len(acts), most - count)
-        parts.append(acts[:take].float())
-        seqs.append(columns["seq"][:take])
-        positions.append(columns["pos"][:take])
-        count += take
-    return torch.cat(parts), np.concatenate(seqs), np.concatenate(positions)
+        parts.append(batch.acts)
+        keys.append(batch.row_keys.numpy())
+    seqs, positions = row_key_position(np.concatenate(keys))
+    return torch.cat(parts), seqs, positions
 
 
 def probing_data(dataset: ActivationDataset, config: EvalConfig, device: str) -> ProbingData:
@@ -74,10 +69,10 @@ def probing_data(dataset: ActivationDataset, config: EvalConfig, device: str) ->
     tokenizer = load_tokenizer(dataset.manifest.source["model"])
     vocab = vocabulary(tokenizer, tokenizer_template(tokenizer).special_ids)
     table = token_table(vocab)
+    read = {split: read_rows(dataset, split, config.probing_rows) for split in ("train", "eval")}
+    contexts = read_seqs(dataset.uri, sorted({int(s) for _, seqs, _ in read.values() for s in np.unique(seqs)}))
     rows, labels = {}, {}
-    for split in ("train", "eval"):
-        x, seqs, positions = read_rows(dataset, split, config.probing_rows)
-        contexts = read_seqs(dataset.uri, sorted({int(s) for s in np.unique(seqs)}))
+    for split, (x, seqs, positions) in read.items():
         rows[split] = (x.to(device), np.array([contexts[int(s)][int(p)] for s, p in zip(seqs, positions)]))
         labels[split] = row_labels(vocab, table, contexts, seqs, positions)
     tasks, notes = probing_tasks(

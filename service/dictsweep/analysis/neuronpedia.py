@@ -22,7 +22,6 @@ import json
 import math
 import os
 import re
-import tempfile
 
 from dictsweep.errors import InputError
 from dictsweep.store import fs
@@ -44,9 +43,12 @@ def number(value) -> float:
 def write_neuronpedia(found: list, inspected: str, folder: str, options: dict) -> None:
     """The layout above for every dictionary of `found` (publish.Entry), under `folder`."""
     from dictsweep.analysis.datafile import read_data_file
+    from dictsweep.analysis.publish import sweep_name
 
     created = datetime.datetime.now(datetime.timezone.utc).isoformat()
-    creator = options.get("creator_id") or DEFAULT_CREATOR_ID
+    creator = DEFAULT_CREATOR_ID
+    if options.get("model_id") is not None:
+        fs.folder_name(options["model_id"], "--model-id")  # a folder of the layout: never a path elsewhere
     for entry in found:
         path = fs.join(inspected, entry.name, "latents.parquet")
         if not fs.exists(path):
@@ -54,15 +56,11 @@ def write_neuronpedia(found: list, inspected: str, folder: str, options: dict) -
                 f"no inspect data for {entry.name} at {path}: run `dictsweep inspect TARGET --data URI "
                 f"--out {inspected}` first, or pass --inspect DIR"
             )
-        with tempfile.TemporaryDirectory() as scratch:  # the data file alone, not the browser beside it
-            local = os.path.join(scratch, "latents.parquet")
-            with open(local, "wb") as file:
-                file.write(fs.read_bytes(path))
-            table, meta = read_data_file(local)
-        config = json.loads(fs.read_text(fs.join(entry.uri, "cfg.json")))
+        table, meta = read_data_file(path)
+        config = json.loads(fs.read_text(fs.join(entry.uri, "cfg.json")))  # loaded by `entries` before
         if table.num_rows != config["d_sae"]:
             raise InputError(f"{path}: {table.num_rows} latents, but {entry.uri} has d_sae={config['d_sae']}")
-        names = config.get("metadata", {})
+        names = config.get("metadata", {})  # a dict: `entries` loaded the dictionary
         model = options.get("model_id") or slug(str(names.get("model_name") or meta.get("model") or "").split("/")[-1])
         if not model:
             raise InputError(f"{entry.uri}: cfg.json names no model (metadata.model_name); pass --model-id")
@@ -72,7 +70,7 @@ def write_neuronpedia(found: list, inspected: str, folder: str, options: dict) -
             if found_layer is None:
                 raise InputError(f"{entry.uri}: no layer number in its hook name; pass --layer")
             layer = int(found_layer.group())
-        prefix = slug(options.get("source_set") or names.get("dictsweep", {}).get("sweep") or "dictsweep")
+        prefix = slug(options.get("source_set") or sweep_name(config, entry.uri) or "dictsweep")
         source_set = f"{prefix}-{slug(entry.name)}"
         source_id = f"{layer}-{source_set}"
         out = os.path.join(folder, model, source_id)
@@ -83,8 +81,8 @@ def write_neuronpedia(found: list, inspected: str, folder: str, options: dict) -
                 "description": f"dictsweep sweep {prefix}",
                 "descriptionShort": prefix,
                 "urls": [],
-                "creatorName": options.get("creator_name") or "dictsweep",
-                "creatorNameShort": options.get("creator_name") or "dictsweep",
+                "creatorName": "dictsweep",
+                "creatorNameShort": "dictsweep",
                 "creatorId": creator,
                 "visibility": "PUBLIC",
                 "createdAt": created,
@@ -109,7 +107,7 @@ def write_neuronpedia(found: list, inspected: str, folder: str, options: dict) -
                 "visibility": "PUBLIC",
                 "description": f"{config['architecture']} SAE, {config['d_sae']} latents ({entry.name})",
                 "type": "sae",
-                "creatorName": options.get("creator_name") or "dictsweep",
+                "creatorName": "dictsweep",
                 "urls": [],
                 "creatorId": creator,
                 "releaseName": prefix,
@@ -135,7 +133,7 @@ def write_neuronpedia(found: list, inspected: str, folder: str, options: dict) -
         for name, row in rows.items():
             with open(os.path.join(out, name), "w") as file:
                 file.write(json.dumps(row) + "\n")
-        edges = meta["hist_edges"]
+        edges = meta["hist_edges"]  # checked by read_data_file
         latents = table.to_pylist()
         for batch, start in enumerate(range(0, len(latents), BATCH_LATENTS)):
             chunk = latents[start : start + BATCH_LATENTS]

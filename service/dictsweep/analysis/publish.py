@@ -127,7 +127,7 @@ def model_card(found: list[Entry], repo_id: str) -> str:
             cells.append(format(metrics[key], form) if isinstance(metrics.get(key), (int, float)) else "")
         cells.append("yes" if info.get("selected") else "")
         rows.append("| " + " | ".join(cells) + " |")
-    sweep = first.get("dictsweep", {}).get("sweep")
+    sweep = sweep_name(configs[found[0].name], found[0].uri)
     where = f"`{hook}` of `{model}`" if model and hook else "a model's activations"
     lines = [
         *front,
@@ -156,6 +156,14 @@ def model_card(found: list[Entry], repo_id: str) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def sweep_name(config: dict, uri: str) -> str | None:
+    """The sweep named in cfg.json's `metadata.dictsweep` (untrusted: an object, or absent), or None."""
+    ours = config.get("metadata", {}).get("dictsweep") or {}
+    if not isinstance(ours, dict):
+        raise InputError(f"{uri}/cfg.json: field 'metadata.dictsweep' should be a JSON object (got {ours!r:.80})")
+    return ours.get("sweep")
 
 
 def sparsity(info: dict, config: dict) -> str:

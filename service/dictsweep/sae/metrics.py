@@ -122,11 +122,19 @@ class FiringTracker:
         vars(self).update(state)
 
 
-def max_cosine(a: Tensor, b: Tensor, chunk: int = 4096) -> Tensor:
-    """For each row of `a [n_a, d]`, its largest cosine similarity with any row of `b [n_b, d]`."""
+def max_cosine(a: Tensor, b: Tensor, chunk: int = 4096, exclude_self: bool = False) -> Tensor:
+    """For each row of `a [n_a, d]`, its largest cosine similarity with any row of `b [n_b, d]`;
+    `exclude_self`: `b` is `a`, and each row's best is over the other rows (-1 when there is none)."""
     a = torch.nn.functional.normalize(a.detach().float(), dim=-1)
     b = torch.nn.functional.normalize(b.detach().float(), dim=-1)
-    return torch.cat([(part @ b.t()).max(-1).values for part in a.split(chunk)])
+    best = []
+    for number, part in enumerate(a.split(chunk)):
+        sims = part @ b.t()  # [chunk, n_b]
+        if exclude_self:
+            rows = torch.arange(sims.shape[0], device=sims.device)
+            sims[rows, rows + number * chunk] = -torch.inf
+        best.append(sims.max(-1).values)
+    return torch.cat(best).clamp_min(-1.0) if exclude_self else torch.cat(best)
 
 
 def mmcs(a: Tensor, b: Tensor) -> tuple[float, float]:

@@ -33,6 +33,8 @@ import uuid
 import torch
 from torch import Tensor
 
+from dictsweep.sae.metrics import fvu_from_moments, max_cosine
+
 
 SAEBENCH_REFERENCE = (
     "SAEBench 0.6.0 core (adamkarvonen/SAEBench 8042bb3), mse and explained_variance as SAELens #711, #665"
@@ -122,9 +124,8 @@ class CoreSums:
     def scalars(self) -> dict[str, float]:
         """The reconstruction, shrinkage and sparsity metrics, by SAEBench name."""
         rows = max(self.rows, 1)
-        total_variance = self.x_sq_sum / rows - (self.x_sum / rows).pow(2).sum()
         values = {
-            "explained_variance": 1 - (self.error_sum / rows) / total_variance,
+            "explained_variance": 1 - fvu_from_moments(self.error_sum / rows, self.x_sum, self.x_sq_sum, rows),
             "explained_variance_legacy": self.legacy_sum / rows,
             "mse": self.error_sum / rows,
             "cossim": self.cossim_sum / rows,
@@ -154,18 +155,6 @@ def defined(value: float) -> float:
     return value if math.isfinite(value) else -1.0
 
 
-def max_other_cosine(rows: Tensor, chunk: int = 4096) -> Tensor:
-    """For each row of `rows [n, d]`, its largest cosine with any other row (-1 when n == 1)."""
-    unit = torch.nn.functional.normalize(rows.detach().float(), dim=-1)
-    best = []
-    for start in range(0, len(unit), chunk):
-        sims = unit[start : start + chunk] @ unit.t()  # [chunk, n]
-        index = torch.arange(sims.shape[0], device=sims.device)
-        sims[index, index + start] = -math.inf
-        best.append(sims.max(-1).values)
-    return torch.cat(best).clamp_min(-1.0)
-
-
 def weight_metrics(W_enc: Tensor, W_dec: Tensor, b_enc: Tensor, same_space: bool = True) -> dict[str, Tensor]:
     """SAEBench's feature-wise weight metrics of a dictionary (`W_enc [d, n]`, `W_dec [n, d]`); a
     transcoder's encoder and decoder rows live in different spaces (`same_space` False): their cosine is
@@ -180,8 +169,8 @@ def weight_metrics(W_enc: Tensor, W_dec: Tensor, b_enc: Tensor, same_space: bool
         "encoder_bias": b_enc.detach().float(),
         "encoder_norm": encoders.norm(dim=-1),
         "encoder_decoder_cosine_sim": cosines,
-        "max_encoder_cosine_sim": max_other_cosine(encoders),
-        "max_decoder_cosine_sim": max_other_cosine(decoders),
+        "max_encoder_cosine_sim": max_cosine(encoders, encoders, exclude_self=True),
+        "max_decoder_cosine_sim": max_cosine(decoders, decoders, exclude_self=True),
     }
 
 

@@ -22,6 +22,7 @@ from dictsweep.errors import InputError
 from dictsweep.sae.saebench import core_eval_config, core_output, flat_metrics, with_splice
 from dictsweep.store import fs
 from dictsweep.store.dataset import ActivationDataset
+from dictsweep.track_views import EVAL_STEP
 
 CORE_FILE, PROBING_FILE, SUMMARY_FILE = "saebench_core.json", "probing.json", "eval.json"
 
@@ -90,7 +91,7 @@ def core_document(
         model_name=str(source.get("model_name") or source.get("model") or ""),
         llm_dtype=dataset.dtype,
         dataset=str(source.get("dataset") or dataset.uri),
-        context_size=int(source.get("context") or 0),
+        context_size=context_size(dataset),
         compute_kl="kl_div_score" in spliced,
         compute_ce_loss="ce_loss_score" in spliced,
         compute_l2_norms=True,
@@ -102,6 +103,16 @@ def core_document(
     )
     result = {"metrics": with_splice(core["metrics"], metrics, splice_tokens), "details": core["details"]}
     return core_output(result, config, sae_cfg, name, release, f"dictsweep {__version__}")
+
+
+def context_size(dataset: ActivationDataset) -> int:
+    """The tokens per sequence the manifest's free-form `source` names (0 when it names none)."""
+    context = (dataset.manifest.source or {}).get("context") or 0
+    if isinstance(context, bool) or not isinstance(context, int) or context < 0:
+        raise InputError(
+            f"{dataset.uri}/manifest.json: field 'source.context' should be a whole number of tokens (got {context!r:.80})"
+        )
+    return context
 
 
 def write_documents(folder: str, document: dict, probing: dict | None) -> list[str]:
@@ -128,6 +139,7 @@ def eval_command(config: EvalConfig) -> tuple[dict[str, dict], list[str]]:
         targets, _ = resolve_targets(
             InspectConfig(target=config.target, data=config.data, tracking_uri=config.tracking_uri), scratch
         )
+        context_size(ActivationDataset.open(config.data))  # before the work, not after it
         names = [target.name for target in targets]
         if len(set(names)) != len(names):
             raise InputError(f"TARGET {config.target}: two dictionaries share a name ({sorted(names)})")
@@ -178,6 +190,7 @@ def evaluate_finished(driver) -> Evaluated | None:
     )
     what = "core metrics" + (", probing and absorption" if config.probing else "")
     try:
+        context_size(driver.dataset)  # the documents' manifest field, checked before the work
         with step(f"evaluating {len(uris)} dictionaries: SAEBench {what}"):
             evaluated = ray.get(
                 task.remote(spec.data.uri, uris, config, device, threads, driver.eval_steps * spec.train.batch_rows)
@@ -192,7 +205,7 @@ def evaluate_finished(driver) -> Evaluated | None:
         outcome = result.finished[name]
         new = {key: value for key, value in measured["metrics"].items() if key not in outcome.metrics}
         outcome.metrics.update(new)
-        tracker.log_metrics(outcome.run_id, {f"eval/{key}": value for key, value in new.items()}, spec.train.tokens)
+        tracker.log_metrics(outcome.run_id, {f"eval/{key}": value for key, value in new.items()}, EVAL_STEP)
     return evaluated
 
 
@@ -211,7 +224,7 @@ def write_evaluations(driver, evaluated: Evaluated | None) -> None:
             json.loads(fs.read_text(fs.join(outcome.uri, "cfg.json"))),
             measured["core"],
             outcome.metrics,
-            getattr(result, "splice_tokens", 0),
+            result.splice_tokens,
             driver.dataset,
             spec.name,
         )

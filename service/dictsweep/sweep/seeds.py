@@ -20,6 +20,7 @@ import numpy as np
 
 from dictsweep.config import SelectConfig
 from dictsweep.sweep.select import Choice, number, select
+from dictsweep.track_views import EVAL_STEP
 
 # t(0.975, df) for df = 1 .. 30; beyond, the Cornish-Fisher expansion about the normal quantile
 T_975 = (12.7062, 4.30265, 3.18245, 2.77645, 2.57058, 2.44691, 2.36462, 2.306, 2.26216, 2.22814, 2.20099, 2.17881)
@@ -142,7 +143,7 @@ def seed_report(driver, groups: dict[str, list[str]]) -> list[dict]:
 
     from dictsweep import load_dictionary
 
-    spec, result, tracker = driver.spec, driver.ledger.result, driver.ledger.tracker
+    result, tracker = driver.ledger.result, driver.ledger.tracker
     several = {group: names for group, names in groups.items() if len(names) > 1}
     if not several:
         return []
@@ -157,9 +158,7 @@ def seed_report(driver, groups: dict[str, list[str]]) -> list[dict]:
             extra[f"{key}_seed_mean"], extra[f"{key}_seed_ci95"] = value["mean"], value["half_width"]
         for name in names:
             result.finished[name].metrics.update(extra)
-            tracker.log_metrics(
-                result.finished[name].run_id, {f"eval/{k}": v for k, v in extra.items()}, spec.train.tokens
-            )
+            tracker.log_metrics(result.finished[name].run_id, {f"eval/{k}": v for k, v in extra.items()}, EVAL_STEP)
     rows = seed_rows(summary, stable)
     text = io.StringIO()
     writer = csv.DictWriter(
