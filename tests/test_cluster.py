@@ -25,6 +25,7 @@ def test_local_ray_starts_without_the_token_auth_note(tmp_path):
 
 
 RELEASE_AND_WATCH = """
+import statistics
 import time
 import numpy as np
 import ray
@@ -33,24 +34,27 @@ from dictsweep.cluster import start_ray
 start_ray(None, num_cpus=1)
 state = get_state_from_address(ray.get_runtime_context().gcs_address)
 used = lambda: get_memory_info_reply(state).store_stats.object_store_bytes_used
-freed = 0
-for trial in range(5):
+waits = []
+for trial in range(7):
     window = ray.put(np.ones(8 << 20, np.uint8))  # a window of 8 MB in the object store
     assert used() >= 8 << 20
     del window
-    time.sleep(0.3)
-    freed += used() < 8 << 20
+    released = time.perf_counter()
+    while used() >= 8 << 20 and time.perf_counter() - released < 3:
+        time.sleep(0.02)
+    waits.append(time.perf_counter() - released)
 ray.shutdown()
-print("freed", freed)
+print("median wait", statistics.median(waits))
 """
 
 
 def test_local_ray_frees_released_windows_within_a_fraction_of_a_second(tmp_path):
-    # Ray's default frees once a second: a released window would be gone within 0.3 s about 3 times in 10
+    # Ray's default frees once a second (a median wait near 1 s, measured), ours every 50 ms (0.03 s). The wait is
+    # polled, not slept, so a loaded machine that is slow to answer still measures the freeing
     env = {key: value for key, value in os.environ.items() if key not in ("RAY_AUTH_MODE", "RAY_ADDRESS")}
     env["HOME"] = str(tmp_path)
     done = subprocess.run(
         [sys.executable, "-c", RELEASE_AND_WATCH], env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    assert int(done.stdout.split("freed")[-1]) >= 4, done.stdout
+    assert float(done.stdout.split("median wait")[-1]) < 0.5, done.stdout

@@ -19,6 +19,7 @@ def test_usage_names_the_ensembles_and_reads_no_gpu_on_a_cpu():
         {
             "architecture": "topk",
             "d_model": 16,
+            "d_target": 0,
             "n_latents": 64,
             "members": 2,
             "k": 6,
@@ -30,6 +31,7 @@ def test_usage_names_the_ensembles_and_reads_no_gpu_on_a_cpu():
         {
             "architecture": "relu",
             "d_model": 16,
+            "d_target": 0,
             "n_latents": 32,
             "members": 1,
             "k": 0,
