@@ -7,6 +7,9 @@ RunError -> 1 (a failure while running).
 import contextlib
 import signal
 import threading
+from typing import ClassVar, Self
+
+from pydantic import BaseModel, ValidationError
 
 
 class DictsweepError(Exception):
@@ -31,6 +34,26 @@ def option_errors(error, option) -> InputError:
             for item in error.errors()
         )
     )
+
+
+class CliOptions(BaseModel):
+    """A config built from a command's options: `from_cli` turns pydantic's errors into one InputError
+    naming each wrong option. A field's flag is `--field-name` unless `flags` says otherwise."""
+
+    flags: ClassVar[dict[str, str]] = {}
+
+    @classmethod
+    def flag(cls, field: str) -> str:
+        """The option of a field's error location (`max_tokens` -> `--max-tokens`; a list item's, its list's)."""
+        name = field.split(".")[0]
+        return cls.flags.get(name, "--" + name.replace("_", "-"))
+
+    @classmethod
+    def from_cli(cls, **values) -> Self:
+        try:
+            return cls(**values)
+        except ValidationError as error:
+            raise option_errors(error, cls.flag) from None
 
 
 def distinct(values: list[str], what: str) -> list[str]:

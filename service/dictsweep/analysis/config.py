@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ConfigDict, Field
 
-from dictsweep.errors import option_errors
+from dictsweep.errors import CliOptions
 
 SAMPLES = 64  # firing rows sampled per latent, from which the quantile contexts are drawn
 
 
-class InspectConfig(BaseModel):
+class InspectConfig(CliOptions):
     """What `dictsweep inspect` reads and writes."""
 
     model_config = ConfigDict(extra="forbid")
@@ -55,18 +55,12 @@ class InspectConfig(BaseModel):
         description="MLflow tracking URI, to find a sweep by name (default: $MLFLOW_TRACKING_URI, else ./mlflow.db).",
     )
 
-    @classmethod
-    def from_cli(cls, **values) -> InspectConfig:
-        try:
-            return cls(**values)
-        except ValidationError as error:
-            raise option_errors(error, lambda field: "--" + field.split(".")[0].replace("_", "-")) from None
 
-
-class EvalConfig(BaseModel):
+class EvalConfig(CliOptions):
     """What `dictsweep eval` (and a sweep's `evaluation.probing`) measures: SAEBench's core metrics on the
     eval rows, the spliced CE/KL, sparse probing and first-letter absorption on the dataset's own tokens."""
 
+    flags = {"ks": "--k"}  # given once per k
     model_config = ConfigDict(extra="forbid")
 
     target: str = Field(
@@ -109,16 +103,3 @@ class EvalConfig(BaseModel):
         None,
         description="MLflow tracking URI, to find a sweep by name (default: $MLFLOW_TRACKING_URI, else ./mlflow.db).",
     )
-
-    @classmethod
-    def from_cli(cls, **values) -> EvalConfig:
-        try:
-            return cls(**values)
-        except ValidationError as error:
-            raise option_errors(error, eval_flag) from None
-
-
-def eval_flag(field: str) -> str:
-    """The `dictsweep eval` option of a field: `--probing-rows`, `--k` for `ks` (given once per k)."""
-    name = field.split(".")[0]
-    return "--" + {"ks": "k"}.get(name, name).replace("_", "-")

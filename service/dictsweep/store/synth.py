@@ -12,9 +12,9 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Literal, NamedTuple
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import ConfigDict, Field, ValidationInfo, field_validator
 
-from dictsweep.errors import number_not_boolean, option_errors
+from dictsweep.errors import CliOptions, number_not_boolean
 
 if TYPE_CHECKING:
     import torch
@@ -27,7 +27,7 @@ CORRELATED_CHUNK_CELLS = 1 << 24  # correlated firing draws dense [rows, n_featu
 CORRELATION_RANK = 8  # rank of the random correlation between features (when correlation > 0)
 
 
-class SynthConfig(BaseModel):
+class SynthConfig(CliOptions):
     """What `dictsweep synth` generates."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
@@ -74,14 +74,6 @@ class SynthConfig(BaseModel):
         if n_features is not None and active > n_features:
             raise ValueError(f"{active} active features on average needs n_features >= {active}, got {n_features}")
         return active
-
-    @classmethod
-    def from_cli(cls, **values) -> SynthConfig:
-        """The config from CLI options; InputError names each wrong option (`--d-model`)."""
-        try:
-            return cls(**values)
-        except ValidationError as error:
-            raise option_errors(error, lambda field: "--" + field.replace("_", "-")) from None
 
 
 class SynthModel(NamedTuple):

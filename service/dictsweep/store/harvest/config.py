@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import ConfigDict, Field, ValidationInfo, field_validator
 
-from dictsweep.errors import distinct, option_errors
+from dictsweep.errors import CliOptions, distinct
 
 WORK_DIR = "_harvest"  # plan and per-block progress; removed once the manifests are written
 PLAN_KEYS = (
@@ -27,9 +27,10 @@ PLAN_KEYS = (
 )
 
 
-class HarvestConfig(BaseModel):
+class HarvestConfig(CliOptions):
     """What `dictsweep harvest` reads, runs and writes."""
 
+    flags = {"hooks": "--hook", "target_hooks": "--target-hook"}
     model_config = ConfigDict(extra="forbid")
 
     model: str = Field(
@@ -114,20 +115,6 @@ class HarvestConfig(BaseModel):
         """hook -> the hook whose output is its rows' target ({} for an SAE dataset)."""
         return dict(zip(self.hooks, self.target_hooks))
 
-    @classmethod
-    def from_cli(cls, **values) -> HarvestConfig:
-        """The config from CLI options; InputError names each wrong option (`--max-tokens`)."""
-        try:
-            return cls(**values)
-        except ValidationError as error:
-            raise option_errors(error, _option) from None
-
     def plan_settings(self) -> dict:
         """The settings that decide the dataset's contents (a rerun must match them to resume)."""
         return {key: getattr(self, key) for key in PLAN_KEYS}
-
-
-def _option(field: str) -> str:
-    """The CLI option of a config field: `max_tokens` -> `--max-tokens`, `hooks` -> `--hook`."""
-    field = field.split(".")[0]  # a list item's error names its list
-    return {"hooks": "--hook", "target_hooks": "--target-hook"}.get(field, "--" + field.replace("_", "-"))
