@@ -34,10 +34,12 @@ def write_topics(path: Path) -> Path:
     return path
 
 
-def harvest_to(folder: Path, model: str, hook: str, max_tokens: int) -> str:
+def harvest_to(folder: Path, model: str, hook: str, max_tokens: int, target: str | None = None) -> str:
+    """`hook`'s rows of Python's help topics (with `target`'s output beside them: a transcoder dataset)."""
     config = HarvestConfig(
         model=model,
         hooks=[hook],
+        target_hooks=[target] if target else [],
         text=str(write_topics(folder / "topics.txt")),
         out=str(folder / "ds"),
         context=CONTEXT,

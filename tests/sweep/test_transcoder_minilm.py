@@ -8,11 +8,10 @@ import torch
 from dictsweep.errors import InputError
 from dictsweep.sae.export import dictionary_files, saelens_config
 from dictsweep.store.dataset import ActivationDataset
-from dictsweep.store.harvest import HarvestConfig, harvest
 from dictsweep.store.harvest.tokens import tokenizer_template
 from dictsweep.sweep.splice import Readout, held_out_contexts, splice_eval, splice_losses, splice_source
 
-from tests.sweep.test_splice import CONTEXT, MINILM, write_topics
+from tests.sweep.test_splice import CONTEXT, MINILM, harvest_to
 
 LAYER = 3
 MLP_IN, MLP_OUT = f"encoder.layer.{LAYER}.attention.output", f"encoder.layer.{LAYER}.output.dense"
@@ -20,22 +19,7 @@ NEURONS = f"encoder.layer.{LAYER}.intermediate"  # the MLP's GELU outputs: outpu
 
 
 def harvest_pair(folder, hook: str, target: str) -> str:
-    config = HarvestConfig(
-        model=MINILM,
-        hooks=[hook],
-        target_hooks=[target],
-        text=str(write_topics(folder / "topics.txt")),
-        out=str(folder / "ds"),
-        context=CONTEXT,
-        max_tokens=3000,
-        dtype="float32",
-        shard_rows=1024,
-        shuffle_rows=1024,
-        eval_fraction=0.2,
-        batch_size=16,
-    )
-    harvest(config, progress=False)
-    return config.out
+    return harvest_to(folder, MINILM, hook, 3000, target)
 
 
 @pytest.fixture(scope="module")
