@@ -1,20 +1,23 @@
 """The one module that talks to MLflow, against real stores: a fresh sqlite store that several
-drivers open at once, and points sent again after a driver died sent once."""
+drivers open at once, points sent again after a driver died sent once, and a server that hangs up
+in the middle of its answers."""
 
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 
 import pytest
 from mlflow.entities import Metric
 
 from dictsweep.errors import Interrupted, stopped_by_signals
-from dictsweep.track import Tracker
+from dictsweep.track import Tracker, unreachable
 
 OPEN = """
 import sys
-from dictsweep.track import Tracker
+from dictsweep.track import Tracker, unreachable
 Tracker(sys.argv[1], sys.argv[2]).start_sweep(sys.argv[2], {"x": 1})
 """
 
@@ -81,3 +84,86 @@ def test_registering_a_run_again_adds_no_version(tmp_path):
     tracker.flush()
     versions = tracker.client.search_model_versions("name = 'registry'")
     assert sorted(version.run_id for version in versions) == sorted([first, second])
+
+
+class CuttingProxy:
+    """A TCP proxy on 127.0.0.1 in front of a real server. Each request goes through whole; while
+    `cut` is set, the answer stops two bytes short and the connection closes, as when a server is
+    killed while it answers (the request was served: what it wrote is stored)."""
+
+    def __init__(self, upstream: str):
+        host, port = upstream.removeprefix("http://").split(":")
+        self.upstream = (host, int(port))
+        self.cut = False
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.uri = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        threading.Thread(target=self.serve, daemon=True).start()
+
+    def serve(self) -> None:
+        while True:
+            connection, _ = self.listener.accept()
+            threading.Thread(target=self.answer, args=(connection,), daemon=True).start()
+
+    @staticmethod
+    def read_message(sock: socket.socket) -> bytes:
+        """One HTTP message with a Content-Length (or none) body, whole."""
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return data
+            data += chunk
+        head, body = data.split(b"\r\n\r\n", 1)
+        length = next(
+            (int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")),
+            0,
+        )
+        while len(body) < length:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            body += chunk
+        return head + b"\r\n\r\n" + body
+
+    def answer(self, client: socket.socket) -> None:
+        with client:
+            request = self.read_message(client)
+            if not request:
+                return
+            head, body = request.split(b"\r\n\r\n", 1)
+            lines = [line for line in head.split(b"\r\n") if not line.lower().startswith(b"connection:")]
+            with socket.create_connection(self.upstream) as server:
+                server.sendall(b"\r\n".join([*lines, b"Connection: close"]) + b"\r\n\r\n" + body)
+                reply = self.read_message(server)
+            head, body = reply.split(b"\r\n\r\n", 1)
+            lines = [line for line in head.split(b"\r\n") if not line.lower().startswith(b"connection:")]
+            reply = b"\r\n".join([*lines, b"Connection: close"]) + b"\r\n\r\n" + body
+            client.sendall(reply[:-2] if self.cut and body else reply)
+
+
+def test_a_server_that_hangs_up_mid_answer_is_an_outage_and_the_resent_batch_adds_nothing(mlflow_server):
+    """The tracking server killed while it answers a log-batch: the client reads a broken answer
+    (IncompleteRead). That is an outage like a refused connection: the writes stay queued, training
+    goes on, and sent again they leave each point in the run once."""
+    from mlflow.exceptions import MlflowException
+
+    proxy = CuttingProxy(mlflow_server)
+    tracker = Tracker(proxy.uri, "hang-up", patience=5.0)
+    tracker.start_sweep("hang-up", {})
+    run = tracker.start_sae("sae", {})
+    proxy.cut = True
+    with pytest.raises(MlflowException) as broken:
+        tracker.client.log_batch(run, metrics=[Metric("loss", 9.0, 0, 1)])
+    assert "IncompleteRead" in str(broken.value) and unreachable(broken.value)
+    with pytest.raises(MlflowException) as refused:  # an answer of the server's own: not an outage
+        Tracker(mlflow_server, "hang-up").client.get_run("0" * 32)
+    assert not unreachable(refused.value)
+    for step in (100, 200):
+        tracker.log_metrics(run, {"loss": step / 100}, step)
+    assert tracker.flush() is False  # the first batch reached the store; its answer did not come back
+    assert len(tracker.queue) == 2
+    proxy.cut = False
+    tracker.retry_at = 0.0
+    assert tracker.flush() is True
+    history = tracker.client.get_metric_history(run, "loss")
+    assert sorted((m.step, m.value) for m in history) == [(1, 9.0), (100, 1.0), (200, 2.0)]

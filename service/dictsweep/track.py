@@ -359,11 +359,26 @@ def sweep_url(uri: str | None, experiment: str) -> str | None:
 
 
 def unreachable(error: Exception) -> bool:
-    """Whether an MLflow error means the server could not be reached (worth retrying later)."""
+    """Whether an MLflow error means the server could not be reached or went away mid-answer (worth
+    retrying later: MLflow's metric rows are keyed by their timestamp, so a resent batch adds nothing).
+
+    MLflow wraps transport errors in an MlflowException that names them only in its text and its
+    context, so the whole chain of causes is read."""
     import requests
 
-    if isinstance(error, (requests.exceptions.ConnectionError, requests.exceptions.Timeout, ConnectionError)):
-        return True
+    transport = (
+        requests.exceptions.ConnectionError,
+        requests.exceptions.Timeout,
+        requests.exceptions.ChunkedEncodingError,  # an answer cut short (urllib3's IncompleteRead behind it)
+        ConnectionError,  # refused, reset, aborted, broken pipe
+    )
+    seen: set[int] = set()
+    cause: BaseException | None = error
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, transport):
+            return True
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
     text = str(error)
     return (
         any(
@@ -372,6 +387,9 @@ def unreachable(error: Exception) -> bool:
                 "Max retries exceeded",
                 "Connection refused",
                 "ConnectionError",
+                "Connection broken",
+                "Connection aborted",
+                "IncompleteRead",
                 "Read timed out",
                 "RemoteDisconnected",
             )
