@@ -87,14 +87,15 @@ def test_registering_a_run_again_adds_no_version(tmp_path):
 
 
 class CuttingProxy:
-    """A TCP proxy on 127.0.0.1 in front of a real server. Each request goes through whole; while
-    `cut` is set, the answer stops two bytes short and the connection closes, as when a server is
-    killed while it answers (the request was served: what it wrote is stored)."""
+    """A TCP proxy on 127.0.0.1 in front of a real server. Each request goes through whole; the next
+    `cuts` answers stop two bytes short and the connection closes, as when a server is killed while
+    it answers (the request was served: what it wrote is stored)."""
 
     def __init__(self, upstream: str):
         host, port = upstream.removeprefix("http://").split(":")
         self.upstream = (host, int(port))
-        self.cut = False
+        self.cuts = 0
+        self.lock = threading.Lock()
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.uri = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
         threading.Thread(target=self.serve, daemon=True).start()
@@ -138,32 +139,41 @@ class CuttingProxy:
             head, body = reply.split(b"\r\n\r\n", 1)
             lines = [line for line in head.split(b"\r\n") if not line.lower().startswith(b"connection:")]
             reply = b"\r\n".join([*lines, b"Connection: close"]) + b"\r\n\r\n" + body
-            client.sendall(reply[:-2] if self.cut and body else reply)
+            with self.lock:
+                cut, self.cuts = self.cuts > 0, max(self.cuts - 1, 0)
+            client.sendall(reply[:-2] if cut else reply)
 
 
-def test_a_server_that_hangs_up_mid_answer_is_an_outage_and_the_resent_batch_adds_nothing(mlflow_server):
-    """The tracking server killed while it answers a log-batch: the client reads a broken answer
-    (IncompleteRead). That is an outage like a refused connection: the writes stay queued, training
-    goes on, and sent again they leave each point in the run once."""
+def test_a_server_that_hangs_up_mid_answer_is_an_outage_and_a_resent_write_adds_nothing(mlflow_server):
+    """The tracking server killed while it answers: the client reads a broken answer (IncompleteRead).
+    That is an outage like a refused connection: the writes stay queued, training goes on, and sent
+    again they leave each point in the run once; a run whose creation was answered so is made once."""
     from mlflow.exceptions import MlflowException
 
     proxy = CuttingProxy(mlflow_server)
-    tracker = Tracker(proxy.uri, "hang-up", patience=5.0)
+    tracker = Tracker(proxy.uri, "hang-up", patience=30.0)
     tracker.start_sweep("hang-up", {})
     run = tracker.start_sae("sae", {})
-    proxy.cut = True
+    proxy.cuts = 1
     with pytest.raises(MlflowException) as broken:
         tracker.client.log_batch(run, metrics=[Metric("loss", 9.0, 0, 1)])
     assert "IncompleteRead" in str(broken.value) and unreachable(broken.value)
     with pytest.raises(MlflowException) as refused:  # an answer of the server's own: not an outage
         Tracker(mlflow_server, "hang-up").client.get_run("0" * 32)
     assert not unreachable(refused.value)
+
     for step in (100, 200):
         tracker.log_metrics(run, {"loss": step / 100}, step)
+    proxy.cuts = 1_000_000
     assert tracker.flush() is False  # the first batch reached the store; its answer did not come back
     assert len(tracker.queue) == 2
-    proxy.cut = False
-    tracker.retry_at = 0.0
+    proxy.cuts, tracker.retry_at = 0, 0.0
     assert tracker.flush() is True
     history = tracker.client.get_metric_history(run, "loss")
     assert sorted((m.step, m.value) for m in history) == [(1, 9.0), (100, 1.0), (200, 2.0)]
+
+    proxy.cuts = 1  # the answer to the creation is lost, then the server is back
+    second = tracker.start_sae("second", {"lr": 0.1})
+    named = tracker.client.search_runs([tracker.experiment_id], "attributes.run_name = 'second'")
+    assert [found.info.run_id for found in named] == [second]
+    assert tracker.client.get_run(second).data.params == {"lr": "0.1"}

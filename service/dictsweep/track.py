@@ -20,6 +20,7 @@ import os
 import re
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Callable
 
@@ -43,6 +44,7 @@ log = logging.getLogger(__name__)
 ROLE_TAG, SWEEP_ROLE, SAE_ROLE = "dictsweep.role", "sweep", "sae"
 SELECTED_TAG, POINT_TAG, STATUS_TAG = "dictsweep.selected", "dictsweep.point", "dictsweep.status"
 WHY_TAG = "dictsweep.why"  # why an SAE was or was not selected
+CREATION_TAG = "dictsweep.creation"  # a token per created run: a retried creation finds the first try's run
 DICTIONARY_PATH = "dictionary"
 INSPECT_PATH = "inspect"  # a run's `dictsweep inspect` output
 
@@ -165,23 +167,30 @@ class Tracker:
 
     # -- runs --------------------------------------------------------------------------------------
     def start_sweep(self, name: str, params: dict, tags: dict | None = None) -> str:
-        run = self.now(
-            self.client.create_run, self.experiment_id, run_name=name, tags={ROLE_TAG: SWEEP_ROLE, **(tags or {})}
-        )
-        self.parent_id = run.info.run_id
+        self.parent_id = self.create_run(name, {ROLE_TAG: SWEEP_ROLE, **(tags or {})})
         self.now(self.log_params, self.parent_id, params)
         return self.parent_id
 
     def start_sae(self, name: str, params: dict, role: str = SAE_ROLE) -> str:
         """A child run of the sweep for one dictionary (an SAE, or a baseline with role="baseline")."""
-        run = self.now(
-            self.client.create_run,
-            self.experiment_id,
-            run_name=name,
-            tags={"mlflow.parentRunId": self.parent_id, ROLE_TAG: role, POINT_TAG: name},
-        )
-        self.now(self.log_params, run.info.run_id, params)
-        return run.info.run_id
+        run_id = self.create_run(name, {"mlflow.parentRunId": self.parent_id, ROLE_TAG: role, POINT_TAG: name})
+        self.now(self.log_params, run_id, params)
+        return run_id
+
+    def create_run(self, name: str, tags: dict) -> str:
+        """A new run's id, made once: when the server made the run but its answer was lost (killed
+        while answering), the retry finds that run by its creation token instead of making another."""
+        token, tried = uuid.uuid4().hex, []
+
+        def create():
+            if tried:
+                found = self.client.search_runs([self.experiment_id], f"tags.`{CREATION_TAG}` = '{token}'")
+                if found:
+                    return found[0]
+            tried.append(True)
+            return self.client.create_run(self.experiment_id, run_name=name, tags={**tags, CREATION_TAG: token})
+
+        return self.now(create).info.run_id
 
     def log_params(self, run_id: str, params: dict) -> None:
         from mlflow.entities import Param
