@@ -13,11 +13,12 @@ import pytest
 from mlflow.entities import Metric
 
 from dictsweep.errors import Interrupted, stopped_by_signals
-from dictsweep.track import Tracker, unreachable
+from dictsweep.track import Tracker
+from dictsweep.track_server import unreachable
 
 OPEN = """
 import sys
-from dictsweep.track import Tracker, unreachable
+from dictsweep.track import Tracker
 Tracker(sys.argv[1], sys.argv[2]).start_sweep(sys.argv[2], {"x": 1})
 """
 

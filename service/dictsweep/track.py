@@ -11,13 +11,11 @@ training; `flush(patience=...)` at the end waits for the server for a while befo
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
 import logging
 import os
-import re
 import tempfile
 import time
 import uuid
@@ -25,6 +23,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from dictsweep.errors import InputError, RunError, held_stop
+from dictsweep.track_server import store_lock, tracking_uri, unreachable
 from dictsweep.track_views import KIND_TAG, TRAINING_KIND  # noqa: F401  (re-exported: the kind a sweep has)
 from dictsweep.track_views import VIEW_TAG, experiment_tags, holds_view, run_url, runs_url
 
@@ -47,40 +46,6 @@ WHY_TAG = "dictsweep.why"  # why an SAE was or was not selected
 CREATION_TAG = "dictsweep.creation"  # a token per created run: a retried creation finds the first try's run
 DICTIONARY_PATH = "dictionary"
 INSPECT_PATH = "inspect"  # a run's `dictsweep inspect` output
-
-
-def tracking_uri(uri: str | None) -> str:
-    """The tracking URI to use: the spec's, else $MLFLOW_TRACKING_URI, else ./mlflow.db (sqlite)."""
-    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        uri = "sqlite:///" + os.path.abspath(uri.removeprefix("sqlite:///"))  # pin to the working directory
-    return uri
-
-
-def check_tracking(uri: str | None, seconds: float = 5.0) -> str:
-    """The tracking URI, once seen usable within `seconds`: an HTTP server answers (any answer
-    below 500: a server that refuses us is there), a sqlite file's folder exists. InputError if not."""
-    import requests
-
-    resolved = tracking_uri(uri)
-    if resolved.startswith(("http://", "https://")):
-        try:
-            answer = requests.get(resolved.rstrip("/") + "/health", timeout=seconds)
-        except requests.RequestException as error:
-            raise InputError(
-                f"tracking.uri {resolved}: no answer within {seconds:g} s ({type(error).__name__}); "
-                "start the MLflow server, or correct the URI"
-            ) from None
-        if answer.status_code >= 500:
-            raise InputError(
-                f"tracking.uri {resolved}: the server answered {answer.status_code} "
-                f"{answer.reason}; is the MLflow server behind it running?"
-            )
-    elif resolved.startswith("sqlite:///"):
-        folder = os.path.dirname(resolved.removeprefix("sqlite:///"))
-        if not os.path.isdir(folder):
-            raise InputError(f"tracking.uri {resolved}: the folder {folder} does not exist")
-    return resolved
 
 
 @dataclass
@@ -323,23 +288,6 @@ class Tracker:
         self.later(f"registering {run_id}", create)
 
 
-@contextlib.contextmanager
-def store_lock(uri: str):
-    """For a sqlite store, an exclusive lock on a file beside it while MLflow may create or upgrade
-    its tables: two processes doing that at once fail with 'duplicate column name'."""
-    if not uri.startswith("sqlite:///"):
-        yield
-        return
-    import fcntl
-
-    with open(uri.removeprefix("sqlite:///") + ".lock", "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def experiment_id(client, name: str) -> str:
     """The id of the experiment `name`, made if there is none (another process may make it first)."""
     from mlflow.exceptions import MlflowException
@@ -365,46 +313,6 @@ def sweep_url(uri: str | None, experiment: str) -> str | None:
     except Exception:  # only a hint at the end of a sweep: never fail it
         return None
     return runs_url(resolved, found.experiment_id, holds_view(found.tags.get(VIEW_TAG))) if found else None
-
-
-def unreachable(error: Exception) -> bool:
-    """Whether an MLflow error means the server could not be reached or went away mid-answer (worth
-    retrying later: MLflow's metric rows are keyed by their timestamp, so a resent batch adds nothing).
-
-    MLflow wraps transport errors in an MlflowException that names them only in its text and its
-    context, so the whole chain of causes is read."""
-    import requests
-
-    transport = (
-        requests.exceptions.ConnectionError,
-        requests.exceptions.Timeout,
-        requests.exceptions.ChunkedEncodingError,  # an answer cut short (urllib3's IncompleteRead behind it)
-        ConnectionError,  # refused, reset, aborted, broken pipe
-    )
-    seen: set[int] = set()
-    cause: BaseException | None = error
-    while cause is not None and id(cause) not in seen:
-        if isinstance(cause, transport):
-            return True
-        seen.add(id(cause))
-        cause = cause.__cause__ or cause.__context__
-    text = str(error)
-    return (
-        any(
-            sign in text
-            for sign in (
-                "Max retries exceeded",
-                "Connection refused",
-                "ConnectionError",
-                "Connection broken",
-                "Connection aborted",
-                "IncompleteRead",
-                "Read timed out",
-                "RemoteDisconnected",
-            )
-        )
-        or re.search(r"error code 50[234]\b", text) is not None
-    )
 
 
 def find_sweep(uri: str | None, sweep: str) -> tuple["Tracker", list[SaeRun]]:

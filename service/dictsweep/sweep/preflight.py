@@ -14,7 +14,7 @@ from dictsweep.sae import ARCHITECTURES
 from dictsweep.sae.transcoder import is_transcoder
 from dictsweep.store import fs
 from dictsweep.store.dataset import ActivationDataset
-from dictsweep.track import check_tracking
+from dictsweep.track_server import check_tracking
 from dictsweep.train.zero import ZERO_ARCHITECTURES
 
 log = logging.getLogger(__name__)
