@@ -48,11 +48,15 @@ def test_log_missing_sends_only_what_the_run_lacks(tmp_path):
     for key in ("loss", "l0"):
         history = tracker.client.get_metric_history(run, key)
         assert sorted((m.step, m.value) for m in history) == [(step, stored[step][key]) for step in (100, 200, 300)]
+    tracker.set_tags(run, {"dictsweep.error": "node lost", "dictsweep.point": "sae"})
     tracker.end_run(run, status="KILLED")
     tracker.flush()
     assert tracker.statuses()[run] == "KILLED"
     tracker.reopen(run)
     assert tracker.statuses()[run] == "RUNNING"
+    tags = tracker.client.get_run(run).data.tags
+    assert "dictsweep.error" not in tags and tags["dictsweep.point"] == "sae"  # why it ended goes, the rest stays
+    tracker.reopen(run)  # a run without those tags reopens too
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])

@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 ROLE_TAG, SWEEP_ROLE, SAE_ROLE = "dictsweep.role", "sweep", "sae"
 SELECTED_TAG, POINT_TAG, STATUS_TAG = "dictsweep.selected", "dictsweep.point", "dictsweep.status"
 WHY_TAG = "dictsweep.why"  # why an SAE was or was not selected
+ERROR_TAG, STOPPED_TAG = "dictsweep.error", "dictsweep.stopped"  # why a run failed / a sweep stopped
 CREATION_TAG = "dictsweep.creation"  # a token per created run: a retried creation finds the first try's run
 DICTIONARY_PATH = "dictionary"
 INSPECT_PATH = "inspect"  # a run's `dictsweep inspect` output
@@ -190,7 +191,12 @@ class Tracker:
         return statuses
 
     def reopen(self, run_id: str) -> None:
-        """Mark a run that a stopped driver ended as KILLED running again (its sweep is resumed)."""
+        """Mark a run that a stopped driver ended (KILLED, or FAILED with its node) running again, its
+        sweep resumed: the tags saying why it ended go, so a finished run does not show an old error."""
+        tags = self.now(self.client.get_run, run_id).data.tags
+        for key in (ERROR_TAG, STOPPED_TAG):
+            if key in tags:
+                self.now(self.client.delete_tag, run_id, key)
         self.now(self.client.update_run, run_id, status="RUNNING")
 
     def log_missing(self, run_id: str, points: dict[int, dict[str, float]]) -> int:

@@ -422,6 +422,7 @@ def test_lost_node_without_room_fails_naming_it_then_resume_finishes(
     runs = client.search_runs([experiment.experiment_id])
     status = {r.data.tags["dictsweep.point"]: r for r in runs if "dictsweep.point" in r.data.tags}
     assert {run.info.status for run in status.values()} == {"FINISHED"}
+    assert not any("dictsweep.error" in run.data.tags for run in status.values())  # no old error on a finished run
     for name in failed:  # resumed from its checkpoint: each point once, none missing
         steps = [m.step for m in client.get_metric_history(status[name].info.run_id, "loss")]
         assert steps == list(range(LOG_EVERY, TOKENS + 1, LOG_EVERY)), name

@@ -23,7 +23,7 @@ from dictsweep.sweep.plan import Plan, TrainerPlan, plan_from_dict
 from dictsweep.sweep.points import store_points, stored_points
 from dictsweep.sweep.progress import SaeBoard
 from dictsweep.sweep.results import SAEResult, SweepResult
-from dictsweep.track import STATUS_TAG, Tracker
+from dictsweep.track import ERROR_TAG, STATUS_TAG, STOPPED_TAG, Tracker
 from dictsweep.track_views import EVAL_STEP, dataset_input
 from dictsweep.train.evaluate import in_eval_units
 
@@ -226,7 +226,7 @@ class Ledger:
     def record_failure(self, failed: dict[str, str]) -> None:
         self.result.failed.update(failed)
         for name, why in failed.items():
-            self.tracker.set_tags(self.runs[name], {STATUS_TAG: "failed", "dictsweep.error": why[:4000]})
+            self.tracker.set_tags(self.runs[name], {STATUS_TAG: "failed", ERROR_TAG: why[:4000]})
             self.tracker.end_run(self.runs[name], failed=True)
         self.tracker.flush()
 
@@ -239,9 +239,9 @@ class Ledger:
         for name, run in self.runs.items():
             if name not in recorded:
                 if status == "FAILED":
-                    tracker.set_tags(run, {"dictsweep.error": why[:4000]})
+                    tracker.set_tags(run, {ERROR_TAG: why[:4000]})
                 tracker.end_run(run, status=status)
-        tracker.set_tags(tracker.parent_id, {"dictsweep.stopped": why[:4000]})
+        tracker.set_tags(tracker.parent_id, {STOPPED_TAG: why[:4000]})
         tracker.end_run(tracker.parent_id, status=status)
         try:
             tracker.flush(patience=STOP_PATIENCE_SECONDS)
