@@ -20,9 +20,9 @@ RAY = str(Path(sys.executable).parent / "ray")
 
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
-    """A one-node Ray cluster with its Jobs API, as `ray start --head` makes it."""
-    temp = tmp_path_factory.mktemp("rayhead")
-    port, dashboard = free_port(), free_port()
+    """A one-node Ray cluster with its Jobs API, as `ray start --head` makes it. Its ports are picked
+    free just before, so another process may take one first (`ray start` then exits 1): it is started
+    again on fresh ports, twice at most, and a last failure shows what `ray start` printed."""
     # the cluster's nodes run the Python that has dictsweep's dependencies, as a cluster image does
     env = {
         **os.environ,
@@ -30,38 +30,49 @@ def ray_head(tmp_path_factory):
         "RAY_USAGE_STATS_ENABLED": "0",
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
     }
-    # --block keeps `ray start` in the foreground, heading a process group of its own: stopping that
-    # group stops this cluster alone (`ray stop` would also stop the session's other local cluster,
-    # and with it every test process connected to it)
-    head = subprocess.Popen(
-        [
-            RAY,
-            "start",
-            "--head",
-            "--block",
-            "--node-ip-address",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--dashboard-host",
-            "127.0.0.1",
-            "--dashboard-port",
-            str(dashboard),
-            "--num-cpus",
-            "4",
-            "--temp-dir",
-            str(temp),
-            "--disable-usage-stats",
-            *own_ports(),
-        ],
-        env=env,
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    address = f"http://127.0.0.1:{dashboard}"
+    for attempt in range(3):
+        temp = tmp_path_factory.mktemp("rayhead")
+        port, dashboard = free_port(), free_port()
+        # --block keeps `ray start` in the foreground, heading a process group of its own: stopping that
+        # group stops this cluster alone (`ray stop` would also stop the session's other local cluster,
+        # and with it every test process connected to it)
+        with open(temp / "ray-start.log", "w") as log:
+            head = subprocess.Popen(
+                [
+                    RAY,
+                    "start",
+                    "--head",
+                    "--block",
+                    "--node-ip-address",
+                    "127.0.0.1",
+                    "--port",
+                    str(port),
+                    "--dashboard-host",
+                    "127.0.0.1",
+                    "--dashboard-port",
+                    str(dashboard),
+                    "--num-cpus",
+                    "4",
+                    "--temp-dir",
+                    str(temp),
+                    "--disable-usage-stats",
+                    *own_ports(),
+                ],
+                env=env,
+                start_new_session=True,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        address = f"http://127.0.0.1:{dashboard}"
+        try:
+            wait_for(address + "/api/version", 120, head)
+            break
+        except RuntimeError as error:
+            exited = head.poll() is not None  # not a slow start: that is not tried again
+            stop_group(head)
+            if attempt == 2 or not exited:
+                raise RuntimeError(f"{error}; it printed:\n{(temp / 'ray-start.log').read_text()[-3000:]}") from None
     try:
-        wait_for(address + "/api/version", 120, head)
         yield address
     finally:
         stop_group(head)
