@@ -8,6 +8,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -80,6 +81,27 @@ def wait_for(url: str, seconds: float, process: subprocess.Popen | None = None) 
     raise RuntimeError(f"{url} did not answer within {seconds} s")
 
 
+def serve(
+    launch: Callable[[], tuple[subprocess.Popen, str, Path]],
+    seconds: float,
+    stop: Callable[[subprocess.Popen], None],
+) -> subprocess.Popen:
+    """A server process answering at its health URL. `launch()` starts one on ports picked free just
+    before and returns (process, health URL, its log file); another process may take such a port
+    first, and the server then exits: it is launched again, twice at most (a server that is only
+    slow is not). A last failure says what the server printed."""
+    for attempt in range(3):
+        process, url, log = launch()
+        try:
+            wait_for(url, seconds, process)
+            return process
+        except RuntimeError as error:
+            exited = process.poll() is not None
+            stop(process)
+            if attempt == 2 or not exited:
+                raise RuntimeError(f"{error}; it printed:\n{log.read_text()[-3000:]}") from None
+
+
 S3_SECRET = "test-secret-key-value-7f3a9c"  # tests check that this never shows up in logs or MLflow
 
 
@@ -139,26 +161,34 @@ def mlflow_server(tmp_path_factory, s3_server):
     s3, _ = fs.resolve("s3://mlflow-artifacts")
     if not s3.exists("mlflow-artifacts"):
         s3.mkdir("mlflow-artifacts")
-    port = free_port()
-    command = [
-        str(Path(sys.executable).parent / "mlflow"),
-        "server",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--workers",
-        "1",
-        "--backend-store-uri",
-        f"sqlite:///{root}/mlflow.db",
-        "--artifacts-destination",
-        "s3://mlflow-artifacts/served",
-    ]
-    with open(root / "server.log", "w") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            wait_for(f"http://127.0.0.1:{port}/health", 120, process)
-            yield f"http://127.0.0.1:{port}"
-        finally:
-            process.terminate()
-            process.wait(timeout=30)
+
+    def launch() -> tuple[subprocess.Popen, str, Path]:
+        port = free_port()
+        command = [
+            str(Path(sys.executable).parent / "mlflow"),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{root}/mlflow.db",
+            "--artifacts-destination",
+            "s3://mlflow-artifacts/served",
+        ]
+        with open(root / "server.log", "w") as log:
+            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        process.uri = f"http://127.0.0.1:{port}"
+        return process, f"{process.uri}/health", root / "server.log"
+
+    def stop(process: subprocess.Popen) -> None:
+        process.terminate()
+        process.wait(timeout=30)
+
+    process = serve(launch, 120, stop)
+    try:
+        yield process.uri
+    finally:
+        stop(process)

@@ -13,16 +13,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import free_port, wait_for
+from tests.conftest import free_port, serve
 
 RAY = str(Path(sys.executable).parent / "ray")
 
 
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
-    """A one-node Ray cluster with its Jobs API, as `ray start --head` makes it. Its ports are picked
-    free just before, so another process may take one first (`ray start` then exits 1): it is started
-    again on fresh ports, twice at most, and a last failure shows what `ray start` printed."""
+    """A one-node Ray cluster with its Jobs API, as `ray start --head` makes it. `ray start` exits 1
+    both when a port picked free is taken before Ray binds it and when the node misses Ray's 30 s
+    start-up on a loaded machine: `serve` starts it again on fresh ports."""
     # the cluster's nodes run the Python that has dictsweep's dependencies, as a cluster image does
     env = {
         **os.environ,
@@ -30,7 +30,8 @@ def ray_head(tmp_path_factory):
         "RAY_USAGE_STATS_ENABLED": "0",
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
     }
-    for attempt in range(3):
+
+    def launch() -> tuple[subprocess.Popen, str, Path]:
         temp = tmp_path_factory.mktemp("rayhead")
         port, dashboard = free_port(), free_port()
         # --block keeps `ray start` in the foreground, heading a process group of its own: stopping that
@@ -63,17 +64,12 @@ def ray_head(tmp_path_factory):
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
-        address = f"http://127.0.0.1:{dashboard}"
-        try:
-            wait_for(address + "/api/version", 120, head)
-            break
-        except RuntimeError as error:
-            exited = head.poll() is not None  # not a slow start: that is not tried again
-            stop_group(head)
-            if attempt == 2 or not exited:
-                raise RuntimeError(f"{error}; it printed:\n{(temp / 'ray-start.log').read_text()[-3000:]}") from None
+        head.address = f"http://127.0.0.1:{dashboard}"
+        return head, head.address + "/api/version", temp / "ray-start.log"
+
+    head = serve(launch, 120, stop_group)
     try:
-        yield address
+        yield head.address
     finally:
         stop_group(head)
 
