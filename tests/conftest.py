@@ -151,6 +151,25 @@ def ray_local(s3_server):
     ray.shutdown()
 
 
+def mlflow_command(port: int, store: Path, artifacts: str) -> list[str]:
+    """`mlflow server` on 127.0.0.1:`port`, one worker, a sqlite store at `store`, serving the
+    artifacts it keeps at `artifacts` (a folder or an S3 URI)."""
+    return [
+        str(Path(sys.executable).parent / "mlflow"),
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+        "--backend-store-uri",
+        f"sqlite:///{store}",
+        "--artifacts-destination",
+        artifacts,
+    ]
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory, s3_server):
     """A real `mlflow server` process on 127.0.0.1 with a sqlite store, serving artifacts that it
@@ -164,21 +183,8 @@ def mlflow_server(tmp_path_factory, s3_server):
 
     def launch() -> tuple[subprocess.Popen, str, Path]:
         port = free_port()
-        command = [
-            str(Path(sys.executable).parent / "mlflow"),
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-            "--backend-store-uri",
-            f"sqlite:///{root}/mlflow.db",
-            "--artifacts-destination",
-            "s3://mlflow-artifacts/served",
-        ]
         with open(root / "server.log", "w") as log:
+            command = mlflow_command(port, root / "mlflow.db", "s3://mlflow-artifacts/served")
             process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
         process.uri = f"http://127.0.0.1:{port}"
         return process, f"{process.uri}/health", root / "server.log"

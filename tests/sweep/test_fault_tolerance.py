@@ -191,25 +191,12 @@ def test_mlflow_outage_loses_no_metric(tmp_path, monkeypatch, ray_local):
     metric and artifact reaches it in the end."""
     from mlflow import MlflowClient
 
-    from tests.conftest import free_port, wait_for
+    from tests.conftest import free_port, mlflow_command, wait_for
 
     monkeypatch.chdir(tmp_path)
     port = free_port()
     uri = f"http://127.0.0.1:{port}"
-    command = [
-        os.path.join(os.path.dirname(sys.executable), "mlflow"),
-        "server",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--workers",
-        "1",
-        "--backend-store-uri",
-        f"sqlite:///{tmp_path}/outage.db",
-        "--artifacts-destination",
-        str(tmp_path / "artifacts"),
-    ]
+    command = mlflow_command(port, tmp_path / "outage.db", str(tmp_path / "artifacts"))
 
     def start():
         server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
